@@ -1,0 +1,194 @@
+"""Channel-space analysis and cost model of a loaded graph.
+
+Guarantees:
+- every channel of every tensor that can be split gets an *atom* id; atoms that must
+  share a branch (residual Add operands, a grouped conv's group, a depthwise channel and
+  its multiplier outputs) are merged into one *class* (union-find);
+- classes created together (one Dense layer's outputs) and classes merged later form a
+  *space*: the unit the partitioner balances over K branches;
+- a Dense layer is *terminal* when no other channel-mixing layer is downstream of it
+  (the classifier): the planner merges it exactly at the head;
+- ``node_flops`` / ``node_params`` give the cost model used by plan, report and manifest.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lcpc import ops
+from lcpc.ir import Graph, Node
+
+
+class UnionFind:
+    """Disjoint sets over 0..n-1 that grow on demand."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+
+    def add(self, n: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def find(self, a: int) -> int:
+        root = a
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[a] != root:
+            self.parent[a], a = root, self.parent[a]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(int(a)), self.find(int(b))
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+@dataclass
+class Analysis:
+    """What the planner needs to know about channels and costs."""
+
+    behaviours: dict[str, ops.Behaviour]
+    ids: dict[str, np.ndarray]            # tensor -> atom id per channel
+    classes: dict[str, np.ndarray]        # tensor -> class id per channel
+    space_of_class: dict[int, int]        # class -> space
+    terminal: set[str]                    # names of terminal Dense nodes
+    flops: dict[str, int]
+    params: dict[str, int]
+    tensors_of_space: dict[int, list[str]] = field(default_factory=dict)
+
+    def space(self, tensor: str) -> int | None:
+        cls = self.classes.get(tensor)
+        return None if cls is None else self.space_of_class[int(cls[0])]
+
+
+def _aligned_axis(out_rank: int, in_shape: tuple[int, ...]) -> int | None:
+    """The input axis that numpy broadcasting aligns with the output's channel axis."""
+    axis = 1 - (out_rank - len(in_shape))
+    return axis if axis >= 0 else None
+
+
+def channel_inputs(node: Node, g: Graph, behaviour: ops.Channelwise) -> list[tuple[int, int | None]]:
+    """(input index, aligned channel axis or None when broadcast) for each ``act`` input."""
+    out_shape = g.info(node.outputs[0]).shape
+    result = []
+    for i, (name, role) in enumerate(zip(node.inputs, behaviour.roles)):
+        if not name or role != "act":
+            continue
+        shape = g.info(name).shape
+        axis = _aligned_axis(len(out_shape), shape)
+        if axis is not None and shape[axis] == out_shape[1] and out_shape[1] != 1:
+            result.append((i, axis))
+        else:
+            result.append((i, None))
+    return result
+
+
+def analyse(g: Graph) -> Analysis:
+    atoms, spaces = UnionFind(), UnionFind()
+    ids: dict[str, np.ndarray] = {}
+    behaviours: dict[str, ops.Behaviour] = {}
+    space_of_atom: list[int] = []
+
+    def fresh(n: int) -> np.ndarray:
+        new = atoms.add(n)
+        space = int(spaces.add(1)[0])
+        space_of_atom.extend([space] * n)
+        return new
+
+    def unite(a: np.ndarray, b: np.ndarray) -> None:
+        for x, y in zip(a.tolist(), b.tolist()):
+            atoms.union(x, y)
+            spaces.union(space_of_atom[x], space_of_atom[y])
+
+    for node in g.nodes:
+        b = ops.classify(node, g)
+        behaviours[node.name] = b
+        outs = [o for o in node.outputs if o]
+        if isinstance(b, ops.Channelwise):
+            carried = [(node.inputs[i], ax) for i, ax in channel_inputs(node, g, b)
+                       if ax is not None and node.inputs[i] in ids]
+            if carried:
+                base = ids[carried[0][0]]
+                for name, _ in carried[1:]:
+                    unite(base, ids[name])
+                for o in outs:
+                    ids[o] = base
+        elif isinstance(b, ops.Dense):
+            ids[outs[0]] = fresh(g.info(outs[0]).shape[1])
+        elif isinstance(b, ops.Grouped):
+            c_out = g.info(outs[0]).shape[1]
+            c_in = g.info(node.inputs[0]).shape[1]
+            out = fresh(c_out)
+            gi, go = c_in // b.groups, c_out // b.groups
+            src = ids.get(node.inputs[0])
+            for grp in range(b.groups):
+                members = list(out[grp * go:(grp + 1) * go])
+                if src is not None:
+                    members += list(src[grp * gi:(grp + 1) * gi])
+                unite(np.array(members[:1] * (len(members) - 1)), np.array(members[1:]))
+            ids[outs[0]] = out
+        elif isinstance(b, ops.Concat):
+            if any(i in ids for i in node.inputs):
+                ids[outs[0]] = np.concatenate([
+                    ids[i] if i in ids else fresh(g.info(i).shape[1]) for i in node.inputs])
+        elif isinstance(b, ops.ChannelSlice):
+            if node.inputs[0] in ids:
+                for o, (start, stop) in zip(outs, b.ranges):
+                    ids[o] = ids[node.inputs[0]][start:stop]
+        elif isinstance(b, ops.Reshape):
+            if node.inputs[0] in ids:
+                src_shape = g.info(node.inputs[0]).shape
+                ids[outs[0]] = np.repeat(ids[node.inputs[0]], int(np.prod(src_shape[2:])))
+
+    roots = np.array([atoms.find(a) for a in range(len(atoms.parent))], dtype=np.int64)
+    classes = {t: roots[a] for t, a in ids.items()}
+    space_of_class = {int(r): spaces.find(space_of_atom[int(r)]) for r in set(roots.tolist())}
+    tensors_of_space: dict[int, list[str]] = defaultdict(list)
+    for t, cls in classes.items():
+        tensors_of_space[space_of_class[int(cls[0])]].append(t)
+    return Analysis(behaviours, ids, classes, space_of_class, _terminal(g, behaviours),
+                    {n.name: node_flops(n, g) for n in g.nodes},
+                    {n.name: node_params(n, g) for n in g.nodes}, dict(tensors_of_space))
+
+
+def _terminal(g: Graph, behaviours: dict[str, ops.Behaviour]) -> set[str]:
+    """Dense nodes with no Dense/Grouped node downstream."""
+    mixing = {n.name for n in g.nodes if isinstance(behaviours[n.name], (ops.Dense, ops.Grouped))}
+    feeds_mixing: dict[str, bool] = {}
+    for node in reversed(g.nodes):
+        feeds_mixing[node.name] = any(
+            c.name in mixing or feeds_mixing.get(c.name, False)
+            for o in node.outputs if o for c in g.consumers(o))
+    return {n for n in mixing if isinstance(behaviours[n], ops.Dense) and not feeds_mixing[n]}
+
+
+def node_flops(node: Node, g: Graph) -> int:
+    """Floating-point operations of one node (a multiply-add counts 2)."""
+    out = [o for o in node.outputs if o]
+    if not out:
+        return 0
+    out_elems = int(np.prod(g.info(out[0]).shape, dtype=np.int64))
+    if node.op == "Conv" and len(node.inputs) > 1:
+        w = g.info(node.inputs[1]).shape
+        return 2 * out_elems * int(np.prod(w[1:], dtype=np.int64))
+    if node.op == "ConvTranspose" and len(node.inputs) > 1:
+        w = g.info(node.inputs[1]).shape
+        in_elems = int(np.prod(g.info(node.inputs[0]).shape, dtype=np.int64))
+        return 2 * in_elems * int(np.prod(w[1:], dtype=np.int64))
+    if node.op in ("Gemm", "MatMul"):
+        a = g.info(node.inputs[0]).shape
+        k = a[0] if node.op == "Gemm" and node.attr("transA", 0) else a[-1]
+        return 2 * out_elems * int(k)
+    if node.op in ("MaxPool", "AveragePool", "LpPool"):
+        return out_elems * int(np.prod(node.attr("kernel_shape", [1])))
+    if node.op.startswith("Global") or node.op.startswith("Reduce"):
+        return int(np.prod(g.info(node.inputs[0]).shape, dtype=np.int64))
+    return out_elems
+
+
+def node_params(node: Node, g: Graph) -> int:
+    return sum(int(g.constants[i].size) for i in node.inputs if i in g.constants)

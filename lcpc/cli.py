@@ -1,0 +1,179 @@
+"""The ``lcpc`` command line: convert, run, report.
+
+Guarantees: options shared by several commands are defined once (stacked click
+decorators); every command ends with a one-screen summary; any ``LcpcError`` is
+printed as one line ``error: ...`` with exit code 1 and no traceback (``--debug``
+shows it); an unexpected exception is reported as an internal error, exit code 2.
+This module is the only one that imports targets.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+import numpy as np
+
+from lcpc import __version__
+from lcpc.errors import LcpcError
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def handles_errors(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, debug: bool = False, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LcpcError as exc:
+            if debug:
+                raise
+            _fail(str(exc), 1)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except click.ClickException:
+            raise
+        except Exception as exc:  # a bug in lcpc: still no traceback unless asked
+            if debug:
+                raise
+            _fail(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                  f"(rerun with --debug for a traceback and report it)", 2)
+    return click.option("--debug", is_flag=True, help="Show tracebacks.")(wrapper)
+
+
+def input_shape_option(fn: Callable) -> Callable:
+    return click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
+                        help="Pin an input's dims, e.g. input:1x3x224x224 (repeatable).")(fn)
+
+
+def format_option(fn: Callable) -> Callable:
+    return click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]), default="text",
+                        show_default=True, help="Output format.")(fn)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="lcpc")
+def main() -> None:
+    """Compile image CNNs (ONNX) into LCP form: K almost-independent branches."""
+
+
+# ----------------------------------------------------------------------------- convert
+def convert_model(model: str | Path | bytes, out: str | Path, branches: int, sync: str = "none",
+                  input_shapes: dict | None = None, force: bool = False) -> dict[str, Any]:
+    """load -> plan -> lower -> write; returns the manifest."""
+    from lcpc import frontend, planner
+    from lcpc.lower import lower
+    from lcpc.passes import cut
+    from lcpc.targets import onnx as onnx_target
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise LcpcError(f"{out}: exists and is not empty; choose another folder or pass --force")
+    graph, source = frontend.load(model, input_shapes)
+    plan = planner.plan(graph, source, branches, sync)
+    program = lower(plan)
+    exact = program.bytes_per_inference() if sync == "all" else \
+        lower(cut.run(plan, "all")).bytes_per_inference()
+    return onnx_target.write(plan, program, out, force=force, exact_bytes=exact)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--branches", "-k", type=int, default=4, show_default=True, help="Number of branches K.")
+@click.option("--sync", default="none", show_default=True,
+              help="none: pure LCP (branches meet at the classifier); all: exact model parallelism.")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder [default: MODEL stem + '.lcp'].")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@input_shape_option
+@handles_errors
+def convert(model: Path, branches: int, sync: str, out: Path | None, force: bool, input_shapes) -> None:
+    """Partition MODEL into K branches; write per-device ONNX files and manifest.json."""
+    from lcpc import report
+    from lcpc.frontend import parse_input_shapes
+
+    out = out or model.with_suffix(".lcp")
+    manifest = convert_model(model, out, branches, sync, parse_input_shapes(input_shapes), force)
+    click.echo(report.render(manifest, "text"))
+    click.echo(f"wrote {len(manifest['stages'])} stage files and manifest.json to {out}")
+
+
+# ----------------------------------------------------------------------------- run
+def load_inputs(specs: tuple[str, ...], names: list[str]) -> dict[str, np.ndarray]:
+    """``X.npy`` (single-input models), ``NAME=X.npy`` or an ``.npz`` keyed by input names."""
+    feeds: dict[str, np.ndarray] = {}
+    for spec in specs:
+        name, sep, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        p = Path(path)
+        if not p.is_file():
+            raise LcpcError(f"{p}: no such input file")
+        try:
+            data = np.load(p, allow_pickle=False)
+        except Exception as exc:
+            raise LcpcError(f"{p}: not a .npy/.npz array file ({type(exc).__name__})") from None
+        if isinstance(data, np.lib.npyio.NpzFile):
+            feeds.update({k: data[k] for k in data.files})
+        else:
+            if not name:
+                if len(names) != 1:
+                    raise LcpcError(f"the model has inputs {', '.join(names)}; pass --input NAME=FILE.npy")
+                name = names[0]
+            feeds[name] = data
+    return feeds
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--input", "-i", "inputs", multiple=True, required=True, metavar="[NAME=]X.npy",
+              help="Input array (.npy; NAME=X.npy for multi-input models; or one .npz).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write outputs to this .npz, under the model's output names.")
+@click.option("--stats", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the bytes each transfer actually moved to this JSON file.")
+@handles_errors
+def run(folder: Path, inputs: tuple[str, ...], output: Path | None, stats: Path | None) -> None:
+    """Run a converted FOLDER locally (one onnxruntime session per stage)."""
+    from lcpc.targets.local import LocalEngine, Stats
+
+    engine = LocalEngine(folder)
+    try:
+        feeds = load_inputs(inputs, [i["name"] for i in engine.inputs])
+        counter = Stats()
+        outputs = engine.run(feeds, counter)
+    finally:
+        engine.close()
+    if output is not None:
+        np.savez(output, **outputs)
+    if stats is not None:
+        stats.write_text(json.dumps(counter.as_dict(engine.manifest), indent=1))
+    for name, value in outputs.items():
+        top = value.reshape(value.shape[0], -1).argmax(axis=1) if value.ndim >= 2 else value
+        click.echo(f"{name}: shape {tuple(value.shape)}, argmax per sample {top[:8].tolist()}"
+                   + (" ..." if len(top) > 8 else ""))
+    expected = sum(t["bytes"] for t in engine.manifest["transfers"]) * counter.samples
+    click.echo(f"{counter.samples} inference(s), {counter.total()} bytes moved between devices "
+               f"(manifest predicts {expected})")
+
+
+# ----------------------------------------------------------------------------- report
+@main.command(name="report")
+@click.argument("folder", type=click.Path(path_type=Path))
+@format_option
+@handles_errors
+def report_cmd(folder: Path, fmt: str) -> None:
+    """Show the partition report of a converted FOLDER."""
+    from lcpc import manifest as mf
+    from lcpc import report
+
+    click.echo(report.render(mf.read(folder), fmt))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

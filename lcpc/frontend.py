@@ -1,0 +1,329 @@
+"""Load any ONNX CNN into lcpc's static-shaped IR.
+
+Guarantees, in order:
+1. the bytes parse as an ONNX model, or :class:`LcpcError` says the file is not ONNX;
+2. external-data tensors are read only from inside the model's folder;
+3. opsets 9..16 are upgraded to opset 17 with onnx's version converter;
+4. dynamic input dims are pinned (``--input-shape NAME:1x3x224x224``; a lone dynamic
+   batch dim defaults to 1), and unknown input names are refused;
+5. constants are folded (weights held in Constant nodes become weights), Identity and
+   inference-time Dropout disappear, and BatchNormalization following a Conv is folded
+   into the Conv: W' = W * g / sqrt(v + eps), b' = (b - m) * g / sqrt(v + eps) + beta;
+6. every activation has a static shape (onnx shape inference, then one onnxruntime run
+   for whatever inference could not type, e.g. custom ops).
+The result computes the same function as the input model (tested against onnxruntime).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from lcpc.errors import LcpcError
+from lcpc.ir import Graph, Node, TensorInfo, from_onnx, tensor_infos, to_onnx
+
+TARGET_OPSET = 17
+MIN_OPSET = 9
+MAX_DIM = 1 << 24
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model came from, for the manifest."""
+
+    path: str
+    sha256: str
+    opset: int
+
+
+def parse_input_shapes(specs: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...]]:
+    """Parse ``NAME:1x3x224x224`` specs; NAME may itself contain ':' (tf2onnx's ``input:0``)."""
+    shapes = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition(":")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape or any(d <= 0 for d in shape):
+            raise LcpcError(f"--input-shape '{spec}' is not NAME:DIMS (for example input:1x3x224x224)")
+        shapes[name] = shape
+    return shapes
+
+
+def read_model(source: str | os.PathLike | bytes) -> tuple[onnx.ModelProto, Source]:
+    """Parse model bytes or a file; load external data safely. Nothing else is changed."""
+    if isinstance(source, (bytes, bytearray)):
+        data, where, base = bytes(source), "<bytes>", None
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise LcpcError(f"{path}: no such file")
+        data, where, base = path.read_bytes(), str(path), path.resolve().parent
+    if not data:
+        raise LcpcError(f"{where}: file is empty, not an ONNX model")
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise LcpcError(f"{where}: not an ONNX model ({type(exc).__name__}: cannot parse protobuf)") from None
+    if not model.HasField("graph") or not model.graph.node:
+        raise LcpcError(f"{where}: not an ONNX model (no graph or no nodes)")
+    _load_external_data(model, base, where)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return model, Source(where, hashlib.sha256(data).hexdigest(), opset)
+
+
+def _load_external_data(model: onnx.ModelProto, base: Path | None, where: str) -> None:
+    tensors = [t for t in _all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not tensors:
+        return
+    if base is None:
+        raise LcpcError(f"{where}: model uses external data files; load it from a path, not bytes")
+    for t in tensors:
+        info = {e.key: e.value for e in t.external_data}
+        rel = info.get("location", "")
+        target = (base / rel).resolve()
+        if not rel or os.path.isabs(rel) or base not in target.parents:
+            raise LcpcError(f"{where}: tensor '{t.name}' points to external data '{rel}' outside the "
+                            f"model's folder; refusing to read it")
+        if not target.is_file():
+            raise LcpcError(f"{where}: tensor '{t.name}' needs external data file '{rel}', which is missing")
+    from onnx.external_data_helper import load_external_data_for_model
+    try:
+        load_external_data_for_model(model, str(base))
+    except Exception as exc:
+        raise LcpcError(f"{where}: cannot read external data ({exc})") from None
+
+
+def _all_tensors(model: onnx.ModelProto):
+    yield from model.graph.initializer
+    for n in model.graph.node:
+        for a in n.attribute:
+            if a.HasField("t"):
+                yield a.t
+
+
+def load(source: str | os.PathLike | bytes, input_shapes: dict[str, tuple[int, ...]] | None = None
+         ) -> tuple[Graph, Source]:
+    """Read, normalise and shape a model; see the module docstring for what that means."""
+    model, src = read_model(source)
+    where = src.path
+    model = _check_and_upgrade(model, src, where)
+    model = _pin_inputs(model, input_shapes or {}, where)
+    model = _simplify(model, where)
+    infos = _infer_shapes(model, where)
+    graph = from_onnx(model, infos)
+    _check_static(graph, where)
+    return graph, src
+
+
+def _check_and_upgrade(model: onnx.ModelProto, src: Source, where: str) -> onnx.ModelProto:
+    if src.opset < MIN_OPSET:
+        raise LcpcError(f"{where}: opset {src.opset} is too old; lcpc reads opset {MIN_OPSET} and newer "
+                        f"(re-export the model with a newer exporter)")
+    known = onnx.defs.onnx_opset_version()
+    if src.opset > known:
+        raise LcpcError(f"{where}: opset {src.opset} is newer than the installed onnx knows ({known}); "
+                        f"upgrade onnx or re-export with opset <= {known}")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LcpcError(f"{where}: invalid ONNX graph: {first}") from None
+    # Initializers listed as graph inputs (IR < 4 exporters) are weights, not inputs.
+    inits = {t.name for t in model.graph.initializer}
+    keep = [i for i in model.graph.input if i.name not in inits]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    if src.opset < TARGET_OPSET:
+        from onnx import version_converter
+        try:
+            model = version_converter.convert_version(model, TARGET_OPSET)
+        except Exception as exc:
+            if src.opset < 11:
+                raise LcpcError(f"{where}: cannot upgrade opset {src.opset} to {TARGET_OPSET}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return model
+
+
+def _pin_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], where: str) -> onnx.ModelProto:
+    names = [i.name for i in model.graph.input]
+    for name in shapes:
+        if name not in names:
+            raise LcpcError(f"--input-shape names '{name}', but {where} has inputs: {', '.join(names)}")
+    for inp in model.graph.input:
+        tt = inp.type.tensor_type
+        if not inp.type.HasField("tensor_type"):
+            raise LcpcError(f"{where}: input '{inp.name}' is not a tensor; lcpc handles tensor inputs only")
+        dims = list(tt.shape.dim)
+        if inp.name in shapes:
+            want = shapes[inp.name]
+            if dims and len(dims) != len(want):
+                raise LcpcError(f"--input-shape {inp.name}: rank {len(want)} given, the model's input has "
+                                f"rank {len(dims)}")
+            for d, v in zip(dims, want):
+                if d.HasField("dim_value") and d.dim_value not in (0, v):
+                    raise LcpcError(f"--input-shape {inp.name}: dim {v} conflicts with the model's fixed "
+                                    f"dim {d.dim_value}")
+            new = want
+        else:
+            if not tt.HasField("shape"):
+                raise LcpcError(f"{where}: input '{inp.name}' has no shape; pass --input-shape "
+                                f"{inp.name}:1x3x224x224 (your dims)")
+            new = []
+            for axis, d in enumerate(dims):
+                if d.HasField("dim_value") and d.dim_value > 0:
+                    new.append(d.dim_value)
+                elif axis == 0:
+                    new.append(1)  # dynamic batch: plan for one image at a time
+                else:
+                    label = d.dim_param or "?"
+                    hint = "x".join(str(x.dim_value) if x.dim_value else ("1" if i == 0 else x.dim_param or "?")
+                                    for i, x in enumerate(dims))
+                    raise LcpcError(f"{where}: input '{inp.name}' has dynamic dim '{label}' at axis {axis}; "
+                                    f"pin it with --input-shape {inp.name}:{hint} (numbers for the names)")
+        for v in new:
+            if v > MAX_DIM:
+                raise LcpcError(f"{where}: input '{inp.name}' claims a dim of {v}, beyond lcpc's limit {MAX_DIM}")
+        if int(np.prod(new, dtype=np.float64)) > (1 << 31):
+            raise LcpcError(f"{where}: input '{inp.name}' of shape {tuple(new)} is too large to plan")
+        tt.shape.Clear()
+        for v in new:
+            tt.shape.dim.add().dim_value = int(v)
+    # Old shapes of intermediates and outputs may hold the dynamic dims: infer them anew.
+    del model.graph.value_info[:]
+    for out in model.graph.output:
+        if out.type.tensor_type.HasField("shape"):
+            out.type.tensor_type.ClearField("shape")
+    return model
+
+
+def _simplify(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
+    """Fold constants, drop Identity/Dropout, fold BatchNormalization into Conv (graphsurgeon)."""
+    import onnx_graphsurgeon as gs
+
+    try:
+        graph = gs.import_onnx(model)
+    except Exception as exc:
+        raise LcpcError(f"{where}: cannot import graph: {exc}") from None
+    _drop_passthrough(graph)
+    try:
+        graph.fold_constants(error_ok=True).cleanup(remove_unused_graph_inputs=False).toposort()
+    except Exception as exc:  # folding is an optimisation; a failure must not lose the model
+        raise LcpcError(f"{where}: constant folding failed: {exc}") from None
+    _fold_batchnorm(graph)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    for node in graph.nodes:
+        if node.op == "Constant":
+            raise LcpcError(f"{where}: Constant node '{node.name}' could not be folded")
+    out = gs.export_onnx(graph)
+    out.ir_version = max(min(model.ir_version, 9), 7)
+    return out
+
+
+def _drop_passthrough(graph) -> None:
+    """Rewire consumers of Identity and (inference) Dropout to their input."""
+    outputs = {t.name for t in graph.outputs}
+    for node in list(graph.nodes):
+        if node.op not in ("Identity", "Dropout") or not node.inputs:
+            continue
+        if len(node.outputs) > 1 and node.outputs[1].outputs:
+            continue  # Dropout's mask is used: leave it
+        src, dst = node.inputs[0], node.outputs[0]
+        if dst.name in outputs:
+            continue
+        for consumer in list(dst.outputs):
+            for k, t in enumerate(consumer.inputs):
+                if t is dst:
+                    consumer.inputs[k] = src
+        node.outputs.clear()
+
+
+def _fold_batchnorm(graph) -> None:
+    import onnx_graphsurgeon as gs
+
+    outputs = {t.name for t in graph.outputs}
+    for bn in list(graph.nodes):
+        if bn.op != "BatchNormalization" or len(bn.outputs) != 1 or not bn.inputs[0].inputs:
+            continue
+        conv = bn.inputs[0].inputs[0]
+        params = bn.inputs[1:5]
+        if (conv.op != "Conv" or len(bn.inputs[0].outputs) != 1 or bn.inputs[0].name in outputs
+                or not all(isinstance(t, gs.Constant) for t in list(conv.inputs[1:]) + list(params))):
+            continue
+        w = conv.inputs[1].values.astype(np.float64)
+        b = conv.inputs[2].values.astype(np.float64) if len(conv.inputs) > 2 else np.zeros(w.shape[0])
+        scale, beta, mean, var = (p.values.astype(np.float64) for p in params)
+        k = scale / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
+        dtype = conv.inputs[1].values.dtype
+        new_w = gs.Constant(conv.inputs[1].name + "_bnfold", (w * k.reshape(-1, *[1] * (w.ndim - 1))).astype(dtype))
+        new_b = gs.Constant(conv.name + "_bias_bnfold", ((b - mean) * k + beta).astype(dtype))
+        conv.inputs = [conv.inputs[0], new_w, new_b]
+        conv.outputs = [bn.outputs[0]]
+        bn.outputs.clear()
+
+
+def _infer_shapes(model: onnx.ModelProto, where: str) -> dict[str, TensorInfo]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:
+        raise LcpcError(f"{where}: shape inference failed: {str(exc).splitlines()[0]}") from None
+    infos = tensor_infos(inferred)
+    missing = [o for n in model.graph.node for o in n.output if o and o not in infos]
+    if missing:
+        infos.update(_shapes_by_running(model, missing, infos, where))
+    return infos
+
+
+def _shapes_by_running(model: onnx.ModelProto, names: list[str], infos: dict[str, TensorInfo],
+                       where: str) -> dict[str, TensorInfo]:
+    """Shapes shape inference could not give (custom or untyped ops): run the model once."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in existing:
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    feeds = {}
+    for inp in model.graph.input:
+        info = infos[inp.name]
+        feeds[inp.name] = np.zeros(info.shape, dtype=info.dtype)
+    try:
+        sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        values = sess.run(names, feeds)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LcpcError(f"{where}: cannot infer the shapes of {', '.join(names[:3])}: {first}; "
+                        f"pin input dims with --input-shape") from None
+    return {n: TensorInfo(tuple(v.shape), v.dtype) for n, v in zip(names, values)}
+
+
+def _check_static(graph: Graph, where: str) -> None:
+    for node in graph.nodes:
+        for o in node.outputs:
+            if o and o not in graph.tensors:
+                raise LcpcError(f"{where}: cannot infer the shape of '{o}' from {node.describe()}; "
+                                f"pin input dims with --input-shape")
+
+
+def load_graph_only(model: onnx.ModelProto) -> Graph:
+    """IR view of a model lcpc wrote itself (stage files): no folding, shapes inferred."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    return from_onnx(model, tensor_infos(inferred))
+
+
+def save_roundtrip(graph: Graph) -> bytes:
+    """Serialise a loaded graph again (used by the round-trip test and by verify)."""
+    return to_onnx(graph).SerializeToString()
+
+
+__all__ = ["Source", "load", "read_model", "parse_input_shapes", "load_graph_only", "save_roundtrip",
+           "Node", "helper", "numpy_helper"]

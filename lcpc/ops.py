@@ -1,0 +1,322 @@
+"""The registry of per-op channel rules: how each ONNX op maps channel spaces.
+
+Every op is classified into one :class:`Behaviour` (channel axis is axis 1, NCHW):
+
+- ``Channelwise``  output channel c depends only on input channel c (activations,
+  BN, pooling, spatial Pad/Resize/Slice, broadcast binary ops, ...). Inputs are
+  sliced per their role: ``act`` (numpy broadcasting against the output), ``vec``
+  (a per-channel vector on axis 0, BatchNormalization), ``keep`` (never sliced),
+  ``sizes`` (Resize sizes: the channel entry is rewritten per branch).
+- ``Dense``        every output channel mixes every input channel through a constant
+  weight (Conv group=1, Gemm, MatMul, ConvTranspose group=1): R->S is free, S->S is
+  either the LCP cut or an exact exchange.
+- ``Grouped``      grouped / depthwise Conv: each group stays inside one branch.
+- ``Concat``       channel-axis Concat: a composite of its inputs' spaces.
+- ``ChannelSlice`` Split / Slice on the channel axis: sub-ranges of a space.
+- ``Reshape``      Flatten / Reshape / Squeeze / Unsqueeze that keep the channel axis
+  (after global pooling, or a C*H*W flatten before a classifier).
+- ``Sync``         anything else: an exact all-gather in front of it, replicated
+  compute, and a reason the report prints. Never a silent wrong answer.
+
+Adding an op means one entry in ``RULES`` and one test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from lcpc.ir import Graph, Node
+
+
+@dataclass(frozen=True)
+class Channelwise:
+    roles: tuple[str, ...]
+    kind: str = "channelwise"
+
+
+@dataclass(frozen=True)
+class Dense:
+    weight: int
+    in_axis: int
+    out_axis: int
+    bias: int | None
+    kind: str = "dense"
+
+
+@dataclass(frozen=True)
+class Grouped:
+    groups: int
+    kind: str = "grouped"
+
+
+@dataclass(frozen=True)
+class Concat:
+    kind: str = "concat"
+
+
+@dataclass(frozen=True)
+class ChannelSlice:
+    ranges: tuple[tuple[int, int], ...]  # one [start, stop) per output
+    kind: str = "slice"
+
+
+@dataclass(frozen=True)
+class Reshape:
+    kind: str = "reshape"
+
+
+@dataclass(frozen=True)
+class Sync:
+    reason: str
+    unsupported: bool = False
+    kind: str = "sync"
+
+
+Behaviour = Channelwise | Dense | Grouped | Concat | ChannelSlice | Reshape | Sync
+
+UNARY = ("Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
+         "Softplus", "Softsign", "Exp", "Log", "Abs", "Neg", "Sqrt", "Reciprocal", "Floor", "Ceil",
+         "Round", "Erf", "Gelu", "Mish", "ThresholdedRelu", "Sign", "Not", "Cast", "Identity",
+         "IsNaN", "IsInf", "Sin", "Cos", "Shrink")
+BINARY = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Where", "Equal",
+          "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Mod", "BitShift")
+POOLS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool",
+         "MaxRoiPool")
+REDUCES = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2",
+           "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
+
+
+def _act(node: Node) -> Channelwise:
+    return Channelwise(tuple("act" for _ in node.inputs))
+
+
+def _mixes(what: str) -> Sync:
+    return Sync(f"{what} mixes channels")
+
+
+def _rank(g: Graph, name: str) -> int:
+    return len(g.info(name).shape)
+
+
+def _const(g: Graph, name: str) -> np.ndarray | None:
+    return g.constants.get(name) if name else None
+
+
+def _conv(node: Node, g: Graph) -> Behaviour:
+    w = _const(g, node.inputs[1])
+    if w is None:
+        return Sync("Conv weights are computed at run time")
+    if len(node.inputs) > 2 and node.inputs[2] and _const(g, node.inputs[2]) is None:
+        return Sync("Conv bias is computed at run time")
+    group = int(node.attr("group", 1))
+    if group == 1:
+        return Dense(1, 1, 0, 2 if len(node.inputs) > 2 and node.inputs[2] else None)
+    return Grouped(group)
+
+
+def _conv_transpose(node: Node, g: Graph) -> Behaviour:
+    if _const(g, node.inputs[1]) is None:
+        return Sync("ConvTranspose weights are computed at run time")
+    if int(node.attr("group", 1)) != 1:
+        return Sync("grouped ConvTranspose is not modelled yet")
+    return Dense(1, 0, 1, 2 if len(node.inputs) > 2 and node.inputs[2] else None)
+
+
+def _gemm(node: Node, g: Graph) -> Behaviour:
+    if _const(g, node.inputs[1]) is None:
+        return _mixes("Gemm between two activations")
+    if node.attr("transA", 0):
+        return Sync("Gemm with transA=1 has no channel axis lcpc can split")
+    bias = 2 if len(node.inputs) > 2 and node.inputs[2] else None
+    if bias is not None and _const(g, node.inputs[2]) is None:
+        return Sync("Gemm bias is computed at run time")
+    return Dense(1, 1, 0, bias) if node.attr("transB", 0) else Dense(1, 0, 1, bias)
+
+
+def _matmul(node: Node, g: Graph) -> Behaviour:
+    w = _const(g, node.inputs[1])
+    if w is None:
+        return _mixes("MatMul between two activations (attention)")
+    if w.ndim != 2 or _rank(g, node.inputs[0]) != 2:
+        return Sync("MatMul over a non-channel axis")
+    return Dense(1, 0, 1, None)
+
+
+def _bn(node: Node, g: Graph) -> Behaviour:
+    if int(node.attr("training_mode", 0)) or len([o for o in node.outputs if o]) > 1:
+        return Sync("BatchNormalization in training mode")
+    return Channelwise(("act", "vec", "vec", "vec", "vec"))
+
+
+def _instance_norm(node: Node, g: Graph) -> Behaviour:
+    return Channelwise(("act", "vec", "vec"))
+
+
+def _pool(node: Node, g: Graph) -> Behaviour:
+    if len([o for o in node.outputs if o]) > 1:
+        return Sync(f"{node.op} with an indices output")
+    return Channelwise(("act",))
+
+
+def _pad(node: Node, g: Graph) -> Behaviour:
+    pads = _const(g, node.inputs[1]) if len(node.inputs) > 1 else node.attr("pads")
+    if pads is None:
+        return Sync("Pad with run-time pads")
+    pads = np.asarray(pads).reshape(-1)
+    axes = _const(g, node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] else None
+    rank = _rank(g, node.inputs[0])
+    axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes]
+    n = len(axes)
+    touched = {a for i, a in enumerate(axes) if pads[i] or pads[i + n]}
+    if touched & {0, 1}:
+        return Sync("Pad on the batch or channel axis")
+    return Channelwise(("act",) + ("keep",) * (len(node.inputs) - 1))
+
+
+def _resize(node: Node, g: Graph) -> Behaviour:
+    roles = ["act", "keep", "keep", "sizes"][: len(node.inputs)]
+    scales = _const(g, node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
+    if scales is not None and scales.size and (scales[0] != 1 or scales[1] != 1):
+        return Sync("Resize that scales the channel axis")
+    if len(node.inputs) > 3 and node.inputs[3] and _const(g, node.inputs[3]) is None:
+        return Sync("Resize with run-time sizes")
+    return Channelwise(tuple(roles))
+
+
+def _upsample(node: Node, g: Graph) -> Behaviour:
+    scales = _const(g, node.inputs[1]) if len(node.inputs) > 1 else None
+    if scales is None or scales[0] != 1 or scales[1] != 1:
+        return Sync("Upsample that scales the channel axis or has run-time scales")
+    return Channelwise(("act", "keep"))
+
+
+def _softmax(node: Node, g: Graph) -> Behaviour:
+    rank = _rank(g, node.inputs[0])
+    axis = int(node.attr("axis", -1 if g.opset >= 13 else 1)) % rank
+    if g.opset < 13 and axis <= 1:
+        return _mixes(f"{node.op} over axes >= {axis}")
+    if axis == 1:
+        return _mixes(f"{node.op} over the channel axis")
+    if axis == 0:
+        return Sync(f"{node.op} over the batch axis")
+    return Channelwise(("act",))
+
+
+def _reduce(node: Node, g: Graph) -> Behaviour:
+    rank = _rank(g, node.inputs[0])
+    axes = node.attr("axes")
+    if axes is None and len(node.inputs) > 1 and node.inputs[1]:
+        axes = _const(g, node.inputs[1])
+        if axes is None:
+            return Sync(f"{node.op} over run-time axes")
+    if axes is None or len(axes) == 0:
+        return _mixes(f"{node.op} over all axes")
+    axes = {int(a) % rank for a in np.asarray(axes).reshape(-1)}
+    if axes & {0, 1}:
+        return _mixes(f"{node.op} over the batch or channel axis")
+    return Channelwise(("act",) + ("keep",) * (len(node.inputs) - 1))
+
+
+def _concat(node: Node, g: Graph) -> Behaviour:
+    rank = _rank(g, node.outputs[0])
+    axis = int(node.attr("axis")) % rank
+    if rank < 2:
+        return Sync("Concat of vectors")
+    return Concat() if axis == 1 else Channelwise(tuple("act" for _ in node.inputs))
+
+
+def _split(node: Node, g: Graph) -> Behaviour:
+    rank = _rank(g, node.inputs[0])
+    axis = int(node.attr("axis", 0)) % rank
+    if axis != 1:
+        return Channelwise(("act",) + ("keep",) * (len(node.inputs) - 1))
+    sizes = [g.info(o).shape[1] for o in node.outputs]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    return ChannelSlice(tuple((int(s), int(s + n)) for s, n in zip(starts, sizes)))
+
+
+def _slice(node: Node, g: Graph) -> Behaviour:
+    params = [_const(g, i) if i else None for i in node.inputs[1:]]
+    if len(node.inputs) < 3 or any(p is None for p, i in zip(params, node.inputs[1:]) if i):
+        return Sync("Slice with run-time bounds")
+    rank = _rank(g, node.inputs[0])
+    starts, ends = params[0], params[1]
+    axes = params[2] if len(params) > 2 and params[2] is not None else np.arange(len(starts))
+    steps = params[3] if len(params) > 3 and params[3] is not None else np.ones(len(starts), np.int64)
+    axes = [int(a) % rank for a in axes]
+    if 0 in axes:
+        return Sync("Slice on the batch axis")
+    if 1 not in axes:
+        return Channelwise(("act",) + ("keep",) * (len(node.inputs) - 1))
+    if len(axes) > 1 or int(steps[0]) != 1:
+        return Sync("Slice on the channel axis together with other axes or a step")
+    c = g.info(node.inputs[0]).shape[1]
+    start, stop, _ = slice(int(starts[0]), int(ends[0])).indices(c)
+    return ChannelSlice(((start, stop),))
+
+
+def _reshape_like(node: Node, g: Graph) -> Behaviour:
+    src, dst = g.info(node.inputs[0]).shape, g.info(node.outputs[0]).shape
+    if len(src) >= 2 and len(dst) >= 2 and src[0] == dst[0]:
+        if src[1] == dst[1] and all(d == 1 for d in src[2:]) and all(d == 1 for d in dst[2:]):
+            return Reshape()
+        if len(dst) == 2 and dst[1] == int(np.prod(src[1:])):
+            return Reshape()
+    return Sync(f"{node.op} from {list(src)} to {list(dst)} moves the channel axis")
+
+
+def _flatten(node: Node, g: Graph) -> Behaviour:
+    if int(node.attr("axis", 1)) % max(_rank(g, node.inputs[0]), 1) != 1:
+        return Sync("Flatten at an axis other than 1")
+    return _reshape_like(node, g)
+
+
+RULES: dict[str, Callable[[Node, Graph], Behaviour]] = {
+    **{op: (lambda n, g: _act(n)) for op in UNARY + BINARY},
+    **{op: _pool for op in POOLS},
+    **{op: _reduce for op in REDUCES},
+    "Clip": lambda n, g: Channelwise(("act", "keep", "keep")[: len(n.inputs)]),
+    "Dropout": lambda n, g: Channelwise(("act",) + ("keep",) * (len(n.inputs) - 1)),
+    "BatchNormalization": _bn,
+    "InstanceNormalization": _instance_norm,
+    "Conv": _conv,
+    "ConvTranspose": _conv_transpose,
+    "Gemm": _gemm,
+    "MatMul": _matmul,
+    "Pad": _pad,
+    "Resize": _resize,
+    "Upsample": _upsample,
+    "Softmax": _softmax,
+    "LogSoftmax": _softmax,
+    "Hardmax": _softmax,
+    "Concat": _concat,
+    "Split": _split,
+    "Slice": _slice,
+    "Flatten": _flatten,
+    "Reshape": _reshape_like,
+    "Squeeze": _reshape_like,
+    "Unsqueeze": _reshape_like,
+    "LRN": lambda n, g: _mixes("LRN (local response normalisation)"),
+    "Transpose": lambda n, g: Sync("Transpose moves the channel axis"),
+    "DepthToSpace": lambda n, g: _mixes("DepthToSpace"),
+    "SpaceToDepth": lambda n, g: _mixes("SpaceToDepth"),
+    "Einsum": lambda n, g: _mixes("Einsum"),
+    "LayerNormalization": lambda n, g: _mixes("LayerNormalization"),
+    "ArgMax": lambda n, g: _mixes("ArgMax"),
+    "TopK": lambda n, g: _mixes("TopK"),
+}
+
+
+def classify(node: Node, g: Graph) -> Behaviour:
+    """The channel behaviour of one node; unknown ops are a ``Sync`` marked unsupported."""
+    if node.domain not in ("", "ai.onnx"):
+        return Sync(f"custom op {node.domain}.{node.op} is not modelled by lcpc", unsupported=True)
+    rule = RULES.get(node.op)
+    if rule is None:
+        return Sync(f"op {node.op} is not modelled by lcpc's channel analysis", unsupported=True)
+    if len(g.info(node.outputs[0]).shape) < 2:
+        return Sync(f"{node.op} output has no channel axis")
+    return rule(node, g)

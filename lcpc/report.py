@@ -1,0 +1,139 @@
+"""Partition report: per-device compute, memory and traffic, read from a manifest.
+
+Guarantees: every figure comes from the manifest (which the target computed from the
+stage files themselves), so ``lcpc report`` on a copied folder shows the same
+numbers; the three formats (text, markdown, json) carry the same rows.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{int(n)}"
+
+
+def summary(m: dict[str, Any]) -> dict[str, Any]:
+    """The report as plain data."""
+    k = m["branches"]
+    devices = []
+    original = m["totals"]["original"]
+    for d in range(k):
+        stages = [s for s in m["stages"] if s["device"] == d]
+        sent = sum(t["bytes"] for t in m["transfers"] if t["from"]["device"] == d and t["to"]["device"] != d)
+        received = sum(t["bytes"] for t in m["transfers"] if t["to"]["device"] == d and t["from"]["device"] != d)
+        devices.append({
+            "device": d, "role": m["devices"][d]["role"], "stages": len(stages),
+            "flops": sum(s["flops"] for s in stages), "params": sum(s["params"] for s in stages),
+            "weight_bytes": sum(s["weight_bytes"] for s in stages),
+            "peak_activation_bytes": max((s["peak_activation_bytes"] for s in stages), default=0),
+            "bytes_out": sent, "bytes_in": received,
+            "flops_vs_original": sum(s["flops"] for s in stages) / max(original["flops"], 1),
+            "params_vs_original": sum(s["params"] for s in stages) / max(original["params"], 1),
+        })
+    syncs = [d for d in m["decisions"] if d["action"] in ("forced-sync", "exchange", "merge")]
+    return {
+        "source": m["source"]["path"], "branches": k, "sync": m["sync"]["policy"],
+        "partition": m["sync"].get("partition"),
+        "cuts": len(m["sync"]["cuts"]), "exchanges": len(m["sync"]["exchanges"]),
+        "devices": devices, "totals": m["totals"], "syncs": syncs,
+        "unsupported_ops": m.get("unsupported_ops", []), "fidelity": m.get("fidelity"),
+    }
+
+
+def render(m: dict[str, Any], fmt: str = "text", width: int = 110) -> str:
+    data = summary(m)
+    if fmt == "json":
+        return json.dumps(data, indent=1)
+    if fmt == "markdown":
+        return _markdown(data)
+    buf = io.StringIO()
+    console = Console(file=buf, width=width, force_terminal=False, color_system=None)
+    _rich(console, data)
+    return buf.getvalue()
+
+
+def _device_rows(data: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for d in data["devices"]:
+        rows.append([f"dev{d['device']}" + (" (head)" if d["role"] == "head" else ""), str(d["stages"]), _fmt(d["flops"]),
+                     f"{100 * d['flops_vs_original']:.1f}%", _fmt(d["params"]),
+                     f"{100 * d['params_vs_original']:.1f}%", _fmt(d["weight_bytes"]) + "B",
+                     _fmt(d["peak_activation_bytes"]) + "B", _fmt(d["bytes_in"]) + "B",
+                     _fmt(d["bytes_out"]) + "B"])
+    return rows
+
+
+DEVICE_HEADER = ["device", "stages", "FLOPs", "of orig.", "params", "of orig.", "weights", "peak act.",
+                 "bytes in", "bytes out"]
+
+
+def _traffic_rows(data: dict[str, Any]) -> list[list[str]]:
+    return [[name, _fmt(v["bytes_per_inference"]) + "B", v["description"]]
+            for name, v in data["totals"]["comparison"].items()]
+
+
+def _sync_rows(data: dict[str, Any]) -> list[list[str]]:
+    return [[s["node"], s["op"], s["action"], s["reason"]] for s in data["syncs"]]
+
+
+def _headline(data: dict[str, Any]) -> str:
+    t = data["totals"]
+    return (f"{data['source']}: K={data['branches']} branches, --sync {data['sync']}, "
+            f"{data['cuts']} cut layers, {data['exchanges']} exact exchanges; "
+            f"{_fmt(t['bytes_per_inference'])}B on the wire per inference; busiest device "
+            f"{_fmt(t['max_device_flops'])} FLOPs of the original {_fmt(t['original']['flops'])}")
+
+
+def _rich(console: Console, data: dict[str, Any]) -> None:
+    console.print(_headline(data))
+    table = Table(title="Per device (bytes per inference)", title_justify="left")
+    for h in DEVICE_HEADER:
+        table.add_column(h, justify="left" if h == "device" else "right")
+    for row in _device_rows(data):
+        table.add_row(*row)
+    console.print(table)
+    traffic = Table(title="Traffic of the same model, per inference", title_justify="left")
+    for h in ("execution", "bytes", "what"):
+        traffic.add_column(h)
+    for row in _traffic_rows(data):
+        traffic.add_row(*row)
+    console.print(traffic)
+    if data["syncs"]:
+        syncs = Table(title="Sync points and merges", title_justify="left")
+        for h in ("node", "op", "action", "why"):
+            syncs.add_column(h)
+        for row in _sync_rows(data):
+            syncs.add_row(*row)
+        console.print(syncs)
+    if data["unsupported_ops"]:
+        console.print("Ops lcpc does not model (run exactly behind a sync): "
+                      + ", ".join(data["unsupported_ops"]))
+    if data["fidelity"]:
+        console.print("Fidelity: " + json.dumps(data["fidelity"]))
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _markdown(data: dict[str, Any]) -> str:
+    parts = [f"# lcpc partition report\n\n{_headline(data)}\n", "## Per device (bytes per inference)\n",
+             _md_table(DEVICE_HEADER, _device_rows(data)), "\n## Traffic of the same model, per inference\n",
+             _md_table(["execution", "bytes", "what"], _traffic_rows(data))]
+    if data["syncs"]:
+        parts += ["\n## Sync points and merges\n", _md_table(["node", "op", "action", "why"], _sync_rows(data))]
+    if data["unsupported_ops"]:
+        parts.append("\nOps lcpc does not model (run exactly behind a sync): " + ", ".join(data["unsupported_ops"]))
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,1 @@
+"""Graph-to-plan passes: each module exposes ``run(plan, ...) -> plan``."""

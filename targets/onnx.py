@@ -1,0 +1,161 @@
+"""Target ``onnx``: write a lowered plan as per-device ONNX files plus ``manifest.json``.
+
+Guarantees:
+- every stage file passes ``onnx.checker.check_model(full_check=True)`` and loads in
+  onnxruntime on its own;
+- the folder appears atomically: files are written to a temporary sibling folder that
+  is renamed into place only when everything succeeded; an existing non-empty folder
+  is replaced only with ``force=True``; on any failure nothing is left behind;
+- the manifest is validated against the shipped schema before it is written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from lcpc import __version__
+from lcpc.costs import data_parallel_bytes, graph_costs, pipeline_bytes
+from lcpc.errors import LcpcError
+from lcpc.ir import to_onnx
+from lcpc.lower import Program
+from lcpc.manifest import MANIFEST, sha256_file, tensor_entry, validate
+from lcpc.plan import HEAD, Plan
+
+
+def write(plan: Plan, program: Program, out: str | Path, *, force: bool = False,
+          exact_bytes: int | None = None, preprocessing: dict | None = None) -> dict[str, Any]:
+    """Write ``program`` to folder ``out``; returns the manifest. ``exact_bytes`` is the
+    traffic of the same model under ``--sync all`` (for the comparison table)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise LcpcError(f"{out}: exists and is not empty; choose another folder or pass --force")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        manifest = _write_files(plan, program, tmp, exact_bytes, preprocessing)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+def _write_files(plan: Plan, program: Program, folder: Path, exact_bytes: int | None,
+                 preprocessing: dict | None) -> dict[str, Any]:
+    producer = {}
+    for s in program.stages:
+        for o in s.graph.outputs:
+            producer[(s.device, o)] = s.id
+    receiver = {(s.device, i): s.id for s in program.stages for i in s.graph.inputs}
+    transfer_into = {(t.dst, t.dst_name): t for t in program.transfers}
+    stages = []
+    for s in program.stages:
+        model = to_onnx(s.graph)
+        try:
+            onnx.checker.check_model(model, full_check=True)
+        except Exception as exc:
+            raise LcpcError(f"internal: stage {s.id} fails the ONNX checker: {str(exc).splitlines()[0]}") from None
+        file = f"{s.id}.onnx"
+        onnx.save_model(model, folder / file)
+        costs = graph_costs(s.graph)
+        inputs = []
+        for i in s.graph.inputs:
+            info = s.graph.info(i)
+            if (s.device, i) in transfer_into:
+                t = transfer_into[(s.device, i)]
+                source = {"kind": "transfer", "device": t.src, "name": t.src_name}
+            elif (s.device, i) in producer:
+                source = {"kind": "stage", "stage": producer[(s.device, i)]}
+            else:
+                source = {"kind": "model_input"}
+            inputs.append(tensor_entry(i, info.shape, info.dtype, source))
+        stages.append({
+            "id": s.id, "device": s.device, "level": s.level, "file": file,
+            "sha256": sha256_file(folder / file), "inputs": inputs,
+            "outputs": [tensor_entry(o, s.graph.info(o).shape, s.graph.info(o).dtype) for o in s.graph.outputs],
+            "flops": costs.flops, "params": costs.params, "weight_bytes": costs.weight_bytes,
+            "peak_activation_bytes": costs.peak_activation_bytes,
+        })
+    transfers = [{
+        "id": n, "tensor": t.tensor, "kind": t.kind,
+        "from": {"device": t.src, "name": t.src_name, "stage": producer.get((t.src, t.src_name))},
+        "to": {"device": t.dst, "name": t.dst_name, "stage": receiver.get((t.dst, t.dst_name))},
+        "dtype": t.info.dtype.name, "shape": list(t.info.shape), "bytes": t.nbytes, "level": t.level,
+    } for n, t in enumerate(program.transfers)]
+    manifest = build_manifest(plan, program, stages, transfers, exact_bytes, preprocessing)
+    validate(manifest)
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def build_manifest(plan: Plan, program: Program, stages: list, transfers: list, exact_bytes: int | None,
+                   preprocessing: dict | None) -> dict[str, Any]:
+    g = plan.graph
+    original = graph_costs(g)
+    per_device = {}
+    for s in stages:
+        d = per_device.setdefault(s["device"], {"flops": 0, "params": 0})
+        d["flops"] += s["flops"]
+        d["params"] += s["params"]
+    lcp_bytes = program.bytes_per_inference()
+    comparison = {
+        "lcp": {"bytes_per_inference": lcp_bytes,
+                "description": f"this plan (--sync {plan.sync_policy})"},
+        "model_parallel": {"bytes_per_inference": lcp_bytes if exact_bytes is None else exact_bytes,
+                           "description": "channel-wise model parallelism (--sync all), exact"},
+        "pipeline": {"bytes_per_inference": pipeline_bytes(g, plan.k),
+                     "description": f"layer-wise pipeline over {plan.k} devices"},
+        "data_parallel": {"bytes_per_inference": data_parallel_bytes(g),
+                          "description": "whole model per device: input out, outputs back"},
+    }
+    split_params = sum(plan.analysis.params[n.name] for n in g.nodes
+                       if plan.layouts.get(n.outputs[0]) == "S")
+    decisions = [{"node": d.node, "op": d.op, "action": d.action, "reason": d.reason}
+                 for d in plan.decisions.values()]
+    unsupported = sorted({n.op for n in g.nodes if getattr(plan.analysis.behaviours[n.name], "unsupported", False)})
+    return {
+        "format": "lcpc-manifest", "version": 1, "lcpc_version": __version__,
+        "source": {
+            "path": plan.source.path, "sha256": plan.source.sha256, "opset": plan.source.opset,
+            "inputs": [tensor_entry(i, g.info(i).shape, g.info(i).dtype) for i in g.inputs],
+            "outputs": [tensor_entry(o, g.info(o).shape, g.info(o).dtype) for o in g.outputs],
+            "preprocessing": preprocessing,
+        },
+        "branches": plan.k,
+        "sync": {"policy": plan.sync_policy, "partition": plan.partition_method,
+                 "cuts": [d.node for d in plan.decisions.values() if d.action == "cut"],
+                 "exchanges": [d.node for d in plan.decisions.values() if d.action == "exchange"]},
+        "devices": [{"id": d, "name": f"dev{d}", "role": "head" if d == HEAD else "branch"}
+                    for d in range(plan.k)],
+        "stages": stages,
+        "transfers": transfers,
+        "outputs": [{"name": o, "device": HEAD, "local_name": n} for o, n in program.outputs.items()],
+        "decisions": decisions,
+        "unsupported_ops": unsupported,
+        "totals": {
+            "bytes_per_inference": lcp_bytes,
+            "flops": sum(s["flops"] for s in stages), "params": sum(s["params"] for s in stages),
+            "max_device_flops": max(d["flops"] for d in per_device.values()),
+            "max_device_params": max(d["params"] for d in per_device.values()),
+            "original": {"flops": original.flops, "params": original.params,
+                         "weight_bytes": original.weight_bytes, "split_params": split_params},
+            "comparison": comparison,
+        },
+        "fidelity": None,
+    }

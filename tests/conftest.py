@@ -1,0 +1,33 @@
+"""Shared fixtures: the zoo, the example model, helpers to convert and run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # examples/ is part of the repo, not of the installed package
+
+from examples.zoo import ZOO  # noqa: E402
+
+EXAMPLE = ROOT / "examples" / "digits" / "digits_cnn.onnx"
+SHARED = ROOT.parent / "shared"
+
+
+def reference(model: bytes | Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    data = model.read_bytes() if isinstance(model, Path) else model
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+@pytest.fixture(scope="session")
+def zoo_bytes() -> dict[str, bytes]:
+    return {name: build().SerializeToString() for name, build in ZOO.items()}
