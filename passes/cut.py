@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
+
 from lcpc import ops
 from lcpc.errors import LcpcError
 from lcpc.plan import Decision, Plan
@@ -43,3 +45,27 @@ def run(plan: Plan, policy: str = "none") -> Plan:
             decisions[name] = Decision(name, ops_by_name[name], "exchange",
                                        "--sync all: exact exchange")
     return replace(plan, decisions=decisions, sync_policy=policy)
+
+
+def weight_masks(plan: Plan) -> dict[str, np.ndarray]:
+    """For every cut layer, the 0/1 mask over its weight that the cut keeps.
+
+    ``mask[..., o, ..., i, ...] = 1`` iff output channel o and input channel i belong
+    to the same branch (broadcastable against the weight). Multiplying the original
+    weight by its mask gives a model that computes exactly what the cut plan computes:
+    this is how recovery trains the LCP model as one graph.
+    """
+    g, a = plan.graph, plan.analysis
+    masks = {}
+    for node in g.nodes:
+        d = plan.decisions.get(node.name)
+        if d is None or d.action != "cut":
+            continue
+        b = a.behaviours[node.name]
+        w = g.constants[node.inputs[b.weight]]
+        out_b, in_b = plan.branches(node.outputs[0]), plan.branches(node.inputs[0])
+        shape = [1] * w.ndim
+        shape[b.out_axis], shape[b.in_axis] = len(out_b), len(in_b)
+        same = out_b[:, None] == in_b[None, :] if b.out_axis < b.in_axis else in_b[:, None] == out_b[None, :]
+        masks[node.name] = same.reshape(shape).astype(w.dtype)
+    return masks
