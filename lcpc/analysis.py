@@ -79,7 +79,7 @@ def channel_inputs(node: Node, g: Graph, behaviour: ops.Channelwise) -> list[tup
         if not name or role != "act":
             continue
         shape = g.info(name).shape
-        axis = _aligned_axis(len(out_shape), shape)
+        axis = _aligned_axis(len(out_shape), shape) if behaviour.broadcast else (1 if len(shape) > 1 else None)
         if axis is not None and shape[axis] == out_shape[1] and out_shape[1] != 1:
             result.append((i, axis))
         else:

@@ -207,7 +207,13 @@ def _pin_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], wher
 def _simplify(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
     """Fold constants, drop Identity/Dropout, fold BatchNormalization into Conv (graphsurgeon)."""
     import onnx_graphsurgeon as gs
+    import onnxruntime as ort
 
+    ort.set_default_logger_severity(3)  # folding runs ORT; its optimizer warnings are noise here
+    try:  # shapes let graphsurgeon fold Shape -> Gather -> Reshape chains of a pinned batch
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        pass  # _infer_shapes reports shape problems after folding, with context
     try:
         graph = gs.import_onnx(model)
     except Exception as exc:

@@ -33,7 +33,11 @@ from lcpc.ir import Graph, Node
 
 @dataclass(frozen=True)
 class Channelwise:
+    """``broadcast``: inputs align with the output by numpy broadcasting (binary ops);
+    otherwise every ``act`` input has its channels on axis 1, like the output."""
+
     roles: tuple[str, ...]
+    broadcast: bool = False
     kind: str = "channelwise"
 
 
@@ -90,7 +94,7 @@ REDUCES = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "R
 
 
 def _act(node: Node) -> Channelwise:
-    return Channelwise(tuple("act" for _ in node.inputs))
+    return Channelwise(tuple("act" for _ in node.inputs), broadcast=len(node.inputs) > 1)
 
 
 def _mixes(what: str) -> Sync:
@@ -225,7 +229,7 @@ def _concat(node: Node, g: Graph) -> Behaviour:
     axis = int(node.attr("axis")) % rank
     if rank < 2:
         return Sync("Concat of vectors")
-    return Concat() if axis == 1 else Channelwise(tuple("act" for _ in node.inputs))
+    return Concat() if axis == 1 else Channelwise(tuple("act" for _ in node.inputs), broadcast=True)
 
 
 def _split(node: Node, g: Graph) -> Behaviour:

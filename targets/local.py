@@ -56,6 +56,7 @@ class LocalEngine:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads_per_stage
         opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
         self.sessions = {}
         for s in self.manifest["stages"]:
             try:

@@ -1,0 +1,222 @@
+"""Fidelity: how closely a converted (LCP) model follows the original, on the same inputs.
+
+``compare`` is pure numpy. For N samples with reference logits ``r`` (the original
+model) and candidate logits ``c`` (the converted one), both ``(N, C)`` (trailing axes
+are flattened), it reports:
+
+- ``top1_agreement`` = mean_i [argmax r_i == argmax c_i] (ties: the lowest class index);
+- ``top5_overlap`` = mean_i |top_k(r_i) ∩ top_k(c_i)| / k with k = min(5, C)
+  (``top5_k`` records k; with C <= 5 it is 1 by construction);
+- ``kl_divergence`` = mean_i KL(softmax(r_i) || softmax(c_i))
+  = mean_i sum_j p_ij (log p_ij - log q_ij), from log-softmax in float64 (the
+  max-shifted log-sum-exp, so logits of any magnitude are safe); each sample's term
+  is clamped at 0 against rounding, since KL >= 0;
+- ``max_rel_logit_error`` = max_i ( max_j |r_ij - c_ij| / max_j |r_ij| ): each sample's
+  worst logit error relative to that sample's largest reference logit magnitude
+  (denominator floored at 1e-12), then the worst sample;
+- ``reference_accuracy`` / ``candidate_accuracy`` = mean_i [argmax == label_i] when
+  integer labels are given, else None; ``samples`` = N and ``classes`` = C.
+
+``evaluate`` runs the original model (onnxruntime) and a converted folder
+(``LocalEngine``) on the same inputs and calls ``compare``. It guarantees that the
+original is the model the folder was converted from (the manifest's ``source.path``
+and ``source.sha256``) unless the caller passes one explicitly, and says to pass
+``--model PATH`` when the recorded file is missing or changed; it takes models with one
+input and treats the first output as the logits; it runs the original in batches when
+its batch dim is dynamic and sample-group by sample-group when it is fixed, and pads
+the last group of either model by repeating the last sample (padding is never scored).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lcpc.errors import LcpcError
+
+REL_FLOOR = 1e-12
+
+
+def _as_logits(x: Any, what: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim < 2 or x.shape[0] == 0 or x[0].size == 0:
+        raise LcpcError(f"{what}: shape {x.shape}; expected (samples, classes) with at least one of each")
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise LcpcError(f"{what}: dtype {x.dtype}; expected real numbers")
+    x = x.reshape(x.shape[0], -1).astype(np.float64)
+    if not np.isfinite(x).all():
+        raise LcpcError(f"{what}: contains NaN or Inf")
+    return x
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax, stable for logits of any magnitude."""
+    shifted = x - x.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def top_k(x: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest entries per row, largest first; ties go to the lower index."""
+    return np.argsort(-x, axis=1, kind="stable")[:, :k]
+
+
+def compare(reference_logits: np.ndarray, candidate_logits: np.ndarray,
+            labels: np.ndarray | None = None) -> dict[str, Any]:
+    """Fidelity figures of ``candidate`` against ``reference`` (see the module docstring)."""
+    ref = _as_logits(reference_logits, "reference logits")
+    cand = _as_logits(candidate_logits, "candidate logits")
+    if ref.shape != cand.shape:
+        raise LcpcError(f"reference logits {ref.shape} and candidate logits {cand.shape} differ in shape")
+    n, classes = ref.shape
+    k = min(5, classes)
+    top_r, top_c = top_k(ref, k), top_k(cand, k)
+    overlap = np.array([len(set(a) & set(b)) for a, b in zip(top_r.tolist(), top_c.tolist())]) / k
+    lp, lq = log_softmax(ref), log_softmax(cand)
+    kl = np.maximum((np.exp(lp) * (lp - lq)).sum(axis=1), 0.0)
+    rel = np.abs(ref - cand).max(axis=1) / np.maximum(np.abs(ref).max(axis=1), REL_FLOOR)
+    result: dict[str, Any] = {
+        "samples": int(n), "classes": int(classes),
+        "top1_agreement": float(np.mean(top_r[:, 0] == top_c[:, 0])),
+        "top5_overlap": float(overlap.mean()), "top5_k": int(k),
+        "kl_divergence": float(kl.mean()),
+        "max_rel_logit_error": float(rel.max()),
+        "reference_accuracy": None, "candidate_accuracy": None,
+    }
+    if labels is not None:
+        y = _as_labels(labels, n, classes)
+        result["reference_accuracy"] = float(np.mean(top_r[:, 0] == y))
+        result["candidate_accuracy"] = float(np.mean(top_c[:, 0] == y))
+    return result
+
+
+def _as_labels(labels: Any, n: int, classes: int) -> np.ndarray:
+    y = np.asarray(labels)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or len(y) != n:
+        raise LcpcError(f"labels: shape {y.shape}; expected ({n},), one class index per sample")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise LcpcError(f"labels: dtype {y.dtype}; expected integer class indices")
+    if y.min() < 0 or y.max() >= classes:
+        raise LcpcError(f"labels: values {int(y.min())}..{int(y.max())} outside the model's classes "
+                        f"0..{classes - 1}")
+    return y.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- evaluate
+def _padded_chunks(x: np.ndarray, step: int, multiple: int):
+    """Slices of ``x`` of ``step`` samples (a multiple of ``multiple``), the last one
+    padded with copies of the last sample; yields (chunk, number of real samples)."""
+    for start in range(0, len(x), step):
+        chunk = x[start:start + step]
+        real = len(chunk)
+        pad = -real % multiple
+        if pad:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+        yield chunk, real
+
+
+def _original_bytes(manifest: dict[str, Any], original_model: bytes | str | Path | None) -> tuple[bytes, str]:
+    if isinstance(original_model, (bytes, bytearray)):
+        return bytes(original_model), "<bytes>"
+    if original_model is not None:
+        path = Path(original_model)
+        if not path.is_file():
+            raise LcpcError(f"{path}: no such model file")
+        return path.read_bytes(), str(path)
+    source = manifest["source"]
+    path = Path(source["path"])
+    if not path.is_file():
+        raise LcpcError(f"the original model {source['path']} recorded in the manifest is not there; "
+                        f"pass --model PATH to the original ONNX file")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != source["sha256"]:
+        raise LcpcError(f"{path}: sha256 differs from the model this folder was converted from; "
+                        f"pass --model PATH to the original ONNX file")
+    return data, str(path)
+
+
+def _run_original(session, x: np.ndarray, output: str, batch_size: int) -> np.ndarray:
+    spec = session.get_inputs()[0]
+    fixed = spec.shape[0] if isinstance(spec.shape[0], int) and spec.shape[0] > 0 else None
+    step = fixed or batch_size
+    parts = [session.run([output], {spec.name: chunk})[0][:real]
+             for chunk, real in _padded_chunks(x, step, fixed or 1)]
+    return np.concatenate(parts)
+
+
+def _check_original(session, where: str, data: np.ndarray, output: str) -> None:
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise LcpcError(f"{where}: the model has {len(inputs)} inputs; verify takes single-input models")
+    want = inputs[0].shape
+    fixed_ok = len(want) == data.ndim and all(
+        not isinstance(d, int) or d <= 0 or d == s for d, s in zip(want[1:], data.shape[1:]))
+    if not fixed_ok:
+        raise LcpcError(f"{where}: the original model takes input shape {list(want)}, the data has "
+                        f"{list(data.shape)}")
+    names = [o.name for o in session.get_outputs()]
+    if output not in names:
+        raise LcpcError(f"{where}: the model has no output '{output}'; is it the model this folder was "
+                        f"converted from?")
+
+
+def evaluate(folder: str | Path, data: np.ndarray, labels: np.ndarray | None = None,
+             original_model: bytes | str | Path | None = None, batch_size: int = 64) -> dict[str, Any]:
+    """Run the original model and the converted ``folder`` on ``data``; ``compare`` them.
+
+    Returns ``compare``'s dict (reference = original, candidate = converted) plus
+    ``output`` (the logits tensor's name), ``branches``, ``sync`` (the policy) and
+    ``original`` = {``path``, ``sha256``, ``matches_manifest``}.
+    """
+    import onnxruntime as ort
+
+    from lcpc.targets.local import LocalEngine
+
+    if batch_size < 1:
+        raise LcpcError(f"batch size {batch_size}: must be at least 1")
+    engine = LocalEngine(folder)
+    try:
+        manifest = engine.manifest
+        source = manifest["source"]
+        if len(source["inputs"]) != 1:
+            raise LcpcError(f"{folder}: the model has {len(source['inputs'])} inputs; verify takes "
+                            f"single-input models")
+        spec = source["inputs"][0]
+        output = source["outputs"][0]["name"]
+        x = _as_input(data, spec)
+        model, where = _original_bytes(manifest, original_model)
+        try:
+            session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise LcpcError(f"{where}: onnxruntime cannot load the original model: "
+                            f"{str(exc).splitlines()[0]}") from None
+        _check_original(session, where, x, output)
+        reference = _run_original(session, x, output, batch_size)
+        planned = spec["shape"][0]
+        step = max(planned, batch_size // planned * planned)
+        candidate = np.concatenate([engine.run({spec["name"]: chunk})[output][:real]
+                                    for chunk, real in _padded_chunks(x, step, planned)])
+    finally:
+        engine.close()
+    sha = hashlib.sha256(model).hexdigest()
+    return {**compare(reference, candidate, labels), "output": output,
+            "branches": manifest["branches"], "sync": manifest["sync"]["policy"],
+            "original": {"path": where, "sha256": sha, "matches_manifest": sha == source["sha256"]}}
+
+
+def _as_input(data: Any, spec: dict[str, Any]) -> np.ndarray:
+    x = np.asarray(data)
+    want = tuple(spec["shape"])
+    if x.ndim != len(want) or tuple(x.shape[1:]) != want[1:] or x.shape[0] == 0:
+        raise LcpcError(f"data: shape {tuple(x.shape)}, the model's input '{spec['name']}' takes "
+                        f"(N, {', '.join(map(str, want[1:]))}) with N >= 1")
+    dtype = np.dtype(spec["dtype"])
+    if x.dtype != dtype:
+        if not (np.issubdtype(x.dtype, np.floating) and np.issubdtype(dtype, np.floating)):
+            raise LcpcError(f"data: dtype {x.dtype}, the model takes {dtype} (preprocess the data first)")
+        x = x.astype(dtype)
+    return x
