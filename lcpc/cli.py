@@ -175,5 +175,16 @@ def report_cmd(folder: Path, fmt: str) -> None:
     click.echo(report.render(mf.read(folder), fmt))
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
+# ----------------------------------------------------------------------------- inspect
+@main.command(name="inspect")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@input_shape_option
+@format_option
+@handles_errors
+def inspect_cmd(model: Path, input_shapes, fmt: str) -> None:
+    """Show how lcpc treats each op of MODEL, its channel spaces and the largest K."""
+    from lcpc import frontend
+    from lcpc.inspect import inspect_graph, render
+
+    graph, _ = frontend.load(model, frontend.parse_input_shapes(input_shapes))
+    click.echo(render(inspect_graph(graph), str(model), fmt))

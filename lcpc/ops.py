@@ -87,14 +87,40 @@ UNARY = ("Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "
          "IsNaN", "IsInf", "Sin", "Cos", "Shrink")
 BINARY = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Where", "Equal",
           "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Mod", "BitShift")
-POOLS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool",
-         "MaxRoiPool")
+POOLS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool")
 REDUCES = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2",
            "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
 
 
 def _act(node: Node) -> Channelwise:
     return Channelwise(tuple("act" for _ in node.inputs), broadcast=len(node.inputs) > 1)
+
+
+def _unary(node: Node, g: Graph) -> Behaviour:
+    """channelwise."""
+    return _act(node)
+
+
+def _elementwise(node: Node, g: Graph) -> Behaviour:
+    """channelwise with numpy broadcasting: per-channel constants are sliced per branch."""
+    return _act(node)
+
+
+def _clip(node: Node, g: Graph) -> Behaviour:
+    """channelwise."""  # min/max are scalars
+    return Channelwise(("act", "keep", "keep")[: len(node.inputs)])
+
+
+def _dropout(node: Node, g: Graph) -> Behaviour:
+    """channelwise (removed at load when its mask is unused)."""
+    return Channelwise(("act",) + ("keep",) * (len(node.inputs) - 1))
+
+
+def _mixing(what: str) -> Callable[[Node, Graph], Behaviour]:
+    def rule(node: Node, g: Graph) -> Behaviour:
+        return _mixes(what)
+    rule.__doc__ = f"exact sync: {what} mixes channels."
+    return rule
 
 
 def _mixes(what: str) -> Sync:
@@ -110,6 +136,7 @@ def _const(g: Graph, name: str) -> np.ndarray | None:
 
 
 def _conv(node: Node, g: Graph) -> Behaviour:
+    """dense when group=1 (R->S free, S->S cut or exchange); grouped/depthwise otherwise (each group in one branch)."""
     w = _const(g, node.inputs[1])
     if w is None:
         return Sync("Conv weights are computed at run time")
@@ -122,6 +149,7 @@ def _conv(node: Node, g: Graph) -> Behaviour:
 
 
 def _conv_transpose(node: Node, g: Graph) -> Behaviour:
+    """dense when group=1; grouped: exact sync."""
     if _const(g, node.inputs[1]) is None:
         return Sync("ConvTranspose weights are computed at run time")
     if int(node.attr("group", 1)) != 1:
@@ -130,6 +158,7 @@ def _conv_transpose(node: Node, g: Graph) -> Behaviour:
 
 
 def _gemm(node: Node, g: Graph) -> Behaviour:
+    """dense with a constant weight (classifier: exact merge at the head); transA=1 or two activations: exact sync."""
     if _const(g, node.inputs[1]) is None:
         return _mixes("Gemm between two activations")
     if node.attr("transA", 0):
@@ -141,6 +170,7 @@ def _gemm(node: Node, g: Graph) -> Behaviour:
 
 
 def _matmul(node: Node, g: Graph) -> Behaviour:
+    """dense for [N, C] x constant [C, M]; between activations (attention) or over other axes: exact sync."""
     w = _const(g, node.inputs[1])
     if w is None:
         return _mixes("MatMul between two activations (attention)")
@@ -150,22 +180,26 @@ def _matmul(node: Node, g: Graph) -> Behaviour:
 
 
 def _bn(node: Node, g: Graph) -> Behaviour:
+    """channelwise, parameters sliced per branch (folded into a preceding Conv at load)."""
     if int(node.attr("training_mode", 0)) or len([o for o in node.outputs if o]) > 1:
         return Sync("BatchNormalization in training mode")
     return Channelwise(("act", "vec", "vec", "vec", "vec"))
 
 
 def _instance_norm(node: Node, g: Graph) -> Behaviour:
+    """channelwise, parameters sliced per branch."""
     return Channelwise(("act", "vec", "vec"))
 
 
 def _pool(node: Node, g: Graph) -> Behaviour:
+    """channelwise (an indices output: exact sync)."""
     if len([o for o in node.outputs if o]) > 1:
         return Sync(f"{node.op} with an indices output")
     return Channelwise(("act",))
 
 
 def _pad(node: Node, g: Graph) -> Behaviour:
+    """channelwise when only spatial axes are padded; otherwise exact sync."""
     pads = _const(g, node.inputs[1]) if len(node.inputs) > 1 else node.attr("pads")
     if pads is None:
         return Sync("Pad with run-time pads")
@@ -181,6 +215,7 @@ def _pad(node: Node, g: Graph) -> Behaviour:
 
 
 def _resize(node: Node, g: Graph) -> Behaviour:
+    """channelwise when the channel axis is not scaled (sizes rewritten per branch)."""
     roles = ["act", "keep", "keep", "sizes"][: len(node.inputs)]
     scales = _const(g, node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
     if scales is not None and scales.size and (scales[0] != 1 or scales[1] != 1):
@@ -191,6 +226,7 @@ def _resize(node: Node, g: Graph) -> Behaviour:
 
 
 def _upsample(node: Node, g: Graph) -> Behaviour:
+    """channelwise when the channel axis is not scaled."""
     scales = _const(g, node.inputs[1]) if len(node.inputs) > 1 else None
     if scales is None or scales[0] != 1 or scales[1] != 1:
         return Sync("Upsample that scales the channel axis or has run-time scales")
@@ -198,6 +234,7 @@ def _upsample(node: Node, g: Graph) -> Behaviour:
 
 
 def _softmax(node: Node, g: Graph) -> Behaviour:
+    """exact sync over the channel axis (runs on the head after the classifier); channelwise over a spatial axis."""
     rank = _rank(g, node.inputs[0])
     axis = int(node.attr("axis", -1 if g.opset >= 13 else 1)) % rank
     if g.opset < 13 and axis <= 1:
@@ -210,6 +247,7 @@ def _softmax(node: Node, g: Graph) -> Behaviour:
 
 
 def _reduce(node: Node, g: Graph) -> Behaviour:
+    """channelwise over spatial axes; exact sync over the channel or batch axis."""
     rank = _rank(g, node.inputs[0])
     axes = node.attr("axes")
     if axes is None and len(node.inputs) > 1 and node.inputs[1]:
@@ -225,6 +263,7 @@ def _reduce(node: Node, g: Graph) -> Behaviour:
 
 
 def _concat(node: Node, g: Graph) -> Behaviour:
+    """channel axis: composite of the inputs' spaces; other axes: channelwise."""
     rank = _rank(g, node.outputs[0])
     axis = int(node.attr("axis")) % rank
     if rank < 2:
@@ -233,6 +272,7 @@ def _concat(node: Node, g: Graph) -> Behaviour:
 
 
 def _split(node: Node, g: Graph) -> Behaviour:
+    """channel axis: sub-ranges of the input's space; other axes: channelwise."""
     rank = _rank(g, node.inputs[0])
     axis = int(node.attr("axis", 0)) % rank
     if axis != 1:
@@ -243,6 +283,7 @@ def _split(node: Node, g: Graph) -> Behaviour:
 
 
 def _slice(node: Node, g: Graph) -> Behaviour:
+    """channel axis (step 1): a sub-range of the space; spatial axes: channelwise; batch axis: exact sync."""
     params = [_const(g, i) if i else None for i in node.inputs[1:]]
     if len(node.inputs) < 3 or any(p is None for p, i in zip(params, node.inputs[1:]) if i):
         return Sync("Slice with run-time bounds")
@@ -263,6 +304,7 @@ def _slice(node: Node, g: Graph) -> Behaviour:
 
 
 def _reshape_like(node: Node, g: Graph) -> Behaviour:
+    """keeps the space when it only flattens C*H*W or adds/removes unit dims after the channel axis; otherwise exact sync."""
     src, dst = g.info(node.inputs[0]).shape, g.info(node.outputs[0]).shape
     if len(src) >= 2 and len(dst) >= 2 and src[0] == dst[0]:
         if src[1] == dst[1] and all(d == 1 for d in src[2:]) and all(d == 1 for d in dst[2:]):
@@ -273,17 +315,24 @@ def _reshape_like(node: Node, g: Graph) -> Behaviour:
 
 
 def _flatten(node: Node, g: Graph) -> Behaviour:
+    """keeps the space at axis=1 (C*H*W features follow their channel); otherwise exact sync."""
     if int(node.attr("axis", 1)) % max(_rank(g, node.inputs[0]), 1) != 1:
         return Sync("Flatten at an axis other than 1")
     return _reshape_like(node, g)
 
 
+def _transpose(node: Node, g: Graph) -> Behaviour:
+    """exact sync: moves the channel axis (an input-side NHWC->NCHW Transpose costs nothing)."""
+    return Sync("Transpose moves the channel axis")
+
+
 RULES: dict[str, Callable[[Node, Graph], Behaviour]] = {
-    **{op: (lambda n, g: _act(n)) for op in UNARY + BINARY},
+    **{op: _unary for op in UNARY},
+    **{op: _elementwise for op in BINARY},
     **{op: _pool for op in POOLS},
     **{op: _reduce for op in REDUCES},
-    "Clip": lambda n, g: Channelwise(("act", "keep", "keep")[: len(n.inputs)]),
-    "Dropout": lambda n, g: Channelwise(("act",) + ("keep",) * (len(n.inputs) - 1)),
+    "Clip": _clip,
+    "Dropout": _dropout,
     "BatchNormalization": _bn,
     "InstanceNormalization": _instance_norm,
     "Conv": _conv,
@@ -303,14 +352,14 @@ RULES: dict[str, Callable[[Node, Graph], Behaviour]] = {
     "Reshape": _reshape_like,
     "Squeeze": _reshape_like,
     "Unsqueeze": _reshape_like,
-    "LRN": lambda n, g: _mixes("LRN (local response normalisation)"),
-    "Transpose": lambda n, g: Sync("Transpose moves the channel axis"),
-    "DepthToSpace": lambda n, g: _mixes("DepthToSpace"),
-    "SpaceToDepth": lambda n, g: _mixes("SpaceToDepth"),
-    "Einsum": lambda n, g: _mixes("Einsum"),
-    "LayerNormalization": lambda n, g: _mixes("LayerNormalization"),
-    "ArgMax": lambda n, g: _mixes("ArgMax"),
-    "TopK": lambda n, g: _mixes("TopK"),
+    "LRN": _mixing("LRN (local response normalisation)"),
+    "Transpose": _transpose,
+    "DepthToSpace": _mixing("DepthToSpace"),
+    "SpaceToDepth": _mixing("SpaceToDepth"),
+    "Einsum": _mixing("Einsum"),
+    "LayerNormalization": _mixing("LayerNormalization"),
+    "ArgMax": _mixing("ArgMax"),
+    "TopK": _mixing("TopK"),
 }
 
 
@@ -324,3 +373,24 @@ def classify(node: Node, g: Graph) -> Behaviour:
     if len(g.info(node.outputs[0]).shape) < 2:
         return Sync(f"{node.op} output has no channel axis")
     return rule(node, g)
+
+
+def rules_table() -> list[tuple[str, str]]:
+    """(ops, treatment) rows: the registry grouped by the rule's docstring."""
+    groups: dict[str, list[str]] = {}
+    for op, rule in RULES.items():
+        groups.setdefault((rule.__doc__ or "").strip().rstrip("."), []).append(op)
+    rows = [(", ".join(sorted(ops)), doc) for doc, ops in groups.items()]
+    rows.append(("any other op, custom domains", "exact sync: all-gather in front, replicated compute, "
+                                                 "listed by name in the report"))
+    return rows
+
+
+def markdown_table() -> str:
+    lines = ["| ops | how lcpc treats them |", "|---|---|"]
+    lines += [f"| {ops} | {doc} |" for ops, doc in rules_table()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")
