@@ -120,6 +120,7 @@ def _padded_chunks(x: np.ndarray, step: int, multiple: int):
 
 
 def _original_bytes(manifest: dict[str, Any], original_model: bytes | str | Path | None) -> tuple[bytes, str]:
+    """The original model's bytes and where they came from (a path, or ``<bytes>``)."""
     if isinstance(original_model, (bytes, bytearray)):
         return bytes(original_model), "<bytes>"
     if original_model is not None:
@@ -189,8 +190,12 @@ def evaluate(folder: str | Path, data: np.ndarray, labels: np.ndarray | None = N
         output = source["outputs"][0]["name"]
         x = _as_input(data, spec)
         model, where = _original_bytes(manifest, original_model)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # as LocalEngine: optimizer warnings are noise here
         try:
-            session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+            # from the path when there is one, so external weight files next to it load too
+            session = ort.InferenceSession(model if where == "<bytes>" else where, opts,
+                                           providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise LcpcError(f"{where}: onnxruntime cannot load the original model: "
                             f"{str(exc).splitlines()[0]}") from None

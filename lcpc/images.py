@@ -8,11 +8,12 @@ Guarantees:
 - Per image, in this order: open with Pillow, apply the EXIF orientation, convert to
   RGB (or grayscale ``L``); resize (``shorter_side``: keep the aspect ratio, scale so
   the image just covers ``size / crop_fraction``, then crop the centre ``size``;
-  ``stretch``: resize straight to ``size``); then, in float64,
-  ``x[c] = (pixel[c] * scale - mean[c]) / std[c]`` on the 0-255 pixel values; reorder
-  channels (``BGR``), lay out (``NCHW`` or ``NHWC``) and cast to ``dtype``. An image
-  already at the target size is not resampled, and the centre crop starts at
-  ``(excess // 2)`` on each axis, so small cases can be checked by hand.
+  ``stretch``: resize straight to ``size``); reorder channels (``BGR``); then, in
+  float64, ``x[c] = (pixel[c] * scale - mean[c]) / std[c]`` on the 0-255 pixel values
+  (mean and std in the output's channel order); lay out (``NCHW`` or ``NHWC``) and
+  cast to ``dtype``. An image already at the target size is not resampled, and the
+  centre crop starts at ``excess // 2`` on each axis, so small cases can be checked
+  by hand.
 - ``load_folder`` reads the ``.jpg``/``.jpeg``/``.png`` files (any case) directly in a
   folder, sorted by file name, ignores everything else, and ends in an ``LcpcError``
   naming the folder when it holds no image, or the file when one cannot be decoded.
@@ -128,14 +129,14 @@ class Preprocessing:
     def apply(self, image) -> np.ndarray:
         """One Pillow image -> one preprocessed sample (no batch axis)."""
         Image, ImageOps = _pil()
-        image = ImageOps.exif_transpose(image).convert(self.channels)
+        image = ImageOps.exif_transpose(image).convert("L" if self.channels == "L" else "RGB")
         image = self._resize(image, Image)
         x = np.asarray(image, dtype=np.float64)
         if x.ndim == 2:
             x = x[:, :, None]
-        x = (x * self.scale - np.asarray(self.mean)) / np.asarray(self.std)
-        if self.channels == "BGR":  # Pillow decodes RGB; mean/std are given in BGR order
+        if self.channels == "BGR":  # Pillow decodes RGB; mean and std are given in BGR order
             x = x[:, :, ::-1]
+        x = (x * self.scale - np.asarray(self.mean)) / np.asarray(self.std)
         if self.layout == "NCHW":
             x = x.transpose(2, 0, 1)
         return np.ascontiguousarray(x, dtype=self.dtype)
@@ -177,10 +178,15 @@ def load_folder(folder: str | Path, prep: Preprocessing) -> tuple[np.ndarray, li
     files = image_files(folder)
     batch = np.empty(prep.input_shape(len(files)), dtype=prep.dtype)
     for i, path in enumerate(files):
-        try:
-            with Image.open(path) as image:
-                batch[i] = prep.apply(image)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise LcpcError(f"{path}: cannot read it as an image ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+        batch[i] = prep.apply(_decode(path, Image))
     return batch, [p.name for p in files]
+
+
+def _decode(path: Path, Image):
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise LcpcError(f"{path}: cannot read it as an image ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None

@@ -51,6 +51,7 @@ class Plan:
     decisions: Mapping[str, Decision] = field(default_factory=dict)
     sync_policy: str = "none"
     partition_method: str = "contiguous"
+    partition_energy: Mapping[str, float] = field(default_factory=dict)
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def branches(self, tensor: str) -> np.ndarray:

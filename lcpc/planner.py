@@ -25,8 +25,9 @@ from lcpc.plan import Decision, Layout, Plan
 MAX_BRANCHES = 64
 
 
-def plan(graph: Graph, source: Source, k: int, sync: str = "none") -> Plan:
-    """Plan ``graph`` for ``k`` branches with sync policy ``sync``; see passes.cut."""
+def plan(graph: Graph, source: Source, k: int, sync: str = "none", partition_method: str = "energy") -> Plan:
+    """Plan ``graph`` for ``k`` branches with sync policy ``sync`` (passes.cut) and
+    channel partition ``partition_method`` (passes.partition)."""
     from lcpc.passes import cut, partition
 
     if not 2 <= k <= MAX_BRANCHES:
@@ -34,7 +35,7 @@ def plan(graph: Graph, source: Source, k: int, sync: str = "none") -> Plan:
     analysis = analyse(graph)
     layouts, decisions = assign_layouts(graph, analysis)
     p = Plan(graph, source, analysis, k, layouts, decisions=decisions)
-    p = partition.run(p)
+    p = partition.run(p, partition_method)
     return cut.run(p, sync)
 
 

@@ -5,10 +5,18 @@ and (when classes are single channels) at most ceil(C / K) channels of t — als
 the sub-ranges a channel Split/Slice takes and the parts a Concat joins, since every
 ``S`` tensor is its own capacity constraint.
 
-Method (``contiguous``): walk each space's classes in creation order and fill one
-branch at a time up to its capacity in every tensor the class appears in, moving to
-the next branch when a capacity would be exceeded. Without splits this gives each
-branch one contiguous block of channels; with splits it interleaves as needed.
+Methods:
+- ``contiguous``: walk each space's classes in creation order and fill one branch at
+  a time up to its capacity in every tensor the class appears in, moving to the next
+  branch when a capacity would be exceeded. Without splits each branch gets one
+  contiguous block of channels; with splits it interleaves as needed.
+- ``energy`` (default): start from ``contiguous`` and swap interchangeable classes
+  (same space, same capacity footprint, so balance is unchanged) between branches
+  while the *weight energy kept* by the cut grows: sum over layers between split
+  tensors of ||W[o, i]||^2 over pairs (o, i) on the same branch — the weights the cut
+  keeps (Kernighan-Lin style rounds of best swaps, a round kept only if the exact
+  energy grows). The cut drops the rest, so keeping the heaviest connections inside
+  branches is what makes the pure LCP model closest to the original.
 """
 
 from __future__ import annotations
@@ -23,14 +31,120 @@ from lcpc.errors import LcpcError
 from lcpc.plan import Plan
 
 
-def run(plan: Plan) -> Plan:
+METHODS = ("energy", "contiguous")
+MAX_ROUNDS = 30
+
+
+def run(plan: Plan, method: str = "energy") -> Plan:
+    if method not in METHODS:
+        raise LcpcError(f"--partition {method}: choose one of {', '.join(METHODS)}")
     constraints = split_constraints(plan)
     branch_of_class: dict[int, int] = {}
     for space, tensors in constraints.items():
         branch_of_class.update(_fill(plan, tensors))
     new = replace(plan, branch_of_class=branch_of_class, partition_method="contiguous", _cache={})
     check_balance(new)
-    return new
+    contiguous = energy_kept(new)
+    if method == "energy":
+        new = replace(new, branch_of_class=_refine(new, constraints), partition_method="energy", _cache={})
+        check_balance(new)
+    return replace(new, partition_energy={"kept": energy_kept(new), "kept_contiguous": contiguous})
+
+
+def _layer_energies(plan: Plan) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(E[out, in] = squared weights summed over other axes, out classes, in classes) per
+    dense layer between split tensors."""
+    from lcpc.passes.cut import cuttable
+
+    g, a = plan.graph, plan.analysis
+    nodes = {n.name: n for n in g.nodes}
+    layers = []
+    for name in cuttable(plan):
+        n, b = nodes[name], a.behaviours[name]
+        w = g.constants[n.inputs[b.weight]].astype(np.float64) ** 2
+        other = tuple(ax for ax in range(w.ndim) if ax not in (b.out_axis, b.in_axis))
+        e = w.sum(axis=other) if other else w
+        if b.out_axis > b.in_axis:
+            e = e.T
+        layers.append((e, a.classes[n.outputs[0]], a.classes[n.inputs[0]]))
+    return layers
+
+
+def energy_kept(plan: Plan) -> float:
+    """Fraction of the squared weights of layers between split tensors that the cut keeps."""
+    kept = total = 0.0
+    for e, c_out, c_in in _layer_energies(plan):
+        same = np.array([plan.branch_of_class[int(c)] for c in c_out])[:, None] == \
+            np.array([plan.branch_of_class[int(c)] for c in c_in])[None, :]
+        kept += float(e[same].sum())
+        total += float(e.sum())
+    return kept / total if total else 1.0
+
+
+def _refine(plan: Plan, constraints: dict[int, dict[str, np.ndarray]]) -> dict[int, int]:
+    layers = _layer_energies(plan)
+    classes = sorted(plan.branch_of_class)
+    index = {c: i for i, c in enumerate(classes)}
+    assign = np.array([plan.branch_of_class[c] for c in classes])
+    idx_layers = [(e, np.array([index[int(c)] for c in co]), np.array([index[int(c)] for c in ci]))
+                  for e, co, ci in layers]
+    # classes are interchangeable when they sit in the same space with the same footprint
+    footprint: dict[int, list] = defaultdict(list)
+    for space, tensors in constraints.items():
+        for t, cls in tensors.items():
+            values, counts = np.unique(cls, return_counts=True)
+            for c, m in zip(values.tolist(), counts.tolist()):
+                footprint[c].append((space, t, m))
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for c in classes:
+        groups[tuple(sorted(footprint[c]))].append(index[c])
+    groups_arr = [np.array(g) for g in groups.values() if len(g) > 1]
+
+    group_of = np.full(len(classes), -1)
+    for gi, members in enumerate(groups_arr):
+        group_of[members] = gi
+    touching = [[li for li, (_, co, ci) in enumerate(idx_layers)
+                 if (group_of[co] == gi).any() or (group_of[ci] == gi).any()] for gi in range(len(groups_arr))]
+
+    def kept(a: np.ndarray, layer_ids) -> float:
+        return sum(float(idx_layers[li][0][a[idx_layers[li][1]][:, None] == a[idx_layers[li][2]][None, :]].sum())
+                   for li in layer_ids)
+
+    def connections(a: np.ndarray, gi: int) -> np.ndarray:
+        """conn[c, b]: energy between member class c of group gi and the classes branch b holds."""
+        conn = np.zeros((len(classes), plan.k))
+        onehot = np.eye(plan.k)[a]
+        for li in touching[gi]:
+            e, co, ci = idx_layers[li]
+            rows, cols = group_of[co] == gi, group_of[ci] == gi
+            if rows.any():
+                np.add.at(conn, co[rows], e[rows] @ onehot[ci])
+            if cols.any():
+                np.add.at(conn, ci[cols], e[:, cols].T @ onehot[co])
+        return conn
+
+    for _ in range(MAX_ROUNDS):
+        improved = False
+        for gi, members in enumerate(groups_arr):
+            conn = connections(assign, gi)
+            trial = assign.copy()
+            for p in range(plan.k):
+                for q in range(p + 1, plan.k):
+                    a_side, b_side = members[trial[members] == p], members[trial[members] == q]
+                    ga = conn[a_side, q] - conn[a_side, p]
+                    gb = conn[b_side, p] - conn[b_side, q]
+                    a_side, ga = a_side[np.argsort(-ga)], np.sort(ga)[::-1]
+                    b_side, gb = b_side[np.argsort(-gb)], np.sort(gb)[::-1]
+                    n = min(len(a_side), len(b_side))
+                    gain = ga[:n] + gb[:n]
+                    run = int(np.argmin(gain > 0)) if (gain <= 0).any() else n
+                    trial[a_side[:run]], trial[b_side[:run]] = q, p
+            before, after = kept(assign, touching[gi]), kept(trial, touching[gi])
+            if after > before * (1 + 1e-12):
+                assign, improved = trial, True
+        if not improved:
+            break
+    return {c: int(assign[i]) for i, c in enumerate(classes)}
 
 
 def split_constraints(plan: Plan) -> dict[int, dict[str, np.ndarray]]:

@@ -139,6 +139,7 @@ def build_manifest(plan: Plan, program: Program, stages: list, transfers: list, 
         },
         "branches": plan.k,
         "sync": {"policy": plan.sync_policy, "partition": plan.partition_method,
+                 "partition_energy": dict(plan.partition_energy),
                  "cuts": [d.node for d in plan.decisions.values() if d.action == "cut"],
                  "exchanges": [d.node for d in plan.decisions.values() if d.action == "exchange"]},
         "devices": [{"id": d, "name": f"dev{d}", "role": "head" if d == HEAD else "branch"}
