@@ -66,8 +66,12 @@ def main() -> None:
 
 # ----------------------------------------------------------------------------- convert
 def convert_model(model: str | Path | bytes, out: str | Path, branches: int, sync: str = "none",
-                  input_shapes: dict | None = None, force: bool = False) -> dict[str, Any]:
+                  input_shapes: dict | None = None, force: bool = False, partition: str = "energy",
+                  preprocessing: dict | None = None, calib: np.ndarray | None = None,
+                  comm_budget: int | None = None) -> dict[str, Any]:
     """load -> plan -> lower -> write; returns the manifest."""
+    from dataclasses import replace
+
     from lcpc import frontend, planner
     from lcpc.lower import lower
     from lcpc.passes import cut
@@ -77,30 +81,86 @@ def convert_model(model: str | Path | bytes, out: str | Path, branches: int, syn
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise LcpcError(f"{out}: exists and is not empty; choose another folder or pass --force")
     graph, source = frontend.load(model, input_shapes)
-    plan = planner.plan(graph, source, branches, sync)
+    if not isinstance(model, (bytes, bytearray)):
+        source = replace(source, path=str(Path(model).resolve()))
+    plan = planner.plan(graph, source, branches, sync, partition, calib=calib, comm_budget=comm_budget)
     program = lower(plan)
     exact = program.bytes_per_inference() if sync == "all" else \
         lower(cut.run(plan, "all")).bytes_per_inference()
-    return onnx_target.write(plan, program, out, force=force, exact_bytes=exact)
+    return onnx_target.write(plan, program, out, force=force, exact_bytes=exact, preprocessing=preprocessing)
+
+
+def parse_preprocessing(spec: str | None) -> dict | None:
+    """``size=224x224,mean=127,std=128[,scale=1,layout=NCHW,channels=RGB,...]`` -> a checked dict."""
+    if not spec:
+        return None
+    from lcpc.images import Preprocessing
+
+    fields: dict[str, Any] = {}
+    for item in spec.split(","):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise LcpcError(f"--preprocess: '{item}' is not KEY=VALUE")
+        key = key.strip()
+        if key == "size":
+            fields[key] = tuple(int(v) for v in value.lower().split("x"))
+            if len(fields[key]) == 1:
+                fields[key] = fields[key] * 2
+        elif key in ("mean", "std"):
+            fields[key] = tuple(float(v) for v in value.split("/"))
+        elif key in ("scale", "crop_fraction"):
+            fields[key] = float(value)
+        else:
+            fields[key] = value
+    try:
+        return Preprocessing(**fields).to_dict()
+    except TypeError as exc:
+        raise LcpcError(f"--preprocess: {exc}") from None
+
+
+def load_array(path: Path, what: str) -> np.ndarray:
+    """One array from a .npy file (never unpickled)."""
+    if not path.is_file():
+        raise LcpcError(f"{path}: no such {what} file")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise LcpcError(f"{path}: not a .npy array file ({type(exc).__name__})") from None
+    if not isinstance(data, np.ndarray):
+        raise LcpcError(f"{path}: expected one array in a .npy file for {what}")
+    return data
 
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--branches", "-k", type=int, default=4, show_default=True, help="Number of branches K.")
 @click.option("--sync", default="none", show_default=True,
-              help="none: pure LCP (branches meet at the classifier); all: exact model parallelism.")
+              help="none: pure LCP (branches meet at the classifier); all: exact model parallelism; "
+                   "every:N: an exact exchange every N cut layers; NODE,NODE,...: exchanges at these "
+                   "nodes; auto: the exchanges that buy most fidelity per byte (--calib, --comm-budget).")
+@click.option("--partition", type=click.Choice(["energy", "contiguous"]), default="energy", show_default=True,
+              help="energy: keep the heaviest weights inside branches; contiguous: channel blocks in order.")
+@click.option("--calib", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Calibration inputs (.npy, a batch) for --sync auto.")
+@click.option("--comm-budget", type=int, default=None, metavar="BYTES",
+              help="Most bytes per inference --sync auto may spend.")
+@click.option("--preprocess", default=None, metavar="SPEC",
+              help="Image preprocessing stored in the manifest, e.g. size=224x224,mean=127,std=128.")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder [default: MODEL stem + '.lcp'].")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @input_shape_option
 @handles_errors
-def convert(model: Path, branches: int, sync: str, out: Path | None, force: bool, input_shapes) -> None:
+def convert(model: Path, branches: int, sync: str, partition: str, calib: Path | None, comm_budget: int | None,
+            preprocess: str | None, out: Path | None, force: bool, input_shapes) -> None:
     """Partition MODEL into K branches; write per-device ONNX files and manifest.json."""
     from lcpc import report
     from lcpc.frontend import parse_input_shapes
 
     out = out or model.with_suffix(".lcp")
-    manifest = convert_model(model, out, branches, sync, parse_input_shapes(input_shapes), force)
+    calib_data = load_array(calib, "calibration") if calib is not None else None
+    manifest = convert_model(model, out, branches, sync, parse_input_shapes(input_shapes), force, partition,
+                             parse_preprocessing(preprocess), calib_data, comm_budget)
     click.echo(report.render(manifest, "text"))
     click.echo(f"wrote {len(manifest['stages'])} stage files and manifest.json to {out}")
 
@@ -188,3 +248,54 @@ def inspect_cmd(model: Path, input_shapes, fmt: str) -> None:
 
     graph, _ = frontend.load(model, frontend.parse_input_shapes(input_shapes))
     click.echo(render(inspect_graph(graph), str(model), fmt))
+
+
+# ----------------------------------------------------------------------------- verify
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Inputs: a .npy batch, or a folder of JPEG/PNG images (uses the manifest's preprocessing).")
+@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Integer labels (.npy) to report accuracy too.")
+@click.option("--model", "original", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The original ONNX model, when it is no longer at the manifest's source path.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@format_option
+@handles_errors
+def verify(folder: Path, data: Path, labels: Path | None, original: Path | None, batch_size: int, fmt: str) -> None:
+    """Compare a converted FOLDER with its original model on the same inputs."""
+    from lcpc import fidelity
+    from lcpc import manifest as mf
+
+    x = load_verify_data(data, mf.read(folder))
+    y = load_array(labels, "labels") if labels is not None else None
+    result = fidelity.evaluate(folder, x, y, original, batch_size)
+    click.echo(render_fidelity(result, fmt))
+
+
+def load_verify_data(data: Path, manifest: dict) -> np.ndarray:
+    if data.is_dir():
+        from lcpc.images import Preprocessing, load_folder
+
+        spec = manifest["source"].get("preprocessing")
+        if spec is None:
+            raise LcpcError(f"{data} is an image folder, but the manifest has no preprocessing; convert with "
+                            f"--preprocess size=...,mean=...,std=... or pass a .npy batch")
+        return load_folder(data, Preprocessing.from_dict(spec))[0]
+    return load_array(data, "data")
+
+
+def render_fidelity(result: dict, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(result, indent=1)
+    rows = [("samples", result["samples"]), ("top-1 agreement", f"{100 * result['top1_agreement']:.2f}%"),
+            (f"top-{result['top5_k']} overlap", f"{100 * result['top5_overlap']:.2f}%"),
+            ("KL(original || lcp)", f"{result['kl_divergence']:.4g}"),
+            ("max relative logit error", f"{result['max_rel_logit_error']:.3g}")]
+    if result.get("reference_accuracy") is not None:
+        rows += [("original accuracy", f"{100 * result['reference_accuracy']:.2f}%"),
+                 ("lcp accuracy", f"{100 * result['candidate_accuracy']:.2f}%")]
+    if fmt == "markdown":
+        return "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

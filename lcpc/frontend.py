@@ -17,6 +17,7 @@ The result computes the same function as the input model (tested against onnxrun
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from onnx import helper, numpy_helper
 
 from lcpc.errors import LcpcError
 from lcpc.ir import Graph, Node, TensorInfo, from_onnx, tensor_infos, to_onnx
+from lcpc.safety import (MAX_MODEL_BYTES, MAX_TENSOR_BYTES, check_tensor_sizes, infer_shapes, inside, itemsize,
+                         nbytes, printable)
 
 TARGET_OPSET = 17
 MIN_OPSET = 9
@@ -63,9 +66,15 @@ def read_model(source: str | os.PathLike | bytes) -> tuple[onnx.ModelProto, Sour
         data, where, base = bytes(source), "<bytes>", None
     else:
         path = Path(source)
+        where = printable(str(path))
+        if path.is_dir():
+            raise LcpcError(f"{where}: is a folder; give the path of an .onnx file")
         if not path.is_file():
-            raise LcpcError(f"{path}: no such file")
-        data, where, base = path.read_bytes(), str(path), path.resolve().parent
+            raise LcpcError(f"{where}: no such file")
+        if path.stat().st_size > MAX_MODEL_BYTES:
+            raise LcpcError(f"{where}: larger than 2 GiB, which no ONNX protobuf can be; "
+                            f"models this large keep their weights in external data files")
+        data, base = path.read_bytes(), path.resolve().parent
     if not data:
         raise LcpcError(f"{where}: file is empty, not an ONNX model")
     try:
@@ -80,33 +89,100 @@ def read_model(source: str | os.PathLike | bytes) -> tuple[onnx.ModelProto, Sour
 
 
 def _load_external_data(model: onnx.ModelProto, base: Path | None, where: str) -> None:
+    """Every external location is checked (inside the model's folder, a regular file, offset and
+    length within it, length equal to what the dims need) before any external file is opened."""
     tensors = [t for t in _all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
     if not tensors:
         return
     if base is None:
         raise LcpcError(f"{where}: model uses external data files; load it from a path, not bytes")
+    plan, total = [], 0
     for t in tensors:
         info = {e.key: e.value for e in t.external_data}
-        rel = info.get("location", "")
-        target = (base / rel).resolve()
-        if not rel or os.path.isabs(rel) or base not in target.parents:
-            raise LcpcError(f"{where}: tensor '{t.name}' points to external data '{rel}' outside the "
-                            f"model's folder; refusing to read it")
+        rel, name = info.get("location", ""), printable(t.name, 200)
+        target = inside(base, rel)
+        if target is None:
+            raise LcpcError(f"{where}: tensor '{name}' points to external data '{printable(rel, 200)}' "
+                            f"outside the model's folder; refusing to read it")
         if not target.is_file():
-            raise LcpcError(f"{where}: tensor '{t.name}' needs external data file '{rel}', which is missing")
-    from onnx.external_data_helper import load_external_data_for_model
+            raise LcpcError(f"{where}: tensor '{name}' needs external data file '{printable(rel, 200)}', "
+                            f"which is missing")
+        size = target.stat().st_size
+        try:
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else size - offset
+        except ValueError:
+            raise LcpcError(f"{where}: tensor '{name}': external data offset/length are not integers") from None
+        expected = _raw_bytes(t)
+        if expected is None:
+            raise LcpcError(f"{where}: tensor '{name}': external data of element type {t.data_type} "
+                            f"is not supported (numeric tensors only)")
+        if offset < 0 or length < 0 or offset + length > size or length != expected:
+            raise LcpcError(f"{where}: tensor '{name}': external data ({length} bytes at offset {offset} of "
+                            f"'{printable(rel, 200)}', {size} bytes long) does not hold the {expected} bytes "
+                            f"its dims {list(t.dims)} need")
+        total += length
+        if total > MAX_MODEL_BYTES:
+            raise LcpcError(f"{where}: external weights total more than 2 GiB; lcpc handles models whose "
+                            f"weights fit in one ONNX protobuf (2 GiB)")
+        plan.append((t, target, offset, length))
+    for t, target, offset, length in plan:
+        try:
+            fd = os.open(target, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            with os.fdopen(fd, "rb") as f:
+                f.seek(offset)
+                t.raw_data = f.read(length)
+        except OSError as exc:
+            raise LcpcError(f"{where}: cannot read external data for tensor '{printable(t.name, 200)}' "
+                            f"({exc.strerror})") from None
+        if len(t.raw_data) != length:
+            raise LcpcError(f"{where}: external data for tensor '{printable(t.name, 200)}' changed while "
+                            f"being read")
+        t.data_location = onnx.TensorProto.DEFAULT
+        del t.external_data[:]
+
+
+_PACKED_BITS = {getattr(onnx.TensorProto, n): b for n, b in
+                [("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2)]
+                if hasattr(onnx.TensorProto, n)}
+
+
+def _raw_bytes(t: onnx.TensorProto) -> int | None:
+    """Bytes of ``t``'s raw data as its dims and type require; None for types with no fixed size."""
+    count = math.prod(int(d) for d in t.dims)
+    if t.data_type in _PACKED_BITS:
+        return (count * _PACKED_BITS[t.data_type] + 7) // 8
     try:
-        load_external_data_for_model(model, str(base))
-    except Exception as exc:
-        raise LcpcError(f"{where}: cannot read external data ({exc})") from None
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return None if dtype.hasobject else count * dtype.itemsize
 
 
 def _all_tensors(model: onnx.ModelProto):
-    yield from model.graph.initializer
-    for n in model.graph.node:
+    """Every TensorProto of the model: initializers (sparse too), node attributes, subgraphs, functions."""
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        yield from _node_tensors(function.node)
+
+
+def _graph_tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes):
+    for n in nodes:
         for a in n.attribute:
             if a.HasField("t"):
                 yield a.t
+            yield from a.tensors
+            for sparse in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors):
+                yield from (sparse.values, sparse.indices)
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _graph_tensors(sub)
 
 
 def load(source: str | os.PathLike | bytes, input_shapes: dict[str, tuple[int, ...]] | None = None
@@ -124,6 +200,8 @@ def load(source: str | os.PathLike | bytes, input_shapes: dict[str, tuple[int, .
 
 
 def _check_and_upgrade(model: onnx.ModelProto, src: Source, where: str) -> onnx.ModelProto:
+    if src.opset == 0:
+        raise LcpcError(f"{where}: the model declares no ai.onnx opset; not a model lcpc can read")
     if src.opset < MIN_OPSET:
         raise LcpcError(f"{where}: opset {src.opset} is too old; lcpc reads opset {MIN_OPSET} and newer "
                         f"(re-export the model with a newer exporter)")
@@ -131,11 +209,19 @@ def _check_and_upgrade(model: onnx.ModelProto, src: Source, where: str) -> onnx.
     if src.opset > known:
         raise LcpcError(f"{where}: opset {src.opset} is newer than the installed onnx knows ({known}); "
                         f"upgrade onnx or re-export with opset <= {known}")
+    # The checker wants a shape field on graph inputs and outputs; a missing one means "unknown",
+    # which --input-shape (inputs) and shape inference (outputs) settle later.
+    unshaped = [vi.type.tensor_type for vi in list(model.graph.input) + list(model.graph.output)
+                if vi.type.HasField("tensor_type") and not vi.type.tensor_type.HasField("shape")]
+    for t in unshaped:
+        t.shape.SetInParent()
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LcpcError(f"{where}: invalid ONNX graph: {first}") from None
+        raise LcpcError(f"{where}: invalid ONNX graph: {_first_line(exc)}") from None
+    finally:
+        for t in unshaped:
+            t.ClearField("shape")
     # Initializers listed as graph inputs (IR < 4 exporters) are weights, not inputs.
     inits = {t.name for t in model.graph.initializer}
     keep = [i for i in model.graph.input if i.name not in inits]
@@ -148,7 +234,7 @@ def _check_and_upgrade(model: onnx.ModelProto, src: Source, where: str) -> onnx.
         except Exception as exc:
             if src.opset < 11:
                 raise LcpcError(f"{where}: cannot upgrade opset {src.opset} to {TARGET_OPSET}: "
-                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+                                f"{_first_line(exc)}") from None
     return model
 
 
@@ -156,26 +242,30 @@ def _pin_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], wher
     names = [i.name for i in model.graph.input]
     for name in shapes:
         if name not in names:
-            raise LcpcError(f"--input-shape names '{name}', but {where} has inputs: {', '.join(names)}")
+            raise LcpcError(f"--input-shape names '{printable(name, 200)}', but {where} has inputs: "
+                            f"{printable(', '.join(names), 500)}")
     for inp in model.graph.input:
-        tt = inp.type.tensor_type
+        tt, label = inp.type.tensor_type, printable(inp.name, 200)
         if not inp.type.HasField("tensor_type"):
-            raise LcpcError(f"{where}: input '{inp.name}' is not a tensor; lcpc handles tensor inputs only")
+            raise LcpcError(f"{where}: input '{label}' is not a tensor; lcpc handles tensor inputs only")
+        if tt.elem_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+            raise LcpcError(f"{where}: input '{label}' has element type "
+                            f"{onnx.TensorProto.DataType.Name(tt.elem_type)}; lcpc handles numeric inputs only")
         dims = list(tt.shape.dim)
         if inp.name in shapes:
             want = shapes[inp.name]
             if dims and len(dims) != len(want):
-                raise LcpcError(f"--input-shape {inp.name}: rank {len(want)} given, the model's input has "
+                raise LcpcError(f"--input-shape {label}: rank {len(want)} given, the model's input has "
                                 f"rank {len(dims)}")
             for d, v in zip(dims, want):
                 if d.HasField("dim_value") and d.dim_value not in (0, v):
-                    raise LcpcError(f"--input-shape {inp.name}: dim {v} conflicts with the model's fixed "
+                    raise LcpcError(f"--input-shape {label}: dim {v} conflicts with the model's fixed "
                                     f"dim {d.dim_value}")
             new = want
         else:
             if not tt.HasField("shape"):
-                raise LcpcError(f"{where}: input '{inp.name}' has no shape; pass --input-shape "
-                                f"{inp.name}:1x3x224x224 (your dims)")
+                raise LcpcError(f"{where}: input '{label}' has no shape; pass --input-shape "
+                                f"{label}:1x3x224x224 (your dims)")
             new = []
             for axis, d in enumerate(dims):
                 if d.HasField("dim_value") and d.dim_value > 0:
@@ -183,16 +273,17 @@ def _pin_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], wher
                 elif axis == 0:
                     new.append(1)  # dynamic batch: plan for one image at a time
                 else:
-                    label = d.dim_param or "?"
-                    hint = "x".join(str(x.dim_value) if x.dim_value else ("1" if i == 0 else x.dim_param or "?")
+                    hint = "x".join(str(x.dim_value) if x.dim_value > 0 else ("1" if i == 0 else x.dim_param or "?")
                                     for i, x in enumerate(dims))
-                    raise LcpcError(f"{where}: input '{inp.name}' has dynamic dim '{label}' at axis {axis}; "
-                                    f"pin it with --input-shape {inp.name}:{hint} (numbers for the names)")
+                    raise LcpcError(f"{where}: input '{label}' has dynamic dim '{printable(d.dim_param or '?', 100)}'"
+                                    f" at axis {axis}; pin it with --input-shape {label}:{printable(hint, 300)} "
+                                    f"(numbers for the names)")
         for v in new:
             if v > MAX_DIM:
-                raise LcpcError(f"{where}: input '{inp.name}' claims a dim of {v}, beyond lcpc's limit {MAX_DIM}")
-        if int(np.prod(new, dtype=np.float64)) > (1 << 31):
-            raise LcpcError(f"{where}: input '{inp.name}' of shape {tuple(new)} is too large to plan")
+                raise LcpcError(f"{where}: input '{label}' claims a dim of {v}, beyond lcpc's limit {MAX_DIM}")
+        if nbytes(new, itemsize(tt.elem_type)) > MAX_TENSOR_BYTES:
+            raise LcpcError(f"{where}: input '{label}' of shape {tuple(new)} is larger than lcpc's limit of "
+                            f"{MAX_TENSOR_BYTES >> 30} GiB per tensor")
         tt.shape.Clear()
         for v in new:
             tt.shape.dim.add().dim_value = int(v)
@@ -201,6 +292,7 @@ def _pin_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], wher
     for out in model.graph.output:
         if out.type.tensor_type.HasField("shape"):
             out.type.tensor_type.ClearField("shape")
+    check_tensor_sizes(model, where)  # before folding computes anything
     return model
 
 
@@ -211,7 +303,7 @@ def _simplify(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
 
     ort.set_default_logger_severity(3)  # folding runs ORT; its optimizer warnings are noise here
     try:  # shapes let graphsurgeon fold Shape -> Gather -> Reshape chains of a pinned batch
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        model = infer_shapes(model)  # lcpc.safety: no data propagation of long vectors
     except Exception:
         pass  # _infer_shapes reports shape problems after folding, with context
     try:
@@ -277,13 +369,16 @@ def _fold_batchnorm(graph) -> None:
 
 def _infer_shapes(model: onnx.ModelProto, where: str) -> dict[str, TensorInfo]:
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        infos = tensor_infos(infer_shapes(model))
     except Exception as exc:
-        raise LcpcError(f"{where}: shape inference failed: {str(exc).splitlines()[0]}") from None
-    infos = tensor_infos(inferred)
+        raise LcpcError(f"{where}: shape inference failed: {_first_line(exc)}") from None
     missing = [o for n in model.graph.node for o in n.output if o and o not in infos]
     if missing:
         infos.update(_shapes_by_running(model, missing, infos, where))
+    for name, info in infos.items():
+        if min(info.shape, default=0) < 0 or nbytes(info.shape, info.dtype.itemsize) > MAX_TENSOR_BYTES:
+            raise LcpcError(f"{where}: tensor '{printable(name, 200)}' has shape {info.shape}, which lcpc "
+                            f"cannot plan (negative, or over {MAX_TENSOR_BYTES >> 30} GiB)")
     return infos
 
 
@@ -298,18 +393,24 @@ def _shapes_by_running(model: onnx.ModelProto, names: list[str], infos: dict[str
     for name in names:
         if name not in existing:
             probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    feeds = {}
-    for inp in model.graph.input:
-        info = infos[inp.name]
-        feeds[inp.name] = np.zeros(info.shape, dtype=info.dtype)
     try:
+        feeds = {}
+        for inp in model.graph.input:
+            info = infos[inp.name]
+            if nbytes(info.shape, info.dtype.itemsize) > MAX_TENSOR_BYTES or info.dtype.hasobject:
+                raise ValueError(f"input '{inp.name}' cannot be fed: shape {info.shape} {info.dtype}")
+            feeds[inp.name] = np.zeros(info.shape, dtype=info.dtype)
         sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
         values = sess.run(names, feeds)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LcpcError(f"{where}: cannot infer the shapes of {', '.join(names[:3])}: {first}; "
-                        f"pin input dims with --input-shape") from None
+        raise LcpcError(f"{where}: cannot infer the shapes of {printable(', '.join(names[:3]), 300)}: "
+                        f"{_first_line(exc)}; pin input dims with --input-shape") from None
     return {n: TensorInfo(tuple(v.shape), v.dtype) for n, v in zip(names, values)}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return printable(text.splitlines()[0], 300) if text else type(exc).__name__
 
 
 def _check_static(graph: Graph, where: str) -> None:

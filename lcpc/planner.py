@@ -25,7 +25,8 @@ from lcpc.plan import Decision, Layout, Plan
 MAX_BRANCHES = 64
 
 
-def plan(graph: Graph, source: Source, k: int, sync: str = "none", partition_method: str = "energy") -> Plan:
+def plan(graph: Graph, source: Source, k: int, sync: str = "none", partition_method: str = "energy",
+         calib=None, comm_budget: int | None = None) -> Plan:
     """Plan ``graph`` for ``k`` branches with sync policy ``sync`` (passes.cut) and
     channel partition ``partition_method`` (passes.partition)."""
     from lcpc.passes import cut, partition
@@ -36,7 +37,7 @@ def plan(graph: Graph, source: Source, k: int, sync: str = "none", partition_met
     layouts, decisions = assign_layouts(graph, analysis)
     p = Plan(graph, source, analysis, k, layouts, decisions=decisions)
     p = partition.run(p, partition_method)
-    return cut.run(p, sync)
+    return cut.run(p, sync, calib, comm_budget)
 
 
 def assign_layouts(graph: Graph, analysis) -> tuple[dict[str, Layout], dict[str, Decision]]:

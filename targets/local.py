@@ -24,6 +24,7 @@ import onnxruntime as ort
 
 from lcpc import manifest as mf
 from lcpc.errors import LcpcError
+from lcpc.safety import printable
 
 
 @dataclass
@@ -56,15 +57,18 @@ class LocalEngine:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads_per_stage
         opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
         self.sessions = {}
         for s in self.manifest["stages"]:
-            try:
-                self.sessions[s["id"]] = ort.InferenceSession(
-                    str(self.folder / s["file"]), opts, providers=["CPUExecutionProvider"])
+            where = self.folder / s["file"]
+            try:  # from the checked bytes: no second read, no external data next to the file
+                session = ort.InferenceSession(mf.read_stage(self.folder, s), opts,
+                                               providers=["CPUExecutionProvider"])
+            except LcpcError:
+                raise
             except Exception as exc:
-                raise LcpcError(f"{self.folder / s['file']}: onnxruntime cannot load it: "
-                                f"{str(exc).splitlines()[0]}") from None
+                raise LcpcError(f"{where}: onnxruntime cannot load it: {_first_line(exc)}") from None
+            _check_signature(session, s, where)
+            self.sessions[s["id"]] = session
         self.levels: dict[int, list[dict]] = defaultdict(list)
         for s in self.manifest["stages"]:
             self.levels[s["level"]].append(s)
@@ -74,33 +78,39 @@ class LocalEngine:
     def inputs(self) -> list[dict[str, Any]]:
         return self.manifest["source"]["inputs"]
 
-    def check_inputs(self, feeds: dict[str, np.ndarray]) -> int:
-        """Validate feeds against the model's inputs; returns the batch size."""
+    def check_inputs(self, feeds: dict[str, np.ndarray], files: dict[str, str] | None = None) -> int:
+        """Validate feeds against the model's inputs; returns the number of planned batches.
+        ``files`` maps input names to the files they came from, for the messages."""
         names = [i["name"] for i in self.inputs]
         unknown = sorted(set(feeds) - set(names))
         missing = [n for n in names if n not in feeds]
         if unknown or missing:
-            raise LcpcError(f"inputs {unknown or ''} unknown, {missing or ''} missing; the model takes "
-                            f"{', '.join(names)}")
+            raise LcpcError(f"inputs {printable(unknown, 300) if unknown else ''} unknown, "
+                            f"{printable(missing, 300) if missing else ''} missing; the model takes "
+                            f"{printable(', '.join(names), 300)}")
         batch = None
         for spec in self.inputs:
             x = feeds[spec["name"]]
+            where = f"{printable((files or {}).get(spec['name'], ''), 300)}: " if files else ""
+            label = f"{where}input '{printable(spec['name'], 200)}'"
             want = tuple(spec["shape"])
+            if not isinstance(x, np.ndarray):
+                raise LcpcError(f"{label}: expected a numpy array, got {type(x).__name__}")
             if x.dtype != np.dtype(spec["dtype"]):
-                raise LcpcError(f"input '{spec['name']}': dtype {x.dtype}, the model takes {spec['dtype']}")
+                raise LcpcError(f"{label}: dtype {x.dtype}, the model takes {spec['dtype']} "
+                                f"(convert with .astype('{spec['dtype']}'))")
             if x.ndim != len(want) or tuple(x.shape[1:]) != want[1:]:
-                raise LcpcError(f"input '{spec['name']}': shape {tuple(x.shape)}, the model takes "
+                raise LcpcError(f"{label}: shape {tuple(x.shape)}, the model takes "
                                 f"(N, {', '.join(map(str, want[1:]))})")
             if x.shape[0] == 0:
-                raise LcpcError(f"input '{spec['name']}': empty batch")
+                raise LcpcError(f"{label}: empty batch (shape {tuple(x.shape)})")
             if x.shape[0] % want[0]:
-                raise LcpcError(f"input '{spec['name']}': batch {x.shape[0]} is not a multiple of the "
-                                f"planned batch {want[0]}")
-            if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
-                raise LcpcError(f"input '{spec['name']}': contains NaN or Inf")
+                raise LcpcError(f"{label}: batch {x.shape[0]} is not a multiple of the planned batch {want[0]}")
+            if np.issubdtype(x.dtype, np.inexact) and not np.isfinite(x).all():
+                raise LcpcError(f"{label}: contains NaN or Inf")
             n = x.shape[0] // want[0]
             if batch is not None and n != batch:
-                raise LcpcError("inputs disagree on the batch size")
+                raise LcpcError(f"{label}: batch {x.shape[0]} disagrees with the other inputs' batch")
             batch = n
         return int(batch)
 
@@ -134,7 +144,11 @@ class LocalEngine:
 
     def _run_stage(self, stage: dict, values: dict) -> list[np.ndarray]:
         feeds = {i["name"]: values[(stage["device"], i["name"])] for i in stage["inputs"]}
-        return self.sessions[stage["id"]].run([o["name"] for o in stage["outputs"]], feeds)
+        try:
+            return self.sessions[stage["id"]].run([o["name"] for o in stage["outputs"]], feeds)
+        except Exception as exc:  # e.g. an op failing on these values
+            raise LcpcError(f"{self.folder / stage['file']}: stage {stage['id']} failed in onnxruntime: "
+                            f"{_first_line(exc)}") from None
 
     @staticmethod
     def _move(t: dict, values: dict, stats: Stats | None) -> None:
@@ -145,3 +159,21 @@ class LocalEngine:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+
+
+def _check_signature(session: ort.InferenceSession, stage: dict, where: Path) -> None:
+    """The stage file's inputs and outputs are the ones the manifest names, with its shapes and dtypes."""
+    for kind, declared, actual in (("inputs", stage["inputs"], session.get_inputs()),
+                                   ("outputs", stage["outputs"], session.get_outputs())):
+        have = {a.name: (list(a.shape), a.type) for a in actual}
+        want = {d["name"]: (d["shape"], f"tensor({_ORT_TYPES.get(d['dtype'], d['dtype'])})") for d in declared}
+        if have != want:
+            raise LcpcError(f"{where}: its {kind} differ from what the manifest says for stage {stage['id']}")
+
+
+_ORT_TYPES = {"float32": "float", "float64": "double", "bool": "bool"}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return printable(text.splitlines()[0], 300) if text else type(exc).__name__

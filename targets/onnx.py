@@ -5,15 +5,17 @@ Guarantees:
   onnxruntime on its own;
 - the folder appears atomically: files are written to a temporary sibling folder that
   is renamed into place only when everything succeeded; an existing non-empty folder
-  is replaced only with ``force=True``; on any failure nothing is left behind;
+  is replaced only with ``force=True`` (a file or a symlink at ``out`` never is); on
+  any failure nothing is left behind (nor the parent folders this call created) and
+  an existing folder is untouched; the folder gets the usual permissions (umask);
 - the manifest is validated against the shipped schema before it is written.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,27 +35,56 @@ def write(plan: Plan, program: Program, out: str | Path, *, force: bool = False,
     """Write ``program`` to folder ``out``; returns the manifest. ``exact_bytes`` is the
     traffic of the same model under ``--sync all`` (for the comparison table)."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise LcpcError(f"{out}: exists and is not empty; choose another folder or pass --force")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    check_out(out, force)
+    created = _make_parents(out.parent)
+    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(6)}"
+    tmp.mkdir()  # mode 0777 less the umask, unlike mkdtemp's 0700, which would follow the folder to devices
     try:
         manifest = _write_files(plan, program, tmp, exact_bytes, preprocessing)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:  # deepest first; only the ones this call made, and only if empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
     return manifest
 
 
+def check_out(out: Path, force: bool) -> None:
+    """Refuse an output path that is a file, or a non-empty folder without ``force``."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise LcpcError(f"{out}: exists and is not a folder; choose another output folder")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise LcpcError(f"{out}: exists and is not empty; choose another folder or pass --force")
+
+
+def _make_parents(parent: Path) -> list[Path]:
+    missing = []
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for folder in reversed(missing):
+        folder.mkdir()
+    return missing
+
+
 def _replace(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and put back if that fails."""
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
         out.rename(old)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)
+        raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_files(plan: Plan, program: Program, folder: Path, exact_bytes: int | None,

@@ -1,0 +1,51 @@
+"""Run a plan's graph on calibration data, as the plan would compute it.
+
+Guarantees:
+- ``masked_graph(plan, cut)`` is the original graph with every layer in ``cut``
+  multiplied by its block-diagonal mask (``passes.cut.weight_masks``): it computes
+  exactly what a plan cutting those layers (and exchanging the rest) computes;
+- ``run_graph`` feeds a batch through onnxruntime in slices of the graph's planned
+  batch and returns the first output, so passes can measure fidelity without lowering.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lcpc.errors import LcpcError
+from lcpc.ir import Graph, to_onnx
+
+
+def masked_graph(plan, cut: set[str]) -> Graph:
+    from lcpc.passes.cut import weight_masks
+
+    g = plan.graph
+    behaviours = plan.analysis.behaviours
+    masks = weight_masks(plan, cut)
+    constants = dict(g.constants)
+    for node in g.nodes:
+        if node.name in masks:
+            w = node.inputs[behaviours[node.name].weight]
+            constants[w] = constants[w] * masks[node.name]
+    return Graph(g.nodes, g.inputs, g.outputs, g.tensors, constants, g.opset, dict(g.extra_opsets), g.name)
+
+
+def run_graph(graph: Graph, data: np.ndarray) -> np.ndarray:
+    """First output of ``graph`` for every sample of ``data`` (single-input graphs)."""
+    import onnxruntime as ort
+
+    if len(graph.inputs) != 1:
+        raise LcpcError("calibration needs a single-input model")
+    spec = graph.info(graph.inputs[0])
+    step = spec.shape[0]
+    if data.ndim != len(spec.shape) or tuple(data.shape[1:]) != tuple(spec.shape[1:]) or len(data) % step:
+        raise LcpcError(f"calibration data of shape {tuple(data.shape)} does not fit the model input "
+                        f"{spec.shape} (batch a multiple of {step})")
+    if not np.isfinite(data).all():
+        raise LcpcError("calibration data contains NaN or Inf")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(to_onnx(graph).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    x = data.astype(spec.dtype, copy=False)
+    return np.concatenate([sess.run([graph.outputs[0]], {graph.inputs[0]: x[i:i + step]})[0]
+                           for i in range(0, len(x), step)])

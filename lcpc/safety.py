@@ -1,0 +1,151 @@
+"""Limits and checks for files that come from elsewhere (models, arrays, output folders).
+
+Guarantees:
+- ``inside(folder, name)`` resolves ``name`` under ``folder`` (following symlinks) and
+  returns the path only when it stays inside ``folder``; absolute names, ``..`` and
+  symlinks that leave the folder give ``None``;
+- ``check_tensor_sizes`` runs ONNX shape inference before any constant is computed and
+  refuses a model in which one tensor would exceed ``MAX_TENSOR_BYTES`` (a
+  ConstantOfShape or Range of 10^12 elements), so folding cannot hang or exhaust memory;
+- ``infer_shapes`` is ONNX shape inference that a hostile model cannot turn into a hang:
+  data propagation is skipped when a long integer vector would be propagated;
+- ``load_array`` reads ``.npy``/``.npz`` headers before any data: object arrays,
+  pickles and arrays over ``MAX_TENSOR_BYTES`` are refused without being loaded;
+- ``printable`` escapes control characters, so names inside a hostile file cannot
+  drive the terminal when an error message is printed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from lcpc.errors import LcpcError
+
+MAX_MODEL_BYTES = (2 << 30) - 1  # protobuf cannot hold more; larger models use external data
+MAX_TENSOR_BYTES = 2 << 30  # one activation, weight or input array
+MAX_NPZ_MEMBERS = 1024
+MAX_SHAPE_VALUES = 4096  # longest 1-D integer tensor that shape inference may propagate
+
+
+def inside(folder: Path, name: str) -> Path | None:
+    """``folder/name`` resolved, or None when it would leave ``folder`` (or is not a plain name)."""
+    if not name or "\0" in name or os.path.isabs(name):
+        return None
+    root = Path(folder).resolve()
+    try:
+        target = (root / name).resolve()
+    except (OSError, RuntimeError, ValueError):  # symlink loops, odd names
+        return None
+    return target if root in target.parents else None
+
+
+def nbytes(shape, itemsize: int) -> int:
+    """Bytes of a tensor, in Python integers (no int64 overflow on hostile dims)."""
+    return math.prod(int(d) for d in shape) * int(itemsize)
+
+
+def itemsize(elem_type: int) -> int:
+    """Bytes per element of an ONNX element type (1 for types numpy cannot hold)."""
+    try:
+        return max(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize, 1)
+    except (KeyError, TypeError, ValueError):
+        return 1
+
+
+def check_tensor_sizes(model: onnx.ModelProto, where: str) -> None:
+    """Refuse before folding when shape inference shows a tensor over ``MAX_TENSOR_BYTES``."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        return  # shape problems are reported after folding, with context
+    for name, dims, elem_type in _known_shapes(inferred):
+        size = nbytes(dims, itemsize(elem_type))
+        if size > MAX_TENSOR_BYTES:
+            raise LcpcError(f"{where}: tensor '{printable(name, 200)}' would have shape {tuple(dims)} "
+                            f"({size / 2**30:.3g} GiB), beyond lcpc's limit of {MAX_TENSOR_BYTES >> 30} GiB "
+                            f"per tensor; check the model's shapes and --input-shape")
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference, with data propagation (Shape -> Gather -> Reshape chains) only when
+    no 1-D integer tensor is longer than ``MAX_SHAPE_VALUES``: onnx propagates such tensors value
+    by value, which a hostile Range or initializer turns into minutes and gigabytes."""
+    plain = onnx.shape_inference.infer_shapes(model)
+    integer = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8,
+               onnx.TensorProto.UINT64, onnx.TensorProto.UINT32, onnx.TensorProto.UINT16,
+               onnx.TensorProto.UINT8}
+    long_vectors = any(len(dims) == 1 and dims[0] > MAX_SHAPE_VALUES
+                       for _, dims, elem_type in _known_shapes(plain) if elem_type in integer)
+    long_vectors |= any(t.data_type in integer and len(t.dims) == 1 and t.dims[0] > MAX_SHAPE_VALUES
+                        for t in _constant_tensors(model.graph))
+    return plain if long_vectors else onnx.shape_inference.infer_shapes(model, data_prop=True)
+
+
+def _known_shapes(model: onnx.ModelProto):
+    """(name, dims, elem_type) of every declared value whose dims are all known and non-negative."""
+    g = model.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        t = vi.type.tensor_type
+        if not (vi.type.HasField("tensor_type") and t.HasField("shape")):
+            continue
+        if all(d.HasField("dim_value") and d.dim_value >= 0 for d in t.shape.dim):
+            yield vi.name, [d.dim_value for d in t.shape.dim], t.elem_type
+
+
+def _constant_tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for n in graph.node:
+        for a in n.attribute:
+            if a.HasField("t"):
+                yield a.t
+
+
+def load_array(path: Path) -> dict[str, np.ndarray] | np.ndarray:
+    """An ``.npy`` array or an ``.npz``'s arrays by name; headers are checked before data is read."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                members = [m for m in zf.namelist() if m.endswith(".npy")]
+                if len(zf.namelist()) > MAX_NPZ_MEMBERS or not members:
+                    raise LcpcError(f"{path}: an .npz must hold 1 to {MAX_NPZ_MEMBERS} .npy arrays")
+                for m in members:
+                    with zf.open(m) as f:
+                        _check_header(f, f"{path}[{m[:-4]}]")
+            with np.load(path, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+        with open(path, "rb") as f:
+            _check_header(f, str(path))
+        return np.load(path, allow_pickle=False)
+    except LcpcError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, SyntaxError) as exc:
+        raise LcpcError(f"{path}: not a readable .npy/.npz array file ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:120] if str(exc) else 'unreadable'})") from None
+
+
+def _check_header(f, where: str) -> None:
+    try:
+        version = np.lib.format.read_magic(f)
+    except ValueError:
+        raise LcpcError(f"{where}: not an .npy array (pickled or other data is never loaded)") from None
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    if dtype.hasobject:
+        raise LcpcError(f"{where}: holds Python objects (dtype {dtype}); lcpc loads numeric arrays only "
+                        f"and never unpickles")
+    if nbytes(shape, dtype.itemsize) > MAX_TENSOR_BYTES:
+        raise LcpcError(f"{where}: array of shape {tuple(shape)} is larger than lcpc's limit of "
+                        f"{MAX_TENSOR_BYTES >> 30} GiB")
+
+
+def printable(text: str, limit: int = 2000) -> str:
+    """``text`` on one line, control characters escaped, at most ``limit`` characters."""
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text).replace("\n", " "))
+    return out if len(out) <= limit else out[:limit] + "..."
