@@ -30,8 +30,9 @@ def masked_graph(plan, cut: set[str]) -> Graph:
     return Graph(g.nodes, g.inputs, g.outputs, g.tensors, constants, g.opset, dict(g.extra_opsets), g.name)
 
 
-def run_graph(graph: Graph, data: np.ndarray) -> np.ndarray:
-    """First output of ``graph`` for every sample of ``data`` (single-input graphs)."""
+def run_graph(graph: Graph, data: np.ndarray, outputs: list[str] | None = None) -> np.ndarray | list[np.ndarray]:
+    """For every sample of ``data`` (single-input graphs): the first output, or the listed
+    tensors (any activation of the graph) when ``outputs`` is given."""
     import onnxruntime as ort
 
     if len(graph.inputs) != 1:
@@ -43,9 +44,13 @@ def run_graph(graph: Graph, data: np.ndarray) -> np.ndarray:
                         f"{spec.shape} (batch a multiple of {step})")
     if not np.isfinite(data).all():
         raise LcpcError("calibration data contains NaN or Inf")
+    names = outputs or graph.outputs[:1]
+    probe = Graph(graph.nodes, graph.inputs, list(names), graph.tensors, graph.constants, graph.opset,
+                  dict(graph.extra_opsets), graph.name)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(to_onnx(graph).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(to_onnx(probe).SerializeToString(), opts, providers=["CPUExecutionProvider"])
     x = data.astype(spec.dtype, copy=False)
-    return np.concatenate([sess.run([graph.outputs[0]], {graph.inputs[0]: x[i:i + step]})[0]
-                           for i in range(0, len(x), step)])
+    runs = [sess.run(names, {graph.inputs[0]: x[i:i + step]}) for i in range(0, len(x), step)]
+    values = [np.concatenate([r[j] for r in runs]) for j in range(len(names))]
+    return values if outputs else values[0]

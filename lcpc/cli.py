@@ -23,7 +23,10 @@ from lcpc.errors import LcpcError
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"error: {message}", err=True)
+    """One line on stderr, control characters escaped, then exit with ``code``."""
+    from lcpc.safety import printable
+
+    click.echo(f"error: {printable(message)}", err=True)
     sys.exit(code)
 
 
@@ -32,18 +35,19 @@ def handles_errors(fn: Callable) -> Callable:
     def wrapper(*args, debug: bool = False, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except LcpcError as exc:
+        except (KeyboardInterrupt, SystemExit, click.ClickException):
+            raise
+        except Exception as exc:
             if debug:
                 raise
-            _fail(str(exc), 1)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except click.ClickException:
-            raise
-        except Exception as exc:  # a bug in lcpc: still no traceback unless asked
-            if debug:
-                raise
-            _fail(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+            if isinstance(exc, LcpcError):
+                _fail(str(exc), 1)
+            if isinstance(exc, OSError) and exc.strerror:  # the disk or the file system said no
+                _fail(f"{exc.filename or ''}: {exc.strerror}" if exc.filename else exc.strerror, 1)
+            if isinstance(exc, MemoryError):
+                _fail("out of memory; try a smaller batch or input shape", 1)
+            text = str(exc).strip()  # a bug in lcpc: still no traceback unless asked
+            _fail(f"internal error: {type(exc).__name__}: {text.splitlines()[0] if text else ''} "
                   f"(rerun with --debug for a traceback and report it)", 2)
     return click.option("--debug", is_flag=True, help="Show tracebacks.")(wrapper)
 
@@ -166,27 +170,31 @@ def convert(model: Path, branches: int, sync: str, partition: str, calib: Path |
 
 
 # ----------------------------------------------------------------------------- run
-def load_inputs(specs: tuple[str, ...], names: list[str]) -> dict[str, np.ndarray]:
-    """``X.npy`` (single-input models), ``NAME=X.npy`` or an ``.npz`` keyed by input names."""
+def load_inputs(specs: tuple[str, ...], names: list[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """``X.npy`` (single-input models), ``NAME=X.npy`` or an ``.npz`` keyed by input names; returns
+    the arrays and, per input name, the file it came from. Nothing is unpickled (``safety.load_array``)."""
+    from lcpc.safety import load_array
+
     feeds: dict[str, np.ndarray] = {}
+    files: dict[str, str] = {}
     for spec in specs:
-        name, sep, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        name, path = ("", spec) if "=" not in spec or Path(spec).is_file() else spec.split("=", 1)
         p = Path(path)
         if not p.is_file():
             raise LcpcError(f"{p}: no such input file")
-        try:
-            data = np.load(p, allow_pickle=False)
-        except Exception as exc:
-            raise LcpcError(f"{p}: not a .npy/.npz array file ({type(exc).__name__})") from None
-        if isinstance(data, np.lib.npyio.NpzFile):
-            feeds.update({k: data[k] for k in data.files})
-        else:
+        data = load_array(p)
+        arrays = data if isinstance(data, dict) else None
+        if arrays is None:
             if not name:
                 if len(names) != 1:
-                    raise LcpcError(f"the model has inputs {', '.join(names)}; pass --input NAME=FILE.npy")
+                    raise LcpcError(f"{p}: the model has inputs {', '.join(names)}; pass --input NAME={p}")
                 name = names[0]
-            feeds[name] = data
-    return feeds
+            arrays = {name: data}
+        for key, value in arrays.items():
+            if key in feeds:
+                raise LcpcError(f"{p}: input '{key}' is also given by {files[key]}; give each input once")
+            feeds[key], files[key] = value, str(p)
+    return feeds, files
 
 
 @main.command()
@@ -204,13 +212,16 @@ def run(folder: Path, inputs: tuple[str, ...], output: Path | None, stats: Path 
 
     engine = LocalEngine(folder)
     try:
-        feeds = load_inputs(inputs, [i["name"] for i in engine.inputs])
+        feeds, files = load_inputs(inputs, [i["name"] for i in engine.inputs])
+        engine.check_inputs(feeds, files)
         counter = Stats()
         outputs = engine.run(feeds, counter)
     finally:
         engine.close()
     if output is not None:
-        np.savez(output, **outputs)
+        from lcpc.safety import save_arrays
+
+        save_arrays(output, outputs)
     if stats is not None:
         stats.write_text(json.dumps(counter.as_dict(engine.manifest), indent=1))
     for name, value in outputs.items():
@@ -299,3 +310,101 @@ def render_fidelity(result: dict, fmt: str) -> str:
         return "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+# ----------------------------------------------------------------------------- recover
+def recover_folder(folder: Path, data: np.ndarray, out: Path, *, labels: np.ndarray | None = None,
+                   epochs: int = 2, refit: str = "lsq", model: Path | None = None, force: bool = False,
+                   progress=None) -> dict[str, Any]:
+    """Re-plan FOLDER, refit its cut layers on ``data``, distil for ``epochs``, write OUT."""
+    from lcpc.lower import lower
+    from lcpc.passes import cut
+    from lcpc.replan import plan_from_folder
+    from lcpc.targets import onnx as onnx_target
+
+    onnx_target.check_out(Path(out), force)
+    plan, manifest = plan_from_folder(folder, model)
+    if not plan.cut_nodes():
+        raise LcpcError(f"{folder}: the plan cuts no layer (--sync all?): it is already exact, nothing to recover")
+    figures: dict[str, Any] = {}
+    if refit != "none":
+        from lcpc.passes import refit as refit_pass
+
+        sample = np.random.default_rng(0).permutation(len(data))[:REFIT_SAMPLES]
+        plan, figures["refit"] = refit_pass.run(plan, data[np.sort(sample)], refit)
+    if epochs > 0:
+        from lcpc.passes import recover as recover_pass
+
+        plan, figures["distillation"] = recover_pass.run(plan, data, labels, epochs=epochs, progress=progress)
+    program = lower(plan)
+    exact = lower(cut.run(plan, "all")).bytes_per_inference()
+    return onnx_target.write(plan, program, out, force=force, exact_bytes=exact,
+                             preprocessing=manifest["source"].get("preprocessing"),
+                             fidelity={"recovery": figures})
+
+
+REFIT_SAMPLES = 1024
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Training inputs, unlabelled: a .npy batch or a folder of images.")
+@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Integer labels (.npy); adds cross-entropy to the distillation loss.")
+@click.option("--epochs", type=int, default=2, show_default=True,
+              help="Distillation epochs (0: cheap refit only, no PyTorch needed).")
+@click.option("--refit", type=click.Choice(["lsq", "stats", "none"]), default="lsq", show_default=True,
+              help="Cheap recovery first: least-squares re-fit of the cut layers, or BN statistics only.")
+@click.option("--model", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The original ONNX model, when it is no longer at the manifest's source path.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@handles_errors
+def recover(folder: Path, data: Path, labels: Path | None, epochs: int, refit: str, model: Path | None,
+            out: Path, force: bool) -> None:
+    """Recover the accuracy of a converted FOLDER by refit and distillation; write OUT."""
+    from lcpc import manifest as mf
+
+    x = load_verify_data(data, mf.read(folder))
+    y = load_array(labels, "labels") if labels is not None else None
+    with _progress_bar() as progress:
+        manifest = recover_folder(folder, x, out, labels=y, epochs=epochs, refit=refit, model=model,
+                                  force=force, progress=progress)
+    click.echo(render_recovery(manifest["fidelity"]["recovery"]))
+    click.echo(f"wrote the recovered plan to {out}")
+
+
+class _progress_bar:
+    """A rich progress bar fed by the recovery pass's progress callback."""
+
+    def __enter__(self):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn(
+            "loss {task.fields[loss]:.4f}  held-out agreement {task.fields[agree]}"), TimeElapsedColumn(),
+            transient=False, disable=not sys.stderr.isatty())
+        self.bar.__enter__()
+        self.task = None
+        return self
+
+    def __call__(self, epoch: int, step: int, steps: int, loss: float, agreement: float | None) -> None:
+        agree = "-" if agreement is None else f"{100 * agreement:.1f}%"
+        if self.task is None:
+            self.task = self.bar.add_task("recover", total=steps, epoch=epoch, loss=loss, agree=agree)
+        self.bar.update(self.task, completed=step, total=steps, epoch=epoch, loss=loss, agree=agree)
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+
+def render_recovery(figures: dict) -> str:
+    lines = []
+    for stage, rep in figures.items():
+        before, after = rep.get("before", {}), rep.get("after", {})
+        summary = ", ".join(f"{k} {before.get(k, float('nan')):.4g} -> {after.get(k, float('nan')):.4g}"
+                            for k in ("top1_agreement", "kl_divergence") if k in after)
+        lines.append(f"{stage}: {summary}")
+        for warning in rep.get("warnings", []):
+            lines.append(f"warning: {warning}")
+    return "\n".join(lines)
