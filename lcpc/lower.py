@@ -371,7 +371,9 @@ class _Lowering:
         idx = self.plan.own(out, k)
         groups = np.unique(idx // go)
         in_idx = np.concatenate([np.arange(g * gi, (g + 1) * gi) for g in groups])
-        ins = [self.mine(x, k, in_idx), self.const(k, self.g.constants[node.inputs[1]][idx], f"{node.name}.weight")]
+        # Conv weights are [C_out, C_in/G, ...]; ConvTranspose weights are [C_in, C_out/G, ...]
+        rows = in_idx if node.op == "ConvTranspose" else idx
+        ins = [self.mine(x, k, in_idx), self.const(k, self.g.constants[node.inputs[1]][rows], f"{node.name}.weight")]
         if len(node.inputs) > 2 and node.inputs[2]:
             ins.append(self.const(k, self.g.constants[node.inputs[2]][idx], f"{node.name}.bias"))
         attrs = dict(node.attrs, group=int(len(groups)))

@@ -149,11 +149,14 @@ def _conv(node: Node, g: Graph) -> Behaviour:
 
 
 def _conv_transpose(node: Node, g: Graph) -> Behaviour:
-    """dense when group=1; grouped: exact sync."""
+    """dense when group=1; grouped/depthwise otherwise (each group in one branch)."""
     if _const(g, node.inputs[1]) is None:
         return Sync("ConvTranspose weights are computed at run time")
-    if int(node.attr("group", 1)) != 1:
-        return Sync("grouped ConvTranspose is not modelled yet")
+    if len(node.inputs) > 2 and node.inputs[2] and _const(g, node.inputs[2]) is None:
+        return Sync("ConvTranspose bias is computed at run time")
+    group = int(node.attr("group", 1))
+    if group != 1:
+        return Grouped(group)
     return Dense(1, 0, 1, 2 if len(node.inputs) > 2 and node.inputs[2] else None)
 
 

@@ -6,12 +6,14 @@ the sub-ranges a channel Split/Slice takes and the parts a Concat joins, since e
 ``S`` tensor is its own capacity constraint.
 
 Methods:
-- ``contiguous``: walk each space's classes in creation order and fill one branch at
-  a time up to its capacity in every tensor the class appears in, moving to the next
-  branch when a capacity would be exceeded. Without splits each branch gets one
-  contiguous block of channels; with splits it interleaves as needed.
+- ``contiguous``: balance groups of classes that share split tensors (a space, its
+  Split/Slice pieces, the spaces a Concat joins). Classes go in creation order to the
+  current branch while it holds at most floor(C/K) channels of every tensor they are
+  in, then to the branch whose worst tensor ends least over its share C/K. When K
+  divides the channel counts this is one contiguous block per branch; otherwise the
+  remainders interleave so every tensor and every piece stays within ceil(C/K).
 - ``energy`` (default): start from ``contiguous`` and swap interchangeable classes
-  (same space, same capacity footprint, so balance is unchanged) between branches
+  (same tensors, same channel counts in each, so balance is unchanged) between branches
   while the *weight energy kept* by the cut grows: sum over layers between split
   tensors of ||W[o, i]||^2 over pairs (o, i) on the same branch — the weights the cut
   keeps (Kernighan-Lin style rounds of best swaps, a round kept only if the exact
@@ -148,44 +150,53 @@ def _refine(plan: Plan, constraints: dict[int, dict[str, np.ndarray]]) -> dict[i
 
 
 def split_constraints(plan: Plan) -> dict[int, dict[str, np.ndarray]]:
-    """Per space, one class array per distinct ``S`` tensor (duplicates dropped)."""
-    by_space: dict[int, dict[str, np.ndarray]] = defaultdict(dict)
-    seen: set[tuple[int, bytes]] = set()
+    """Groups of classes to balance together, each with its distinct ``S`` tensors.
+
+    Classes that share an ``S`` tensor (a space, its Split/Slice pieces, the spaces a
+    Concat joins) land in one group, so every tensor they appear in is a constraint."""
+    from lcpc.analysis import UnionFind
+
     a = plan.analysis
+    tensors = {}
     for t, layout in plan.layouts.items():
-        if layout != "S":
-            continue
-        cls = a.classes[t]
-        for space in sorted({a.space_of_class[int(c)] for c in np.unique(cls)}):
-            part = cls[np.array([a.space_of_class[int(c)] == space for c in cls])]
-            key = (space, part.tobytes())
-            if key not in seen:
-                seen.add(key)
-                by_space[space][t] = part
-    return by_space
+        if layout == "S":
+            tensors.setdefault(a.classes[t].tobytes(), (t, a.classes[t]))
+    all_classes = sorted({int(c) for _, cls in tensors.values() for c in cls})
+    index = {c: i for i, c in enumerate(all_classes)}
+    uf = UnionFind()
+    uf.add(len(all_classes))
+    for _, cls in tensors.values():
+        first = index[int(cls[0])]
+        for c in np.unique(cls):
+            uf.union(first, index[int(c)])
+    groups: dict[int, dict[str, np.ndarray]] = defaultdict(dict)
+    for t, cls in tensors.values():
+        groups[uf.find(index[int(cls[0])])][t] = cls
+    return dict(groups)
 
 
 def _fill(plan: Plan, tensors: dict[str, np.ndarray]) -> dict[int, int]:
+    """Classes in creation order; each goes to the current branch while that branch stays
+    at or under floor(C/K) channels of every tensor the class is in, else to the branch
+    whose worst tensor ends least over its share C/K (ties: lowest branch)."""
     k = plan.k
     counts: dict[int, dict[str, int]] = defaultdict(dict)
     for t, cls in tensors.items():
         values, n = np.unique(cls, return_counts=True)
         for c, m in zip(values.tolist(), n.tolist()):
             counts[c][t] = m
-    cap = {t: math.ceil(len(cls) / k) for t, cls in tensors.items()}
-    load = {t: [0] * k for t in tensors}
+    share = {t: len(cls) / k for t, cls in tensors.items()}
+    load = {t: np.zeros(k) for t in tensors}
     assignment: dict[int, int] = {}
     current = 0
     for c in sorted(counts):
-        def fits(b: int) -> bool:
-            return all(load[t][b] + m <= cap[t] for t, m in counts[c].items())
-        choice = next((b for b in [(current + i) % k for i in range(k)] if fits(b)), None)
-        if choice is None:  # classes larger than a share: least-loaded branch
-            choice = min(range(k), key=lambda b: max(load[t][b] / cap[t] for t in counts[c]))
-        for t, m in counts[c].items():
-            load[t][choice] += m
-        assignment[c] = choice
-        current = choice
+        footprint = counts[c]
+        if not all(load[t][current] + m <= math.floor(share[t]) for t, m in footprint.items()):
+            over = np.max([load[t] + m - share[t] for t, m in footprint.items()], axis=0)
+            current = int(np.argmin(over))
+        for t, m in footprint.items():
+            load[t][current] += m
+        assignment[c] = current
     return assignment
 
 

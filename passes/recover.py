@@ -39,6 +39,10 @@ class Recipe:
     norms: bool = True
     bn_momentum: float | None = 0.1
     calib_samples: int = 4096
+    refit: bool = False
+    refit_samples: int = 1024
+    ridge: float = 1e-3
+    rescale: bool = True
 
 
 def _torch():
@@ -102,8 +106,14 @@ def run(plan: Plan, data: np.ndarray, labels: np.ndarray | None = None, *, epoch
 
     with student.norms_off():
         measure("cut")
+        ref_norms = {n: _row_norms(student, n) for n in norms}
+        if recipe.refit:
+            _refit(student, teacher, calib[:recipe.refit_samples], plan, dev, recipe.ridge)
+            measure("refit")
         stats = _channel_stats(student, calib, norms, dev)
     student.init_norms_identity(stats)
+    if recipe.refit and recipe.rescale:
+        _rescale(student, ref_norms)
     if recipe.reestimate and norms:
         t_stats = _channel_stats(teacher, calib, norms, dev)
         with torch.no_grad():
@@ -291,3 +301,70 @@ def _augment(x, mode: str, shift: int, gen):
         flip = torch.rand(n, generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
     return x
+
+
+def _refit(student, teacher, x, plan, dev, ridge, batch=256):
+    import torch
+    import torch.nn.functional as F
+    g = student.graph
+    for node in g.nodes:
+        if node.name not in student.masks or node.op != "Conv" or len(g.info(node.inputs[1]).shape) != 4:
+            continue
+        pads = list(node.attr("pads", [0, 0, 0, 0]))
+        if pads[:2] != pads[2:] or node.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
+            continue
+        w = student.const(node.inputs[1])
+        kh, kw = w.shape[2:]
+        conv_kw = dict(kernel_size=(kh, kw), dilation=tuple(node.attr("dilations", [1, 1])),
+                       padding=tuple(pads[:2]), stride=tuple(node.attr("strides", [1, 1])))
+        in_b, out_b = plan.branches(node.inputs[0]), plan.branches(node.outputs[0])
+        acc = {}
+        with torch.no_grad():
+            for i in range(0, len(x), batch):
+                xb = x[i:i + batch].to(dev)
+                xs = student.run({g.inputs[0]: xb}, [node.inputs[0]])[node.inputs[0]]
+                yt = teacher.run({g.inputs[0]: xb}, [node.outputs[0]])[node.outputs[0]]
+                for b in range(plan.k):
+                    ii, oo = np.nonzero(in_b == b)[0], np.nonzero(out_b == b)[0]
+                    cols = F.unfold(xs[:, ii], **conv_kw).transpose(1, 2).reshape(-1, len(ii) * kh * kw).double()
+                    a = torch.cat([cols, torch.ones(len(cols), 1, dtype=cols.dtype, device=cols.device)], 1)
+                    y = yt[:, oo].flatten(2).transpose(1, 2).reshape(-1, len(oo)).double()
+                    G, H = acc.get(b, (0, 0))
+                    acc[b] = (G + a.T @ a, H + a.T @ y)
+            has_bias = len(node.inputs) > 2 and node.inputs[2] in g.constants
+            bias = student.const(node.inputs[2]) if has_bias else None
+            for b, (G, H) in acc.items():
+                ii, oo = np.nonzero(in_b == b)[0], np.nonzero(out_b == b)[0]
+                w0 = w[oo][:, ii].reshape(len(oo), -1).double().T
+                b0 = (bias[oo].double() if has_bias else torch.zeros(len(oo), dtype=torch.float64, device=w.device))[None]
+                prior = torch.cat([w0, b0], 0)
+                lam = ridge * torch.diagonal(G).mean()
+                sol = torch.linalg.solve(G + lam * torch.eye(len(G), dtype=G.dtype, device=G.device), H + lam * prior)
+                wb = sol[:-1].T.reshape(len(oo), len(ii), kh, kw).float()
+                oi, ij = torch.from_numpy(oo).to(w.device), torch.from_numpy(ii).to(w.device)
+                w.data[oi[:, None], ij[None, :]] = wb
+                if has_bias:
+                    bias.data[oi] = sol[-1].float()
+
+
+def _row_norms(student, name):
+    node = next(n for n in student.graph.nodes if n.name == name)
+    w = student.weight(node).detach()
+    return w.flatten(1).norm(dim=1) if node.op == "Conv" else None
+
+
+def _rescale(student, ref):
+    import torch
+    with torch.no_grad():
+        for node in student.graph.nodes:
+            if node.name not in ref or ref[node.name] is None:
+                continue
+            w = student.const(node.inputs[1])
+            now = (student.weight(node)).flatten(1).norm(dim=1)
+            s = torch.where(now > 0, ref[node.name] / now.clamp_min(1e-12), torch.ones_like(now))
+            w.mul_(s.reshape(-1, 1, 1, 1))
+            b = student.const(node.inputs[2])
+            b.mul_(s)
+            bn = student.norm(node.name)
+            bn.running_mean.mul_(s)
+            bn.running_var.mul_(s * s)
