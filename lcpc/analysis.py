@@ -59,37 +59,58 @@ class Analysis:
     flops: dict[str, int]
     params: dict[str, int]
     tensors_of_space: dict[int, list[str]] = field(default_factory=dict)
+    axes: dict[str, int] = field(default_factory=dict)  # split-able tensor -> its channel axis
+
+    def axis(self, tensor: str) -> int:
+        """The channel axis of a tensor (1, NCHW, unless a Transpose moved it)."""
+        return self.axes.get(tensor, 1)
 
     def space(self, tensor: str) -> int | None:
         cls = self.classes.get(tensor)
         return None if cls is None else self.space_of_class[int(cls[0])]
 
 
-def _aligned_axis(out_rank: int, in_shape: tuple[int, ...]) -> int | None:
-    """The input axis that numpy broadcasting aligns with the output's channel axis."""
-    axis = 1 - (out_rank - len(in_shape))
-    return axis if axis >= 0 else None
-
-
 def channel_inputs(node: Node, g: Graph, behaviour: ops.Channelwise) -> list[tuple[int, int | None]]:
-    """(input index, aligned channel axis or None when broadcast) for each ``act`` input."""
+    """(input index, its axis aligned with the output's channel axis, or None when that
+    input is broadcast along the channels) for each ``act`` input."""
     out_shape = g.info(node.outputs[0]).shape
+    c = out_shape[behaviour.out_axis]
     result = []
     for i, (name, role) in enumerate(zip(node.inputs, behaviour.roles)):
         if not name or role != "act":
             continue
         shape = g.info(name).shape
-        axis = _aligned_axis(len(out_shape), shape) if behaviour.broadcast else (1 if len(shape) > 1 else None)
-        if axis is not None and shape[axis] == out_shape[1] and out_shape[1] != 1:
+        if behaviour.broadcast:
+            axis = behaviour.out_axis - (len(out_shape) - len(shape))
+        else:
+            axis = behaviour.in_axis
+        if 0 <= axis < len(shape) and shape[axis] == c and c != 1:
             result.append((i, axis))
         else:
             result.append((i, None))
     return result
 
 
+def carrier_axis(node: Node, g: Graph, ids: dict, axes: dict) -> int:
+    """The channel axis of the node's first channel-carrying input, in input 0's coordinates."""
+    carrier = next((i for i in node.inputs if i in ids), None)
+    if carrier is None or not node.inputs or not node.inputs[0]:
+        return 1
+    return axes[carrier] + len(g.info(node.inputs[0]).shape) - len(g.info(carrier).shape)
+
+
+def output_axis(b: ops.Behaviour) -> int:
+    if isinstance(b, (ops.Channelwise, ops.Reshape)):
+        return b.out_axis
+    if isinstance(b, (ops.Dense, ops.Concat, ops.ChannelSlice)):
+        return b.axis
+    return 1
+
+
 def analyse(g: Graph) -> Analysis:
     atoms, spaces = UnionFind(), UnionFind()
     ids: dict[str, np.ndarray] = {}
+    axes: dict[str, int] = {}
     behaviours: dict[str, ops.Behaviour] = {}
     space_of_atom: list[int] = []
 
@@ -105,9 +126,11 @@ def analyse(g: Graph) -> Analysis:
             spaces.union(space_of_atom[x], space_of_atom[y])
 
     for node in g.nodes:
-        b = ops.classify(node, g)
+        b = ops.classify(node, g, carrier_axis(node, g, ids, axes))
         behaviours[node.name] = b
         outs = [o for o in node.outputs if o]
+        for o in outs:
+            axes[o] = output_axis(b)
         if isinstance(b, ops.Channelwise):
             carried = [(node.inputs[i], ax) for i, ax in channel_inputs(node, g, b)
                        if ax is not None and node.inputs[i] in ids]
@@ -118,7 +141,7 @@ def analyse(g: Graph) -> Analysis:
                 for o in outs:
                     ids[o] = base
         elif isinstance(b, ops.Dense):
-            ids[outs[0]] = fresh(g.info(outs[0]).shape[1])
+            ids[outs[0]] = fresh(g.info(outs[0]).shape[b.axis])
         elif isinstance(b, ops.Grouped):
             c_out = g.info(outs[0]).shape[1]
             c_in = g.info(node.inputs[0]).shape[1]
@@ -134,7 +157,7 @@ def analyse(g: Graph) -> Analysis:
         elif isinstance(b, ops.Concat):
             if any(i in ids for i in node.inputs):
                 ids[outs[0]] = np.concatenate([
-                    ids[i] if i in ids else fresh(g.info(i).shape[1]) for i in node.inputs])
+                    ids[i] if i in ids else fresh(g.info(i).shape[b.axis]) for i in node.inputs])
         elif isinstance(b, ops.ChannelSlice):
             if node.inputs[0] in ids:
                 for o, (start, stop) in zip(outs, b.ranges):
@@ -142,7 +165,8 @@ def analyse(g: Graph) -> Analysis:
         elif isinstance(b, ops.Reshape):
             if node.inputs[0] in ids:
                 src_shape = g.info(node.inputs[0]).shape
-                ids[outs[0]] = np.repeat(ids[node.inputs[0]], int(np.prod(src_shape[2:])))
+                per_channel = int(np.prod(src_shape)) // (src_shape[0] * src_shape[b.in_axis])
+                ids[outs[0]] = np.repeat(ids[node.inputs[0]], per_channel)
 
     roots = np.array([atoms.find(a) for a in range(len(atoms.parent))], dtype=np.int64)
     classes = {t: roots[a] for t, a in ids.items()}
@@ -152,7 +176,8 @@ def analyse(g: Graph) -> Analysis:
         tensors_of_space[space_of_class[int(cls[0])]].append(t)
     return Analysis(behaviours, ids, classes, space_of_class, _terminal(g, behaviours),
                     {n.name: node_flops(n, g) for n in g.nodes},
-                    {n.name: node_params(n, g) for n in g.nodes}, dict(tensors_of_space))
+                    {n.name: node_params(n, g) for n in g.nodes}, dict(tensors_of_space),
+                    {t: axes[t] for t in ids})
 
 
 def _terminal(g: Graph, behaviours: dict[str, ops.Behaviour]) -> set[str]:

@@ -1,11 +1,17 @@
 """Load any ONNX CNN into lcpc's static-shaped IR.
 
 Guarantees, in order:
-1. the bytes parse as an ONNX model, or :class:`LcpcError` says the file is not ONNX;
-2. external-data tensors are read only from inside the model's folder;
+1. the bytes parse as an ONNX model (at most 2 GiB), or :class:`LcpcError` says the file
+   is not ONNX; every stored tensor holds exactly the data its dims and type call for;
+2. external-data tensors (in subgraphs and functions too) are read only from regular
+   files inside the model's folder, after every location, offset and length has been
+   checked; a location that leaves the folder (``..``, absolute, symlink) is refused
+   and never opened;
 3. opsets 9..16 are upgraded to opset 17 with onnx's version converter;
 4. dynamic input dims are pinned (``--input-shape NAME:1x3x224x224``; a lone dynamic
-   batch dim defaults to 1), and unknown input names are refused;
+   batch dim defaults to 1), and unknown input names are refused; before anything is
+   computed, a tensor that shape inference says would exceed ``MAX_TENSOR_BYTES`` (a
+   huge input dim, ConstantOfShape, Range, Expand, Tile or Reshape) is refused;
 5. constants are folded (weights held in Constant nodes become weights), Identity and
    inference-time Dropout disappear, and BatchNormalization following a Conv is folded
    into the Conv: W' = W * g / sqrt(v + eps), b' = (b - m) * g / sqrt(v + eps) + beta;
@@ -28,8 +34,8 @@ from onnx import helper, numpy_helper
 
 from lcpc.errors import LcpcError
 from lcpc.ir import Graph, Node, TensorInfo, from_onnx, tensor_infos, to_onnx
-from lcpc.safety import (MAX_MODEL_BYTES, MAX_TENSOR_BYTES, check_tensor_sizes, infer_shapes, inside, itemsize,
-                         nbytes, printable)
+from lcpc.safety import (MAX_MODEL_BYTES, MAX_TENSOR_BYTES, check_loops, check_tensor_sizes, infer_shapes, inside,
+                         itemsize, nbytes, printable)
 
 TARGET_OPSET = 17
 MIN_OPSET = 9
@@ -84,6 +90,7 @@ def read_model(source: str | os.PathLike | bytes) -> tuple[onnx.ModelProto, Sour
     if not model.HasField("graph") or not model.graph.node:
         raise LcpcError(f"{where}: not an ONNX model (no graph or no nodes)")
     _load_external_data(model, base, where)
+    _check_tensor_data(model, where)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     return model, Source(where, hashlib.sha256(data).hexdigest(), opset)
 
@@ -140,6 +147,19 @@ def _load_external_data(model: onnx.ModelProto, base: Path | None, where: str) -
                             f"being read")
         t.data_location = onnx.TensorProto.DEFAULT
         del t.external_data[:]
+
+
+def _check_tensor_data(model: onnx.ModelProto, where: str) -> None:
+    """Every stored tensor holds exactly the values its dims and element type call for."""
+    for t in _all_tensors(model):
+        name = printable(t.name, 200)
+        if nbytes(t.dims, 1) > MAX_TENSOR_BYTES or min(t.dims, default=0) < 0:
+            raise LcpcError(f"{where}: tensor '{name}' claims dims {list(t.dims)[:8]}, which lcpc cannot hold")
+        try:
+            numpy_helper.to_array(t)
+        except Exception as exc:
+            raise LcpcError(f"{where}: tensor '{name}': its data does not match its dims {list(t.dims)} and "
+                            f"element type {t.data_type} ({_first_line(exc)})") from None
 
 
 _PACKED_BITS = {getattr(onnx.TensorProto, n): b for n, b in
@@ -222,6 +242,7 @@ def _check_and_upgrade(model: onnx.ModelProto, src: Source, where: str) -> onnx.
     finally:
         for t in unshaped:
             t.ClearField("shape")
+    check_loops(model, where)
     # Initializers listed as graph inputs (IR < 4 exporters) are weights, not inputs.
     inits = {t.name for t in model.graph.initializer}
     keep = [i for i in model.graph.input if i.name not in inits]
@@ -404,7 +425,7 @@ def _shapes_by_running(model: onnx.ModelProto, names: list[str], infos: dict[str
         values = sess.run(names, feeds)
     except Exception as exc:
         raise LcpcError(f"{where}: cannot infer the shapes of {printable(', '.join(names[:3]), 300)}: "
-                        f"{_first_line(exc)}; pin input dims with --input-shape") from None
+                        f"{_first_line(exc)} (lcpc runs what ONNX shape inference cannot type in onnxruntime)") from None
     return {n: TensorInfo(tuple(v.shape), v.dtype) for n, v in zip(names, values)}
 
 

@@ -52,7 +52,7 @@ def inspect_graph(g: Graph) -> dict[str, Any]:
         entry = spaces.setdefault(space, {"space": space, "tensors": 0, "max_channels": 0, "groups": None})
         groups = len(np.unique(a.classes[t]))
         entry["tensors"] += 1
-        entry["max_channels"] = max(entry["max_channels"], g.info(t).shape[1])
+        entry["max_channels"] = max(entry["max_channels"], g.info(t).shape[a.axis(t)])
         entry["groups"] = groups if entry["groups"] is None else min(entry["groups"], groups)
     max_k = min((s["groups"] for s in spaces.values()), default=1)
     return {

@@ -167,17 +167,21 @@ class _Lowering:
                 piece = self.cache[(t, j, "S")]
                 pieces.append(piece if j == d else self.send(t, "gather", j, piece, d, f"{t}@{j}"))
                 order.append(self.plan.own(t, j))
-            info = self.g.info(t)
-            cat = self.emit(d, "Concat", pieces, [(f"{t}:cat", info)], {"axis": 1})[0]
+            info, axis = self.g.info(t), self.axis(t)
+            cat = self.emit(d, "Concat", pieces, [(f"{t}:cat", info)], {"axis": axis})[0]
             perm = np.concatenate(order)
-            name = self.select(d, cat, np.argsort(perm), 1, f"{t}:full")
+            name = self.select(d, cat, np.argsort(perm), axis, f"{t}:full")
         self.cache[key] = name
         return name
 
-    def mine(self, t: str, d: int, idx: np.ndarray, axis: int = 1) -> str:
-        """Channels ``idx`` of ``t`` on branch ``d``: the local slice if ``t`` is split this way,
-        else a local selection from the whole tensor."""
-        if self.plan.layouts.get(t) == "S" and axis == 1 and np.array_equal(self.plan.own(t, d), idx):
+    def axis(self, t: str) -> int:
+        return self.plan.analysis.axis(t)
+
+    def mine(self, t: str, d: int, idx: np.ndarray, axis: int | None = None) -> str:
+        """Channels ``idx`` (along ``axis``, default: the channel axis) of ``t`` on branch ``d``:
+        the local slice if ``t`` is split this way, else a local selection from the whole tensor."""
+        axis = self.axis(t) if axis is None else axis
+        if self.plan.layouts.get(t) == "S" and axis == self.axis(t) and np.array_equal(self.plan.own(t, d), idx):
             return self.cache[(t, d, "S")]
         key = (t, d, "take", axis, np.asarray(idx).tobytes())
         if key not in self.cache:
@@ -230,7 +234,7 @@ class _Lowering:
         return self.const(d, self.g.constants[name] if value is None else value, name)
 
     def _out_info(self, t: str, n: int) -> TensorInfo:
-        return self.g.info(t).with_dim(1, n)
+        return self.g.info(t).with_dim(self.axis(t), n)
 
     def split_channelwise(self, node: Node, b: ops.Channelwise, k: int) -> None:
         outs = [o for o in node.outputs if o]
@@ -325,28 +329,28 @@ class _Lowering:
             split = self.const(k, np.array(sizes, np.int64), f"{node.name}.sizes")
             pieces = self.emit(k, "Split", [partial, split],
                                [(f"{out}:part{j}", self._out_info(out, n)) for j, n in enumerate(sizes)],
-                               {"axis": 1})
+                               {"axis": self.axis(out)})
             for j, piece in enumerate(pieces):
                 received[j].append(piece if j == k else self.send(out, "reduce", k, piece, j, f"{out}@{k}"))
         for j in range(self.k):
             total = self._sum(j, received[j], self._slice_bias(node, b, order[j]), out,
-                              self._out_info(out, sizes[j]))
+                              self._out_info(out, sizes[j]), self.axis(out))
             self.define(out, j, "S", total)
 
-    def _sum(self, d: int, parts: list[str], bias: np.ndarray | None, base: str, info: TensorInfo) -> str:
+    def _sum(self, d: int, parts: list[str], bias: np.ndarray | None, base: str, info: TensorInfo,
+             axis: int) -> str:
         ins = list(parts)
         if bias is not None:
-            rank = len(info.shape)
-            shape = (-1,) + (1,) * (rank - 2) if bias.ndim == 1 and rank > 2 else bias.shape
-            ins.append(self.const(d, bias.reshape(shape), f"{base}.bias"))
+            shape = [1] * (len(info.shape) - 1)  # broadcast over the batch axis
+            shape[axis - 1] = -1
+            ins.append(self.const(d, bias.reshape(shape if bias.ndim == 1 else bias.shape), f"{base}.bias"))
         return self.emit(d, "Sum", ins, [(base, info)])[0]
 
     def merge(self, node: Node, b: ops.Dense) -> None:
         """Terminal Dense on an S input: gather features or reduce partial outputs at the head."""
         x, out = node.inputs[0], node.outputs[0]
         features = sum(self.plan.own(x, j).size for j in range(self.k) if j != HEAD)
-        feature_bytes = features * int(np.prod(self.g.info(x).shape)) // self.g.info(x).shape[1] \
-            * np.dtype(self.g.info(x).dtype).itemsize
+        feature_bytes = features * self.g.info(x).nbytes // self.g.info(x).shape[self.axis(x)]
         partial_bytes = (self.k - 1) * self.g.info(out).nbytes
         if feature_bytes <= partial_bytes:
             y = self._emit_dense(HEAD, node, b, self.full(x, HEAD), self._dense_weight(node, b),
@@ -361,7 +365,7 @@ class _Lowering:
             bias = self._bias(node, b)
             if bias is not None and node.op == "Gemm":
                 bias = bias * float(node.attr("beta", 1.0))
-            y = self._sum(HEAD, parts, bias, out, self.g.info(out))
+            y = self._sum(HEAD, parts, bias, out, self.g.info(out), self.axis(out))
         self.define(out, HEAD, "H", y)
 
     def split_grouped(self, node: Node, b: ops.Grouped, k: int) -> None:
@@ -385,13 +389,13 @@ class _Lowering:
         idx = self.plan.own(out, k)
         pieces, offset = [], 0
         for name in node.inputs:
-            c = self.g.info(name).shape[1]
+            c = self.g.info(name).shape[b.axis]
             part = idx[(idx >= offset) & (idx < offset + c)] - offset
             offset += c
             if not len(part):
                 continue
             if name in self.g.constants:
-                pieces.append(self.const(k, np.take(self.g.constants[name], part, axis=1), name))
+                pieces.append(self.const(k, np.take(self.g.constants[name], part, axis=b.axis), name))
             else:
                 pieces.append(self.mine(name, k, part))
         y = self.emit(k, "Concat", pieces, [(out, self._out_info(out, len(idx)))], node.attrs, node.name)[0]
@@ -406,7 +410,7 @@ class _Lowering:
                 local = np.nonzero((own_in >= start) & (own_in < stop))[0]
                 if not np.array_equal(own_in[local] - start, idx):
                     raise LcpcError(f"internal: {node.describe()} slice does not match the partition")
-                y = self.select(k, self.cache[(x, k, "S")], local, 1, out)
+                y = self.select(k, self.cache[(x, k, "S")], local, b.axis, out)
             else:
                 y = self.mine(x, k, idx + start)
             self.define(out, k, "S", y)
@@ -415,10 +419,11 @@ class _Lowering:
         x, out = node.inputs[0], node.outputs[0]
         idx = self.plan.own(out, k)
         src_shape = self.g.info(x).shape
-        per_channel = int(np.prod(src_shape[2:]))
+        per_channel = int(np.prod(src_shape)) // (src_shape[0] * src_shape[b.in_axis])
         local = self.mine(x, k, np.unique(idx // per_channel))
-        rank = len(self.g.info(out).shape)
-        shape = self.const(k, np.array([0, -1] + [1] * (rank - 2), np.int64), f"{node.name}.shape")
+        target = list(self.g.info(out).shape)
+        target[0], target[b.out_axis] = 0, -1
+        shape = self.const(k, np.array(target, np.int64), f"{node.name}.shape")
         y = self.emit(k, "Reshape", [local, shape], [(out, self._out_info(out, len(idx)))], name=node.name)[0]
         self.define(out, k, "S", y)
 

@@ -54,7 +54,7 @@ def assign_layouts(graph: Graph, analysis) -> tuple[dict[str, Layout], dict[str,
         if "H" in ins:
             out: Layout = "H"
         elif isinstance(b, ops.Dense):
-            c_out = graph.info(outs[0]).shape[1]
+            c_out = graph.info(outs[0]).shape[b.axis]
             if node.name in analysis.terminal:
                 out = "H"
                 reason = "classifier: exact merge of the branches at the head"

@@ -9,8 +9,11 @@ Guarantees:
   ConstantOfShape or Range of 10^12 elements), so folding cannot hang or exhaust memory;
 - ``infer_shapes`` is ONNX shape inference that a hostile model cannot turn into a hang:
   data propagation is skipped when a long integer vector would be propagated;
+  ``check_loops`` refuses Loops without a small constant trip count, which folding or
+  shape probing would otherwise run for as long as the model says;
 - ``load_array`` reads ``.npy``/``.npz`` headers before any data: object arrays,
   pickles and arrays over ``MAX_TENSOR_BYTES`` are refused without being loaded;
+  ``save_arrays`` writes an ``.npz`` under any names, never pickling;
 - ``printable`` escapes control characters, so names inside a hostile file cannot
   drive the terminal when an error message is printed.
 """
@@ -24,13 +27,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from lcpc.errors import LcpcError
 
 MAX_MODEL_BYTES = (2 << 30) - 1  # protobuf cannot hold more; larger models use external data
 MAX_TENSOR_BYTES = 2 << 30  # one activation, weight or input array
 MAX_NPZ_MEMBERS = 1024
+MAX_LOOP_TRIPS = 1 << 16  # iterations of constant Loops, nested ones multiplied
 MAX_SHAPE_VALUES = 4096  # longest 1-D integer tensor that shape inference may propagate
 
 
@@ -62,7 +66,7 @@ def itemsize(elem_type: int) -> int:
 def check_tensor_sizes(model: onnx.ModelProto, where: str) -> None:
     """Refuse before folding when shape inference shows a tensor over ``MAX_TENSOR_BYTES``."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = infer_shapes(model)
     except Exception:
         return  # shape problems are reported after folding, with context
     for name, dims, elem_type in _known_shapes(inferred):
@@ -71,6 +75,47 @@ def check_tensor_sizes(model: onnx.ModelProto, where: str) -> None:
             raise LcpcError(f"{where}: tensor '{printable(name, 200)}' would have shape {tuple(dims)} "
                             f"({size / 2**30:.3g} GiB), beyond lcpc's limit of {MAX_TENSOR_BYTES >> 30} GiB "
                             f"per tensor; check the model's shapes and --input-shape")
+
+
+def check_loops(model: onnx.ModelProto, where: str) -> None:
+    """Refuse a Loop that could run unbounded: lcpc runs parts of a model while loading it
+    (constant folding, shape probing), so every Loop needs a constant trip count, and nested
+    ones together at most ``MAX_LOOP_TRIPS`` iterations."""
+    _check_loops(model.graph.node, _constants(model.graph, {}), 1, where)
+    for function in model.functions:
+        _check_loops(function.node, _constants(function, {}), 1, where)
+
+
+def _constants(graph, outer: dict) -> dict:
+    found = dict(outer)
+    found.update({t.name: t for t in getattr(graph, "initializer", [])})
+    for n in graph.node:
+        if n.op_type == "Constant" and n.output:
+            for a in n.attribute:
+                if a.name == "value" and a.HasField("t"):
+                    found[n.output[0]] = a.t
+                elif a.name == "value_int":
+                    found[n.output[0]] = helper.make_tensor("", onnx.TensorProto.INT64, [], [a.i])
+    return found
+
+
+def _check_loops(nodes, constants: dict, outer: int, where: str) -> None:
+    for n in nodes:
+        trips = 1
+        if n.op_type == "Loop" and n.domain in ("", "ai.onnx"):
+            tensor = constants.get(n.input[0]) if n.input else None
+            try:
+                trips = int(numpy_helper.to_array(tensor).reshape(-1)[0]) if tensor is not None else -1
+            except Exception:
+                trips = -1
+            if trips < 0 or trips * outer > MAX_LOOP_TRIPS:
+                raise LcpcError(f"{where}: Loop '{printable(n.name or '(unnamed)', 200)}' has no constant trip count of at most "
+                                f"{MAX_LOOP_TRIPS} (nested loops counted together); lcpc runs parts of the model "
+                                f"while loading it and cannot bound this one")
+            trips = max(trips, 1)
+        for a in n.attribute:
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                _check_loops(sub.node, _constants(sub, constants), outer * trips, where)
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -128,6 +173,14 @@ def load_array(path: Path) -> dict[str, np.ndarray] | np.ndarray:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, SyntaxError) as exc:
         raise LcpcError(f"{path}: not a readable .npy/.npz array file ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:120] if str(exc) else 'unreadable'})") from None
+
+
+def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """An ``.npz`` of ``arrays`` under their own names (any name, even ``file``), never pickled."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for name, value in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(value), allow_pickle=False)
 
 
 def _check_header(f, where: str) -> None:

@@ -98,6 +98,7 @@ class GraphModule(nn.Module):
             self.norms[f"n{i}"] = cls(info.shape[1])
             self._norm_key[node_name] = f"n{i}"
         self._plans: list[tuple[Node, Callable]] = [(n, self._compile(n)) for n in graph.nodes]
+        self._index = {o: i for i, n in enumerate(graph.nodes) for o in n.outputs if o}
 
     # ----------------------------------------------------------------- constants
     def _trainable_constants(self) -> set[str]:
@@ -145,8 +146,10 @@ class GraphModule(nn.Module):
 
     def run(self, feeds: dict[str, Tensor], want: Iterable[str]) -> dict[str, Tensor]:
         """Values of the tensors ``want`` (outputs or intermediates) for ``feeds``."""
+        want = list(want)
         env: dict[str, Tensor] = dict(feeds)
-        for node, fn in self._plans:
+        last = max((self._index[w] for w in want if w in self._index), default=len(self._plans) - 1)
+        for node, fn in self._plans[:last + 1]:
             args = [None if not i else env[i] if i in env else self.const(i) for i in node.inputs]
             outs = fn(node, args)
             if node.name in self._norm_key and self.norms_enabled:

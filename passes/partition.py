@@ -212,7 +212,7 @@ def check_balance(plan: Plan) -> None:
             where = f"tensor '{t}'" + (f" from {node.describe()}" if node else "")
             n_cls = len(np.unique(plan.analysis.classes[t]))
             raise LcpcError(f"--branches {plan.k} is larger than the channel space of {where}: it has "
-                            f"{g.info(t).shape[1]} channels in {n_cls} independent groups; use "
+                            f"{g.info(t).shape[plan.analysis.axis(t)]} channels in {n_cls} independent groups; use "
                             f"--branches {max_branches(plan)} or fewer")
 
 

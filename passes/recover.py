@@ -43,6 +43,7 @@ class Recipe:
     refit_samples: int = 1024
     ridge: float = 1e-3
     rescale: bool = True
+    refit_all: bool = True
 
 
 def _torch():
@@ -108,7 +109,7 @@ def run(plan: Plan, data: np.ndarray, labels: np.ndarray | None = None, *, epoch
         measure("cut")
         ref_norms = {n: _row_norms(student, n) for n in norms}
         if recipe.refit:
-            _refit(student, teacher, calib[:recipe.refit_samples], plan, dev, recipe.ridge)
+            _refit(student, teacher, calib[:recipe.refit_samples], plan, dev, recipe.ridge, classifier=recipe.refit_all)
             measure("refit")
         stats = _channel_stats(student, calib, norms, dev)
     student.init_norms_identity(stats)
@@ -303,48 +304,89 @@ def _augment(x, mode: str, shift: int, gen):
     return x
 
 
-def _refit(student, teacher, x, plan, dev, ridge, batch=256):
+def _refit(student, teacher, x, plan, dev, ridge, batch=256, classifier=True):
     import torch
     import torch.nn.functional as F
+    from lcpc import ops
     g = student.graph
+    affected = set()
     for node in g.nodes:
-        if node.name not in student.masks or node.op != "Conv" or len(g.info(node.inputs[1]).shape) != 4:
+        if node.name in student.masks or any(i in affected for i in node.inputs):
+            affected.update(o for o in node.outputs if o)
+    for node in g.nodes:
+        b = plan.analysis.behaviours[node.name]
+        if not isinstance(b, ops.Dense) or node.op == "ConvTranspose":
             continue
-        pads = list(node.attr("pads", [0, 0, 0, 0]))
-        if pads[:2] != pads[2:] or node.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
+        if node.name not in student.masks and not (node.inputs[0] in affected and classifier):
+            continue
+        if node.op == "Conv":
+            pads = list(node.attr("pads", [0] * 4))
+            if len(g.info(node.inputs[1]).shape) != 4 or pads[:2] != pads[2:] or \
+                    node.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
+                continue
+        elif node.op == "Gemm" and (node.attr("alpha", 1.0) != 1.0 or node.attr("beta", 1.0) != 1.0):
+            continue
+        elif g.info(node.inputs[0]).shape.__len__() != 2:
             continue
         w = student.const(node.inputs[1])
-        kh, kw = w.shape[2:]
-        conv_kw = dict(kernel_size=(kh, kw), dilation=tuple(node.attr("dilations", [1, 1])),
-                       padding=tuple(pads[:2]), stride=tuple(node.attr("strides", [1, 1])))
-        in_b, out_b = plan.branches(node.inputs[0]), plan.branches(node.outputs[0])
+        has_bias = len(node.inputs) > 2 and node.inputs[2] in g.constants and \
+            g.constants[node.inputs[2]].size == g.info(node.outputs[0]).shape[1]
+        if node.name in student.masks:
+            in_b, out_b = plan.branches(node.inputs[0]), plan.branches(node.outputs[0])
+            blocks = [(np.nonzero(in_b == k)[0], np.nonzero(out_b == k)[0]) for k in range(plan.k)]
+        else:
+            blocks = [(np.arange(g.info(node.inputs[0]).shape[1]), np.arange(g.info(node.outputs[0]).shape[1]))]
+        if node.op == "Conv":
+            kh, kw = w.shape[2:]
+            conv_kw = dict(kernel_size=(kh, kw), dilation=tuple(node.attr("dilations", [1, 1])),
+                           padding=tuple(pads[:2]), stride=tuple(node.attr("strides", [1, 1])))
+            rows = lambda t, ii: F.unfold(t[:, ii], **conv_kw).transpose(1, 2).reshape(-1, len(ii) * kh * kw)
+            outs = lambda t, oo: t[:, oo].flatten(2).transpose(1, 2).reshape(-1, len(oo))
+            d_in = kh * kw
+        else:
+            rows = lambda t, ii: t[:, ii]
+            outs = lambda t, oo: t[:, oo]
+            d_in = 1
+        if max(len(ii) for ii, _ in blocks) * d_in > 4096:
+            continue
         acc = {}
         with torch.no_grad():
             for i in range(0, len(x), batch):
                 xb = x[i:i + batch].to(dev)
                 xs = student.run({g.inputs[0]: xb}, [node.inputs[0]])[node.inputs[0]]
                 yt = teacher.run({g.inputs[0]: xb}, [node.outputs[0]])[node.outputs[0]]
-                for b in range(plan.k):
-                    ii, oo = np.nonzero(in_b == b)[0], np.nonzero(out_b == b)[0]
-                    cols = F.unfold(xs[:, ii], **conv_kw).transpose(1, 2).reshape(-1, len(ii) * kh * kw).double()
-                    a = torch.cat([cols, torch.ones(len(cols), 1, dtype=cols.dtype, device=cols.device)], 1)
-                    y = yt[:, oo].flatten(2).transpose(1, 2).reshape(-1, len(oo)).double()
-                    G, H = acc.get(b, (0, 0))
-                    acc[b] = (G + a.T @ a, H + a.T @ y)
-            has_bias = len(node.inputs) > 2 and node.inputs[2] in g.constants
+                for k, (ii, oo) in enumerate(blocks):
+                    a = rows(xs, ii).double()
+                    if has_bias:
+                        a = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype, device=a.device)], 1)
+                    y = outs(yt, oo).double()
+                    G, H = acc.get(k, (0, 0))
+                    acc[k] = (G + a.T @ a, H + a.T @ y)
             bias = student.const(node.inputs[2]) if has_bias else None
-            for b, (G, H) in acc.items():
-                ii, oo = np.nonzero(in_b == b)[0], np.nonzero(out_b == b)[0]
-                w0 = w[oo][:, ii].reshape(len(oo), -1).double().T
-                b0 = (bias[oo].double() if has_bias else torch.zeros(len(oo), dtype=torch.float64, device=w.device))[None]
-                prior = torch.cat([w0, b0], 0)
+            for k, (G, H) in acc.items():
+                ii, oo = blocks[k]
+                oi, ij = torch.from_numpy(oo).to(w.device), torch.from_numpy(ii).to(w.device)
+                if node.op == "Conv":
+                    w0 = w[oi][:, ij].reshape(len(oo), -1).double().T
+                elif node.op == "Gemm" and node.attr("transB", 0):
+                    w0 = w[oi][:, ij].double().T
+                else:
+                    w0 = w[ij][:, oi].double()
+                prior = w0
+                if has_bias:
+                    prior = torch.cat([w0, bias.reshape(-1)[oi].double()[None]], 0)
                 lam = ridge * torch.diagonal(G).mean()
                 sol = torch.linalg.solve(G + lam * torch.eye(len(G), dtype=G.dtype, device=G.device), H + lam * prior)
-                wb = sol[:-1].T.reshape(len(oo), len(ii), kh, kw).float()
-                oi, ij = torch.from_numpy(oo).to(w.device), torch.from_numpy(ii).to(w.device)
-                w.data[oi[:, None], ij[None, :]] = wb
+                wb = sol[:len(w0)]
+                if node.op == "Conv":
+                    w.data[oi[:, None], ij[None, :]] = wb.T.reshape(len(oo), len(ii), *w.shape[2:]).float()
+                elif node.op == "Gemm" and node.attr("transB", 0):
+                    w.data[oi[:, None], ij[None, :]] = wb.T.float()
+                else:
+                    w.data[ij[:, None], oi[None, :]] = wb.float()
                 if has_bias:
-                    bias.data[oi] = sol[-1].float()
+                    flat = bias.data.view(-1)
+                    flat[oi] = sol[-1].float()
 
 
 def _row_norms(student, name):

@@ -84,7 +84,8 @@ def _match_stats(plan: Plan, node, y_cut: np.ndarray, y_orig: np.ndarray) -> dic
     w_name, b_name, b = _weight_and_bias(plan, node)
     if b_name is None:
         return {}
-    axes = tuple(a for a in range(y_cut.ndim) if a != 1)
+    channel_axis = plan.analysis.axis(node.outputs[0])
+    axes = tuple(a for a in range(y_cut.ndim) if a != channel_axis)
     m_c, s_c = y_cut.mean(axis=axes), y_cut.std(axis=axes) + 1e-6
     m_o, s_o = y_orig.mean(axis=axes), y_orig.std(axis=axes)
     scale = s_o / s_c
@@ -126,7 +127,7 @@ def _least_squares(plan: Plan, node, x: np.ndarray, y_orig: np.ndarray, max_rows
     if bias is not None and bias.size != y_orig.shape[1]:
         return {}
     conv = node.op == "Conv"
-    if conv and (w.ndim != 4 or int(node.attr("group", 1)) != 1):
+    if conv and (w.ndim != 4 or int(node.attr("group", 1)) != 1) or not conv and x.ndim != 2:
         return {}
     if not conv and b.out_axis == 0:  # Gemm transB=1: work with W as [in, out]
         w = w.T

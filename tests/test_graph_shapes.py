@@ -462,8 +462,6 @@ def test_grouped_conv_transpose_is_exact(k, tmp_path):
         assert d["op"] == "ConvTranspose" and "ConvTranspose" in d["reason"], d
 
 
-@pytest.mark.xfail(strict=True, reason="lcpc gap: lcpc/ops.py _conv_transpose returns Sync for group > 1 "
-                   "(\"grouped ConvTranspose is not modelled yet\"); remove once it is Grouped")
 @pytest.mark.parametrize("k", KS)
 def test_grouped_conv_transpose_is_split(k):
     p = plan_of(make(DECONV_GROUPED), k)
@@ -683,8 +681,6 @@ def test_tf2onnx_names_and_nhwc_input(nhwc_inside, k, tmp_path):
         assert forced(manifest) == {}
 
 
-@pytest.mark.xfail(strict=True, reason="lcpc gap: Transpose is a Sync in lcpc/ops.py; the channel axis is not "
-                   "tracked through NCHW<->NHWC Transposes yet (issue 3 scope)")
 @pytest.mark.parametrize("k", KS)
 def test_nhwc_body_is_split_without_a_sync(k, tmp_path):
     manifest = convert_model(tf2onnx_model(True).SerializeToString(), tmp_path / "out", k, "none",
@@ -692,6 +688,63 @@ def test_nhwc_body_is_split_without_a_sync(k, tmp_path):
     assert forced(manifest) == {}
     gathers = [t for t in manifest["transfers"] if t["kind"] == "gather"]
     assert not gathers or {t["tensor"] for t in gathers} == {"gap/Mean:0"}  # only the classifier merge
+
+
+def nhwc(body: str, params: str = "", c2_in: int = 8) -> str:
+    """conv -> ``ta`` = Transpose to NHWC -> ``body`` (ends in ``s``, NHWC) -> back to NCHW -> conv."""
+    return HEADER + f"""
+agraph (float[1,3,8,8] input, float[8,3,3,3] w0{params}, float[8,{c2_in},3,3] w2, float[10,8] fc,
+        float[10] fcb) => (float[1,10] y) {{
+  a = Conv <pads = [1,1,1,1]> (input, w0)
+  ta = Transpose <perm = [0,2,3,1]> (a)
+  {body}
+  back = Transpose <perm = [0,3,1,2]> (s)
+  c2 = Conv <pads = [1,1,1,1]> (back, w2)""" + HEAD.format(x="c2") + "\n}"
+
+
+NHWC_LAYERS = {  # name -> (model, the forced syncs by node)
+    "bias_on_last_axis": (nhwc("s = Add (ta, bias)", ", float[8] bias"), {}),
+    "bias_shaped_like_h": (nhwc("s = Add (ta, hb)", ", float[8,1] hb"), {}),  # H == C: broadcast over H
+    "scale_1x1x1xC": (nhwc("s = Mul (ta, sc)", ", float[1,1,1,8] sc"), {}),
+    "prelu_slope_c": (nhwc("s = PRelu (ta, p_slope)", ", float[8] p_slope"), {}),
+    "concat_axis_3": (nhwc("tb = Transpose <perm = [0,2,3,1]> (a)\n  s = Concat <axis = 3> (ta, tb)",
+                           c2_in=16), {}),
+    "split_axis_minus_1": (nhwc("sz = Constant <value = int64[2] {4, 4}> ()\n  u, v = Split <axis = -1> (ta, sz)"
+                                "\n  s = Add (u, v)", c2_in=4), {}),
+    "matmul_on_last_axis": (nhwc("d = MatMul (ta, m1)\n  s = Relu (d)", ", float[8,16] m1", c2_in=16), {}),
+    "reducemean_keepdims": (nhwc("s = ReduceMean <axes = [1,2], keepdims = 1> (ta)"), {}),
+    "softmax_over_channels": (nhwc("s = Softmax <axis = -1> (ta)"), {"s": "Softmax"}),
+}
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("name", list(NHWC_LAYERS))
+def test_nhwc_layers_between_transposes(name, k, tmp_path):
+    """Keras layers tf2onnx leaves in NHWC: the channel axis is tracked through the
+    Transposes (no sync) unless the layer really mixes channels."""
+    text, syncs = NHWC_LAYERS[name]
+    model = make(text)
+    manifest = assert_exact(model, k, tmp_path / "out")
+    assert {n: d["op"] for n, d in forced(manifest).items()} == syncs
+    for d in forced(manifest).values():
+        assert d["op"] in d["reason"], d
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("flatten", ["f = Flatten (ta)",
+                                     "sh = Constant <value = int64[2] {1, -1}> ()\n  f = Reshape (ta, sh)"],
+                         ids=["Flatten", "Reshape"])
+def test_keras_flatten_after_nhwc_transpose(flatten, k, tmp_path):
+    """Flattening an NHWC tensor interleaves the channels (c fastest): exact either way."""
+    text = HEADER + f"""
+agraph (float[1,3,8,8] input, float[8,3,3,3] w0, float[10,128] fc, float[10] fcb) => (float[1,10] y) {{
+  x = Conv <pads = [1,1,1,1]> (input, w0)
+  m = MaxPool <kernel_shape = [2,2], strides = [2,2]> (x)
+  ta = Transpose <perm = [0,2,3,1]> (m)
+  {flatten}
+  y = Gemm <transB = 1> (f, fc, fcb)
+}}"""
+    assert_exact(make(text), k, tmp_path / "out")
 
 
 # ----------------------------------------------------------------------------- blocks lcpc syncs around
@@ -734,7 +787,7 @@ agraph (float[1,3,16,16] input, float[16,3,3,3] w0, float[16] b0, float[16,16,3,
 
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("text, syncs, unsupported", [
-    (ATTENTION, {"kt": "Transpose", "att": "MatMul"}, []),  # Softmax sees the MatMul's replicated output
+    (ATTENTION, {"att": "MatMul"}, []),  # kt transposes spatial axes only; Softmax sees the MatMul output
     (SHUFFLE, {"r5": "Reshape"}, []),
     (UNKNOWN, {"cs": "CumSum"}, ["CumSum"]),
 ], ids=["attention", "channel_shuffle", "unknown_op"])
