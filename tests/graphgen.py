@@ -5,13 +5,12 @@ Guarantees of every generated graph:
 * opset 17, IR version 8, one float32 input ``input`` of shape ``[1, 3, H, W]`` (H, W
   in 8..16) and one or more float32 outputs whose declared shapes are exact
   (``onnx.checker.check_model(full_check=True)`` passes);
-* determinism: the same seed (or the same hypothesis draws) gives a byte-identical
-  model; structure choices and weights come from separate sources, so hypothesis can
-  shrink the structure while the weights stay reproducible;
+* determinism: the same seed gives a byte-identical model; ``from_seed(seed, n)`` is the
+  first n blocks of ``from_seed(seed)`` (then a head), which is how hypothesis shrinks;
 * weights are He-scaled and residual branches halved, so activations and outputs stay
   O(1) and float comparisons at 1e-4 relative are meaningful;
-* every activation channel count is >= 4 and even; widths are mostly multiples of 8 in
-  8..48, sometimes 12 or 20 so that splits over K = 3 or 4 branches are uneven;
+* widths are mostly multiples of 8 in 8..48, sometimes 6, 12 or 20 so that splits over
+  K = 3 or 4 branches are uneven; no activation has fewer than 3 channels;
 * ``Generated.max_branches`` is an independent oracle for lcpc's channel spaces: a
   union-find over channel atoms (residual Add and per-channel Mul couple operands, a
   grouped or depthwise conv keeps each group together, Concat composes, Split/Slice
@@ -21,10 +20,12 @@ Guarantees of every generated graph:
 Shapes covered (``Generated.features`` names those one graph uses): residual Add,
 Concat of 2-4 branches, C2f/CSP channel Split (even and uneven) and Slice,
 squeeze-excite (1x1 convs, or Flatten+Gemm and Reshape back to [N,C,1,1]; Sigmoid or
-HardSigmoid), depthwise (multiplier 1 or 2), grouped conv (1 < group < C), un-fused
-BatchNormalization after Concat, PRelu per channel, LeakyRelu, HardSwish, Clip,
-MaxPool (also ceil_mode), AveragePool, asymmetric Pad before a valid conv, Resize
-nearest x2 into a Concat with its skip (FPN), Identity chains, and a head: GAP +
+HardSigmoid; GlobalAveragePool or ReduceMean), depthwise (multiplier 1 or 2), grouped
+conv (1 < group < C), un-fused BatchNormalization after Concat, PRelu per channel,
+LeakyRelu, HardSwish, Clip, SiLU as x * Sigmoid(x), MaxPool (also ceil_mode),
+AveragePool, asymmetric Pad before a valid conv, Resize nearest x2 into a Concat or Add
+with its skip (FPN), an NHWC layer between Transposes (tf2onnx without its optimiser),
+Identity chains, and a head: GAP +
 Flatten + Gemm, a 1x1 conv head, Flatten(C*H*W) + Gemm, or several outputs
 (detection heads, optionally a raw feature map as an output).
 
@@ -34,8 +35,8 @@ Use :func:`from_seed` directly or :func:`graphs` as a hypothesis strategy.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence, TypeVar
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import onnx
@@ -45,26 +46,15 @@ OPSET = 17
 IR_VERSION = 8
 CLASSES = 10
 WIDTHS = (8, 16, 24, 32, 40, 48)
-ODD_WIDTHS = (12, 20)
+ODD_WIDTHS = (6, 12, 20)
 INPUT_SIZES = ((16, 16), (12, 16), (8, 8))
 
 T = TypeVar("T")
 
 
-class Chooser(Protocol):
-    """Where structure choices come from: a seeded numpy generator or hypothesis draws.
+class Choices:
+    """Structure choices from a seeded numpy generator."""
 
-    Every method's first option / lowest value is the simplest, so hypothesis shrinks
-    towards small plain graphs."""
-
-    def integer(self, lo: int, hi: int) -> int: ...
-
-    def choice(self, options: Sequence[T]) -> T: ...
-
-    def chance(self, p: float) -> bool: ...
-
-
-class RngChooser:
     def __init__(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed)
 
@@ -78,22 +68,6 @@ class RngChooser:
         return bool(self.rng.random() < p)
 
 
-class DrawChooser:
-    def __init__(self, draw: Callable) -> None:
-        from hypothesis import strategies as st
-
-        self.draw, self.st = draw, st
-
-    def integer(self, lo: int, hi: int) -> int:
-        return self.draw(self.st.integers(lo, hi))
-
-    def choice(self, options: Sequence[T]) -> T:
-        return self.draw(self.st.sampled_from(list(options)))
-
-    def chance(self, p: float) -> bool:
-        return self.draw(self.st.integers(0, 99)) >= 100 - round(100 * p)  # shrinks to False
-
-
 @dataclass(frozen=True)
 class Generated:
     """One random graph and what the tests need to know about it."""
@@ -103,12 +77,13 @@ class Generated:
     max_branches: int          # smallest number of independent channel groups of a split tensor
     min_space: tuple[str, int]  # (tensor, groups) reaching that minimum
     description: str           # one line per block, for failure messages
+    origin: str = ""           # how to rebuild it: "from_seed(5, 2)"
 
     def bytes(self) -> bytes:
         return self.model.SerializeToString()
 
     def __repr__(self) -> str:  # what hypothesis prints for a falsifying example
-        return f"Generated(max_branches={self.max_branches}, blocks=\n{self.description})"
+        return f"Generated({self.origin}, max_branches={self.max_branches}, blocks:\n{self.description})"
 
 
 class _Atoms:
@@ -140,7 +115,7 @@ class _Atoms:
 class Builder:
     """Appends nodes with exact shape tracking (``shapes[t]`` excludes the batch dim)."""
 
-    def __init__(self, choose: Chooser, weight_seed: int, size: tuple[int, int]) -> None:
+    def __init__(self, choose: Choices, weight_seed: int, size: tuple[int, int]) -> None:
         self.c = choose
         self.rng = np.random.default_rng(weight_seed)
         self.nodes: list[onnx.NodeProto] = []
@@ -212,7 +187,7 @@ class Builder:
         return out
 
     def act(self, x: str, kind: str | None = None) -> str:
-        kind = kind or self.c.choice(("relu", "leakyrelu", "hardswish", "clip", "prelu"))
+        kind = kind or self.c.choice(("relu", "leakyrelu", "hardswish", "clip", "prelu", "silu"))
         self.features.add(kind)
         c = self.channels(x)
         if kind == "relu":
@@ -230,6 +205,8 @@ class Builder:
             name = self.name("prelu")
             slope = self.const(f"{name}_slope", self.rng.uniform(0.05, 0.3, (c, 1, 1)).astype(np.float32))
             y = self.emit("PRelu", [x, slope], [self.shapes[x]], name)[0]
+        elif kind == "silu":  # as PyTorch exports it: x * Sigmoid(x)
+            return self.mul(x, self.carry(x, self.emit("Sigmoid", [x], [self.shapes[x]])[0]))
         else:
             raise ValueError(kind)
         return self.carry(x, y)
@@ -288,7 +265,16 @@ class Builder:
         return self.carry(x, y)
 
     def gap(self, x: str) -> str:
-        return self.carry(x, self.emit("GlobalAveragePool", [x], [(self.channels(x), 1, 1)])[0])
+        if self.c.chance(0.25):  # some exporters write the global pool as a ReduceMean
+            self.features.add("reducemean")
+            y = self.emit("ReduceMean", [x], [(self.channels(x), 1, 1)], axes=[2, 3], keepdims=1)[0]
+        else:
+            y = self.emit("GlobalAveragePool", [x], [(self.channels(x), 1, 1)])[0]
+        return self.carry(x, y)
+
+    def transpose(self, x: str, perm: Sequence[int]) -> str:
+        shape = (1, *self.shapes[x])
+        return self.carry(x, self.emit("Transpose", [x], [tuple(shape[p] for p in perm[1:])], perm=list(perm))[0])
 
     def flatten(self, x: str) -> str:
         shape = self.shapes[x]
@@ -481,6 +467,19 @@ def _block_fpn(b: Builder, x: str) -> str:
     return b.act(b.conv(b.concat([x, up]), b.width(), k=1))
 
 
+def _block_nhwc(b: Builder, x: str) -> str:
+    """A Keras-style layer in NHWC between Transposes (tf2onnx without its optimiser): bias on
+    the last axis, an activation, back to NCHW, then a conv. The oracle carries the channel
+    atoms through, as a channel-axis-tracking lcpc would; a syncing lcpc makes them ``R``."""
+    b.features.add("nhwc_sandwich")
+    c = b.channels(x)
+    y = b.transpose(x, (0, 2, 3, 1))
+    bias = b.const(f"{b.name('bias')}_nhwc", (b.rng.standard_normal(c) * 0.1).astype(np.float32))
+    y = b.carry(y, b.emit("Add", [y, bias], [b.shapes[y]])[0])
+    y = b.carry(y, b.emit("Relu", [y], [b.shapes[y]])[0])
+    return b.act(b.conv(b.transpose(y, (0, 3, 1, 2)), b.width(), k=1))
+
+
 def _block_identity(b: Builder, x: str) -> str:
     b.features.add("identity")
     for _ in range(b.c.integer(1, 3)):
@@ -500,7 +499,7 @@ BLOCKS: dict[str, Callable[[Builder, str], str]] = {
     "conv": _block_conv, "residual": _block_residual, "concat": _block_concat, "c2f": _block_c2f,
     "slice": _block_slice, "se": _block_se, "depthwise": _block_depthwise, "grouped": _block_grouped,
     "pool": _block_pool, "pad_conv": _block_pad_conv, "fpn": _block_fpn, "identity": _block_identity,
-    "downsample": _block_downsample,
+    "downsample": _block_downsample, "nhwc": _block_nhwc,
 }
 
 
@@ -529,19 +528,21 @@ def _head(b: Builder, kind: str, x: str, taps: list[str]) -> list[str]:
     return outs
 
 
-def build(choose: Chooser) -> Generated:
-    """One random CNN. ``choose`` picks the input size, the blocks and the head; the details
-    inside each block (widths, activations, kernel variants) come from a seeded generator whose
-    seed ``choose`` draws, so hypothesis shrinks the structure and the details stay varied."""
-    def details() -> RngChooser:
-        return RngChooser(choose.integer(0, 2**32 - 1))
+def build(choose: Choices, blocks: int | None = None) -> Generated:
+    """One random CNN. ``choose`` picks the input size, the blocks and the head; each block's
+    details (widths, activations, variants) come from a generator seeded by ``choose``, so the
+    blocks before block i do not depend on how many blocks follow. ``blocks`` overrides the
+    number of blocks (1..6)."""
+    def details() -> Choices:
+        return Choices(choose.integer(0, 2**32 - 1))
 
     size = choose.choice(INPUT_SIZES)
     b = Builder(details(), choose.integer(0, 2**32 - 1), size)
     x = b.act(b.conv("input", b.width(), stride=b.c.choice((1, 2)) if size[0] >= 12 else 1))
     b.log.append(f"input {size} -> stem -> {b.shapes[x]}")
     taps = []
-    for _ in range(choose.integer(1, 6)):
+    drawn = choose.integer(1, 6)  # drawn even when ``blocks`` is given: same blocks, fewer of them
+    for _ in range(blocks or drawn):
         kind = choose.choice(tuple(BLOCKS))
         b.c = details()
         before = x
@@ -572,17 +573,15 @@ def _finish(b: Builder, outs: list[str]) -> Generated:
     return Generated(model, frozenset(b.features), groups, (tensor, groups), "\n".join(b.log))
 
 
-def from_seed(seed: int) -> Generated:
-    """The graph for ``seed`` (deterministic)."""
-    return build(RngChooser(seed))
+def from_seed(seed: int, blocks: int | None = None) -> Generated:
+    """The graph for ``seed`` (deterministic). ``blocks`` overrides the number of blocks; block i
+    is the same for every ``blocks`` > i, so fewer blocks is a prefix of the same network."""
+    return replace(build(Choices(seed), blocks), origin=f"from_seed({seed}, {blocks})")
 
 
 def graphs():
-    """A hypothesis strategy of :class:`Generated` graphs that shrinks towards small ones."""
+    """A hypothesis strategy of :func:`from_seed` graphs. Shrinking drops trailing blocks and
+    tries smaller seeds; a falsifying example prints how to rebuild it."""
     from hypothesis import strategies as st
 
-    @st.composite
-    def _graphs(draw) -> Generated:
-        return build(DrawChooser(draw))
-
-    return _graphs()
+    return st.builds(from_seed, st.integers(0, 2**32 - 1), st.integers(1, 6))

@@ -132,12 +132,11 @@ def test_sync_all_exact_sync_none_runs_bytes_match(gen, k):
     check_runs(gen, k)
 
 
-@pytest.mark.xfail(strict=True, reason="lcpc bug: passes/partition.py _fill is greedy; channel Split/Slice/"
-                   "Concat pieces whose size is not a multiple of K get an unbalanced or failed partition "
-                   "(minimal cases: tests/regressions/test_partition_regressions.py)")
-# While xfailed, no shrinking (it adds ~15 s and the minimal cases are in tests/regressions);
-# drop ``phases`` together with the xfail mark.
-@settings(max_examples=2 * EXAMPLES, phases=(Phase.explicit, Phase.reuse, Phase.generate), **SETTINGS)
+@pytest.mark.xfail(strict=True, reason="lcpc bug: passes/partition.py _fill still unbalances Concat/Split "
+                   "pieces (open cases in tests/regressions/test_partition_regressions.py)")
+# While xfailed, no shrinking (the minimal cases are in tests/regressions); drop ``phases``
+# together with the xfail mark.
+@settings(max_examples=4 * EXAMPLES, phases=(Phase.explicit, Phase.reuse, Phase.generate), **SETTINGS)
 @given(gen=graphs(), k=st.sampled_from((2, 3, 4)))
 def test_partition_is_balanced_and_refuses_only_narrow_spaces(gen, k):
     _events(gen, k)
@@ -166,7 +165,7 @@ def test_generator_covers_the_op_set():
               "se_conv", "se_gemm", "sigmoid", "hardsigmoid", "depthwise", "depthwise_x2", "grouped",
               "bn_unfused", "prelu", "leakyrelu", "hardswish", "clip", "maxpool", "maxpool_ceil", "avgpool",
               "pad_asym", "fpn", "identity", "odd_width", "head_gap_gemm", "head_conv", "head_flatten_gemm",
-              "multi_output", "feature_output"}
+              "multi_output", "feature_output", "silu", "reducemean", "nhwc_sandwich"}
     assert wanted <= seen, wanted - seen
 
 
@@ -174,9 +173,9 @@ def test_oracle_agrees_with_lcpc_on_the_largest_k():
     """The generator's channel-space count equals lcpc's max_branches on planned graphs."""
     from lcpc.passes.partition import max_branches
 
-    for seed in range(12):
+    for seed in range(40):
         gen = from_seed(seed)
+        if gen.max_branches < 2:
+            continue
         graph, source = frontend.load(gen.bytes())
-        p = planner.plan(graph, source, 2, "all") if gen.max_branches >= 2 else None
-        if p is not None:
-            assert max_branches(p) == gen.max_branches, (seed, gen.min_space)
+        assert max_branches(planner.plan(graph, source, 2, "all")) == gen.max_branches, (seed, gen.min_space)
