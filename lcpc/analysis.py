@@ -2,8 +2,8 @@
 
 Guarantees:
 - every channel of every tensor that can be split gets an *atom* id; atoms that must
-  share a branch (residual Add operands, a grouped conv's group, a depthwise channel and
-  its multiplier outputs) are merged into one *class* (union-find);
+  share a branch (residual Add operands, a grouped conv's group on a split input, a
+  depthwise channel and its multiplier outputs) are merged into one *class* (union-find);
 - classes created together (one Dense layer's outputs) and classes merged later form a
   *space*: the unit the partitioner balances over K branches;
 - a Dense layer is *terminal* when no other channel-mixing layer is downstream of it
@@ -146,13 +146,12 @@ def analyse(g: Graph) -> Analysis:
             c_out = g.info(outs[0]).shape[1]
             c_in = g.info(node.inputs[0]).shape[1]
             out = fresh(c_out)
-            gi, go = c_in // b.groups, c_out // b.groups
             src = ids.get(node.inputs[0])
-            for grp in range(b.groups):
-                members = list(out[grp * go:(grp + 1) * go])
-                if src is not None:
-                    members += list(src[grp * gi:(grp + 1) * gi])
-                unite(np.array(members[:1] * (len(members) - 1)), np.array(members[1:]))
+            if src is not None:  # a split input: each group's inputs and outputs share a branch
+                gi, go = c_in // b.groups, c_out // b.groups
+                for grp in range(b.groups):
+                    members = np.concatenate([out[grp * go:(grp + 1) * go], src[grp * gi:(grp + 1) * gi]])
+                    unite(np.repeat(members[:1], len(members) - 1), members[1:])
             ids[outs[0]] = out
         elif isinstance(b, ops.Concat):
             if any(i in ids for i in node.inputs):

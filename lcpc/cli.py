@@ -218,15 +218,15 @@ def run(folder: Path, inputs: tuple[str, ...], output: Path | None, stats: Path 
         outputs = engine.run(feeds, counter)
     finally:
         engine.close()
-    if output is not None:
-        from lcpc.safety import save_arrays
+    from lcpc.safety import printable, save_arrays
 
+    if output is not None:
         save_arrays(output, outputs)
     if stats is not None:
         stats.write_text(json.dumps(counter.as_dict(engine.manifest), indent=1))
     for name, value in outputs.items():
         top = value.reshape(value.shape[0], -1).argmax(axis=1) if value.ndim >= 2 else value
-        click.echo(f"{name}: shape {tuple(value.shape)}, argmax per sample {top[:8].tolist()}"
+        click.echo(f"{printable(name, 200)}: shape {tuple(value.shape)}, argmax per sample {top[:8].tolist()}"
                    + (" ..." if len(top) > 8 else ""))
     expected = sum(t["bytes"] for t in engine.manifest["transfers"]) * counter.samples
     click.echo(f"{counter.samples} inference(s), {counter.total()} bytes moved between devices "

@@ -87,6 +87,8 @@ def read_model(source: str | os.PathLike | bytes) -> tuple[onnx.ModelProto, Sour
         model = onnx.load_model_from_string(data)
     except Exception as exc:  # protobuf raises DecodeError and friends
         raise LcpcError(f"{where}: not an ONNX model ({type(exc).__name__}: cannot parse protobuf)") from None
+    if not _valid_strings(model):
+        raise LcpcError(f"{where}: not an ONNX model (a name or string is not valid UTF-8)")
     if not model.HasField("graph") or not model.graph.node:
         raise LcpcError(f"{where}: not an ONNX model (no graph or no nodes)")
     _load_external_data(model, base, where)
@@ -147,6 +149,19 @@ def _load_external_data(model: onnx.ModelProto, base: Path | None, where: str) -
                             f"being read")
         t.data_location = onnx.TensorProto.DEFAULT
         del t.external_data[:]
+
+
+def _valid_strings(message) -> bool:
+    """Whether every string field holds valid UTF-8 (protobuf parses invalid UTF-8 into ``bytes``
+    that fail later, wherever a name is copied)."""
+    for fd, value in message.ListFields():
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+        items = value if repeated else [value]
+        if fd.type == fd.TYPE_MESSAGE and not all(_valid_strings(item) for item in items):
+            return False
+        if fd.type == fd.TYPE_STRING and any(isinstance(item, bytes) for item in items):
+            return False
+    return True
 
 
 def _check_tensor_data(model: onnx.ModelProto, where: str) -> None:
@@ -311,6 +326,9 @@ def _pin_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], wher
     # Old shapes of intermediates and outputs may hold the dynamic dims: infer them anew.
     del model.graph.value_info[:]
     for out in model.graph.output:
+        if not out.type.HasField("tensor_type"):
+            raise LcpcError(f"{where}: output '{printable(out.name, 200)}' is not a tensor; lcpc handles tensor "
+                            f"outputs only")
         if out.type.tensor_type.HasField("shape"):
             out.type.tensor_type.ClearField("shape")
     check_tensor_sizes(model, where)  # before folding computes anything
@@ -377,7 +395,9 @@ def _fold_batchnorm(graph) -> None:
                 or not all(isinstance(t, gs.Constant) for t in list(conv.inputs[1:]) + list(params))):
             continue
         w = conv.inputs[1].values.astype(np.float64)
-        b = conv.inputs[2].values.astype(np.float64) if len(conv.inputs) > 2 else np.zeros(w.shape[0])
+        b = conv.inputs[2].values.astype(np.float64) if len(conv.inputs) > 2 else np.zeros(w.shape[:1])
+        if w.ndim < 3 or b.shape != w.shape[:1] or any(p.values.shape != w.shape[:1] for p in params):
+            continue  # malformed parameters: left for the checks downstream to report
         scale, beta, mean, var = (p.values.astype(np.float64) for p in params)
         k = scale / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
         dtype = conv.inputs[1].values.dtype
@@ -425,7 +445,7 @@ def _shapes_by_running(model: onnx.ModelProto, names: list[str], infos: dict[str
         values = sess.run(names, feeds)
     except Exception as exc:
         raise LcpcError(f"{where}: cannot infer the shapes of {printable(', '.join(names[:3]), 300)}: "
-                        f"{_first_line(exc)} (lcpc runs what ONNX shape inference cannot type in onnxruntime)") from None
+                        f"{_first_line(exc)} (lcpc runs what shape inference cannot type in onnxruntime)") from None
     return {n: TensorInfo(tuple(v.shape), v.dtype) for n, v in zip(names, values)}
 
 

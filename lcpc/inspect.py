@@ -16,7 +16,7 @@ import numpy as np
 from lcpc import ops
 from lcpc.analysis import analyse
 from lcpc.ir import Graph
-from lcpc.planner import assign_layouts
+from lcpc.planner import assign_layouts, max_split_branches
 
 
 def treatment(behaviour: ops.Behaviour, layout: str, forced: bool) -> str:
@@ -33,7 +33,7 @@ def treatment(behaviour: ops.Behaviour, layout: str, forced: bool) -> str:
 
 def inspect_graph(g: Graph) -> dict[str, Any]:
     a = analyse(g)
-    layouts, decisions = assign_layouts(g, a)
+    layouts, decisions = assign_layouts(g, a, 1)
     per_op: dict[str, Counter] = defaultdict(Counter)
     syncs = []
     for n in g.nodes:
@@ -54,11 +54,11 @@ def inspect_graph(g: Graph) -> dict[str, Any]:
         entry["tensors"] += 1
         entry["max_channels"] = max(entry["max_channels"], g.info(t).shape[a.axis(t)])
         entry["groups"] = groups if entry["groups"] is None else min(entry["groups"], groups)
-    max_k = min((s["groups"] for s in spaces.values()), default=1)
+    max_k = max_split_branches(g, a)
     return {
         "ops": {op: dict(c) for op, c in sorted(per_op.items())},
         "spaces": sorted(spaces.values(), key=lambda s: s["space"]),
-        "max_branches": int(min(max_k, 64)),
+        "max_branches": int(max_k),
         "syncs": syncs,
         "unsupported": sorted({s["op"] for s in syncs if s["unsupported"]}),
         "nodes": len(g.nodes),

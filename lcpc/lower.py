@@ -369,18 +369,32 @@ class _Lowering:
         self.define(out, HEAD, "H", y)
 
     def split_grouped(self, node: Node, b: ops.Grouped, k: int) -> None:
+        """Whole groups per branch when the input is split; on a replicated input any output
+        channel can go anywhere: each owned channel becomes its own group over a gathered copy
+        of its group's inputs."""
         x, out = node.inputs[0], node.outputs[0]
         c_in, c_out = self.g.info(x).shape[1], self.g.info(out).shape[1]
         gi, go = c_in // b.groups, c_out // b.groups
         idx = self.plan.own(out, k)
-        groups = np.unique(idx // go)
-        in_idx = np.concatenate([np.arange(g * gi, (g + 1) * gi) for g in groups])
-        # Conv weights are [C_out, C_in/G, ...]; ConvTranspose weights are [C_in, C_out/G, ...]
-        rows = in_idx if node.op == "ConvTranspose" else idx
-        ins = [self.mine(x, k, in_idx), self.const(k, self.g.constants[node.inputs[1]][rows], f"{node.name}.weight")]
+        transpose = node.op == "ConvTranspose"  # weights [C_in, C_out/G, ...] instead of [C_out, C_in/G, ...]
+        if self.plan.layouts[x] == "S":
+            groups = np.unique(idx // go)
+            in_idx = np.concatenate([np.arange(g * gi, (g + 1) * gi) for g in groups])
+            weight = self.g.constants[node.inputs[1]][in_idx if transpose else idx]
+            n_groups = len(groups)
+        else:
+            in_idx = np.concatenate([np.arange(o // go * gi, (o // go + 1) * gi) for o in idx])
+            w = self.g.constants[node.inputs[1]]
+            if transpose:  # rows: the input channels of each owned output's group; cols: that output
+                weight = np.stack([w[o // go * gi:(o // go + 1) * gi, o % go] for o in idx])
+                weight = weight.reshape(len(idx) * gi, 1, *w.shape[2:])
+            else:
+                weight = w[idx]
+            n_groups = len(idx)
+        ins = [self.mine(x, k, in_idx), self.const(k, weight, f"{node.name}.weight")]
         if len(node.inputs) > 2 and node.inputs[2]:
             ins.append(self.const(k, self.g.constants[node.inputs[2]][idx], f"{node.name}.bias"))
-        attrs = dict(node.attrs, group=int(len(groups)))
+        attrs = dict(node.attrs, group=int(n_groups))
         y = self.emit(k, node.op, ins, [(out, self._out_info(out, len(idx)))], attrs, node.name)[0]
         self.define(out, k, "S", y)
 

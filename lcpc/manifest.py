@@ -58,6 +58,10 @@ def validate(manifest: Any, where: str = MANIFEST) -> None:
         raise LcpcError(f"{where}: invalid manifest: stage ids and files must be unique")
     if sorted(d["id"] for d in manifest["devices"]) != list(range(k)):
         raise LcpcError(f"{where}: invalid manifest: {k} branches need devices 0..{k - 1}, each once")
+    for i in manifest["source"]["inputs"]:
+        if 0 in i["shape"]:
+            raise LcpcError(f"{where}: invalid manifest: model input '{printable(i['name'], 200)}' has a zero "
+                            f"dim in {i['shape']}")
     for s in manifest["stages"]:
         if s["device"] >= k:
             raise LcpcError(f"{where}: invalid manifest: stage {s['id']} on unknown device {s['device']}")

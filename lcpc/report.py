@@ -83,7 +83,10 @@ def _traffic_rows(data: dict[str, Any]) -> list[list[str]]:
 
 
 def _sync_rows(data: dict[str, Any]) -> list[list[str]]:
-    return [[s["node"], s["op"], s["action"], s["reason"]] for s in data["syncs"]]
+    return [[s["node"], s["op"], s["action"], _fmt(s.get("bytes", 0)) + "B", s["reason"]] for s in data["syncs"]]
+
+
+SYNC_HEADER = ["node", "op", "action", "bytes", "why"]
 
 
 def _headline(data: dict[str, Any]) -> str:
@@ -109,8 +112,8 @@ def _rich(console: Console, data: dict[str, Any]) -> None:
         traffic.add_row(*row)
     console.print(traffic)
     if data["syncs"]:
-        syncs = Table(title="Sync points and merges", title_justify="left")
-        for h in ("node", "op", "action", "why"):
+        syncs = Table(title="Sync points and merges (bytes per inference)", title_justify="left")
+        for h in SYNC_HEADER:
             syncs.add_column(h)
         for row in _sync_rows(data):
             syncs.add_row(*row)
@@ -133,7 +136,7 @@ def _markdown(data: dict[str, Any]) -> str:
              _md_table(DEVICE_HEADER, _device_rows(data)), "\n## Traffic of the same model, per inference\n",
              _md_table(["execution", "bytes", "what"], _traffic_rows(data))]
     if data["syncs"]:
-        parts += ["\n## Sync points and merges\n", _md_table(["node", "op", "action", "why"], _sync_rows(data))]
+        parts += ["\n## Sync points and merges (bytes per inference)\n", _md_table(SYNC_HEADER, _sync_rows(data))]
     if data["unsupported_ops"]:
         parts.append("\nOps lcpc does not model (run exactly behind a sync): " + ", ".join(data["unsupported_ops"]))
     return "\n".join(parts) + "\n"

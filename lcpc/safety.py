@@ -109,9 +109,9 @@ def _check_loops(nodes, constants: dict, outer: int, where: str) -> None:
             except Exception:
                 trips = -1
             if trips < 0 or trips * outer > MAX_LOOP_TRIPS:
-                raise LcpcError(f"{where}: Loop '{printable(n.name or '(unnamed)', 200)}' has no constant trip count of at most "
-                                f"{MAX_LOOP_TRIPS} (nested loops counted together); lcpc runs parts of the model "
-                                f"while loading it and cannot bound this one")
+                raise LcpcError(f"{where}: Loop '{printable(n.name or '(unnamed)', 200)}' has no constant trip "
+                                f"count of at most {MAX_LOOP_TRIPS} (nested loops counted together); lcpc runs "
+                                f"parts of the model while loading it and cannot bound this one")
             trips = max(trips, 1)
         for a in n.attribute:
             for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):

@@ -1,17 +1,21 @@
 """Partition pass: assign every channel class of every split space to a branch, balanced.
 
 Guarantee: for every ``S`` tensor t with C channels, each branch owns at least one
-and (when classes are single channels) at most ceil(C / K) channels of t — also for
-the sub-ranges a channel Split/Slice takes and the parts a Concat joins, since every
-``S`` tensor is its own capacity constraint.
+(else a clear error) and, whenever it is possible at all, at most ceil(C / K) channels
+of t — also for the sub-ranges a channel Split/Slice takes and the parts a Concat
+joins, since every ``S`` tensor is its own constraint.
 
 Methods:
 - ``contiguous``: balance groups of classes that share split tensors (a space, its
   Split/Slice pieces, the spaces a Concat joins). Classes go in creation order to the
   current branch while it holds at most floor(C/K) channels of every tensor they are
-  in, then to the branch whose worst tensor ends least over its share C/K. When K
-  divides the channel counts this is one contiguous block per branch; otherwise the
-  remainders interleave so every tensor and every piece stays within ceil(C/K).
+  in, then to the branch whose tensors end least over their shares C/K. When K divides
+  the channel counts this is one contiguous block per branch. Pieces that cross each
+  other (a Split across a Slice) are repaired by local search (moves and swaps that
+  lower the excess over [floor, ceil]) and, failing that, balanced exactly as a small
+  integer program (HiGHS via scipy) — with every branch owning >= 1 channel as a hard
+  constraint and the least possible excess where grouped convs make ceil(C/K)
+  unreachable (3 groups of 6 channels on 2 branches).
 - ``energy`` (default): start from ``contiguous`` and swap interchangeable classes
   (same tensors, same channel counts in each, so balance is unchanged) between branches
   while the *weight energy kept* by the cut grows: sum over layers between split
@@ -176,9 +180,10 @@ def split_constraints(plan: Plan) -> dict[int, dict[str, np.ndarray]]:
 
 
 def _fill(plan: Plan, tensors: dict[str, np.ndarray]) -> dict[int, int]:
-    """Classes in creation order; each goes to the current branch while that branch stays
-    at or under floor(C/K) channels of every tensor the class is in, else to the branch
-    whose worst tensor ends least over its share C/K (ties: lowest branch)."""
+    """Classes in creation order; each stays on the current branch while that branch holds
+    at most floor(C/K) channels of every tensor the class is in, else goes to the branch
+    whose tensors end least over their shares C/K (compared worst first, then the next
+    worst, ...; ties: lowest branch)."""
     k = plan.k
     counts: dict[int, dict[str, int]] = defaultdict(dict)
     for t, cls in tensors.items():
@@ -192,12 +197,121 @@ def _fill(plan: Plan, tensors: dict[str, np.ndarray]) -> dict[int, int]:
     for c in sorted(counts):
         footprint = counts[c]
         if not all(load[t][current] + m <= math.floor(share[t]) for t, m in footprint.items()):
-            over = np.max([load[t] + m - share[t] for t, m in footprint.items()], axis=0)
-            current = int(np.argmin(over))
+            over = np.array([(load[t] + m - share[t]) / share[t] for t, m in footprint.items()])
+            worst_first = -np.sort(-over, axis=0)  # per branch, its tensors' overloads, descending
+            current = min(range(k), key=lambda b: tuple(np.round(worst_first[:, b], 9)))
         for t, m in footprint.items():
             load[t][current] += m
         assignment[c] = current
+    _repair(assignment, counts, load, {t: len(cls) for t, cls in tensors.items()}, k)
     return assignment
+
+
+def _repair(assignment: dict[int, int], counts: dict[int, dict[str, int]], load: dict[str, np.ndarray],
+            size: dict[str, int], k: int, max_steps: int = 10000) -> None:
+    """Local search for pieces that cross each other (a Split across a Slice): move or swap
+    classes while that lowers the total excess over [floor(C/K), ceil(C/K)] of all tensors."""
+    lo = {t: size[t] // k for t in size}
+    hi = {t: -(-size[t] // k) for t in size}
+
+    def excess(t: str, b: int, delta: int = 0) -> float:
+        v = load[t][b] + delta
+        empty = 1000.0 if v < 1 <= lo[t] else 0.0  # a branch without channels cannot run at all
+        return max(0.0, v - hi[t]) + max(0.0, lo[t] - v) + empty
+
+    def gain_of_move(c: int, p: int, q: int) -> float:
+        return sum(excess(t, p) + excess(t, q) - excess(t, p, -m) - excess(t, q, m)
+                   for t, m in counts[c].items())
+
+    def move(c: int, q: int) -> None:
+        for t, m in counts[c].items():
+            load[t][assignment[c]] -= m
+            load[t][q] += m
+        assignment[c] = q
+
+    def improve(t: str, p: int) -> bool:
+        over = load[t][p] > hi[t]
+        members = [c for c in counts if t in counts[c] and (assignment[c] == p) == over]
+        best = (1e-9, None)
+        for c in members:
+            src = assignment[c]
+            for q in ([q for q in range(k) if q != src] if over else [p]):
+                g = gain_of_move(c, src, q)
+                if g > best[0]:
+                    best = (g, (c, q))
+        if best[1] is not None:
+            move(*best[1])
+            return True
+        for c in members:  # no single move helps: swap with a class on another branch
+            src = assignment[c]
+            for d in counts:
+                q = assignment[d]
+                if q == src:
+                    continue
+                touched = set(counts[c]) | set(counts[d])
+                before = sum(excess(u, b) for u in touched for b in (src, q))
+                move(c, q)
+                move(d, src)
+                if sum(excess(u, b) for u in touched for b in (src, q)) < before - 1e-9:
+                    return True
+                move(d, q)
+                move(c, src)
+        return False
+
+    for _ in range(max_steps):
+        bad = [(t, b) for t in load for b in range(k) if excess(t, b)]
+        if not bad:
+            return
+        if not any(improve(t, b) for t, b in bad):
+            break
+    solved = _balance_exactly(counts, size, k)
+    if solved is not None:
+        assignment.update(solved)
+
+
+def _balance_exactly(counts: dict[int, dict[str, int]], size: dict[str, int], k: int,
+                     seconds: float = 20.0) -> dict[int, int] | None:
+    """Balanced assignment as an integer program (HiGHS through scipy): every tensor within
+    [floor(C/K), ceil(C/K)] per branch, or as close as possible (least total slack), every
+    branch with at least one channel of every tensor. None if no solution in time."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import lil_matrix
+
+    classes, tensors = sorted(counts), sorted(size)
+    n, nt = len(classes), len(tensors)
+    nx, ns = n * k, 2 * nt * k                      # x[c, b], then slack over/under per (t, b)
+    rows = lil_matrix((n + 2 * nt * k, nx + ns))
+    lower, upper = [], []
+    for i in range(n):
+        rows[i, i * k:(i + 1) * k] = 1
+        lower.append(1), upper.append(1)
+    t_index = {t: j for j, t in enumerate(tensors)}
+    for i, c in enumerate(classes):
+        for t, m in counts[c].items():
+            for b in range(k):
+                rows[n + t_index[t] * k + b, i * k + b] = m
+    for j, t in enumerate(tensors):
+        for b in range(k):
+            r = n + j * k + b
+            rows[r, nx + 2 * (j * k + b)] = -1      # over
+            rows[r, nx + 2 * (j * k + b) + 1] = 1   # under
+            lower.append(size[t] // k), upper.append(-(-size[t] // k))
+    for j, t in enumerate(tensors):  # hard: a branch without channels of a split tensor cannot run
+        for b in range(k):
+            r = n + nt * k + j * k + b
+            for i, c in enumerate(classes):
+                if t in counts[c]:
+                    rows[r, i * k + b] = counts[c][t]
+            lower.append(1 if size[t] >= k else 0), upper.append(np.inf)
+    cost = np.concatenate([np.zeros(nx), np.ones(ns)])
+    result = milp(cost, constraints=LinearConstraint(rows.tocsr(), lower, upper),
+                  integrality=np.concatenate([np.ones(nx), np.zeros(ns)]),
+                  bounds=Bounds(0, np.concatenate([np.ones(nx), np.full(ns, np.inf)])),
+                  options={"time_limit": seconds})
+    if result.x is None:
+        return None
+    x = result.x[:nx].reshape(n, k)
+    return {c: int(np.argmax(x[i])) for i, c in enumerate(classes)}
 
 
 def check_balance(plan: Plan) -> None:

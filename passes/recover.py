@@ -96,7 +96,8 @@ def run(plan: Plan, data: np.ndarray, labels: np.ndarray | None = None, *, epoch
                                         reduction="none", log_target=True).sum(1)
         fig = {"train_agreement": float((top[train_idx] == t_top[train_idx]).float().mean()),
                "heldout_agreement": float((top[hold_idx] == t_top[hold_idx]).float().mean()) if n_hold else None,
-               "train_kl": float(kl[train_idx].mean()), "heldout_kl": float(kl[hold_idx].mean()) if n_hold else None}
+               "train_kl": float(kl[train_idx].mean()), "heldout_kl": float(kl[hold_idx].mean()) if n_hold else None,
+               "heldout_kl_se": float(kl[hold_idx].std() / math.sqrt(n_hold)) if n_hold > 1 else 0.0}
         if y_all is not None:
             yt = torch.from_numpy(y_all)
             fig["train_accuracy"] = float((top[train_idx] == yt[train_idx]).float().mean())
@@ -128,7 +129,9 @@ def run(plan: Plan, data: np.ndarray, labels: np.ndarray | None = None, *, epoch
         student.norm(name).momentum = recipe.bn_momentum
 
     history = []
-    best = (_score(stages[list(stages)[-1]]), {k: v.detach().clone() for k, v in student.state_dict().items()}, 0)
+    fig0 = stages[list(stages)[-1]]
+    best = (_score(fig0), {k: v.detach().clone() for k, v in student.state_dict().items()}, 0)
+    floor = (-_score(fig0), fig0["heldout_kl_se"], 0)
     steps_per_epoch = math.ceil(len(train_idx) / recipe.batch_size)
     total = steps_per_epoch * recipe.epochs
     params = list(student.parameters())
@@ -185,9 +188,12 @@ def run(plan: Plan, data: np.ndarray, labels: np.ndarray | None = None, *, epoch
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **fig})
         if progress is not None:
             progress(epoch, steps_per_epoch, steps_per_epoch, float(np.mean(losses)), fig["heldout_agreement"])
-        if _score(fig) > best[0]:
+        kl_now = -_score(fig)
+        if kl_now <= floor[0] + floor[1]:
             best = (_score(fig), {k: v.detach().clone() for k, v in student.state_dict().items()}, epoch + 1)
-        elif epoch + 1 - best[2] >= recipe.patience:
+        if kl_now < floor[0]:
+            floor = (kl_now, fig["heldout_kl_se"], epoch + 1)
+        elif epoch + 1 - floor[2] >= recipe.patience:
             break
     student.load_state_dict(best[1])
     student.eval()

@@ -6,9 +6,14 @@ Guarantees:
 - every transfer's bytes are counted as they move (``Stats``), so a run can be
   compared byte for byte with the manifest;
 - inputs are checked first: unknown or missing names, wrong dtype, wrong shape,
-  NaN/Inf and empty batches end in an ``LcpcError``; a batch larger than the planned
-  one is run in slices of the planned batch size;
-- the folder is read through ``manifest.read`` (schema + sha256 tamper check).
+  NaN/Inf and empty batches end in an ``LcpcError`` naming the input (and its file,
+  when given); a batch larger than the planned one is run in slices of the planned
+  batch size;
+- the folder is read through ``manifest.read`` (schema, dataflow, containment, sha256
+  tamper check); each session is built from the very bytes whose sha256 was checked
+  (``manifest.read_stage``), so no external data or swapped file is ever loaded, and
+  its inputs and outputs must be exactly those the manifest declares;
+- an onnxruntime failure while running a stage is an ``LcpcError`` naming the stage.
 """
 
 from __future__ import annotations
@@ -85,7 +90,9 @@ class LocalEngine:
         unknown = sorted(set(feeds) - set(names))
         missing = [n for n in names if n not in feeds]
         if unknown or missing:
-            raise LcpcError(f"inputs {printable(unknown, 300) if unknown else ''} unknown, "
+            sources = sorted({(files or {}).get(n, "") for n in unknown} - {""})
+            where = f"{printable(', '.join(sources), 300)}: " if sources else ""
+            raise LcpcError(f"{where}inputs {printable(unknown, 300) if unknown else ''} unknown, "
                             f"{printable(missing, 300) if missing else ''} missing; the model takes "
                             f"{printable(', '.join(names), 300)}")
         batch = None

@@ -160,7 +160,14 @@ def build_manifest(plan: Plan, program: Program, stages: list, transfers: list, 
     }
     split_params = sum(plan.analysis.params[n.name] for n in g.nodes
                        if plan.layouts.get(n.outputs[0]) == "S")
-    decisions = [{"node": d.node, "op": d.op, "action": d.action, "reason": d.reason}
+    nodes = {n.name: n for n in g.nodes}
+
+    def cost(node: str) -> int:
+        """Bytes per inference of the transfers carrying this node's inputs or outputs."""
+        tensors = set(nodes[node].inputs) | set(nodes[node].outputs)
+        return sum(t.nbytes for t in program.transfers if t.kind != "input" and t.tensor in tensors)
+
+    decisions = [{"node": d.node, "op": d.op, "action": d.action, "reason": d.reason, "bytes": cost(d.node)}
                  for d in plan.decisions.values()]
     unsupported = sorted({n.op for n in g.nodes if getattr(plan.analysis.behaviours[n.name], "unsupported", False)})
     return {

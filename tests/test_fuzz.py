@@ -13,7 +13,8 @@ fails the run:
   model is loaded from a folder whose neighbour ``outside/secret.bin`` must never be
   opened;
 - ``manifest.read`` (and, when it accepts, ``LocalEngine`` and one run) on mutated
-  manifests: JSON values replaced, removed, duplicated or swapped, and raw text edits.
+  manifests: JSON values replaced, removed, duplicated or swapped, and raw text edits;
+- when atheris is installed, coverage-guided fuzzing of both (``fuzz_atheris.py``).
 
 CI runs a fixed, derandomised set of examples (well under a minute on 2 cores).
 ``LCPC_FUZZ_EXAMPLES=N`` runs N fresh random examples per fuzzer instead.
@@ -37,6 +38,7 @@ import pytest
 from audit import audited, opened
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from onnx import numpy_helper
 
 from lcpc import frontend
 from lcpc import manifest as mf
@@ -54,7 +56,7 @@ def _generated_seeds() -> list[bytes]:
         from build import around, ints, loop
     finally:
         sys.path.remove(str(CORPUS.parent))
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     sizes = around([helper.make_node("Range", ["a", "b", "c"], ["r"]),
                     helper.make_node("ConstantOfShape", ["shape"], ["k"],
@@ -178,6 +180,12 @@ def _edge_value(draw, fd):
 
 def _mutate(draw, model: onnx.ModelProto) -> None:
     msg = draw(st.sampled_from(_messages(model, [])))
+    if isinstance(msg, onnx.TensorProto) and draw(st.booleans()):  # a consistent tensor of another shape
+        shape = draw(st.lists(st.integers(0, 5), max_size=4))
+        dtype = draw(st.sampled_from([np.float32, np.int64, np.int32, np.float16, np.bool_, np.uint8]))
+        value = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape) - 2
+        msg.CopyFrom(numpy_helper.from_array(value.astype(dtype), msg.name))
+        return
     fd = draw(st.sampled_from(list(msg.DESCRIPTOR.fields)))
     repeated = fd.is_repeated
     if fd.type == fd.TYPE_MESSAGE:

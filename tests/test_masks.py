@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import ZOO, reference, rel_err
+from conftest import reference, rel_err
 
 from lcpc import frontend, planner
 from lcpc.cli import convert_model

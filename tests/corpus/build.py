@@ -183,6 +183,14 @@ def models() -> list[tuple[str, bytes, list[str] | None, list[str]]]:
         ("no_input_shape.onnx", edited(good, lambda m: m.graph.input[0].type.tensor_type.ClearField("shape")),
          ["input 'x' has no shape", "--input-shape x:"], []),
         ("dynamic_spatial.onnx", tiny(dims=("N", 3, "H", "W")), ["dynamic dim 'H'", "--input-shape x:1x3xHxW"], []),
+        ("batchnorm_mismatch.onnx", edited(rich(), lambda m: next(t for t in m.graph.initializer if t.name == "g")
+                                           .CopyFrom(numpy_helper.from_array(np.ones(5, np.float32), "g"))),
+         ["cannot infer the shapes", "Dimension mismatch"], []),
+        ("opaque_output.onnx", edited(good, lambda m: setattr(m.graph.output[0].type.opaque_type, "name", "blob")),
+         ["output 'y' is not a tensor"], []),
+        ("sequence_input.onnx", edited(good, lambda m: m.graph.input[0].type.CopyFrom(
+            helper.make_sequence_type_proto(helper.make_tensor_type_proto(TensorProto.FLOAT, [1, 3, 8, 8])))),
+         ["input 'x' is not a tensor"], []),
         ("string_input.onnx", tiny(elem=TensorProto.STRING), ["input 'x'", "STRING", "numeric inputs only"], []),
         ("huge_input_dim.onnx", tiny(dims=(1, 3, 10**12, 8)), ["input 'x' claims a dim of 1000000000000"], []),
         ("huge_input_total.onnx", tiny(dims=(1, 3, 1 << 24, 1 << 24)), ["input 'x'", "larger than lcpc's limit"], []),

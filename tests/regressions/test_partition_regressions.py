@@ -5,8 +5,9 @@ regression, after the fix. While the bug is open the case is a strict xfail nami
 
 Fixed: passes/partition.py used to fill one branch after another up to ceil(C/K)
 channels, leaving the last branch empty (6 channels, K = 4: [2, 2, 2, 0]) or unbalancing
-a tensor made of Split/Slice/Concat pieces; it now fills to floor(C/K) and spreads the
-remainders over the branches least over their share, across all tensors a class is in.
+a tensor made of Split/Slice/Concat pieces; it now fills to floor(C/K), spreads the
+remainders over the branches least over their share across all tensors a class is in,
+repairs crossing pieces by local search and, failing that, balances as an integer program.
 """
 
 from __future__ import annotations
@@ -89,18 +90,7 @@ CASES = {
     "concat_4_4_6_k3": (concat3(4, 4, 6), 3),
 }
 
-_FILL = "lcpc bug: passes/partition.py _fill "
-OPEN = {  # case -> the bug, while it is open
-    "slice_then_split_across_k2": _FILL + "unbalances a tensor whose Split pieces straddle its Slice pieces "
-                                  "([15, 17] at K=2)",
-    "concat_3_3_4_k2": _FILL + "puts every Concat piece's remainder on the same branch ([6, 4] at K=2)",
-    "concat_4_4_4_k3": _FILL + "leaves a branch without a channel of the last Concat piece (refused)",
-    "concat_4_4_6_k3": _FILL + "gives a Concat piece of 6 channels [1, 3, 2] at K=3",
-}
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=OPEN[c]))
-                                  if c in OPEN else c for c in CASES])
+@pytest.mark.parametrize("case", list(CASES))
 def test_partition_of_split_pieces(case, tmp_path):
     text, k = CASES[case]
     model = make(text)
