@@ -57,6 +57,19 @@ def input_shape_option(fn: Callable) -> Callable:
                         help="Pin an input's dims, e.g. input:1x3x224x224 (repeatable).")(fn)
 
 
+def data_options(what: str) -> Callable:
+    """--data, --labels and --model, shared by verify and recover."""
+    def decorate(fn: Callable) -> Callable:
+        fn = click.option("--model", "original", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                          help="The original ONNX model, when it is no longer at the manifest's source path.")(fn)
+        fn = click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                          help="Integer labels (.npy): accuracy figures (and cross-entropy in recovery).")(fn)
+        return click.option("--data", required=True, type=click.Path(path_type=Path),
+                            help=f"{what}: a .npy batch, or a folder of JPEG/PNG images (read with the "
+                                 f"manifest's preprocessing).")(fn)
+    return decorate
+
+
 def format_option(fn: Callable) -> Callable:
     return click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]), default="text",
                         show_default=True, help="Output format.")(fn)
@@ -264,12 +277,7 @@ def inspect_cmd(model: Path, input_shapes, fmt: str) -> None:
 # ----------------------------------------------------------------------------- verify
 @main.command()
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--data", required=True, type=click.Path(path_type=Path),
-              help="Inputs: a .npy batch, or a folder of JPEG/PNG images (uses the manifest's preprocessing).")
-@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Integer labels (.npy) to report accuracy too.")
-@click.option("--model", "original", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="The original ONNX model, when it is no longer at the manifest's source path.")
+@data_options("Inputs")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @format_option
 @handles_errors
@@ -348,20 +356,15 @@ REFIT_SAMPLES = 1024
 
 @main.command()
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--data", required=True, type=click.Path(path_type=Path),
-              help="Training inputs, unlabelled: a .npy batch or a folder of images.")
-@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Integer labels (.npy); adds cross-entropy to the distillation loss.")
+@data_options("Training inputs (unlabelled is fine)")
 @click.option("--epochs", type=int, default=2, show_default=True,
               help="Distillation epochs (0: cheap refit only, no PyTorch needed).")
 @click.option("--refit", type=click.Choice(["lsq", "stats", "none"]), default="lsq", show_default=True,
               help="Cheap recovery first: least-squares re-fit of the cut layers, or BN statistics only.")
-@click.option("--model", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="The original ONNX model, when it is no longer at the manifest's source path.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @handles_errors
-def recover(folder: Path, data: Path, labels: Path | None, epochs: int, refit: str, model: Path | None,
+def recover(folder: Path, data: Path, labels: Path | None, original: Path | None, epochs: int, refit: str,
             out: Path, force: bool) -> None:
     """Recover the accuracy of a converted FOLDER by refit and distillation; write OUT."""
     from lcpc import manifest as mf
@@ -369,7 +372,7 @@ def recover(folder: Path, data: Path, labels: Path | None, epochs: int, refit: s
     x = load_verify_data(data, mf.read(folder))
     y = load_array(labels, "labels") if labels is not None else None
     with _progress_bar() as progress:
-        manifest = recover_folder(folder, x, out, labels=y, epochs=epochs, refit=refit, model=model,
+        manifest = recover_folder(folder, x, out, labels=y, epochs=epochs, refit=refit, model=original,
                                   force=force, progress=progress)
     click.echo(render_recovery(manifest["fidelity"]["recovery"]))
     click.echo(f"wrote the recovered plan to {out}")

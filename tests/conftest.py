@@ -24,6 +24,18 @@ def reference(model: bytes | Path, feeds: dict[str, np.ndarray]) -> list[np.ndar
     return sess.run(None, feeds)
 
 
+def run_folder(folder, feeds: dict[str, np.ndarray]):
+    """Run a converted folder with the local engine: (outputs, Stats, manifest)."""
+    from lcpc.targets.local import LocalEngine, Stats
+
+    engine = LocalEngine(folder)
+    stats = Stats()
+    try:
+        return engine.run(feeds, stats), stats, engine.manifest
+    finally:
+        engine.close()
+
+
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 

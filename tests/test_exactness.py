@@ -7,11 +7,10 @@ import json
 
 import numpy as np
 import pytest
-from conftest import EXAMPLE, ZOO, reference, rel_err
+from conftest import EXAMPLE, ZOO, reference, rel_err, run_folder
 
 from lcpc.cli import convert_model
 from lcpc.errors import LcpcError
-from lcpc.targets.local import LocalEngine, Stats
 
 MODELS = list(ZOO) + ["digits_example"]
 KS = (2, 3, 4, 8)
@@ -25,15 +24,6 @@ def sample_input(manifest, batch: int = 2, seed: int = 0) -> dict[str, np.ndarra
     rng = np.random.default_rng(seed)
     return {i["name"]: rng.standard_normal((batch, *i["shape"][1:])).astype(i["dtype"])
             for i in manifest["source"]["inputs"]}
-
-
-def run_folder(folder, feeds):
-    engine = LocalEngine(folder)
-    stats = Stats()
-    try:
-        return engine.run(feeds, stats), stats, engine.manifest
-    finally:
-        engine.close()
 
 
 def grouped_too_narrow(name: str, k: int) -> bool:

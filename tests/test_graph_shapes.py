@@ -17,13 +17,12 @@ import onnx
 import onnx.parser
 import pytest
 from click.testing import CliRunner
-from conftest import reference, rel_err
+from conftest import reference, rel_err, run_folder
 from onnx import TensorProto, helper, numpy_helper
 
 from lcpc import frontend, planner
 from lcpc.cli import convert_model, main
 from lcpc.errors import LcpcError
-from lcpc.targets.local import LocalEngine, Stats
 
 KS = (2, 4)
 INT64_MAX = 9223372036854775807
@@ -68,15 +67,6 @@ def random_feeds(manifest: dict, batch: int = 1, seed: int = 0) -> dict[str, np.
             for i in manifest["source"]["inputs"]}
 
 
-def run(folder: Path, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Stats, dict]:
-    engine = LocalEngine(folder)
-    stats = Stats()
-    try:
-        return engine.run(feeds, stats), stats, engine.manifest
-    finally:
-        engine.close()
-
-
 def assert_exact(model: onnx.ModelProto, k: int, out: Path, sync: str = "all",
                  input_shapes: dict | None = None, batch: int = 1) -> dict:
     """Convert, run, compare every output with onnxruntime (1e-4 relative) and the bytes
@@ -84,7 +74,7 @@ def assert_exact(model: onnx.ModelProto, k: int, out: Path, sync: str = "all",
     data = model.SerializeToString()
     manifest = convert_model(data, out, k, sync, input_shapes)
     feeds = random_feeds(manifest, batch)
-    got, stats, _ = run(out, feeds)
+    got, stats, _ = run_folder(out, feeds)
     want = reference(data, feeds)
     assert [o["name"] for o in manifest["source"]["outputs"]] == [o.name for o in model.graph.output]
     for o, expected in zip(model.graph.output, want):
@@ -668,7 +658,7 @@ def test_tf2onnx_names_and_nhwc_input(nhwc_inside, k, tmp_path):
                                        "--input-shape", "input:0:1x16x16x3", "-o", str(out)])
     assert result.exit_code == 0, result.output
     x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
-    got, stats, manifest = run(out, {"input:0": x})
+    got, stats, manifest = run_folder(out, {"input:0": x})
     want = reference(model.SerializeToString(), {"input:0": x})[0]
     assert rel_err(got["Identity:0"], want) <= 1e-4
     assert manifest["source"]["inputs"][0]["shape"] == [1, 16, 16, 3]

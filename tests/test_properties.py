@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import reference, rel_err
+from conftest import reference, rel_err, run_folder
 from graphgen import CLASSES, from_seed, graphs
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from lcpc import frontend, planner
 from lcpc.cli import convert_model
 from lcpc.errors import LcpcError
-from lcpc.targets.local import LocalEngine, Stats
+from lcpc.targets.local import Stats
 
 EXAMPLES = 60
 TOO_NARROW = "larger than the channel space"
@@ -39,15 +39,6 @@ def _feeds(model: onnx.ModelProto, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32)
             for i in model.graph.input}
-
-
-def _run(folder: Path, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Stats]:
-    engine = LocalEngine(folder)
-    stats = Stats()
-    try:
-        return engine.run(feeds, stats), stats
-    finally:
-        engine.close()
 
 
 def _assert_bytes_match(manifest: dict, stats: Stats) -> None:
@@ -106,7 +97,7 @@ def check_runs(gen, k: int, seed: int = 0) -> None:
             assert not out_all.exists()
             return  # whether that refusal was right is check_partition's business
         feeds = _feeds(gen.model, seed)
-        got, stats = _run(out_all, feeds)
+        got, stats, _ = run_folder(out_all, feeds)
         want = reference(data, feeds)
         for o, expected in zip([o.name for o in gen.model.graph.output], want):
             assert rel_err(got[o], expected) <= 1e-4, o
@@ -114,7 +105,7 @@ def check_runs(gen, k: int, seed: int = 0) -> None:
         assert manifest["sync"]["cuts"] == []
 
         manifest = convert_model(data, out_none, k, "none")
-        got, stats = _run(out_none, feeds)
+        got, stats, _ = run_folder(out_none, feeds)
         assert [got[o.name].shape for o in gen.model.graph.output] == [w.shape for w in want]
         assert all(np.isfinite(v).all() for v in got.values())
         _assert_bytes_match(manifest, stats)
