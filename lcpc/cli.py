@@ -163,21 +163,44 @@ def load_array(path: Path, what: str) -> np.ndarray:
               help="Most bytes per inference --sync auto may spend.")
 @click.option("--preprocess", default=None, metavar="SPEC",
               help="Image preprocessing stored in the manifest, e.g. size=224x224,mean=127,std=128.")
+@click.option("--recover", "recover_data", type=click.Path(path_type=Path), default=None, metavar="TRAIN",
+              help="Recover accuracy right away from these training inputs (.npy or image folder), "
+                   "as `lcpc recover` does.")
+@click.option("--epochs", type=int, default=2, show_default=True, help="Distillation epochs for --recover.")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder [default: MODEL stem + '.lcp'].")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @input_shape_option
 @handles_errors
 def convert(model: Path, branches: int, sync: str, partition: str, calib: Path | None, comm_budget: int | None,
-            preprocess: str | None, out: Path | None, force: bool, input_shapes) -> None:
+            preprocess: str | None, recover_data: Path | None, epochs: int, out: Path | None, force: bool,
+            input_shapes) -> None:
     """Partition MODEL into K branches; write per-device ONNX files and manifest.json."""
+    import shutil
+    import tempfile
+
     from lcpc import report
     from lcpc.frontend import parse_input_shapes
 
     out = out or model.with_suffix(".lcp")
     calib_data = load_array(calib, "calibration") if calib is not None else None
-    manifest = convert_model(model, out, branches, sync, parse_input_shapes(input_shapes), force, partition,
-                             parse_preprocessing(preprocess), calib_data, comm_budget)
+    args = (branches, sync, parse_input_shapes(input_shapes), force, partition, parse_preprocessing(preprocess),
+            calib_data, comm_budget)
+    if recover_data is None:
+        manifest = convert_model(model, out, *args)
+    else:
+        from lcpc.targets.onnx import check_out
+
+        check_out(out, force)
+        staging = Path(tempfile.mkdtemp(prefix=".lcpc-convert-", dir=out.resolve().parent))
+        try:
+            cut_manifest = convert_model(model, staging / "cut", *args)
+            data = load_verify_data(recover_data, cut_manifest)
+            with _progress_bar() as progress:
+                manifest = recover_folder(staging / "cut", data, out, epochs=epochs, force=force, progress=progress)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        click.echo(render_recovery(manifest["fidelity"]["recovery"]))
     click.echo(report.render(manifest, "text"))
     click.echo(f"wrote {len(manifest['stages'])} stage files and manifest.json to {out}")
 

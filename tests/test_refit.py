@@ -85,3 +85,14 @@ def test_recover_refuses_exact_plan(tmp_path):
     result = CliRunner().invoke(main, ["recover", str(tmp_path / "all"), "--data", str(tmp_path / "x.npy"),
                                        "--epochs", "0", "-o", str(tmp_path / "rec")])
     assert result.exit_code == 1 and "nothing to recover" in result.stderr
+
+
+def test_convert_with_recover_in_one_step(split, tmp_path):
+    np.save(tmp_path / "train.npy", split[0][:400])
+    out = tmp_path / "rec"
+    result = CliRunner().invoke(main, ["convert", str(EXAMPLE), "-k", "4", "--recover", str(tmp_path / "train.npy"),
+                                       "--epochs", "0", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["fidelity"]["recovery"]["refit"]["after"]["top1_agreement"] > 0.9
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rec", "train.npy"]  # no staging left behind
