@@ -95,8 +95,7 @@ def convert_model(model: str | Path | bytes, out: str | Path, branches: int, syn
     from lcpc.targets import onnx as onnx_target
 
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise LcpcError(f"{out}: exists and is not empty; choose another folder or pass --force")
+    onnx_target.check_out(out, force)
     graph, source = frontend.load(model, input_shapes)
     if not isinstance(model, (bytes, bytearray)):
         source = replace(source, path=str(Path(model).resolve()))
@@ -136,13 +135,12 @@ def parse_preprocessing(spec: str | None) -> dict | None:
 
 
 def load_array(path: Path, what: str) -> np.ndarray:
-    """One array from a .npy file (never unpickled)."""
+    """One array from a .npy file: header checked first, never unpickled."""
+    from lcpc import safety
+
     if not path.is_file():
         raise LcpcError(f"{path}: no such {what} file")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise LcpcError(f"{path}: not a .npy array file ({type(exc).__name__})") from None
+    data = safety.load_array(path)
     if not isinstance(data, np.ndarray):
         raise LcpcError(f"{path}: expected one array in a .npy file for {what}")
     return data

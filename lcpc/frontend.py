@@ -201,6 +201,14 @@ def _all_tensors(model: onnx.ModelProto):
         yield from _node_tensors(function.node)
 
 
+def _subgraphs(graph: onnx.GraphProto):
+    for n in graph.node:
+        for a in n.attribute:
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield sub
+                yield from _subgraphs(sub)
+
+
 def _graph_tensors(graph: onnx.GraphProto):
     yield from graph.initializer
     for sparse in graph.sparse_initializer:
@@ -235,29 +243,8 @@ def load(source: str | os.PathLike | bytes, input_shapes: dict[str, tuple[int, .
 
 
 def _check_and_upgrade(model: onnx.ModelProto, src: Source, where: str) -> onnx.ModelProto:
-    if src.opset == 0:
-        raise LcpcError(f"{where}: the model declares no ai.onnx opset; not a model lcpc can read")
-    if src.opset < MIN_OPSET:
-        raise LcpcError(f"{where}: opset {src.opset} is too old; lcpc reads opset {MIN_OPSET} and newer "
-                        f"(re-export the model with a newer exporter)")
-    known = onnx.defs.onnx_opset_version()
-    if src.opset > known:
-        raise LcpcError(f"{where}: opset {src.opset} is newer than the installed onnx knows ({known}); "
-                        f"upgrade onnx or re-export with opset <= {known}")
-    # The checker wants a shape field on graph inputs and outputs; a missing one means "unknown",
-    # which --input-shape (inputs) and shape inference (outputs) settle later.
-    unshaped = [vi.type.tensor_type for vi in list(model.graph.input) + list(model.graph.output)
-                if vi.type.HasField("tensor_type") and not vi.type.tensor_type.HasField("shape")]
-    for t in unshaped:
-        t.shape.SetInParent()
-    try:
-        onnx.checker.check_model(model)
-    except Exception as exc:
-        raise LcpcError(f"{where}: invalid ONNX graph: {_first_line(exc)}") from None
-    finally:
-        for t in unshaped:
-            t.ClearField("shape")
-    check_loops(model, where)
+    _check_opset(src.opset, where)
+    _check_graph(model, where)
     # Initializers listed as graph inputs (IR < 4 exporters) are weights, not inputs.
     inits = {t.name for t in model.graph.initializer}
     keep = [i for i in model.graph.input if i.name not in inits]
@@ -272,6 +259,41 @@ def _check_and_upgrade(model: onnx.ModelProto, src: Source, where: str) -> onnx.
                 raise LcpcError(f"{where}: cannot upgrade opset {src.opset} to {TARGET_OPSET}: "
                                 f"{_first_line(exc)}") from None
     return model
+
+
+def _check_opset(opset: int, where: str) -> None:
+    if opset == 0:
+        raise LcpcError(f"{where}: the model declares no ai.onnx opset; not a model lcpc can read")
+    if opset < MIN_OPSET:
+        raise LcpcError(f"{where}: opset {opset} is too old; lcpc reads opset {MIN_OPSET} and newer "
+                        f"(re-export the model with a newer exporter)")
+    known = onnx.defs.onnx_opset_version()
+    if opset > known:
+        raise LcpcError(f"{where}: opset {opset} is newer than the installed onnx knows ({known}); "
+                        f"upgrade onnx or re-export with opset <= {known}")
+
+
+def _check_graph(model: onnx.ModelProto, where: str) -> None:
+    """The ONNX checker, then what lcpc needs beyond it: bounded Loops, tensors in subgraphs."""
+    # The checker wants a shape field on graph inputs and outputs; a missing one means "unknown",
+    # which --input-shape (inputs) and shape inference (outputs) settle later.
+    unshaped = [vi.type.tensor_type for vi in list(model.graph.input) + list(model.graph.output)
+                if vi.type.HasField("tensor_type") and not vi.type.tensor_type.HasField("shape")]
+    for t in unshaped:
+        t.shape.SetInParent()
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise LcpcError(f"{where}: invalid ONNX graph: {_first_line(exc)}") from None
+    finally:
+        for t in unshaped:
+            t.ClearField("shape")
+    check_loops(model, where)
+    for graph in _subgraphs(model.graph):
+        for vi in list(graph.input) + list(graph.output):
+            if not vi.type.HasField("tensor_type"):
+                raise LcpcError(f"{where}: value '{printable(vi.name, 200)}' of subgraph "
+                                f"'{printable(graph.name, 200)}' is not a tensor; lcpc handles tensors only")
 
 
 def _pin_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], where: str) -> onnx.ModelProto:
@@ -348,18 +370,21 @@ def _simplify(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
     try:
         graph = gs.import_onnx(model)
     except Exception as exc:
-        raise LcpcError(f"{where}: cannot import graph: {exc}") from None
+        raise LcpcError(f"{where}: cannot import graph: {_first_line(exc)}") from None
     _drop_passthrough(graph)
     try:
         graph.fold_constants(error_ok=True).cleanup(remove_unused_graph_inputs=False).toposort()
     except Exception as exc:  # folding is an optimisation; a failure must not lose the model
-        raise LcpcError(f"{where}: constant folding failed: {exc}") from None
+        raise LcpcError(f"{where}: constant folding failed: {_first_line(exc)}") from None
     _fold_batchnorm(graph)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     for node in graph.nodes:
         if node.op == "Constant":
             raise LcpcError(f"{where}: Constant node '{node.name}' could not be folded")
-    out = gs.export_onnx(graph)
+    try:
+        out = gs.export_onnx(graph)
+    except Exception as exc:  # e.g. a non-tensor value in a subgraph, which graphsurgeon cannot write
+        raise LcpcError(f"{where}: cannot export the folded graph: {_first_line(exc)}") from None
     out.ir_version = max(min(model.ir_version, 9), 7)
     return out
 

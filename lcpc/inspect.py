@@ -72,6 +72,7 @@ def render(data: dict[str, Any], source: str, fmt: str = "text") -> str:
 
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     if fmt == "json":
         return json.dumps(dict(data, source=source), indent=1)
@@ -88,21 +89,21 @@ def render(data: dict[str, Any], source: str, fmt: str = "text") -> str:
         return "\n".join(out) + "\n"
     buf = io.StringIO()
     console = Console(file=buf, width=110, force_terminal=False, color_system=None)
-    console.print(headline)
+    console.print(Text(headline))
     table = Table(title="Ops", title_justify="left")
     table.add_column("op")
     table.add_column("treatment (node count)")
     for row in op_rows:
-        table.add_row(*row)
+        table.add_row(*map(Text, row))
     console.print(table)
     if sync_rows:
         syncs = Table(title="Exact syncs lcpc must place", title_justify="left")
         for h in ("node", "op", "why", "split input bytes"):
             syncs.add_column(h)
         for row in sync_rows:
-            syncs.add_row(*row)
+            syncs.add_row(*map(Text, row))
         console.print(syncs)
     if data["unsupported"]:
-        console.print("Ops lcpc does not model: " + ", ".join(data["unsupported"])
+        console.print(Text("Ops lcpc does not model: " + ", ".join(data["unsupported"]))
                       + " (converted exactly behind a sync)")
     return buf.getvalue()

@@ -11,7 +11,7 @@ Layout rules (DESIGN.md, "layouts and transitions"):
 - any op on an ``H`` input runs on the head: ``H``;
 - a tensor whose channel groups are fewer than K (an SE bottleneck of 4 channels at
   K = 8) runs whole on every device (``R``), behind an exact gather; a K that leaves
-  more than 10% of the FLOPs unsplit that way is refused with the largest K that works;
+  more than a quarter of the FLOPs unsplit that way is refused with the largest K that works;
 - an op lcpc does not model (``Sync``) sees whole inputs: an exact all-gather in
   front of it, replicated compute behind it (``R``), and a decision with its reason.
 """
@@ -47,7 +47,7 @@ def plan(graph: Graph, source: Source, k: int, sync: str = "none", partition_met
 
 
 NARROW = "channel groups cannot be split over"
-MAX_NARROW_FLOPS = 0.1
+MAX_NARROW_FLOPS = 0.25
 
 
 def _refuse_mostly_replicated(graph: Graph, analysis, decisions: dict[str, Decision], k: int) -> None:

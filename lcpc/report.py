@@ -13,6 +13,9 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+from lcpc.safety import printable
 
 
 def _fmt(n: float) -> str:
@@ -51,6 +54,7 @@ def summary(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def render(m: dict[str, Any], fmt: str = "text", width: int = 110) -> str:
+    """The report in ``fmt``; names that came from the model are escaped for the terminal."""
     data = summary(m)
     if fmt == "json":
         return json.dumps(data, indent=1)
@@ -83,7 +87,8 @@ def _traffic_rows(data: dict[str, Any]) -> list[list[str]]:
 
 
 def _sync_rows(data: dict[str, Any]) -> list[list[str]]:
-    return [[s["node"], s["op"], s["action"], _fmt(s.get("bytes", 0)) + "B", s["reason"]] for s in data["syncs"]]
+    return [[printable(s["node"], 80), printable(s["op"], 40), s["action"], _fmt(s.get("bytes", 0)) + "B",
+             printable(s["reason"], 200)] for s in data["syncs"]]
 
 
 SYNC_HEADER = ["node", "op", "action", "bytes", "why"]
@@ -91,38 +96,38 @@ SYNC_HEADER = ["node", "op", "action", "bytes", "why"]
 
 def _headline(data: dict[str, Any]) -> str:
     t = data["totals"]
-    return (f"{data['source']}: K={data['branches']} branches, --sync {data['sync']}, "
+    return (f"{printable(data['source'], 300)}: K={data['branches']} branches, --sync {data['sync']}, "
             f"{data['cuts']} cut layers, {data['exchanges']} exact exchanges; "
             f"{_fmt(t['bytes_per_inference'])}B on the wire per inference; busiest device "
             f"{_fmt(t['max_device_flops'])} FLOPs of the original {_fmt(t['original']['flops'])}")
 
 
 def _rich(console: Console, data: dict[str, Any]) -> None:
-    console.print(_headline(data))
+    console.print(Text(_headline(data)))
     table = Table(title="Per device (bytes per inference)", title_justify="left")
     for h in DEVICE_HEADER:
         table.add_column(h, justify="left" if h == "device" else "right")
     for row in _device_rows(data):
-        table.add_row(*row)
+        table.add_row(*map(Text, row))
     console.print(table)
     traffic = Table(title="Traffic of the same model, per inference", title_justify="left")
     for h in ("execution", "bytes", "what"):
         traffic.add_column(h)
     for row in _traffic_rows(data):
-        traffic.add_row(*row)
+        traffic.add_row(*map(Text, row))
     console.print(traffic)
     if data["syncs"]:
         syncs = Table(title="Sync points and merges (bytes per inference)", title_justify="left")
         for h in SYNC_HEADER:
             syncs.add_column(h)
         for row in _sync_rows(data):
-            syncs.add_row(*row)
+            syncs.add_row(*map(Text, row))
         console.print(syncs)
     if data["unsupported_ops"]:
-        console.print("Ops lcpc does not model (run exactly behind a sync): "
-                      + ", ".join(data["unsupported_ops"]))
+        console.print(Text("Ops lcpc does not model (run exactly behind a sync): "
+                           + printable(", ".join(data["unsupported_ops"]), 500)))
     if data["fidelity"]:
-        console.print("Fidelity: " + json.dumps(data["fidelity"]))
+        console.print(Text("Fidelity: " + json.dumps(data["fidelity"])))
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:

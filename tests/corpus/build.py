@@ -216,6 +216,9 @@ def models() -> list[tuple[str, bytes, list[str] | None, list[str]]]:
          ["tensor 'big' would have shape (1000, 1000000)"], []),
         ("unbounded_loop.onnx", loop(10**12), ["Loop 'counter'", "no constant trip count of at most 65536"], []),
         ("while_loop.onnx", loop(None), ["Loop 'counter'", "no constant trip count"], []),
+        ("subgraph_map_value.onnx", edited(loop(3), lambda m: m.graph.node[0].attribute[0].g.output[0].type.CopyFrom(
+            helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.BOOL, [])))),
+         ["value 'cond_out' of subgraph 'body' is not a tensor"], []),
         ("long_shape_vector.onnx", around([helper.make_node("Range", ["a", "b", "c"], ["r"]),
                                            helper.make_node("Cast", ["r"], ["big"], to=TensorProto.INT32)],
                                           [ints("a", 0), ints("b", 10**7), ints("c", 1)], "big"), None, []),
