@@ -356,6 +356,7 @@ def recover_folder(folder: Path, data: np.ndarray, out: Path, *, labels: np.ndar
     if not plan.cut_nodes():
         raise LcpcError(f"{folder}: the plan cuts no layer (--sync all?): it is already exact, nothing to recover")
     figures: dict[str, Any] = {}
+    original = plan.graph  # the teacher: the original weights, before any refit
     if refit != "none":
         from lcpc.passes import refit as refit_pass
 
@@ -364,7 +365,8 @@ def recover_folder(folder: Path, data: np.ndarray, out: Path, *, labels: np.ndar
     if epochs > 0:
         from lcpc.passes import recover as recover_pass
 
-        plan, figures["distillation"] = recover_pass.run(plan, data, labels, epochs=epochs, progress=progress)
+        plan, figures["distillation"] = recover_pass.run(plan, data, labels, epochs=epochs, progress=progress,
+                                                         original=original)
     program = lower(plan)
     exact = lower(cut.run(plan, "all")).bytes_per_inference()
     return onnx_target.write(plan, program, out, force=force, exact_bytes=exact,

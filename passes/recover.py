@@ -137,6 +137,9 @@ def run(plan: Plan, data: np.ndarray, labels: np.ndarray | None = None, *, epoch
     masks = weight_masks(plan)
     warnings = _data_warnings(len(x_all), n_hold, masks)
 
+    if original is None and masks and _already_cut(g, masks):
+        raise LcpcError("recovery: the plan's weights are already cut (an earlier pass zeroed the cross-branch "
+                        "weights), so they cannot teach; pass original=<the graph with the original weights>")
     teacher = GraphModule(_same_structure(original, g) if original is not None else g).to(dev).eval()
     teacher.requires_grad_(False)
     norms = [n for n in normable(g) if n not in plan.analysis.terminal]
@@ -171,6 +174,12 @@ def run(plan: Plan, data: np.ndarray, labels: np.ndarray | None = None, *, epoch
 
 
 # --------------------------------------------------------------------------- data and figures
+def _already_cut(g: Graph, masks: dict) -> bool:
+    """True when every cut layer's weight is already zero outside its blocks."""
+    weights = {n.name: g.constants[n.inputs[1]] for n in g.nodes if n.name in masks}
+    return all(not np.any(weights[name] * (1 - mask)) for name, mask in masks.items())
+
+
 def _same_structure(original: Graph, g: Graph) -> Graph:
     same = [n.name for n in original.nodes] == [n.name for n in g.nodes] and \
         {k: v.shape for k, v in original.constants.items()} == {k: v.shape for k, v in g.constants.items()}

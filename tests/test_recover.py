@@ -251,6 +251,23 @@ def test_labels_add_accuracy_figures(split):
     assert report["epochs_run"] == 0 and "refit" in report["stages"]
 
 
+def test_plan_with_cut_weights_needs_the_original_as_teacher(split):
+    """A plan whose cross-branch weights an earlier pass zeroed cannot teach itself."""
+    from dataclasses import replace
+
+    graph, source = frontend.load(EXAMPLE)
+    plan = planner.plan(graph, source, 4, "none")
+    constants = dict(graph.constants)
+    for n in graph.nodes:
+        if n.name in (masks := weight_masks(plan)):
+            constants[n.inputs[1]] = constants[n.inputs[1]] * masks[n.name]
+    zeroed = replace(plan, graph=replace(graph, constants=constants))
+    with pytest.raises(LcpcError, match="already cut"):
+        recover.run(zeroed, split[0][:200], epochs=0)
+    _, report = recover.run(zeroed, split[0][:200], epochs=0, original=graph)
+    assert report["before"]["top1_agreement"] < 0.3 < 0.9 < report["after"]["top1_agreement"]
+
+
 def test_bad_data_is_refused(split):
     graph, source = frontend.load(EXAMPLE)
     plan = planner.plan(graph, source, 2, "none")
