@@ -1,39 +1,23 @@
 """Run a plan's graph on calibration data, as the plan would compute it.
 
 Guarantees:
-- ``masked_graph(plan, cut)`` is the original graph with every layer in ``cut``
-  multiplied by its block-diagonal mask (``passes.cut.weight_masks``): it computes
-  exactly what a plan cutting those layers (and exchanging the rest) computes;
 - ``run_graph`` feeds a batch through onnxruntime in slices of the graph's planned
-  batch and returns the first output, so passes can measure fidelity without lowering.
+  batch and returns the first output, so passes can measure fidelity without lowering
+  (``lcpc.weights.masked_graph`` gives the graph a cut plan computes).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
 
 from lcpc.errors import LcpcError
 from lcpc.ir import Graph, to_onnx
 
 
-def masked_graph(plan, cut: set[str]) -> Graph:
-    from lcpc.passes.cut import weight_masks
-
-    g = plan.graph
-    behaviours = plan.analysis.behaviours
-    masks = weight_masks(plan, cut)
-    constants = dict(g.constants)
-    for node in g.nodes:
-        if node.name in masks:
-            w = node.inputs[behaviours[node.name].weight]
-            constants[w] = constants[w] * masks[node.name]
-    return Graph(g.nodes, g.inputs, g.outputs, g.tensors, constants, g.opset, dict(g.extra_opsets), g.name)
-
-
 def run_graph(graph: Graph, data: np.ndarray, outputs: list[str] | None = None) -> np.ndarray | list[np.ndarray]:
     """For every sample of ``data`` (single-input graphs): the first output, or the listed
     tensors (any activation of the graph) when ``outputs`` is given."""
-    import onnxruntime as ort
 
     if len(graph.inputs) != 1:
         raise LcpcError("calibration needs a single-input model")

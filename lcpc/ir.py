@@ -75,11 +75,21 @@ class Graph:
     def reindex(self) -> None:
         """Recompute producer/consumer maps after the node list changed."""
         self._producer = {o: n for n in self.nodes for o in n.outputs if o}
+        self._by_name = {n.name: n for n in self.nodes}
         self._consumers: dict[str, list[Node]] = {}
         for n in self.nodes:
             for i in n.inputs:
                 if i:
                     self._consumers.setdefault(i, []).append(n)
+
+    def node(self, name: str) -> Node:
+        """The node called ``name`` (KeyError when there is none)."""
+        return self._by_name[name]
+
+    def with_constants(self, updates: dict[str, np.ndarray]) -> "Graph":
+        """The same graph with some constants replaced (the others shared, not copied)."""
+        return Graph(self.nodes, self.inputs, self.outputs, self.tensors, {**self.constants, **updates},
+                     self.opset, dict(self.extra_opsets), self.name)
 
     def producer(self, tensor: str) -> Node | None:
         return self._producer.get(tensor)

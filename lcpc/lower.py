@@ -29,6 +29,7 @@ from lcpc.analysis import channel_inputs
 from lcpc.errors import LcpcError
 from lcpc.ir import Graph, Node, TensorInfo, toposort
 from lcpc.plan import HEAD, Plan
+from lcpc.weights import DenseWeight
 
 
 @dataclass(frozen=True)
@@ -268,8 +269,9 @@ class _Lowering:
         for o, name in zip(outs, names):
             self.define(o, k, "S", name)
 
-    def _dense_weight(self, node: Node, b: ops.Dense) -> np.ndarray:
-        return self.g.constants[node.inputs[b.weight]]
+    def _weight(self, node: Node, b: ops.Dense) -> tuple[DenseWeight, np.ndarray]:
+        view = DenseWeight.of(node, b)
+        return view, self.g.constants[view.weight]
 
     def _bias(self, node: Node, b: ops.Dense) -> np.ndarray | None:
         return None if b.bias is None else self.g.constants[node.inputs[b.bias]]
@@ -293,9 +295,10 @@ class _Lowering:
     def split_dense(self, node: Node, b: ops.Dense, k: int) -> None:
         x, out = node.inputs[0], node.outputs[0]
         idx = self.plan.own(out, k)
-        w = np.take(self._dense_weight(node, b), idx, axis=b.out_axis)
+        view, w_all = self._weight(node, b)
+        w = view.rows(w_all, idx)
         if self.plan.layouts[x] == "S":  # the cut: keep the block-diagonal part
-            w = np.take(w, self.plan.own(x, k), axis=b.in_axis)
+            w = view.cols(w, self.plan.own(x, k))
             local = self.cache[(x, k, "S")]
         else:
             local = self.full(x, k)
@@ -310,11 +313,11 @@ class _Lowering:
         """Exact S->S: all-gather the input or reduce-scatter partial outputs, fewer bytes wins."""
         x, out = node.inputs[0], node.outputs[0]
         x_bytes, y_bytes = self.g.info(x).nbytes, self.g.info(out).nbytes
+        view, w_all = self._weight(node, b)
         if self._has_full_everywhere(x) or x_bytes <= y_bytes:
-            w_all = self._dense_weight(node, b)
             for k in range(self.k):
                 idx = self.plan.own(out, k)
-                y = self._emit_dense(k, node, b, self.full(x, k), np.take(w_all, idx, axis=b.out_axis),
+                y = self._emit_dense(k, node, b, self.full(x, k), view.rows(w_all, idx),
                                      self._slice_bias(node, b, idx), out, self._out_info(out, len(idx)))
                 self.define(out, k, "S", y)
             return
@@ -322,8 +325,7 @@ class _Lowering:
         sizes = [len(o) for o in order]
         received: dict[int, list[str]] = defaultdict(list)
         for k in range(self.k):
-            w = np.take(self._dense_weight(node, b), self.plan.own(x, k), axis=b.in_axis)
-            w = np.take(w, np.concatenate(order), axis=b.out_axis)
+            w = view.block(w_all, np.concatenate(order), self.plan.own(x, k))
             partial = self._emit_dense(k, node, b, self.cache[(x, k, "S")], w, None, f"{out}:partial",
                                        self.g.info(out))
             split = self.const(k, np.array(sizes, np.int64), f"{node.name}.sizes")
@@ -352,13 +354,14 @@ class _Lowering:
         features = sum(self.plan.own(x, j).size for j in range(self.k) if j != HEAD)
         feature_bytes = features * self.g.info(x).nbytes // self.g.info(x).shape[self.axis(x)]
         partial_bytes = (self.k - 1) * self.g.info(out).nbytes
+        view, w_all = self._weight(node, b)
         if feature_bytes <= partial_bytes:
-            y = self._emit_dense(HEAD, node, b, self.full(x, HEAD), self._dense_weight(node, b),
+            y = self._emit_dense(HEAD, node, b, self.full(x, HEAD), w_all,
                                  self._bias(node, b), out, self.g.info(out))
         else:
             parts = []
             for k in range(self.k):
-                w = np.take(self._dense_weight(node, b), self.plan.own(x, k), axis=b.in_axis)
+                w = view.cols(w_all, self.plan.own(x, k))
                 p = self._emit_dense(k, node, b, self.cache[(x, k, "S")], w, None, f"{out}:partial",
                                      self.g.info(out))
                 parts.append(p if k == HEAD else self.send(out, "reduce", k, p, HEAD, f"{out}@{k}"))

@@ -17,6 +17,7 @@ from typing import Literal, Mapping
 
 import numpy as np
 
+from lcpc import ops
 from lcpc.analysis import Analysis
 from lcpc.frontend import Source
 from lcpc.ir import Graph
@@ -66,6 +67,12 @@ class Plan:
     def own(self, tensor: str, branch: int) -> np.ndarray:
         """Indices (ascending) of the channels of ``tensor`` that ``branch`` owns."""
         return np.nonzero(self.branches(tensor) == branch)[0]
+
+    def cuttable(self) -> list[str]:
+        """Dense layers whose input and output are both split, in graph order: each is
+        either cut or exchanged."""
+        return [n.name for n in self.graph.nodes if isinstance(self.analysis.behaviours[n.name], ops.Dense)
+                and self.layouts.get(n.inputs[0]) == "S" and self.layouts.get(n.outputs[0]) == "S"]
 
     def cut_nodes(self) -> list[str]:
         return [d.node for d in self.decisions.values() if d.action == "cut"]

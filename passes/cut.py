@@ -25,23 +25,19 @@ from dataclasses import replace
 import numpy as np
 
 from lcpc import ops
+from lcpc.calibrate import run_graph
 from lcpc.errors import LcpcError
+from lcpc.fidelity import compare
+from lcpc.lower import lower
 from lcpc.plan import Decision, Plan
+from lcpc.weights import masked_graph
 
 NAMED = ("none", "all", "auto", "every:N", "NODE,NODE,...")
 
 
-def cuttable(plan: Plan) -> list[str]:
-    """Dense layers whose input and output are both split, in graph order."""
-    g, a = plan.graph, plan.analysis
-    return [n.name for n in g.nodes
-            if isinstance(a.behaviours[n.name], ops.Dense)
-            and plan.layouts.get(n.inputs[0]) == "S" and plan.layouts.get(n.outputs[0]) == "S"]
-
-
 def run(plan: Plan, policy: str = "none", calib: np.ndarray | None = None,
         comm_budget: int | None = None) -> Plan:
-    layers = cuttable(plan)
+    layers = plan.cuttable()
     reasons: dict[str, str]
     if policy == "none":
         reasons = {}
@@ -79,10 +75,6 @@ def _decide(plan: Plan, layers: list[str], exchanges: dict[str, str], policy: st
 
 
 def _auto(plan: Plan, layers: list[str], calib: np.ndarray | None, budget: int | None) -> dict[str, str]:
-    from lcpc.calibrate import masked_graph, run_graph
-    from lcpc.fidelity import compare
-    from lcpc.lower import lower
-
     if calib is None or budget is None:
         raise LcpcError("--sync auto needs --calib X.npy (calibration inputs) and --comm-budget BYTES")
     floor = lower(_decide(plan, layers, {}, "none")).bytes_per_inference()
@@ -115,28 +107,3 @@ def _auto(plan: Plan, layers: list[str], calib: np.ndarray | None, budget: int |
             best, best_kl = list(chosen), value
     return {n: f"--sync auto: KL {base:.4g} -> {best_kl:.4g} on calibration data; this exchange alone "
                f"gains {gains[n][0] * gains[n][1]:.3g} KL for {gains[n][1]} bytes" for n in best}
-
-
-def weight_masks(plan: Plan, cut: set[str] | None = None) -> dict[str, np.ndarray]:
-    """For every cut layer, the 0/1 mask over its weight that the cut keeps.
-
-    ``mask[..., o, ..., i, ...] = 1`` iff output channel o and input channel i belong
-    to the same branch (broadcastable against the weight). Multiplying the original
-    weight by its mask gives a model that computes exactly what the cut plan computes:
-    this is how recovery trains the LCP model as one graph. ``cut`` overrides which
-    layers count as cut (default: the plan's cut decisions).
-    """
-    g, a = plan.graph, plan.analysis
-    cut = set(plan.cut_nodes()) if cut is None else cut
-    masks = {}
-    for node in g.nodes:
-        if node.name not in cut:
-            continue
-        b = a.behaviours[node.name]
-        w = g.constants[node.inputs[b.weight]]
-        out_b, in_b = plan.branches(node.outputs[0]), plan.branches(node.inputs[0])
-        shape = [1] * w.ndim
-        shape[b.out_axis], shape[b.in_axis] = len(out_b), len(in_b)
-        same = out_b[:, None] == in_b[None, :] if b.out_axis < b.in_axis else in_b[:, None] == out_b[None, :]
-        masks[node.name] = same.reshape(shape).astype(w.dtype)
-    return masks

@@ -33,6 +33,8 @@ from dataclasses import replace
 
 import numpy as np
 
+from lcpc import weights
+from lcpc.analysis import UnionFind
 from lcpc.errors import LcpcError
 from lcpc.plan import Plan
 
@@ -60,19 +62,12 @@ def run(plan: Plan, method: str = "energy") -> Plan:
 def _layer_energies(plan: Plan) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(E[out, in] = squared weights summed over other axes, out classes, in classes) per
     dense layer between split tensors."""
-    from lcpc.passes.cut import cuttable
-
     g, a = plan.graph, plan.analysis
-    nodes = {n.name: n for n in g.nodes}
     layers = []
-    for name in cuttable(plan):
-        n, b = nodes[name], a.behaviours[name]
-        w = g.constants[n.inputs[b.weight]].astype(np.float64) ** 2
-        other = tuple(ax for ax in range(w.ndim) if ax not in (b.out_axis, b.in_axis))
-        e = w.sum(axis=other) if other else w
-        if b.out_axis > b.in_axis:
-            e = e.T
-        layers.append((e, a.classes[n.outputs[0]], a.classes[n.inputs[0]]))
+    for name in plan.cuttable():
+        n = g.node(name)
+        view = weights.of_plan(plan, n)
+        layers.append((view.energy(g.constants[view.weight]), a.classes[n.outputs[0]], a.classes[n.inputs[0]]))
     return layers
 
 
@@ -158,7 +153,6 @@ def split_constraints(plan: Plan) -> dict[int, dict[str, np.ndarray]]:
 
     Classes that share an ``S`` tensor (a space, its Split/Slice pieces, the spaces a
     Concat joins) land in one group, so every tensor they appear in is a constraint."""
-    from lcpc.analysis import UnionFind
 
     a = plan.analysis
     tensors = {}

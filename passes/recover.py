@@ -4,7 +4,7 @@ Guarantees:
 - the returned plan differs from the input only in its graph's constants: nodes,
   tensors, layouts, partition and decisions are unchanged, so lowering it yields the
   same stages and the same bytes per inference;
-- cut layers stay cut: the student trains ``W * mask`` (``passes.cut.weight_masks``),
+- cut layers stay cut: the student trains ``W * mask`` (``lcpc.weights.weight_masks``),
   exported weights are exactly zero outside the blocks, so the lowered plan computes
   what the trained student computes (in eval mode);
 - ``data`` is split (seeded) into a training part and a held-out part; the report
@@ -113,7 +113,7 @@ def run(plan: Plan, data: np.ndarray, labels: np.ndarray | None = None, *, epoch
     epoch (step == steps, agreement measured). Returns the new plan and a report.
     """
     torch = _torch()
-    from lcpc.passes.cut import weight_masks
+    from lcpc.weights import weight_masks
     from lcpc.torch_graph import GraphModule, normable
 
     try:

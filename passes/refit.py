@@ -25,11 +25,12 @@ from dataclasses import replace
 
 import numpy as np
 
-from lcpc.calibrate import masked_graph, run_graph
+from lcpc.calibrate import run_graph
 from lcpc.errors import LcpcError
 from lcpc.fidelity import compare
 from lcpc.ir import Graph
 from lcpc.plan import Plan
+from lcpc.weights import masked_graph
 
 LEVELS = ("stats", "lsq")
 

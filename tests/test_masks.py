@@ -10,7 +10,7 @@ from conftest import reference, rel_err
 from lcpc import frontend, planner
 from lcpc.cli import convert_model
 from lcpc.ir import Graph, to_onnx
-from lcpc.passes.cut import weight_masks
+from lcpc.weights import weight_masks
 from lcpc.targets.local import LocalEngine
 
 

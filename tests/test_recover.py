@@ -17,7 +17,7 @@ from lcpc.errors import LcpcError
 from lcpc.ir import to_onnx
 from lcpc.lower import lower
 from lcpc.passes import recover
-from lcpc.passes.cut import weight_masks
+from lcpc.weights import weight_masks
 from lcpc.targets import onnx as onnx_target
 
 torch = pytest.importorskip("torch")

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from conftest import EXAMPLE, rel_err
 
 from lcpc import frontend, planner
-from lcpc.calibrate import masked_graph, run_graph
+from lcpc.calibrate import run_graph
+from lcpc.weights import masked_graph
 from lcpc.cli import convert_model, main
 from lcpc.fidelity import compare
 from lcpc.lower import lower
@@ -53,7 +54,7 @@ def test_lsq_refit_recovers_held_out_agreement(split, digits_plan, tmp_path):
 def test_stats_refit_changes_only_kept_blocks(split, digits_plan):
     recovered, report = refit.run(digits_plan, split[0][:256], "stats")
     assert report["after"]["kl_divergence"] < report["before"]["kl_divergence"]
-    from lcpc.passes.cut import weight_masks
+    from lcpc.weights import weight_masks
 
     for name, mask in weight_masks(digits_plan).items():
         node = next(n for n in digits_plan.graph.nodes if n.name == name)

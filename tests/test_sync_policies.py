@@ -6,7 +6,8 @@ import pytest
 from conftest import EXAMPLE, ZOO
 
 from lcpc import frontend, planner
-from lcpc.calibrate import masked_graph, run_graph
+from lcpc.calibrate import run_graph
+from lcpc.weights import masked_graph
 from lcpc.errors import LcpcError
 from lcpc.fidelity import compare
 from lcpc.lower import lower
@@ -28,7 +29,7 @@ def exchanged(plan):
 
 def test_every_n(digits):
     graph, source, _ = digits
-    layers = cut.cuttable(planner.plan(graph, source, 4, "none"))
+    layers = planner.plan(graph, source, 4, "none").cuttable()
     p = planner.plan(graph, source, 4, "every:3")
     assert exchanged(p) == layers[2::3]
     assert set(p.cut_nodes()) == set(layers) - set(layers[2::3])
@@ -39,7 +40,7 @@ def test_every_n(digits):
 
 def test_named_nodes(digits):
     graph, source, _ = digits
-    layers = cut.cuttable(planner.plan(graph, source, 4, "none"))
+    layers = planner.plan(graph, source, 4, "none").cuttable()
     p = planner.plan(graph, source, 4, f"{layers[1]},{layers[4]}")
     assert exchanged(p) == [layers[1], layers[4]]
     with pytest.raises(LcpcError, match="not a layer between split tensors"):
