@@ -18,14 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from examples.digits.data import load_split  # noqa: E402
-from lcpc.cli import convert_model, recover_folder  # noqa: E402
-from lcpc.fidelity import evaluate  # noqa: E402
+from lcpc import pipeline  # noqa: E402
+
 
 MODEL = ROOT / "examples" / "digits" / "digits_cnn.onnx"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -54,14 +53,14 @@ def main() -> None:
             for policy in POLICIES:
                 start = time.perf_counter()
                 out = Path(tmp) / f"k{k}_{policy.replace(':', '')}"
-                manifest = convert_model(MODEL, out, k, policy)
+                manifest = pipeline.convert(MODEL, out, k, policy)
                 stages = [("cut", out, manifest)]
                 if manifest["sync"]["cuts"] and not args.no_recover:
                     rec = out.with_name(out.name + "_rec")
                     epochs = args.epochs if _has_torch() else 0
-                    stages.append((f"refit+{epochs}ep", rec, recover_folder(out, x_train, rec, epochs=epochs)))
+                    stages.append((f"refit+{epochs}ep", rec, pipeline.recover(out, x_train, rec, epochs=epochs)))
                 for label, folder, m in stages:
-                    fig = evaluate(folder, x_test, y_test, MODEL)
+                    fig = pipeline.verify(folder, x_test, y_test, MODEL)
                     rows.append({"K": k, "sync": policy, "recovery": label,
                                  "bytes_per_inference": m["totals"]["bytes_per_inference"],
                                  "accuracy": fig["candidate_accuracy"], "original_accuracy": fig["reference_accuracy"],

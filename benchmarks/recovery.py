@@ -37,7 +37,7 @@ from examples.digits.data import load_split  # noqa: E402
 from lcpc import frontend, planner  # noqa: E402
 from lcpc.fidelity import compare  # noqa: E402
 from lcpc.lower import lower  # noqa: E402
-from lcpc.passes import cut, recover  # noqa: E402
+from lcpc.passes import recover  # noqa: E402
 from lcpc.targets import onnx as onnx_target  # noqa: E402
 from lcpc.targets.local import LocalEngine  # noqa: E402
 
@@ -83,7 +83,7 @@ def main() -> None:
         for k in args.branches:
             plan = planner.plan(graph, source, k, "none")
             lcp_bytes = lower(plan).bytes_per_inference()
-            exact_bytes = lower(cut.run(plan, "all")).bytes_per_inference()
+            exact_bytes = lower(planner.with_sync(plan, "all")).bytes_per_inference()
             base = {"K": k, "bytes_per_inference": lcp_bytes, "exact_bytes_per_inference": exact_bytes}
             fig = test_figures(plan, x_test, y_test, reference_logits, Path(tmp) / f"k{k}_cut")
             rows.append({**base, "recovery": "cut", **fig, "seconds": 0.0, "runs": []})

@@ -32,7 +32,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lcpc.cli import convert_model  # noqa: E402
+from lcpc import pipeline  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -97,7 +97,7 @@ def main() -> None:
             for sync in ("none", "all"):
                 with tempfile.TemporaryDirectory() as tmp:
                     out = Path(tmp) / "out"
-                    manifest = convert_model(model, out, k, sync)
+                    manifest = pipeline.convert(model, out, k, sync)
                     t = plan_time(out, manifest, args.repeat, bandwidth, latency)
                 total = t["compute_s"] + t["network_s"]
                 local_input = total - t["input_s"]

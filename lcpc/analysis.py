@@ -13,7 +13,6 @@ Guarantees:
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,13 +51,11 @@ class Analysis:
     """What the planner needs to know about channels and costs."""
 
     behaviours: dict[str, ops.Behaviour]
-    ids: dict[str, np.ndarray]            # tensor -> atom id per channel
     classes: dict[str, np.ndarray]        # tensor -> class id per channel
     space_of_class: dict[int, int]        # class -> space
     terminal: set[str]                    # names of terminal Dense nodes
     flops: dict[str, int]
     params: dict[str, int]
-    tensors_of_space: dict[int, list[str]] = field(default_factory=dict)
     axes: dict[str, int] = field(default_factory=dict)  # split-able tensor -> its channel axis
 
     def axis(self, tensor: str) -> int:
@@ -170,13 +167,9 @@ def analyse(g: Graph) -> Analysis:
     roots = np.array([atoms.find(a) for a in range(len(atoms.parent))], dtype=np.int64)
     classes = {t: roots[a] for t, a in ids.items()}
     space_of_class = {int(r): spaces.find(space_of_atom[int(r)]) for r in set(roots.tolist())}
-    tensors_of_space: dict[int, list[str]] = defaultdict(list)
-    for t, cls in classes.items():
-        tensors_of_space[space_of_class[int(cls[0])]].append(t)
-    return Analysis(behaviours, ids, classes, space_of_class, _terminal(g, behaviours),
+    return Analysis(behaviours, classes, space_of_class, _terminal(g, behaviours),
                     {n.name: node_flops(n, g) for n in g.nodes},
-                    {n.name: node_params(n, g) for n in g.nodes}, dict(tensors_of_space),
-                    {t: axes[t] for t in ids})
+                    {n.name: node_params(n, g) for n in g.nodes}, {t: axes[t] for t in ids})
 
 
 def _terminal(g: Graph, behaviours: dict[str, ops.Behaviour]) -> set[str]:

@@ -1,10 +1,12 @@
-"""The ``lcpc`` command line: convert, run, report.
+"""The ``lcpc`` command line: convert, run, report, inspect, verify, recover.
 
-Guarantees: options shared by several commands are defined once (stacked click
-decorators); every command ends with a one-screen summary; any ``LcpcError`` is
-printed as one line ``error: ...`` with exit code 1 and no traceback (``--debug``
-shows it); an unexpected exception is reported as an internal error, exit code 2.
-This module is the only one that imports targets.
+Guarantees: the commands parse options and print; the work is done by the library
+(``lcpc.pipeline`` for convert, recover and verify; the targets for run), so the CLI,
+the tests and the benchmarks run the same code. Options shared by several commands are
+defined once (stacked click decorators); every command ends with a one-screen summary;
+any ``LcpcError`` is printed as one line ``error: ...`` with exit code 1 and no
+traceback (``--debug`` shows it); an unexpected exception is reported as an internal
+error, exit code 2. With ``lcpc.pipeline``, this is the only module that imports targets.
 """
 
 from __future__ import annotations
@@ -18,14 +20,21 @@ from typing import Any, Callable
 import click
 import numpy as np
 
-from lcpc import __version__
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from lcpc import __version__, frontend, pipeline, report
+from lcpc import manifest as mf
 from lcpc.errors import LcpcError
+from lcpc.frontend import parse_input_shapes
+from lcpc.images import Preprocessing
+from lcpc.inspect import inspect_graph
+from lcpc.inspect import render as inspect_render
+from lcpc.safety import load_array, printable, save_arrays
+from lcpc.targets.local import LocalEngine, Stats
 
 
 def _fail(message: str, code: int) -> None:
     """One line on stderr, control characters escaped, then exit with ``code``."""
-    from lcpc.safety import printable
-
     click.echo(f"error: {printable(message)}", err=True)
     sys.exit(code)
 
@@ -82,36 +91,10 @@ def main() -> None:
 
 
 # ----------------------------------------------------------------------------- convert
-def convert_model(model: str | Path | bytes, out: str | Path, branches: int, sync: str = "none",
-                  input_shapes: dict | None = None, force: bool = False, partition: str = "energy",
-                  preprocessing: dict | None = None, calib: np.ndarray | None = None,
-                  comm_budget: int | None = None) -> dict[str, Any]:
-    """load -> plan -> lower -> write; returns the manifest."""
-    from dataclasses import replace
-
-    from lcpc import frontend, planner
-    from lcpc.lower import lower
-    from lcpc.passes import cut
-    from lcpc.targets import onnx as onnx_target
-
-    out = Path(out)
-    onnx_target.check_out(out, force)
-    graph, source = frontend.load(model, input_shapes)
-    if not isinstance(model, (bytes, bytearray)):
-        source = replace(source, path=str(Path(model).resolve()))
-    plan = planner.plan(graph, source, branches, sync, partition, calib=calib, comm_budget=comm_budget)
-    program = lower(plan)
-    exact = program.bytes_per_inference() if sync == "all" else \
-        lower(cut.run(plan, "all")).bytes_per_inference()
-    return onnx_target.write(plan, program, out, force=force, exact_bytes=exact, preprocessing=preprocessing)
-
-
 def parse_preprocessing(spec: str | None) -> dict | None:
     """``size=224x224,mean=127,std=128[,scale=1,layout=NCHW,channels=RGB,...]`` -> a checked dict."""
     if not spec:
         return None
-    from lcpc.images import Preprocessing
-
     fields: dict[str, Any] = {}
     for item in spec.split(","):
         key, sep, value = item.partition("=")
@@ -132,18 +115,6 @@ def parse_preprocessing(spec: str | None) -> dict | None:
         return Preprocessing(**fields).to_dict()
     except TypeError as exc:
         raise LcpcError(f"--preprocess: {exc}") from None
-
-
-def load_array(path: Path, what: str) -> np.ndarray:
-    """One array from a .npy file: header checked first, never unpickled."""
-    from lcpc import safety
-
-    if not path.is_file():
-        raise LcpcError(f"{path}: no such {what} file")
-    data = safety.load_array(path)
-    if not isinstance(data, np.ndarray):
-        raise LcpcError(f"{path}: expected one array in a .npy file for {what}")
-    return data
 
 
 @main.command()
@@ -174,30 +145,16 @@ def convert(model: Path, branches: int, sync: str, partition: str, calib: Path |
             preprocess: str | None, recover_data: Path | None, epochs: int, out: Path | None, force: bool,
             input_shapes) -> None:
     """Partition MODEL into K branches; write per-device ONNX files and manifest.json."""
-    import shutil
-    import tempfile
-
-    from lcpc import report
-    from lcpc.frontend import parse_input_shapes
-
     out = out or model.with_suffix(".lcp")
-    calib_data = load_array(calib, "calibration") if calib is not None else None
-    args = (branches, sync, parse_input_shapes(input_shapes), force, partition, parse_preprocessing(preprocess),
-            calib_data, comm_budget)
+    options = dict(sync=sync, input_shapes=parse_input_shapes(input_shapes), partition=partition,
+                   preprocessing=parse_preprocessing(preprocess), comm_budget=comm_budget,
+                   calib=pipeline.read_array(calib, "calibration") if calib is not None else None)
     if recover_data is None:
-        manifest = convert_model(model, out, *args)
+        manifest = pipeline.convert(model, out, branches, force=force, **options)
     else:
-        from lcpc.targets.onnx import check_out
-
-        check_out(out, force)
-        staging = Path(tempfile.mkdtemp(prefix=".lcpc-convert-", dir=out.resolve().parent))
-        try:
-            cut_manifest = convert_model(model, staging / "cut", *args)
-            data = load_verify_data(recover_data, cut_manifest)
-            with _progress_bar() as progress:
-                manifest = recover_folder(staging / "cut", data, out, epochs=epochs, force=force, progress=progress)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        with _progress_bar() as progress:
+            manifest = pipeline.convert_and_recover(model, out, recover_data, epochs=epochs, force=force,
+                                                    progress=progress, branches=branches, **options)
         click.echo(render_recovery(manifest["fidelity"]["recovery"]))
     click.echo(report.render(manifest, "text"))
     click.echo(f"wrote {len(manifest['stages'])} stage files and manifest.json to {out}")
@@ -207,8 +164,6 @@ def convert(model: Path, branches: int, sync: str, partition: str, calib: Path |
 def load_inputs(specs: tuple[str, ...], names: list[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """``X.npy`` (single-input models), ``NAME=X.npy`` or an ``.npz`` keyed by input names; returns
     the arrays and, per input name, the file it came from. Nothing is unpickled (``safety.load_array``)."""
-    from lcpc.safety import load_array
-
     feeds: dict[str, np.ndarray] = {}
     files: dict[str, str] = {}
     for spec in specs:
@@ -242,8 +197,6 @@ def load_inputs(specs: tuple[str, ...], names: list[str]) -> tuple[dict[str, np.
 @handles_errors
 def run(folder: Path, inputs: tuple[str, ...], output: Path | None, stats: Path | None) -> None:
     """Run a converted FOLDER locally (one onnxruntime session per stage)."""
-    from lcpc.targets.local import LocalEngine, Stats
-
     engine = LocalEngine(folder)
     try:
         feeds, files = load_inputs(inputs, [i["name"] for i in engine.inputs])
@@ -252,8 +205,6 @@ def run(folder: Path, inputs: tuple[str, ...], output: Path | None, stats: Path 
         outputs = engine.run(feeds, counter)
     finally:
         engine.close()
-    from lcpc.safety import printable, save_arrays
-
     if output is not None:
         save_arrays(output, outputs)
     if stats is not None:
@@ -274,9 +225,6 @@ def run(folder: Path, inputs: tuple[str, ...], output: Path | None, stats: Path 
 @handles_errors
 def report_cmd(folder: Path, fmt: str) -> None:
     """Show the partition report of a converted FOLDER."""
-    from lcpc import manifest as mf
-    from lcpc import report
-
     click.echo(report.render(mf.read(folder), fmt))
 
 
@@ -288,11 +236,8 @@ def report_cmd(folder: Path, fmt: str) -> None:
 @handles_errors
 def inspect_cmd(model: Path, input_shapes, fmt: str) -> None:
     """Show how lcpc treats each op of MODEL, its channel spaces and the largest K."""
-    from lcpc import frontend
-    from lcpc.inspect import inspect_graph, render
-
     graph, _ = frontend.load(model, frontend.parse_input_shapes(input_shapes))
-    click.echo(render(inspect_graph(graph), str(model), fmt))
+    click.echo(inspect_render(inspect_graph(graph), str(model), fmt))
 
 
 # ----------------------------------------------------------------------------- verify
@@ -304,25 +249,10 @@ def inspect_cmd(model: Path, input_shapes, fmt: str) -> None:
 @handles_errors
 def verify(folder: Path, data: Path, labels: Path | None, original: Path | None, batch_size: int, fmt: str) -> None:
     """Compare a converted FOLDER with its original model on the same inputs."""
-    from lcpc import fidelity
-    from lcpc import manifest as mf
-
-    x = load_verify_data(data, mf.read(folder))
-    y = load_array(labels, "labels") if labels is not None else None
-    result = fidelity.evaluate(folder, x, y, original, batch_size)
+    x = pipeline.read_data(data, mf.read(folder))
+    y = pipeline.read_array(labels, "labels") if labels is not None else None
+    result = pipeline.verify(folder, x, y, original, batch_size)
     click.echo(render_fidelity(result, fmt))
-
-
-def load_verify_data(data: Path, manifest: dict) -> np.ndarray:
-    if data.is_dir():
-        from lcpc.images import Preprocessing, load_folder
-
-        spec = manifest["source"].get("preprocessing")
-        if spec is None:
-            raise LcpcError(f"{data} is an image folder, but the manifest has no preprocessing; convert with "
-                            f"--preprocess size=...,mean=...,std=... or pass a .npy batch")
-        return load_folder(data, Preprocessing.from_dict(spec))[0]
-    return load_array(data, "data")
 
 
 def render_fidelity(result: dict, fmt: str) -> str:
@@ -342,41 +272,6 @@ def render_fidelity(result: dict, fmt: str) -> str:
 
 
 # ----------------------------------------------------------------------------- recover
-def recover_folder(folder: Path, data: np.ndarray, out: Path, *, labels: np.ndarray | None = None,
-                   epochs: int = 2, refit: str = "lsq", model: Path | None = None, force: bool = False,
-                   progress=None) -> dict[str, Any]:
-    """Re-plan FOLDER, refit its cut layers on ``data``, distil for ``epochs``, write OUT."""
-    from lcpc.lower import lower
-    from lcpc.passes import cut
-    from lcpc.replan import plan_from_folder
-    from lcpc.targets import onnx as onnx_target
-
-    onnx_target.check_out(Path(out), force)
-    plan, manifest = plan_from_folder(folder, model)
-    if not plan.cut_nodes():
-        raise LcpcError(f"{folder}: the plan cuts no layer (--sync all?): it is already exact, nothing to recover")
-    figures: dict[str, Any] = {}
-    original = plan.graph  # the teacher: the original weights, before any refit
-    if refit != "none":
-        from lcpc.passes import refit as refit_pass
-
-        sample = np.random.default_rng(0).permutation(len(data))[:REFIT_SAMPLES]
-        plan, figures["refit"] = refit_pass.run(plan, data[np.sort(sample)], refit)
-    if epochs > 0:
-        from lcpc.passes import recover as recover_pass
-
-        plan, figures["distillation"] = recover_pass.run(plan, data, labels, epochs=epochs, progress=progress,
-                                                         original=original)
-    program = lower(plan)
-    exact = lower(cut.run(plan, "all")).bytes_per_inference()
-    return onnx_target.write(plan, program, out, force=force, exact_bytes=exact,
-                             preprocessing=manifest["source"].get("preprocessing"),
-                             fidelity={"recovery": figures})
-
-
-REFIT_SAMPLES = 1024
-
-
 @main.command()
 @click.argument("folder", type=click.Path(path_type=Path))
 @data_options("Training inputs (unlabelled is fine)")
@@ -390,13 +285,11 @@ REFIT_SAMPLES = 1024
 def recover(folder: Path, data: Path, labels: Path | None, original: Path | None, epochs: int, refit: str,
             out: Path, force: bool) -> None:
     """Recover the accuracy of a converted FOLDER by refit and distillation; write OUT."""
-    from lcpc import manifest as mf
-
-    x = load_verify_data(data, mf.read(folder))
-    y = load_array(labels, "labels") if labels is not None else None
+    x = pipeline.read_data(data, mf.read(folder))
+    y = pipeline.read_array(labels, "labels") if labels is not None else None
     with _progress_bar() as progress:
-        manifest = recover_folder(folder, x, out, labels=y, epochs=epochs, refit=refit, model=original,
-                                  force=force, progress=progress)
+        manifest = pipeline.recover(folder, x, out, labels=y, epochs=epochs, refit=refit, model=original,
+                                    force=force, progress=progress)
     click.echo(render_recovery(manifest["fidelity"]["recovery"]))
     click.echo(f"wrote the recovered plan to {out}")
 
@@ -405,8 +298,6 @@ class _progress_bar:
     """A rich progress bar fed by the recovery pass's progress callback."""
 
     def __enter__(self):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
         self.bar = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn(
             "loss {task.fields[loss]:.4f}  held-out agreement {task.fields[agree]}"), TimeElapsedColumn(),
             transient=False, disable=not sys.stderr.isatty())

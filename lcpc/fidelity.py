@@ -17,14 +17,15 @@ are flattened), it reports:
 - ``reference_accuracy`` / ``candidate_accuracy`` = mean_i [argmax == label_i] when
   integer labels are given, else None; ``samples`` = N and ``classes`` = C.
 
-``evaluate`` runs the original model (onnxruntime) and a converted folder
-(``LocalEngine``) on the same inputs and calls ``compare``. It guarantees that the
-original is the model the folder was converted from (the manifest's ``source.path``
-and ``source.sha256``) unless the caller passes one explicitly, and says to pass
-``--model PATH`` when the recorded file is missing or changed; it takes models with one
-input and treats the first output as the logits; it runs the original in batches when
-its batch dim is dynamic and sample-group by sample-group when it is fixed, and pads
-the last group of either model by repeating the last sample (padding is never scored).
+``reference_logits`` runs the original model (onnxruntime) on the inputs a folder
+takes (``lcpc.pipeline.verify`` runs the folder beside it and calls ``compare``). It
+guarantees that the original is the model the folder was converted from (the
+manifest's ``source.path`` and ``source.sha256``) unless the caller passes one
+explicitly, and says to pass ``--model PATH`` when the recorded file is missing or
+changed; it takes models with one input and treats the first output as the logits; it
+runs the original in batches when its batch dim is dynamic and sample-group by
+sample-group when it is fixed; ``padded_chunks`` pads the last group by repeating the
+last sample (padding is never scored).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def _as_labels(labels: Any, n: int, classes: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- evaluate
-def _padded_chunks(x: np.ndarray, step: int, multiple: int):
+def padded_chunks(x: np.ndarray, step: int, multiple: int):
     """Slices of ``x`` of ``step`` samples (a multiple of ``multiple``), the last one
     padded with copies of the last sample; yields (chunk, number of real samples)."""
     for start in range(0, len(x), step):
@@ -145,7 +146,7 @@ def _run_original(session, x: np.ndarray, output: str, batch_size: int) -> np.nd
     fixed = spec.shape[0] if isinstance(spec.shape[0], int) and spec.shape[0] > 0 else None
     step = fixed or batch_size
     parts = [session.run([output], {spec.name: chunk})[0][:real]
-             for chunk, real in _padded_chunks(x, step, fixed or 1)]
+             for chunk, real in padded_chunks(x, step, fixed or 1)]
     return np.concatenate(parts)
 
 
@@ -165,55 +166,7 @@ def _check_original(session, where: str, data: np.ndarray, output: str) -> None:
                         f"converted from?")
 
 
-def evaluate(folder: str | Path, data: np.ndarray, labels: np.ndarray | None = None,
-             original_model: bytes | str | Path | None = None, batch_size: int = 64) -> dict[str, Any]:
-    """Run the original model and the converted ``folder`` on ``data``; ``compare`` them.
-
-    Returns ``compare``'s dict (reference = original, candidate = converted) plus
-    ``output`` (the logits tensor's name), ``branches``, ``sync`` (the policy) and
-    ``original`` = {``path``, ``sha256``, ``matches_manifest``}.
-    """
-    import onnxruntime as ort
-
-    from lcpc.targets.local import LocalEngine
-
-    if batch_size < 1:
-        raise LcpcError(f"batch size {batch_size}: must be at least 1")
-    engine = LocalEngine(folder)
-    try:
-        manifest = engine.manifest
-        source = manifest["source"]
-        if len(source["inputs"]) != 1:
-            raise LcpcError(f"{folder}: the model has {len(source['inputs'])} inputs; verify takes "
-                            f"single-input models")
-        spec = source["inputs"][0]
-        output = source["outputs"][0]["name"]
-        x = _as_input(data, spec)
-        model, where = _original_bytes(manifest, original_model)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3  # as LocalEngine: optimizer warnings are noise here
-        try:
-            # from the path when there is one, so external weight files next to it load too
-            session = ort.InferenceSession(model if where == "<bytes>" else where, opts,
-                                           providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise LcpcError(f"{where}: onnxruntime cannot load the original model: "
-                            f"{str(exc).splitlines()[0]}") from None
-        _check_original(session, where, x, output)
-        reference = _run_original(session, x, output, batch_size)
-        planned = spec["shape"][0]
-        step = max(planned, batch_size // planned * planned)
-        candidate = np.concatenate([engine.run({spec["name"]: chunk})[output][:real]
-                                    for chunk, real in _padded_chunks(x, step, planned)])
-    finally:
-        engine.close()
-    sha = hashlib.sha256(model).hexdigest()
-    return {**compare(reference, candidate, labels), "output": output,
-            "branches": manifest["branches"], "sync": manifest["sync"]["policy"],
-            "original": {"path": where, "sha256": sha, "matches_manifest": sha == source["sha256"]}}
-
-
-def _as_input(data: Any, spec: dict[str, Any]) -> np.ndarray:
+def as_input(data: Any, spec: dict[str, Any]) -> np.ndarray:
     x = np.asarray(data)
     want = tuple(spec["shape"])
     if x.ndim != len(want) or tuple(x.shape[1:]) != want[1:] or x.shape[0] == 0:
@@ -225,3 +178,26 @@ def _as_input(data: Any, spec: dict[str, Any]) -> np.ndarray:
             raise LcpcError(f"data: dtype {x.dtype}, the model takes {dtype} (preprocess the data first)")
         x = x.astype(dtype)
     return x
+
+
+def reference_logits(manifest: dict[str, Any], x: np.ndarray, original_model: bytes | str | Path | None,
+                     batch_size: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """The original model's first output on ``x`` (checked against the folder's input), and
+    ``{path, sha256, matches_manifest}`` of the model that produced it."""
+    import onnxruntime as ort
+
+    output = manifest["source"]["outputs"][0]["name"]
+    model, where = _original_bytes(manifest, original_model)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # as LocalEngine: optimizer warnings are noise here
+    try:
+        # from the path when there is one, so external weight files next to it load too
+        session = ort.InferenceSession(model if where == "<bytes>" else where, opts,
+                                       providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise LcpcError(f"{where}: onnxruntime cannot load the original model: "
+                        f"{str(exc).splitlines()[0]}") from None
+    _check_original(session, where, x, output)
+    sha = hashlib.sha256(model).hexdigest()
+    return _run_original(session, x, output, batch_size), \
+        {"path": where, "sha256": sha, "matches_manifest": sha == manifest["source"]["sha256"]}

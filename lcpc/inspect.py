@@ -1,7 +1,7 @@
 """``lcpc inspect``: how lcpc treats each op of a model, before any conversion.
 
 Guarantees: the figures come from the same analysis and layout rules ``convert``
-uses (``analysis.analyse`` + ``planner.assign_layouts``), so what inspect calls
+uses (``analysis.analyse`` + ``passes.layouts.assign_layouts``), so what inspect calls
 "split" is split by convert, what it calls a forced sync is one; the largest K is the
 one ``convert`` accepts (the narrowest split space, in independent channel groups).
 """
@@ -16,7 +16,8 @@ import numpy as np
 from lcpc import ops
 from lcpc.analysis import analyse
 from lcpc.ir import Graph
-from lcpc.planner import assign_layouts, max_split_branches
+from lcpc.passes.layouts import assign_layouts, max_split_branches
+from lcpc.plan import Action
 
 
 def treatment(behaviour: ops.Behaviour, layout: str, forced: bool) -> str:
@@ -39,7 +40,7 @@ def inspect_graph(g: Graph) -> dict[str, Any]:
     for n in g.nodes:
         b = a.behaviours[n.name]
         out = next(o for o in n.outputs if o)
-        forced = n.name in decisions and decisions[n.name].action == "forced-sync"
+        forced = n.name in decisions and decisions[n.name].action == Action.FORCED_SYNC
         per_op[n.op][treatment(b, layouts[out], forced)] += 1
         if isinstance(b, ops.Sync) and (forced or b.unsupported):
             gathered = sum(g.info(i).nbytes for i in n.inputs if i and layouts.get(i) == "S")

@@ -28,7 +28,7 @@ from lcpc import ops
 from lcpc.analysis import channel_inputs
 from lcpc.errors import LcpcError
 from lcpc.ir import Graph, Node, TensorInfo, toposort
-from lcpc.plan import HEAD, Plan
+from lcpc.plan import HEAD, Action, Plan
 from lcpc.weights import DenseWeight
 
 
@@ -206,7 +206,7 @@ class _Lowering:
         outs = [o for o in node.outputs if o]
         layout = self.plan.layouts[outs[0]]
         decision = self.plan.decisions.get(node.name)
-        if layout == "S" and b.kind == "dense" and decision is not None and decision.action == "exchange":
+        if layout == "S" and b.kind == "dense" and decision is not None and decision.action == Action.EXCHANGE:
             self.exchange(node, b)
         elif layout == "S":
             handler = {
@@ -216,7 +216,7 @@ class _Lowering:
             }[b.kind]
             for k in range(self.k):
                 handler(node, b, k)
-        elif layout == "H" and decision is not None and decision.action == "merge" \
+        elif layout == "H" and decision is not None and decision.action == Action.MERGE \
                 and self.plan.layouts.get(node.inputs[0]) == "S":
             self.merge(node, b)
         else:

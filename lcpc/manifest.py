@@ -2,12 +2,13 @@
 
 Guarantees:
 - ``validate`` checks a manifest against the JSON Schema shipped in the package
-  (``lcpc/schema/manifest-1.schema.json``) and the cross-references the schema
+  (``lcpc/schema/manifest-2.schema.json``) and the cross-references the schema
   cannot express: stage ids and files unique, devices and transfers between known
   devices, byte counts that match shapes, and a dataflow in which every stage input,
   transfer and model output is provided, exactly once, before it is needed, with the
   shape and dtype its consumer expects — so a runtime that follows a valid manifest
-  never looks up a value that is not there;
+  never looks up a value that is not there; a manifest of another format version is
+  refused with a message that says which version wrote it and to convert again;
 - ``read`` parses strict JSON only (no NaN/Infinity, no duplicate keys) and never
   evaluates or unpickles anything; it refuses a manifest that fails validation, a
   manifest or stage file outside its folder (``..``, absolute paths, symlinks that
@@ -35,7 +36,8 @@ from lcpc.errors import LcpcError
 from lcpc.safety import inside, printable
 
 MANIFEST = "manifest.json"
-SCHEMA = "manifest-1.schema.json"
+VERSION = 2
+SCHEMA = f"manifest-{VERSION}.schema.json"
 MAX_MANIFEST_BYTES = 64 << 20
 
 
@@ -45,6 +47,11 @@ def schema() -> dict[str, Any]:
 
 
 def validate(manifest: Any, where: str = MANIFEST) -> None:
+    if isinstance(manifest, dict) and manifest.get("format") == "lcpc-manifest" \
+            and manifest.get("version") != VERSION:
+        raise LcpcError(f"{where}: written by lcpc {printable(str(manifest.get('lcpc_version', '?')), 40)} in "
+                        f"manifest format {printable(str(manifest.get('version')), 20)}; this lcpc reads format "
+                        f"{VERSION}: convert the model again with this version")
     validator = jsonschema.Draft202012Validator(schema())
     errors = sorted(validator.iter_errors(manifest), key=lambda e: [str(p) for p in e.absolute_path])
     if errors:
@@ -62,6 +69,8 @@ def validate(manifest: Any, where: str = MANIFEST) -> None:
         if 0 in i["shape"]:
             raise LcpcError(f"{where}: invalid manifest: model input '{printable(i['name'], 200)}' has a zero "
                             f"dim in {i['shape']}")
+    if any(b >= k for b in manifest["plan"]["branch_of_class"].values()):
+        raise LcpcError(f"{where}: invalid manifest: the plan assigns channels to a branch outside 0..{k - 1}")
     for s in manifest["stages"]:
         if s["device"] >= k:
             raise LcpcError(f"{where}: invalid manifest: stage {s['id']} on unknown device {s['device']}")

@@ -24,19 +24,18 @@ from dataclasses import replace
 
 import numpy as np
 
-from lcpc import ops
 from lcpc.calibrate import run_graph
 from lcpc.errors import LcpcError
 from lcpc.fidelity import compare
 from lcpc.lower import lower
-from lcpc.plan import Decision, Plan
+from lcpc.plan import Action, Cause, Decision, Plan, PlanOptions
 from lcpc.weights import masked_graph
 
 NAMED = ("none", "all", "auto", "every:N", "NODE,NODE,...")
 
 
-def run(plan: Plan, policy: str = "none", calib: np.ndarray | None = None,
-        comm_budget: int | None = None) -> Plan:
+def run(plan: Plan, options: PlanOptions) -> Plan:
+    policy = options.sync
     layers = plan.cuttable()
     reasons: dict[str, str]
     if policy == "none":
@@ -50,7 +49,7 @@ def run(plan: Plan, policy: str = "none", calib: np.ndarray | None = None,
                             f"of the {len(layers)} cut layers)")
         reasons = {n: f"--sync {policy}" for i, n in enumerate(layers, 1) if i % int(step) == 0}
     elif policy == "auto":
-        reasons = _auto(plan, layers, calib, comm_budget)
+        reasons = _auto(plan, layers, options.calib, options.comm_budget)
     else:
         names = [n.strip() for n in policy.split(",") if n.strip()]
         unknown = [n for n in names if n not in layers]
@@ -65,12 +64,12 @@ def run(plan: Plan, policy: str = "none", calib: np.ndarray | None = None,
 
 def _decide(plan: Plan, layers: list[str], exchanges: dict[str, str], policy: str) -> Plan:
     ops_by_name = {n.name: n.op for n in plan.graph.nodes}
-    decisions = {name: d for name, d in plan.decisions.items() if d.action not in ("cut", "exchange")}
+    decisions = {name: d for name, d in plan.decisions.items() if d.action not in (Action.CUT, Action.EXCHANGE)}
     for name in layers:
         if name in exchanges:
-            decisions[name] = Decision(name, ops_by_name[name], "exchange", exchanges[name])
+            decisions[name] = Decision(name, ops_by_name[name], Action.EXCHANGE, Cause.POLICY, exchanges[name])
         else:
-            decisions[name] = Decision(name, ops_by_name[name], "cut", "cross-branch weights dropped")
+            decisions[name] = Decision(name, ops_by_name[name], Action.CUT, Cause.CUT, "cross-branch weights dropped")
     return replace(plan, decisions=decisions, sync_policy=policy)
 
 

@@ -36,14 +36,15 @@ import numpy as np
 from lcpc import weights
 from lcpc.analysis import UnionFind
 from lcpc.errors import LcpcError
-from lcpc.plan import Plan
+from lcpc.plan import Plan, PlanOptions
 
 
 METHODS = ("energy", "contiguous")
 MAX_ROUNDS = 30
 
 
-def run(plan: Plan, method: str = "energy") -> Plan:
+def run(plan: Plan, options: PlanOptions) -> Plan:
+    method = options.partition
     if method not in METHODS:
         raise LcpcError(f"--partition {method}: choose one of {', '.join(METHODS)}")
     constraints = split_constraints(plan)

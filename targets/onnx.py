@@ -26,8 +26,8 @@ from lcpc.costs import data_parallel_bytes, graph_costs, pipeline_bytes
 from lcpc.errors import LcpcError
 from lcpc.ir import to_onnx
 from lcpc.lower import Program
-from lcpc.manifest import MANIFEST, sha256_file, tensor_entry, validate
-from lcpc.plan import HEAD, Plan
+from lcpc.manifest import MANIFEST, VERSION, sha256_file, tensor_entry, validate
+from lcpc.plan import HEAD, Action, Plan
 
 
 def write(plan: Plan, program: Program, out: str | Path, *, force: bool = False,
@@ -167,11 +167,11 @@ def build_manifest(plan: Plan, program: Program, stages: list, transfers: list, 
         tensors = set(nodes[node].inputs) | set(nodes[node].outputs)
         return sum(t.nbytes for t in program.transfers if t.kind != "input" and t.tensor in tensors)
 
-    decisions = [{"node": d.node, "op": d.op, "action": d.action, "reason": d.reason, "bytes": cost(d.node)}
-                 for d in plan.decisions.values()]
+    decisions = [{"node": d.node, "op": d.op, "action": str(d.action), "cause": str(d.cause), "reason": d.reason,
+                  "bytes": cost(d.node)} for d in plan.decisions.values()]
     unsupported = sorted({n.op for n in g.nodes if getattr(plan.analysis.behaviours[n.name], "unsupported", False)})
     return {
-        "format": "lcpc-manifest", "version": 1, "lcpc_version": __version__,
+        "format": "lcpc-manifest", "version": VERSION, "lcpc_version": __version__,
         "source": {
             "path": plan.source.path, "sha256": plan.source.sha256, "opset": plan.source.opset,
             "inputs": [tensor_entry(i, g.info(i).shape, g.info(i).dtype) for i in g.inputs],
@@ -181,8 +181,9 @@ def build_manifest(plan: Plan, program: Program, stages: list, transfers: list, 
         "branches": plan.k,
         "sync": {"policy": plan.sync_policy, "partition": plan.partition_method,
                  "partition_energy": dict(plan.partition_energy),
-                 "cuts": [d.node for d in plan.decisions.values() if d.action == "cut"],
-                 "exchanges": [d.node for d in plan.decisions.values() if d.action == "exchange"]},
+                 "cuts": plan.nodes_with(Action.CUT), "exchanges": plan.nodes_with(Action.EXCHANGE)},
+        "plan": {"layouts": dict(plan.layouts),
+                 "branch_of_class": {str(c): int(b) for c, b in sorted(plan.branch_of_class.items())}},
         "devices": [{"id": d, "name": f"dev{d}", "role": "head" if d == HEAD else "branch"}
                     for d in range(plan.k)],
         "stages": stages,

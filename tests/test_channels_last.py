@@ -9,7 +9,7 @@ import pytest
 from conftest import reference, rel_err
 
 from lcpc import frontend, planner
-from lcpc.cli import convert_model
+from lcpc import pipeline
 from lcpc.targets.local import LocalEngine
 
 MODEL = """
@@ -57,7 +57,7 @@ def test_channels_last_exact_and_cut(k, tmp_path):
     x = np.random.default_rng(1).standard_normal((1, 3, 16, 16)).astype(np.float32)
     want = reference(data, {"input": x})[0]
     for sync in ("all", "none"):
-        manifest = convert_model(data, tmp_path / sync, k, sync)
+        manifest = pipeline.convert(data, tmp_path / sync, k, sync)
         engine = LocalEngine(tmp_path / sync)
         got = engine.run({"input": x})["y"]
         engine.close()

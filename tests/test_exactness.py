@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import EXAMPLE, ZOO, reference, rel_err, run_folder
 
-from lcpc.cli import convert_model
+from lcpc import pipeline
 from lcpc.errors import LcpcError
 
 MODELS = list(ZOO) + ["digits_example"]
@@ -36,10 +36,10 @@ def test_sync_all_equals_original(name, k, zoo_bytes, tmp_path):
     data = model_bytes(name, zoo_bytes)
     if grouped_too_narrow(name, k):
         with pytest.raises(LcpcError, match="larger than the channel space"):
-            convert_model(data, tmp_path / "out", k, "all")
+            pipeline.convert(data, tmp_path / "out", k, "all")
         assert not (tmp_path / "out").exists()
         return
-    manifest = convert_model(data, tmp_path / "out", k, "all")
+    manifest = pipeline.convert(data, tmp_path / "out", k, "all")
     feeds = sample_input(manifest)
     outputs, stats, _ = run_folder(tmp_path / "out", feeds)
     want = reference(data, {n: v[:1] for n, v in feeds.items()}) + \
@@ -60,7 +60,7 @@ def test_sync_none_is_lcp(name, k, zoo_bytes, tmp_path):
     data = model_bytes(name, zoo_bytes)
     if grouped_too_narrow(name, k):
         pytest.skip("K larger than the grouped conv's groups (checked above)")
-    manifest = convert_model(data, tmp_path / "out", k, "none")
+    manifest = pipeline.convert(data, tmp_path / "out", k, "none")
     outputs, stats, _ = run_folder(tmp_path / "out", sample_input(manifest, batch=1))
     assert all(np.isfinite(v).all() for v in outputs.values())
     assert manifest["sync"]["cuts"], "pure LCP cuts the dense layers between split tensors"
@@ -84,7 +84,7 @@ def test_stats_file_matches_manifest(tmp_path):
     from lcpc.cli import main
 
     out = tmp_path / "out"
-    convert_model(EXAMPLE, out, 4, "all")
+    pipeline.convert(EXAMPLE, out, 4, "all")
     x = np.random.default_rng(1).random((3, 1, 8, 8), dtype=np.float32)
     np.save(tmp_path / "x.npy", x)
     result = CliRunner().invoke(main, ["run", str(out), "--input", str(tmp_path / "x.npy"),

@@ -42,7 +42,7 @@ from onnx import numpy_helper
 
 from lcpc import frontend
 from lcpc import manifest as mf
-from lcpc.cli import convert_model
+from lcpc import pipeline
 from lcpc.errors import LcpcError
 from lcpc.targets.local import LocalEngine
 
@@ -251,7 +251,7 @@ def test_load_survives_structural_mutations(model_folder, data):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("fuzz-manifest") / "out"
-    convert_model(CORPUS / "good.onnx", out, 2)
+    pipeline.convert(CORPUS / "good.onnx", out, 2)
     return out, (out / "manifest.json").read_text()
 
 

@@ -21,7 +21,8 @@ from conftest import reference, rel_err, run_folder
 from onnx import TensorProto, helper, numpy_helper
 
 from lcpc import frontend, planner
-from lcpc.cli import convert_model, main
+from lcpc import pipeline
+from lcpc.cli import main
 from lcpc.errors import LcpcError
 
 KS = (2, 4)
@@ -72,7 +73,7 @@ def assert_exact(model: onnx.ModelProto, k: int, out: Path, sync: str = "all",
     """Convert, run, compare every output with onnxruntime (1e-4 relative) and the bytes
     moved with the manifest, transfer by transfer; returns the manifest."""
     data = model.SerializeToString()
-    manifest = convert_model(data, out, k, sync, input_shapes)
+    manifest = pipeline.convert(data, out, k, sync, input_shapes)
     feeds = random_feeds(manifest, batch)
     got, stats, _ = run_folder(out, feeds)
     want = reference(data, feeds)
@@ -257,7 +258,7 @@ def test_grouped_conv_keeps_each_group_on_one_branch(k, tmp_path):
 
 def test_grouped_conv_refuses_more_branches_than_groups(tmp_path):
     with pytest.raises(LcpcError, match=r"larger than the channel space.*--branches 4 or fewer"):
-        convert_model(make(GROUPED).SerializeToString(), tmp_path / "out", 8, "all")
+        pipeline.convert(make(GROUPED).SerializeToString(), tmp_path / "out", 8, "all")
     assert not (tmp_path / "out").exists()
 
 
@@ -481,7 +482,7 @@ def test_weights_in_constant_nodes(k, tmp_path):
     assert not paddle.graph.initializer
     manifest = assert_exact(paddle, k, tmp_path / "out")
     assert forced(manifest) == {}
-    reference_manifest = convert_model(plain.SerializeToString(), tmp_path / "plain", k, "all")
+    reference_manifest = pipeline.convert(plain.SerializeToString(), tmp_path / "plain", k, "all")
     assert manifest["totals"]["original"]["params"] == reference_manifest["totals"]["original"]["params"] > 0
     assert manifest["totals"]["bytes_per_inference"] == reference_manifest["totals"]["bytes_per_inference"]
     assert plan_of(paddle, k).layouts == plan_of(plain, k).layouts
@@ -673,7 +674,7 @@ def test_tf2onnx_names_and_nhwc_input(nhwc_inside, k, tmp_path):
 
 @pytest.mark.parametrize("k", KS)
 def test_nhwc_body_is_split_without_a_sync(k, tmp_path):
-    manifest = convert_model(tf2onnx_model(True).SerializeToString(), tmp_path / "out", k, "none",
+    manifest = pipeline.convert(tf2onnx_model(True).SerializeToString(), tmp_path / "out", k, "none",
                              {"input:0": (1, 16, 16, 3)})
     assert forced(manifest) == {}
     gathers = [t for t in manifest["transfers"] if t["kind"] == "gather"]
@@ -796,7 +797,7 @@ def test_channel_mixing_blocks_get_an_exact_sync(text, syncs, unsupported, k, tm
     for node in decisions:
         assert inputs[node] & gathered, node  # the sync's cost is in the manifest's transfers
     # --sync none keeps the sync exact: the ops behind it see whole tensors
-    none = convert_model(model.SerializeToString(), tmp_path / "none", k, "none")
+    none = pipeline.convert(model.SerializeToString(), tmp_path / "none", k, "none")
     assert forced(none).keys() == decisions.keys()
 
 

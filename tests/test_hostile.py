@@ -25,7 +25,8 @@ from conftest import reference, rel_err
 
 from lcpc import frontend
 from lcpc import manifest as mf
-from lcpc.cli import convert_model, main
+from lcpc import pipeline
+from lcpc.cli import main
 from lcpc.errors import LcpcError
 from lcpc.ir import to_onnx
 from lcpc.targets import onnx as onnx_target
@@ -191,7 +192,7 @@ def test_debug_shows_the_traceback(tmp_path):
 @pytest.fixture(scope="module")
 def good_folder(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("good") / "out"
-    convert_model(CORPUS / "models" / "good.onnx", out, 2)
+    pipeline.convert(CORPUS / "models" / "good.onnx", out, 2)
     return out
 
 
@@ -373,7 +374,7 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch, exc):
     out = tmp_path / "new" / "deeper" / "out"
     fail_after(monkeypatch, 2, exc)
     with pytest.raises(exc):
-        convert_model(CORPUS / "models" / "good.onnx", out, 2)
+        pipeline.convert(CORPUS / "models" / "good.onnx", out, 2)
     assert not (tmp_path / "new").exists()  # nor the parents this call created
 
 
@@ -383,7 +384,7 @@ def test_failure_midway_keeps_the_existing_folder(tmp_path, monkeypatch, good_fo
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     fail_after(monkeypatch, 2)
     with pytest.raises(Boom):
-        convert_model(CORPUS / "models" / "good.onnx", out, 2, force=True)
+        pipeline.convert(CORPUS / "models" / "good.onnx", out, 2, force=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
@@ -401,7 +402,7 @@ def test_failed_rename_puts_the_old_folder_back(tmp_path, monkeypatch, good_fold
 
     monkeypatch.setattr(Path, "rename", rename)
     with pytest.raises(OSError):
-        convert_model(CORPUS / "models" / "good.onnx", out, 2, force=True)
+        pipeline.convert(CORPUS / "models" / "good.onnx", out, 2, force=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
@@ -441,7 +442,7 @@ def test_unexpected_exception_is_one_line_exit_2(tmp_path, monkeypatch):
 def test_umask_is_respected(tmp_path):
     old = os.umask(0o027)
     try:
-        convert_model(CORPUS / "models" / "good.onnx", tmp_path / "out", 2)
+        pipeline.convert(CORPUS / "models" / "good.onnx", tmp_path / "out", 2)
     finally:
         os.umask(old)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from conftest import EXAMPLE, reference, rel_err
 from onnx import helper, numpy_helper
 
-from lcpc.cli import convert_model, main
+from lcpc import pipeline
+from lcpc.cli import main
 from lcpc.targets.local import LocalEngine
 
 
@@ -51,7 +52,7 @@ def test_convert_is_exact_with_forced_sync(tmp_path):
     data = model_with_unknown_op()
     for sync in ("all", "none"):
         out = tmp_path / sync
-        manifest = convert_model(data, out, 4, sync)
+        manifest = pipeline.convert(data, out, 4, sync)
         assert manifest["unsupported_ops"] == ["LpNormalization"]
         forced = [d for d in manifest["decisions"] if d["action"] == "forced-sync"]
         assert [d["node"] for d in forced] == ["mystery_norm"]

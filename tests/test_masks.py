@@ -8,7 +8,7 @@ import pytest
 from conftest import reference, rel_err
 
 from lcpc import frontend, planner
-from lcpc.cli import convert_model
+from lcpc import pipeline
 from lcpc.ir import Graph, to_onnx
 from lcpc.weights import weight_masks
 from lcpc.targets.local import LocalEngine
@@ -31,7 +31,7 @@ def test_masked_graph_equals_cut_plan(name, k, tmp_path, zoo_bytes):
     masked = Graph(g.nodes, g.inputs, g.outputs, g.tensors, consts, g.opset)
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     want = reference(to_onnx(masked).SerializeToString(), {"input": x})[0]
-    convert_model(zoo_bytes[name], tmp_path / "out", k, "none")
+    pipeline.convert(zoo_bytes[name], tmp_path / "out", k, "none")
     engine = LocalEngine(tmp_path / "out")
     got = engine.run({"input": x})["logits"]
     engine.close()

@@ -9,7 +9,7 @@ from conftest import reference, rel_err
 from onnx import helper, numpy_helper
 
 from lcpc import frontend, planner
-from lcpc.cli import convert_model
+from lcpc import pipeline
 from lcpc.errors import LcpcError
 from lcpc.targets.local import LocalEngine
 
@@ -36,7 +36,7 @@ def se_model() -> bytes:
 
 
 def run(data: bytes, folder, k: int, sync: str) -> tuple[dict, np.ndarray, np.ndarray]:
-    manifest = convert_model(data, folder, k, sync)
+    manifest = pipeline.convert(data, folder, k, sync)
     x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
     engine = LocalEngine(folder)
     got = engine.run({"x": x})["y"]

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from lcpc import frontend, planner
-from lcpc.cli import convert_model
+from lcpc import pipeline
 from lcpc.errors import LcpcError
 from lcpc.targets.local import Stats
 
@@ -91,7 +91,7 @@ def check_runs(gen, k: int, seed: int = 0) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out_all, out_none = Path(tmp) / "all", Path(tmp) / "none"
         try:
-            manifest = convert_model(data, out_all, k, "all")
+            manifest = pipeline.convert(data, out_all, k, "all")
         except LcpcError as exc:
             assert TOO_NARROW in str(exc), exc
             assert not out_all.exists()
@@ -104,7 +104,7 @@ def check_runs(gen, k: int, seed: int = 0) -> None:
         _assert_bytes_match(manifest, stats)
         assert manifest["sync"]["cuts"] == []
 
-        manifest = convert_model(data, out_none, k, "none")
+        manifest = pipeline.convert(data, out_none, k, "none")
         got, stats, _ = run_folder(out_none, feeds)
         assert [got[o.name].shape for o in gen.model.graph.output] == [w.shape for w in want]
         assert all(np.isfinite(v).all() for v in got.values())

@@ -12,7 +12,8 @@ from conftest import EXAMPLE, rel_err
 from lcpc import frontend, planner
 from lcpc.calibrate import run_graph
 from lcpc.weights import masked_graph
-from lcpc.cli import convert_model, main
+from lcpc import pipeline
+from lcpc.cli import main
 from lcpc.fidelity import compare
 from lcpc.lower import lower
 from lcpc.passes import refit
@@ -64,7 +65,7 @@ def test_stats_refit_changes_only_kept_blocks(split, digits_plan):
 
 def test_recover_cli_refit_only(split, tmp_path):
     x_train, _, x_test, y_test = split
-    convert_model(EXAMPLE, tmp_path / "cut", 4, "none")
+    pipeline.convert(EXAMPLE, tmp_path / "cut", 4, "none")
     np.save(tmp_path / "train.npy", x_train)
     result = CliRunner().invoke(main, ["recover", str(tmp_path / "cut"), "--data", str(tmp_path / "train.npy"),
                                        "--epochs", "0", "-o", str(tmp_path / "rec")])
@@ -81,7 +82,7 @@ def test_recover_cli_refit_only(split, tmp_path):
 
 
 def test_recover_refuses_exact_plan(tmp_path):
-    convert_model(EXAMPLE, tmp_path / "all", 2, "all")
+    pipeline.convert(EXAMPLE, tmp_path / "all", 2, "all")
     np.save(tmp_path / "x.npy", np.zeros((4, 1, 8, 8), np.float32))
     result = CliRunner().invoke(main, ["recover", str(tmp_path / "all"), "--data", str(tmp_path / "x.npy"),
                                        "--epochs", "0", "-o", str(tmp_path / "rec")])

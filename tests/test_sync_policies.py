@@ -11,7 +11,6 @@ from lcpc.weights import masked_graph
 from lcpc.errors import LcpcError
 from lcpc.fidelity import compare
 from lcpc.lower import lower
-from lcpc.passes import cut
 
 sys_path_examples = pytest.importorskip("examples.digits.data")
 

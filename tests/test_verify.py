@@ -16,9 +16,9 @@ from conftest import EXAMPLE, SHARED, reference
 from onnx import TensorProto, helper, numpy_helper
 
 from examples.digits.data import load_split
-from lcpc.cli import convert_model
+from lcpc import pipeline
 from lcpc.errors import LcpcError
-from lcpc.fidelity import compare, evaluate
+from lcpc.fidelity import compare
 from lcpc.images import Preprocessing, load_folder
 
 # ----------------------------------------------------------------------------- compare, by hand
@@ -98,13 +98,13 @@ def digits_test():
 @pytest.fixture(scope="module")
 def digits_exact(tmp_path_factory):
     out = tmp_path_factory.mktemp("verify") / "k4_all"
-    convert_model(EXAMPLE, out, 4, "all")
+    pipeline.convert(EXAMPLE, out, 4, "all")
     return out
 
 
 def test_evaluate_exact_plan_on_digits(digits_exact, digits_test):
     x, y = digits_test
-    got = evaluate(digits_exact, x, y, batch_size=100)
+    got = pipeline.verify(digits_exact, x, y, batch_size=100)
     original_accuracy = float(np.mean(reference(EXAMPLE, {"input": x})[0].argmax(1) == y))
     assert original_accuracy == pytest.approx(448 / 450)  # examples/digits/metrics.json
     assert got["samples"] == 450 and got["top1_agreement"] == 1.0 and got["top5_overlap"] == 1.0
@@ -116,8 +116,8 @@ def test_evaluate_exact_plan_on_digits(digits_exact, digits_test):
 
 def test_evaluate_pure_cut_is_far_from_the_original(tmp_path, digits_test):
     x, y = digits_test
-    convert_model(EXAMPLE, tmp_path / "out", 4, "none")
-    got = evaluate(tmp_path / "out", x, y)
+    pipeline.convert(EXAMPLE, tmp_path / "out", 4, "none")
+    got = pipeline.verify(tmp_path / "out", x, y)
     assert got["top1_agreement"] < 0.5 and got["candidate_accuracy"] < 0.5
     assert got["kl_divergence"] > 0.5 and got["max_rel_logit_error"] > 0.1
     assert got["reference_accuracy"] == pytest.approx(448 / 450)
@@ -134,8 +134,8 @@ def test_evaluate_pads_fixed_and_planned_batches(tmp_path, digits_test):
     """Original with a fixed batch of 1 (run per sample), plan pinned to batch 3,
     7 samples: the last group is padded, and padding is never scored."""
     x, y = digits_test[0][:7], digits_test[1][:7]
-    convert_model(EXAMPLE, tmp_path / "out", 2, "all", input_shapes={"input": (3, 1, 8, 8)})
-    got = evaluate(tmp_path / "out", x.astype(np.float64), y, original_model=fixed_batch_digits(), batch_size=4)
+    pipeline.convert(EXAMPLE, tmp_path / "out", 2, "all", input_shapes={"input": (3, 1, 8, 8)})
+    got = pipeline.verify(tmp_path / "out", x.astype(np.float64), y, original_model=fixed_batch_digits(), batch_size=4)
     assert got["samples"] == 7 and got["top1_agreement"] == 1.0 and got["max_rel_logit_error"] < 1e-4
     assert got["reference_accuracy"] == float(np.mean(reference(EXAMPLE, {"input": x})[0].argmax(1) == y))
     assert got["original"] == {"path": "<bytes>", "sha256": got["original"]["sha256"], "matches_manifest": False}
@@ -143,19 +143,19 @@ def test_evaluate_pads_fixed_and_planned_batches(tmp_path, digits_test):
 
 def test_evaluate_needs_the_original_model(tmp_path, digits_test, zoo_bytes):
     x = digits_test[0][:4]
-    convert_model(EXAMPLE.read_bytes(), tmp_path / "from_bytes", 2, "all")
+    pipeline.convert(EXAMPLE.read_bytes(), tmp_path / "from_bytes", 2, "all")
     with pytest.raises(LcpcError, match="not there; pass --model PATH"):
-        evaluate(tmp_path / "from_bytes", x)
-    assert evaluate(tmp_path / "from_bytes", x, original_model=EXAMPLE)["original"]["matches_manifest"]
+        pipeline.verify(tmp_path / "from_bytes", x)
+    assert pipeline.verify(tmp_path / "from_bytes", x, original_model=EXAMPLE)["original"]["matches_manifest"]
 
     copy = tmp_path / "model.onnx"
     shutil.copy(EXAMPLE, copy)
-    convert_model(copy, tmp_path / "from_copy", 2, "all")
+    pipeline.convert(copy, tmp_path / "from_copy", 2, "all")
     copy.write_bytes(zoo_bytes["vgg"])
     with pytest.raises(LcpcError, match="sha256 differs .* pass --model PATH"):
-        evaluate(tmp_path / "from_copy", x)
+        pipeline.verify(tmp_path / "from_copy", x)
     with pytest.raises(LcpcError, match="original model takes input shape"):
-        evaluate(tmp_path / "from_copy", x, original_model=copy)
+        pipeline.verify(tmp_path / "from_copy", x, original_model=copy)
 
 
 def two_input_model() -> bytes:
@@ -176,14 +176,14 @@ def two_input_model() -> bytes:
 def test_evaluate_refuses_bad_data(digits_exact, digits_test, tmp_path):
     x = digits_test[0][:4]
     with pytest.raises(LcpcError, match=r"data: shape \(4, 1, 8, 4\).*\(N, 1, 8, 8\)"):
-        evaluate(digits_exact, x[..., :4])
+        pipeline.verify(digits_exact, x[..., :4])
     with pytest.raises(LcpcError, match="dtype uint8, the model takes float32"):
-        evaluate(digits_exact, (x * 255).astype(np.uint8))
+        pipeline.verify(digits_exact, (x * 255).astype(np.uint8))
     with pytest.raises(LcpcError, match="labels: shape"):
-        evaluate(digits_exact, x, np.zeros(5, dtype=np.int64))
-    convert_model(two_input_model(), tmp_path / "two", 2, "all")
+        pipeline.verify(digits_exact, x, np.zeros(5, dtype=np.int64))
+    pipeline.convert(two_input_model(), tmp_path / "two", 2, "all")
     with pytest.raises(LcpcError, match="2 inputs; verify takes single-input models"):
-        evaluate(tmp_path / "two", np.zeros((1, 3, 8, 8), np.float32))
+        pipeline.verify(tmp_path / "two", np.zeros((1, 3, 8, 8), np.float32))
 
 
 # ----------------------------------------------------------------------------- images
@@ -294,8 +294,8 @@ def test_efficientnet_lite0_on_photos(tmp_path):
     x, names = load_folder(PHOTOS, prep)
     assert x.shape == (len(names), 3, 224, 224) and len(names) >= 10
     assert -1.0 <= x.min() and x.max() <= 1.0  # (0 - 127) / 128 .. (255 - 127) / 128
-    convert_model(LITE0, tmp_path / "out", 2, "all")
-    got = evaluate(tmp_path / "out", x)
+    pipeline.convert(LITE0, tmp_path / "out", 2, "all")
+    got = pipeline.verify(tmp_path / "out", x)
     assert got["top1_agreement"] == 1.0 and got["max_rel_logit_error"] < 1e-4
     top1 = dict(zip(names, np.concatenate([reference(LITE0, {"input": s[None]})[0] for s in x]).argmax(1)))
     print({n: int(c) for n, c in top1.items()})

@@ -1,0 +1,149 @@
+"""The library API behind the command line: convert, recover, verify.
+
+    convert: frontend.load -> planner.plan -> lower -> targets.onnx.write
+    recover: stored_plan.load -> passes.refit -> passes.recover (distillation) -> lower -> write
+    verify:  the original model (onnxruntime) and the folder (targets.local) on the same inputs
+
+Guarantees:
+- each function takes plain values (paths, arrays) and returns the manifest it wrote or
+  the figures it measured; the CLI, the tests and the benchmarks call these, so they
+  measure the same code path a user runs;
+- the traffic of the exact ``--sync all`` plan, shown for comparison, is lowered once,
+  at conversion; recovery changes weights only, so it carries that figure over from
+  the folder it started from;
+- ``recover`` never plans again: the plan comes from the folder (``stored_plan``);
+- an output folder appears whole or not at all (``targets.onnx.write``); ``convert``
+  with recovery stages the cut model in a temporary sibling folder it always removes.
+
+With ``lcpc.cli``, this is the only module that imports targets.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from lcpc import fidelity, frontend, planner, safety, stored_plan
+from lcpc.errors import LcpcError
+from lcpc.images import Preprocessing, load_folder
+from lcpc.lower import lower
+from lcpc.passes import recover as recover_pass
+from lcpc.passes import refit as refit_pass
+from lcpc.targets import onnx as onnx_target
+from lcpc.targets.local import LocalEngine
+
+REFIT_SAMPLES = 1024
+
+
+def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str = "none",
+            input_shapes: dict | None = None, force: bool = False, partition: str = "energy",
+            preprocessing: dict | None = None, calib: np.ndarray | None = None,
+            comm_budget: int | None = None) -> dict[str, Any]:
+    """Plan ``model`` for ``branches`` devices and write the folder ``out``; returns its manifest."""
+    out = Path(out)
+    onnx_target.check_out(out, force)
+    graph, source = frontend.load(model, input_shapes)
+    if not isinstance(model, (bytes, bytearray)):
+        source = replace(source, path=str(Path(model).resolve()))
+    plan = planner.plan(graph, source, branches, sync, partition, calib=calib, comm_budget=comm_budget)
+    program = lower(plan)
+    exact = program if sync == "all" else lower(planner.with_sync(plan, "all"))
+    return onnx_target.write(plan, program, out, force=force, exact_bytes=exact.bytes_per_inference(),
+                             preprocessing=preprocessing)
+
+
+def convert_and_recover(model: str | Path | bytes, out: str | Path, data: Path | np.ndarray, *,
+                        epochs: int = 2, force: bool = False, progress: Callable | None = None,
+                        **convert_options) -> dict[str, Any]:
+    """``convert`` then ``recover`` on ``data`` (an array, or a path ``read_data`` reads with the
+    converted folder's preprocessing); only the recovered folder is left at ``out``."""
+    out = Path(out)
+    onnx_target.check_out(out, force)
+    staging = Path(tempfile.mkdtemp(prefix=".lcpc-convert-", dir=out.resolve().parent))
+    try:
+        manifest = convert(model, staging / "cut", force=False, **convert_options)
+        x = data if isinstance(data, np.ndarray) else read_data(Path(data), manifest)
+        return recover(staging / "cut", x, out, epochs=epochs, force=force, progress=progress)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def recover(folder: str | Path, data: np.ndarray, out: str | Path, *, labels: np.ndarray | None = None,
+            epochs: int = 2, refit: str = "lsq", model: str | Path | None = None, force: bool = False,
+            progress: Callable | None = None) -> dict[str, Any]:
+    """Read FOLDER's plan, refit its cut layers on ``data``, distil for ``epochs``, write OUT."""
+    onnx_target.check_out(Path(out), force)
+    plan, manifest = stored_plan.load(folder, model)
+    if not plan.cut_nodes():
+        raise LcpcError(f"{folder}: the plan cuts no layer (--sync all?): it is already exact, nothing to recover")
+    figures: dict[str, Any] = {}
+    original = plan.graph  # the teacher: the original weights, before any refit
+    if refit != "none":
+        sample = np.random.default_rng(0).permutation(len(data))[:REFIT_SAMPLES]
+        plan, figures["refit"] = refit_pass.run(plan, data[np.sort(sample)], refit)
+    if epochs > 0:
+        plan, figures["distillation"] = recover_pass.run(plan, data, labels, epochs=epochs, progress=progress,
+                                                         original=original)
+    exact = manifest["totals"]["comparison"]["model_parallel"]["bytes_per_inference"]
+    return onnx_target.write(plan, lower(plan), out, force=force, exact_bytes=exact,
+                             preprocessing=manifest["source"].get("preprocessing"),
+                             fidelity={"recovery": figures})
+
+
+def verify(folder: str | Path, data: np.ndarray, labels: np.ndarray | None = None,
+           original_model: bytes | str | Path | None = None, batch_size: int = 64) -> dict[str, Any]:
+    """Run the original model and the converted ``folder`` on ``data``; ``fidelity.compare`` them.
+
+    Returns ``compare``'s dict (reference = original, candidate = converted) plus
+    ``output`` (the logits tensor's name), ``branches``, ``sync`` (the policy) and
+    ``original`` = {``path``, ``sha256``, ``matches_manifest``}.
+    """
+    if batch_size < 1:
+        raise LcpcError(f"batch size {batch_size}: must be at least 1")
+    engine = LocalEngine(folder)
+    try:
+        manifest = engine.manifest
+        source = manifest["source"]
+        if len(source["inputs"]) != 1:
+            raise LcpcError(f"{folder}: the model has {len(source['inputs'])} inputs; verify takes "
+                            f"single-input models")
+        spec = source["inputs"][0]
+        output = source["outputs"][0]["name"]
+        x = fidelity.as_input(data, spec)
+        reference, original = fidelity.reference_logits(manifest, x, original_model, batch_size)
+        planned = spec["shape"][0]
+        step = max(planned, batch_size // planned * planned)
+        candidate = np.concatenate([engine.run({spec["name"]: chunk})[output][:real]
+                                    for chunk, real in fidelity.padded_chunks(x, step, planned)])
+    finally:
+        engine.close()
+    return {**fidelity.compare(reference, candidate, labels), "output": output,
+            "branches": manifest["branches"], "sync": manifest["sync"]["policy"], "original": original}
+
+
+# ----------------------------------------------------------------------------- data
+def read_array(path: Path, what: str) -> np.ndarray:
+    """One array from a .npy file: header checked first, never unpickled."""
+    if not path.is_file():
+        raise LcpcError(f"{path}: no such {what} file")
+    data = safety.load_array(path)
+    if not isinstance(data, np.ndarray):
+        raise LcpcError(f"{path}: expected one array in a .npy file for {what}")
+    return data
+
+
+def read_data(data: Path, manifest: dict) -> np.ndarray:
+    """Model inputs from a .npy batch, or from a folder of images read with the manifest's
+    preprocessing."""
+    if data.is_dir():
+        spec = manifest["source"].get("preprocessing")
+        if spec is None:
+            raise LcpcError(f"{data} is an image folder, but the manifest has no preprocessing; convert with "
+                            f"--preprocess size=...,mean=...,std=... or pass a .npy batch")
+        return load_folder(data, Preprocessing.from_dict(spec))[0]
+    return read_array(data, "data")

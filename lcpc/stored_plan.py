@@ -1,0 +1,51 @@
+"""Read back the plan an output folder records (for recover, refit and any later pass).
+
+Guarantees:
+- nothing is planned again: layouts, the branch of every channel class and the typed
+  decisions come from the manifest's ``plan`` and ``decisions``; only the channel
+  analysis (a fact of the graph, not a decision) is recomputed;
+- the original model is read from the manifest's source path (or the ``model`` given)
+  and must match the recorded sha256 before it is used (it is the teacher of recovery);
+- the rebuilt plan passes ``plan.check`` and its channel classes are exactly those the
+  manifest assigns, else an ``LcpcError`` says the folder was written by another lcpc.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from lcpc import frontend
+from lcpc.analysis import analyse
+from lcpc.errors import LcpcError
+from lcpc.manifest import read
+from lcpc.plan import Decision, Plan, check
+
+
+def load(folder: str | Path, model: str | Path | None = None) -> tuple[Plan, dict]:
+    """The plan ``folder`` was written from, and its manifest."""
+    manifest = read(folder)
+    src = manifest["source"]
+    path = Path(model) if model is not None else Path(src["path"])
+    if not path.is_file():
+        raise LcpcError(f"{folder}: the original model {path} is not there; pass --model PATH")
+    graph, source = frontend.load(path, {i["name"]: tuple(i["shape"]) for i in src["inputs"]})
+    if source.sha256 != src["sha256"]:
+        raise LcpcError(f"{path}: sha256 differs from the model {folder} was converted from; pass --model "
+                        f"with the original file")
+    source = replace(source, path=str(path.resolve()))
+    analysis = analyse(graph)
+    recorded = manifest["plan"]
+    branch_of_class = {int(c): b for c, b in recorded["branch_of_class"].items()}
+    layouts = recorded["layouts"]
+    split = [t for t, lay in layouts.items() if lay == "S"]
+    classes = {int(c) for t in split if t in analysis.classes for c in analysis.classes[t]}
+    if any(t not in analysis.classes for t in split) or classes != set(branch_of_class):
+        raise LcpcError(f"{folder}: its plan does not match the channel analysis of {path}; was it written by "
+                        f"another lcpc version? Convert the model again")
+    decisions = {d["node"]: Decision(d["node"], d["op"], d["action"], d["cause"], d["reason"])
+                 for d in manifest["decisions"]}
+    sync = manifest["sync"]
+    plan = Plan(graph, source, analysis, manifest["branches"], layouts, branch_of_class, decisions,
+                sync["policy"], sync.get("partition", "energy"), sync.get("partition_energy", {}))
+    return check(plan, f"read from {folder}"), manifest
