@@ -3,9 +3,11 @@
 K narrow, almost-independent branches, one per edge device, meeting only at a few
 chosen points. The pipeline is
 
-    frontend.load -> analysis.analyse -> planner.plan -> passes -> lower -> targets
+    frontend.load -> analysis.analyse -> planner.plan (passes) -> lower -> targets
 
-and every public step raises :class:`lcpc.errors.LcpcError` with a message a user can
+``lcpc.pipeline`` strings these together (convert, recover, verify) for the CLI, the
+tests and the benchmarks; ``lcpc.weights`` is the one view of a dense layer's weight
+that every step slicing weights uses. Every public step raises :class:`lcpc.errors.LcpcError` with a message a user can
 act on when the input is bad.
 """
 

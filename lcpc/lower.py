@@ -60,8 +60,6 @@ class Stage:
 
 @dataclass
 class Program:
-    k: int
-    inputs: dict[str, TensorInfo]
     stages: list[Stage]
     transfers: list[Transfer]
     outputs: dict[str, str]            # model output -> local name on the head device
@@ -198,8 +196,7 @@ class _Lowering:
             self.lower_node(node)
         outputs = {o: self.full(o, HEAD) for o in self.g.outputs}
         self._dead_code(outputs)
-        return Program(self.k, {i: self.g.info(i) for i in self.g.inputs}, self._stages(outputs),
-                       self.transfers, outputs)
+        return Program(self._stages(outputs), self.transfers, outputs)
 
     def lower_node(self, node: Node) -> None:
         b = self.plan.analysis.behaviours[node.name]
