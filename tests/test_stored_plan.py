@@ -69,25 +69,25 @@ def test_recover_does_not_plan_again(contiguous, tmp_path, monkeypatch):
     assert rel_err(out["logits"], run_graph(masked_graph(plan), x)) > 1e-2  # the refit changed the model
 
 
-def test_older_manifest_format_is_refused(contiguous, tmp_path):
-    folder = tmp_path / "old"
+def edited_copy(src, folder, edit):
+    """A copy of folder ``src`` whose manifest went through ``edit``."""
     folder.mkdir()
-    for f in contiguous.iterdir():
+    for f in src.iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
     m = json.loads((folder / "manifest.json").read_text())
-    m["version"] = 1
+    edit(m)
     (folder / "manifest.json").write_text(json.dumps(m))
+    return folder
+
+
+def test_older_manifest_format_is_refused(contiguous, tmp_path):
+    folder = edited_copy(contiguous, tmp_path / "old", lambda m: m.update(version=1))
     with pytest.raises(LcpcError, match="manifest format 1; this lcpc reads format 2: convert the model again"):
         stored_plan.load(folder)
 
 
 def test_plan_that_does_not_match_the_model_is_refused(contiguous, tmp_path):
-    folder = tmp_path / "edited"
-    folder.mkdir()
-    for f in contiguous.iterdir():
-        (folder / f.name).write_bytes(f.read_bytes())
-    m = json.loads((folder / "manifest.json").read_text())
-    m["plan"]["branch_of_class"].pop(next(iter(m["plan"]["branch_of_class"])))
-    (folder / "manifest.json").write_text(json.dumps(m))
+    folder = edited_copy(contiguous, tmp_path / "edited",
+                         lambda m: m["plan"]["branch_of_class"].pop(next(iter(m["plan"]["branch_of_class"]))))
     with pytest.raises(LcpcError, match="does not match the channel analysis"):
         stored_plan.load(folder)
