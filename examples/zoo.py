@@ -328,6 +328,18 @@ def resnet_bottleneck(seed: int = 0) -> onnx.ModelProto:
     return b.build("resnet_bottleneck")
 
 
+def resnet50_like(seed: int = 0) -> onnx.ModelProto:
+    """ResNet-50-sized (bottlenecks [3, 4, 6, 3], widths 256..2048, ~23M weights) on the zoo's
+    32x32 input, for benchmarks; not in ``ZOO`` (too large for the unit tests)."""
+    b = NetBuilder(seed)
+    x = b.conv_bn("input", 64)
+    for blocks, mid, cout, stride in [(3, 64, 256, 1), (4, 128, 512, 2), (6, 256, 1024, 2), (3, 512, 2048, 2)]:
+        for n in range(blocks):
+            x = _bottleneck(b, x, mid, cout, stride if n == 0 else 1)
+    b.gemm(b.flatten(b.gap(x)), NUM_CLASSES)
+    return b.build("resnet50_like")
+
+
 def vgg(seed: int = 0) -> onnx.ModelProto:
     """VGG: conv-BN-Relu stacks and MaxPools, GAP, Reshape [1, -1], Gemm-Relu-Gemm."""
     b = NetBuilder(seed)

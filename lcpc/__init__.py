@@ -12,3 +12,15 @@ act on when the input is bad.
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["Deployment", "__version__"]
+
+
+def __getattr__(name: str):
+    """``lcpc.Deployment`` (the Python API for serving a folder), imported on first use so that
+    ``import lcpc`` stays light."""
+    if name == "Deployment":
+        from lcpc.deployment import Deployment
+
+        return Deployment
+    raise AttributeError(f"module 'lcpc' has no attribute {name!r}")

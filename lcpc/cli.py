@@ -1,7 +1,8 @@
-"""The ``lcpc`` command line: convert, run, report, inspect, verify, recover.
+"""The ``lcpc`` command line: convert, run, serve, report, inspect, verify, recover.
 
 Guarantees: the commands parse options and print; the work is done by the library
-(``lcpc.pipeline`` for convert, recover and verify; the targets for run), so the CLI,
+(``lcpc.pipeline`` for convert, recover and verify; ``lcpc.deployment`` for
+serve; ``lcpc.latency_report`` for the network prediction), so the CLI,
 the tests and the benchmarks run the same code. Options shared by several commands are
 defined once (stacked click decorators); every command ends with a one-screen summary;
 any ``LcpcError`` is printed as one line ``error: ...`` with exit code 1 and no
@@ -22,7 +23,9 @@ import numpy as np
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from lcpc import __version__, frontend, pipeline, report
+from lcpc import __version__, frontend, latency_report, pipeline, report, serving
+from lcpc.deployment import Deployment, requests_from_source
+from lcpc.devices import load as load_devices
 from lcpc import manifest as mf
 from lcpc.errors import LcpcError
 from lcpc.frontend import parse_input_shapes
@@ -30,7 +33,7 @@ from lcpc.images import Preprocessing
 from lcpc.inspect import inspect_graph
 from lcpc.inspect import render as inspect_render
 from lcpc.safety import load_array, printable, save_arrays
-from lcpc.targets.local import LocalEngine, Stats
+from lcpc.schedule import Stats
 
 
 def _fail(message: str, code: int) -> None:
@@ -139,15 +142,17 @@ def parse_preprocessing(spec: str | None) -> dict | None:
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder [default: MODEL stem + '.lcp'].")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--devices", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="devices.yaml: size each branch's share of channels by the devices' relative speeds.")
 @input_shape_option
 @handles_errors
 def convert(model: Path, branches: int, sync: str, partition: str, calib: Path | None, comm_budget: int | None,
             preprocess: str | None, recover_data: Path | None, epochs: int, out: Path | None, force: bool,
-            input_shapes) -> None:
+            devices: Path | None, input_shapes) -> None:
     """Partition MODEL into K branches; write per-device ONNX files and manifest.json."""
     out = out or model.with_suffix(".lcp")
     options = dict(sync=sync, input_shapes=parse_input_shapes(input_shapes), partition=partition,
-                   preprocessing=parse_preprocessing(preprocess), comm_budget=comm_budget,
+                   preprocessing=parse_preprocessing(preprocess), comm_budget=comm_budget, devices=devices,
                    calib=pipeline.read_array(calib, "calibration") if calib is not None else None)
     if recover_data is None:
         manifest = pipeline.convert(model, out, branches, force=force, **options)
@@ -161,6 +166,17 @@ def convert(model: Path, branches: int, sync: str, partition: str, calib: Path |
 
 
 # ----------------------------------------------------------------------------- run
+def engine_options(fn: Callable) -> Callable:
+    """--engine, --address, --devices and --timeout, shared by run and serve."""
+    fn = click.option("--timeout", type=float, default=60.0, show_default=True,
+                      help="Seconds a request may take before it is reported as failed (ray).")(fn)
+    fn = click.option("--devices", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                      help="devices.yaml: Ray resource, speed and link of each device.")(fn)
+    fn = click.option("--address", default=None, help="Ray cluster address [default: start Ray here].")(fn)
+    return click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                        help="local: onnxruntime threads here; ray: one Ray actor per device.")(fn)
+
+
 def load_inputs(specs: tuple[str, ...], names: list[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """``X.npy`` (single-input models), ``NAME=X.npy`` or an ``.npz`` keyed by input names; returns
     the arrays and, per input name, the file it came from. Nothing is unpickled (``safety.load_array``)."""
@@ -194,10 +210,12 @@ def load_inputs(specs: tuple[str, ...], names: list[str]) -> tuple[dict[str, np.
               help="Write outputs to this .npz, under the model's output names.")
 @click.option("--stats", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the bytes each transfer actually moved to this JSON file.")
+@engine_options
 @handles_errors
-def run(folder: Path, inputs: tuple[str, ...], output: Path | None, stats: Path | None) -> None:
-    """Run a converted FOLDER locally (one onnxruntime session per stage)."""
-    engine = LocalEngine(folder)
+def run(folder: Path, inputs: tuple[str, ...], output: Path | None, stats: Path | None, engine: str,
+        address: str | None, devices: Path | None, timeout: float) -> None:
+    """Run a converted FOLDER locally (one onnxruntime session per stage) or on Ray actors."""
+    engine = pipeline.open_engine(folder, engine, address, devices, timeout)
     try:
         feeds, files = load_inputs(inputs, [i["name"] for i in engine.inputs])
         engine.check_inputs(feeds, files)
@@ -215,17 +233,53 @@ def run(folder: Path, inputs: tuple[str, ...], output: Path | None, stats: Path 
                    + (" ..." if len(top) > 8 else ""))
     expected = sum(t["bytes"] for t in engine.manifest["transfers"]) * counter.samples
     click.echo(f"{counter.samples} inference(s), {counter.total()} bytes moved between devices "
-               f"(manifest predicts {expected})")
+               f"(manifest predicts {expected}); engine {engine.describe}")
 
 
 # ----------------------------------------------------------------------------- report
 @main.command(name="report")
 @click.argument("folder", type=click.Path(path_type=Path))
 @format_option
+@click.option("--network", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="devices.yaml: predict the latency per inference on this network (stage times measured here).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write predicted latency against bandwidth (1 Mbit/s..10 Gbit/s) to this PNG.")
+@click.option("--model", "original", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The original ONNX model, when it is no longer at the manifest's source path.")
 @handles_errors
-def report_cmd(folder: Path, fmt: str) -> None:
-    """Show the partition report of a converted FOLDER."""
-    click.echo(report.render(mf.read(folder), fmt))
+def report_cmd(folder: Path, fmt: str, network: Path | None, plot: Path | None, original: Path | None) -> None:
+    """Show the partition report of a converted FOLDER (and, with --network, predicted latency)."""
+    manifest = mf.read(folder)
+    click.echo(report.render(manifest, fmt))
+    if network is None and plot is None:
+        return
+    net = load_devices(network)
+    measured = latency_report.measure(folder, manifest, net, original, pipeline.convert)
+    click.echo(latency_report.render(measured.compare(), net, manifest, fmt))
+    if plot is not None:
+        latency_report.plot(measured.sweep(), measured.compare()[1], plot)
+        click.echo(f"wrote {plot}")
+
+
+# ----------------------------------------------------------------------------- serve
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--input", "-i", "source", required=True, type=click.Path(path_type=Path),
+              help="Requests: a .npy batch (one request per planned batch) or a folder of images.")
+@click.option("--repeat", type=int, default=1, show_default=True, help="Send the requests this many times.")
+@engine_options
+@format_option
+@handles_errors
+def serve(folder: Path, source: Path, repeat: int, engine: str, address: str | None, devices: Path | None,
+          timeout: float, fmt: str) -> None:
+    """Keep FOLDER's stages warm and answer a stream of requests; print latency percentiles."""
+    requests, total = requests_from_source(source, mf.read(folder), max(repeat, 1))
+    with Deployment(folder, engine, address=address, devices=devices, timeout=timeout) as dep:
+        with serving.ServeProgress(total) as progress:
+            result = dep.serve(requests, on_result=progress)
+        click.echo(serving.render(result, dep.describe, fmt))
+    if result.interrupted:
+        sys.exit(130)
 
 
 # ----------------------------------------------------------------------------- inspect

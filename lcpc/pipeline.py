@@ -1,4 +1,4 @@
-"""The library API behind the command line: convert, recover, verify.
+"""The library API behind the command line: convert, recover, verify, open an engine.
 
     convert: frontend.load -> planner.plan -> lower -> targets.onnx.write
     recover: stored_plan.load -> passes.refit -> passes.recover (distillation) -> lower -> write
@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from lcpc import fidelity, frontend, planner, safety, stored_plan
+from lcpc.devices import load as load_devices
 from lcpc.errors import LcpcError
 from lcpc.images import Preprocessing, load_folder
 from lcpc.lower import lower
@@ -43,18 +44,23 @@ REFIT_SAMPLES = 1024
 def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str = "none",
             input_shapes: dict | None = None, force: bool = False, partition: str = "energy",
             preprocessing: dict | None = None, calib: np.ndarray | None = None,
-            comm_budget: int | None = None) -> dict[str, Any]:
-    """Plan ``model`` for ``branches`` devices and write the folder ``out``; returns its manifest."""
+            comm_budget: int | None = None, devices: str | Path | None = None) -> dict[str, Any]:
+    """Plan ``model`` for ``branches`` devices and write the folder ``out``; returns its manifest.
+    ``devices``: a devices.yaml whose relative speeds size each branch's share of channels."""
     out = Path(out)
     onnx_target.check_out(out, force)
     graph, source = frontend.load(model, input_shapes)
     if not isinstance(model, (bytes, bytearray)):
         source = replace(source, path=str(Path(model).resolve()))
-    plan = planner.plan(graph, source, branches, sync, partition, calib=calib, comm_budget=comm_budget)
+    network = load_devices(devices)
+    shares = network.shares(branches)
+    plan = planner.plan(graph, source, branches, sync, partition, calib=calib, comm_budget=comm_budget,
+                        shares=shares)
     program = lower(plan)
     exact = program if sync == "all" else lower(planner.with_sync(plan, "all"))
     return onnx_target.write(plan, program, out, force=force, exact_bytes=exact.bytes_per_inference(),
-                             preprocessing=preprocessing)
+                             preprocessing=preprocessing,
+                             speeds=None if shares is None else network.speeds(branches))
 
 
 def convert_and_recover(model: str | Path | bytes, out: str | Path, data: Path | np.ndarray, *,
@@ -92,7 +98,7 @@ def recover(folder: str | Path, data: np.ndarray, out: str | Path, *, labels: np
     exact = manifest["totals"]["comparison"]["model_parallel"]["bytes_per_inference"]
     return onnx_target.write(plan, lower(plan), out, force=force, exact_bytes=exact,
                              preprocessing=manifest["source"].get("preprocessing"),
-                             fidelity={"recovery": figures})
+                             fidelity={"recovery": figures}, speeds=_speeds(manifest))
 
 
 def verify(folder: str | Path, data: np.ndarray, labels: np.ndarray | None = None,
@@ -147,3 +153,21 @@ def read_data(data: Path, manifest: dict) -> np.ndarray:
                             f"--preprocess size=...,mean=...,std=... or pass a .npy batch")
         return load_folder(data, Preprocessing.from_dict(spec))[0]
     return read_array(data, "data")
+
+
+def _speeds(manifest: dict[str, Any]) -> list[float] | None:
+    """The device speeds a heterogeneous folder recorded (None for equal devices)."""
+    speeds = [d.get("speed") for d in manifest["devices"]]
+    return None if None in speeds else speeds
+
+
+def open_engine(folder: str | Path, engine: str = "local", address: str | None = None,
+                devices: str | Path | None = None, timeout: float = 60.0):
+    """The engine that runs ``folder``: ``local`` (onnxruntime threads) or ``ray`` (one actor per device)."""
+    if engine == "local":
+        return LocalEngine(folder)
+    if engine == "ray":
+        from lcpc.targets.ray import RayEngine  # optional, and slow to import: only when asked for
+
+        return RayEngine(folder, address=address, devices=devices, timeout=timeout)
+    raise LcpcError(f"unknown engine '{engine}'; choose local or ray")

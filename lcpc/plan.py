@@ -77,6 +77,7 @@ class PlanOptions:
     partition: str = "energy"
     calib: np.ndarray | None = field(default=None, compare=False, repr=False)
     comm_budget: int | None = None
+    shares: tuple[float, ...] | None = None   # each branch's fraction of the channels (devices' speeds)
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,14 @@ PASSES = (("layouts", layouts.run), ("partition", partition.run), ("cut", cut.ru
 
 
 def plan(graph: Graph, source: Source, k: int, sync: str = "none", partition_method: str = "energy",
-         calib: np.ndarray | None = None, comm_budget: int | None = None) -> Plan:
+         calib: np.ndarray | None = None, comm_budget: int | None = None,
+         shares: tuple[float, ...] | None = None) -> Plan:
     """Plan ``graph`` for ``k`` branches with sync policy ``sync`` (passes.cut) and
-    channel partition ``partition_method`` (passes.partition)."""
+    channel partition ``partition_method`` (passes.partition; ``shares``: each branch's
+    fraction of the channels, for devices of different speeds)."""
     if not 2 <= k <= MAX_BRANCHES:
         raise LcpcError(f"--branches {k}: choose K between 2 and {MAX_BRANCHES}")
-    options = PlanOptions(sync, partition_method, calib, comm_budget)
+    options = PlanOptions(sync, partition_method, calib, comm_budget, shares)
     p = Plan(graph, source, analyse(graph), k, layouts={})
     for name, run in PASSES:
         p = check(run(p, options), name)

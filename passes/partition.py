@@ -23,6 +23,10 @@ Methods:
   keeps (Kernighan-Lin style rounds of best swaps, a round kept only if the exact
   energy grows). The cut drops the rest, so keeping the heaviest connections inside
   branches is what makes the pure LCP model closest to the original.
+
+Heterogeneous devices (``PlanOptions.shares``, from the relative speeds in
+``devices.yaml``): branch b's share of every split tensor is C * w[b] instead of C / K,
+and every bound above reads floor(C * w[b]) and ceil(C * w[b]); equal shares change nothing.
 """
 
 from __future__ import annotations
@@ -44,13 +48,15 @@ MAX_ROUNDS = 30
 
 
 def run(plan: Plan, options: PlanOptions) -> Plan:
+    """``options.shares``: each branch's fraction of the channels (heterogeneous devices; default 1/K)."""
     method = options.partition
     if method not in METHODS:
         raise LcpcError(f"--partition {method}: choose one of {', '.join(METHODS)}")
+    weights_ = _weights(plan.k, options.shares)
     constraints = split_constraints(plan)
     branch_of_class: dict[int, int] = {}
     for space, tensors in constraints.items():
-        branch_of_class.update(_fill(plan, tensors))
+        branch_of_class.update(_fill(plan, tensors, weights_))
     new = replace(plan, branch_of_class=branch_of_class, partition_method="contiguous", _cache={})
     check_balance(new)
     contiguous = energy_kept(new)
@@ -174,7 +180,24 @@ def split_constraints(plan: Plan) -> dict[int, dict[str, np.ndarray]]:
     return dict(groups)
 
 
-def _fill(plan: Plan, tensors: dict[str, np.ndarray]) -> dict[int, int]:
+# --- heterogeneous shares (issue 9): branch b's target is C * w[b] instead of C / K ---------------
+def _weights(k: int, shares: tuple[float, ...] | None) -> np.ndarray:
+    if shares is None:
+        return np.full(k, 1.0 / k)
+    w = np.asarray(shares, dtype=np.float64)
+    if len(w) != k or not np.all(w > 0):
+        raise LcpcError(f"channel shares {list(shares)}: need {k} positive numbers, one per branch")
+    return w / w.sum()
+
+
+def _bounds(size: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per branch, floor and ceil of its share of ``size`` channels (floor(C/K), ceil(C/K) when equal)."""
+    target = np.round(size * w, 9)
+    return np.floor(target).astype(int), np.ceil(target).astype(int)
+# --------------------------------------------------------------------------------------------------
+
+
+def _fill(plan: Plan, tensors: dict[str, np.ndarray], w: np.ndarray) -> dict[int, int]:
     """Classes in creation order; each stays on the current branch while that branch holds
     at most floor(C/K) channels of every tensor the class is in, else goes to the branch
     whose tensors end least over their shares C/K (compared worst first, then the next
@@ -185,34 +208,35 @@ def _fill(plan: Plan, tensors: dict[str, np.ndarray]) -> dict[int, int]:
         values, n = np.unique(cls, return_counts=True)
         for c, m in zip(values.tolist(), n.tolist()):
             counts[c][t] = m
-    share = {t: len(cls) / k for t, cls in tensors.items()}
+    share = {t: np.round(len(cls) * w, 9) for t, cls in tensors.items()}
     load = {t: np.zeros(k) for t in tensors}
     assignment: dict[int, int] = {}
     current = 0
     for c in sorted(counts):
         footprint = counts[c]
-        if not all(load[t][current] + m <= math.floor(share[t]) for t, m in footprint.items()):
+        if not all(load[t][current] + m <= math.floor(share[t][current]) for t, m in footprint.items()):
             over = np.array([(load[t] + m - share[t]) / share[t] for t, m in footprint.items()])
             worst_first = -np.sort(-over, axis=0)  # per branch, its tensors' overloads, descending
             current = min(range(k), key=lambda b: tuple(np.round(worst_first[:, b], 9)))
         for t, m in footprint.items():
             load[t][current] += m
         assignment[c] = current
-    _repair(assignment, counts, load, {t: len(cls) for t, cls in tensors.items()}, k)
+    _repair(assignment, counts, load, {t: len(cls) for t, cls in tensors.items()}, k, w)
     return assignment
 
 
 def _repair(assignment: dict[int, int], counts: dict[int, dict[str, int]], load: dict[str, np.ndarray],
-            size: dict[str, int], k: int, max_steps: int = 10000) -> None:
+            size: dict[str, int], k: int, w: np.ndarray, max_steps: int = 10000) -> None:
     """Local search for pieces that cross each other (a Split across a Slice): move or swap
-    classes while that lowers the total excess over [floor(C/K), ceil(C/K)] of all tensors."""
-    lo = {t: size[t] // k for t in size}
-    hi = {t: -(-size[t] // k) for t in size}
+    classes while that lowers the total excess over [floor(C/K), ceil(C/K)] of all tensors
+    (over each branch's share, with heterogeneous shares)."""
+    lo = {t: _bounds(size[t], w)[0] for t in size}
+    hi = {t: _bounds(size[t], w)[1] for t in size}
 
     def excess(t: str, b: int, delta: int = 0) -> float:
         v = load[t][b] + delta
-        empty = 1000.0 if v < 1 <= lo[t] else 0.0  # a branch without channels cannot run at all
-        return max(0.0, v - hi[t]) + max(0.0, lo[t] - v) + empty
+        empty = 1000.0 if v < 1 <= size[t] // k else 0.0  # a branch without channels cannot run at all
+        return max(0.0, v - hi[t][b]) + max(0.0, lo[t][b] - v) + empty
 
     def gain_of_move(c: int, p: int, q: int) -> float:
         return sum(excess(t, p) + excess(t, q) - excess(t, p, -m) - excess(t, q, m)
@@ -225,7 +249,7 @@ def _repair(assignment: dict[int, int], counts: dict[int, dict[str, int]], load:
         assignment[c] = q
 
     def improve(t: str, p: int) -> bool:
-        over = load[t][p] > hi[t]
+        over = load[t][p] > hi[t][p]
         members = [c for c in counts if t in counts[c] and (assignment[c] == p) == over]
         best = (1e-9, None)
         for c in members:
@@ -259,12 +283,12 @@ def _repair(assignment: dict[int, int], counts: dict[int, dict[str, int]], load:
             return
         if not any(improve(t, b) for t, b in bad):
             break
-    solved = _balance_exactly(counts, size, k)
+    solved = _balance_exactly(counts, size, k, w)
     if solved is not None:
         assignment.update(solved)
 
 
-def _balance_exactly(counts: dict[int, dict[str, int]], size: dict[str, int], k: int,
+def _balance_exactly(counts: dict[int, dict[str, int]], size: dict[str, int], k: int, w: np.ndarray,
                      seconds: float = 20.0) -> dict[int, int] | None:
     """Balanced assignment as an integer program (HiGHS through scipy): every tensor within
     [floor(C/K), ceil(C/K)] per branch, or as close as possible (least total slack), every
@@ -290,7 +314,8 @@ def _balance_exactly(counts: dict[int, dict[str, int]], size: dict[str, int], k:
             r = n + j * k + b
             rows[r, nx + 2 * (j * k + b)] = -1      # over
             rows[r, nx + 2 * (j * k + b) + 1] = 1   # under
-            lower.append(size[t] // k), upper.append(-(-size[t] // k))
+            lo, hi = _bounds(size[t], w)
+            lower.append(int(lo[b])), upper.append(int(hi[b]))
     for j, t in enumerate(tensors):  # hard: a branch without channels of a split tensor cannot run
         for b in range(k):
             r = n + nt * k + j * k + b

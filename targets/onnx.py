@@ -31,18 +31,19 @@ from lcpc.plan import HEAD, Action, Plan
 
 
 def write(plan: Plan, program: Program, out: str | Path, *, force: bool = False,
-          exact_bytes: int | None = None, preprocessing: dict | None = None,
+          exact_bytes: int | None = None, preprocessing: dict | None = None, speeds: list[float] | None = None,
           fidelity: dict | None = None) -> dict[str, Any]:
     """Write ``program`` to folder ``out``; returns the manifest. ``exact_bytes`` is the
     traffic of the same model under ``--sync all`` (for the comparison table);
-    ``fidelity`` holds measured accuracy figures (recovery), if any."""
+    ``fidelity`` holds measured accuracy figures (recovery), if any; ``speeds`` the devices'
+    relative compute speeds (heterogeneous plans), recorded per device."""
     out = Path(out)
     check_out(out, force)
     created = _make_parents(out.parent)
     tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(6)}"
     tmp.mkdir()  # mode 0777 less the umask, unlike mkdtemp's 0700, which would follow the folder to devices
     try:
-        manifest = _write_files(plan, program, tmp, exact_bytes, preprocessing, fidelity)
+        manifest = _write_files(plan, program, tmp, exact_bytes, preprocessing, fidelity, speeds)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -90,7 +91,8 @@ def _replace(tmp: Path, out: Path) -> None:
 
 
 def _write_files(plan: Plan, program: Program, folder: Path, exact_bytes: int | None,
-                 preprocessing: dict | None, fidelity: dict | None) -> dict[str, Any]:
+                 preprocessing: dict | None, fidelity: dict | None, speeds: list[float] | None = None,
+                 ) -> dict[str, Any]:
     producer = {}
     for s in program.stages:
         for o in s.graph.outputs:
@@ -133,6 +135,8 @@ def _write_files(plan: Plan, program: Program, folder: Path, exact_bytes: int | 
     } for n, t in enumerate(program.transfers)]
     manifest = build_manifest(plan, program, stages, transfers, exact_bytes, preprocessing)
     manifest["fidelity"] = fidelity
+    for device, speed in zip(manifest["devices"], speeds or []):
+        device["speed"] = float(speed)
     validate(manifest)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest

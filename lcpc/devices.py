@@ -1,0 +1,161 @@
+"""``devices.yaml``: where each manifest device runs, how fast it is, and its network link.
+
+    devices:                       # keyed by the manifest's device names (dev0, dev1, ...)
+      dev0: {resource: board0, speed: 2.0}
+      dev1: {resource: board1}     # speed defaults to 1.0 (relative compute speed)
+    links:                         # each device's own link to the switch (full duplex)
+      default: {bandwidth: 100Mbit, latency: 1ms}
+      dev0: {bandwidth: 1Gbit, latency: 0.2ms}
+    overhead: 0.3ms                # optional: engine cost per message (measured by benchmarks/)
+
+Guarantees:
+- ``load`` reads YAML with ``yaml.safe_load`` (no object construction) and returns a
+  frozen ``Network``; every mistake (unknown key, unknown device, speed <= 0, a
+  bandwidth or latency that is not a positive number with a known unit) is an
+  ``LcpcError`` naming the file and the key;
+- bandwidths are stored in bytes per second, latencies and overheads in seconds;
+  plain numbers mean bit/s and seconds; units: bit, kbit, Mbit, Gbit (optionally
+  ``/s``), s, ms, us;
+- a device missing from the file runs on the Ray resource named like the device,
+  at speed 1.0, on the default link; with no file at all every device is that.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lcpc.errors import LcpcError
+from lcpc.safety import printable
+
+DEFAULT_BANDWIDTH = 100e6 / 8   # bytes/s: 100 Mbit/s Ethernet
+DEFAULT_LATENCY = 0.5e-3        # seconds per message, one way, per link
+
+
+@dataclass(frozen=True)
+class Link:
+    bandwidth: float = DEFAULT_BANDWIDTH   # bytes per second
+    latency: float = DEFAULT_LATENCY       # seconds
+
+    def scaled(self, bandwidth: float) -> Link:
+        return Link(bandwidth, self.latency)
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    resource: str
+    speed: float = 1.0
+
+
+@dataclass(frozen=True)
+class Network:
+    """The deployment a manifest runs on (see the module docstring)."""
+
+    devices: dict[str, Device] = field(default_factory=dict)
+    links: dict[str, Link] = field(default_factory=dict)
+    default_link: Link = Link()
+    overhead: float = 0.0
+    source: str = "(defaults)"
+
+    def device(self, name: str) -> Device:
+        return self.devices.get(name) or Device(name, name)
+
+    def link(self, name: str) -> Link:
+        return self.links.get(name, self.default_link)
+
+    def speeds(self, k: int) -> list[float]:
+        return [self.device(f"dev{d}").speed for d in range(k)]
+
+    def shares(self, k: int) -> tuple[float, ...] | None:
+        """Each branch's fraction of the channels, in proportion to speed; None when all are equal."""
+        check_names(self, k)
+        speeds = self.speeds(k)
+        if len(set(speeds)) == 1:
+            return None
+        return tuple(s / sum(speeds) for s in speeds)
+
+    def with_bandwidth(self, bandwidth: float) -> Network:
+        """The same network with every link at ``bandwidth`` bytes/s (for the latency plot)."""
+        return Network(self.devices, {k: v.scaled(bandwidth) for k, v in self.links.items()},
+                       self.default_link.scaled(bandwidth), self.overhead, self.source)
+
+
+_BITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+_SECONDS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
+
+
+def _quantity(value: Any, units: dict[str, float], where: str, what: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*([a-zA-Z]+)(?:/s)?\s*", str(value))
+        if not m or m.group(2).lower() not in units:
+            raise LcpcError(f"{where}: {what} {printable(value, 80)!s} is not a number with a unit "
+                            f"({', '.join(units)})")
+        number = float(m.group(1)) * units[m.group(2).lower()]
+    if not number > 0 or number == float("inf"):
+        raise LcpcError(f"{where}: {what} must be positive, got {printable(value, 80)}")
+    return number
+
+
+def _mapping(value: Any, where: str, allowed: set[str]) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise LcpcError(f"{where}: expected a mapping, got {type(value).__name__}")
+    unknown = sorted(str(k) for k in value if k not in allowed)
+    if unknown:
+        raise LcpcError(f"{where}: unknown key(s) {printable(', '.join(unknown), 200)}; "
+                        f"known: {', '.join(sorted(allowed))}")
+    return value
+
+
+def _link(value: Any, where: str) -> Link:
+    spec = _mapping(value, where, {"bandwidth", "latency"})
+    bw = _quantity(spec["bandwidth"], _BITS, where, "bandwidth") / 8 if "bandwidth" in spec else DEFAULT_BANDWIDTH
+    lat = _quantity(spec["latency"], _SECONDS, where, "latency") if "latency" in spec else DEFAULT_LATENCY
+    return Link(bw, lat)
+
+
+def parse(data: Any, where: str = "devices.yaml") -> Network:
+    top = _mapping(data, where, {"devices", "links", "overhead"})
+    devices = {}
+    for name, spec in (top.get("devices") or {}).items():
+        at = f"{where}: devices.{printable(name, 80)}"
+        spec = _mapping(spec, at, {"resource", "speed"})
+        speed = _quantity(spec.get("speed", 1.0), {"x": 1.0}, at, "speed")
+        devices[str(name)] = Device(str(name), str(spec.get("resource", name)), speed)
+    links = {str(name): _link(spec, f"{where}: links.{printable(name, 80)}")
+             for name, spec in (top.get("links") or {}).items()}
+    default = links.pop("default", Link())
+    overhead = _quantity(top["overhead"], _SECONDS, where, "overhead") if "overhead" in top else 0.0
+    return Network(devices, links, default, overhead, where)
+
+
+def load(path: str | Path | None) -> Network:
+    """The network of ``path`` (``devices.yaml``), or the defaults when ``path`` is None."""
+    if path is None:
+        return Network()
+    p = Path(path)
+    if not p.is_file():
+        raise LcpcError(f"{printable(p)}: no such devices file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise LcpcError(f"{printable(p)}: not valid YAML ({printable(str(exc).splitlines()[0], 200)})") from None
+    return parse(data, printable(p))
+
+
+def check_names(network: Network, manifest: dict[str, Any] | int) -> None:
+    """Every device and link the file names exists in the manifest (or among K branches dev0..)."""
+    known = {f"dev{d}" for d in range(manifest)} if isinstance(manifest, int) else \
+        {d["name"] for d in manifest["devices"]}
+    for name in list(network.devices) + list(network.links):
+        if name not in known:
+            raise LcpcError(f"{network.source}: device '{printable(name, 80)}' is not in the plan, which has "
+                            f"{', '.join(sorted(known))}")

@@ -1,0 +1,134 @@
+"""What ``lcpc report --network`` shows: predicted latency of four setups, per-device
+finish times, how the broadcast is sent, and (``--plot``) latency against bandwidth.
+
+Guarantees: every figure comes from ``lcpc.network`` (the model) fed with stage times
+measured on this machine; the three formats carry the same rows; the plot is written
+with matplotlib's non-interactive Agg backend, to a temporary file renamed into place
+(no half-written PNG).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from lcpc import devices, timing
+from lcpc import network as model
+from lcpc.devices import Network
+from lcpc.errors import LcpcError
+from lcpc.network import BANDWIDTHS_MBIT, Prediction, broadcast_note
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Everything the network model needs, measured on this machine."""
+
+    plan: dict[str, Any]
+    plan_times: dict[str, float]
+    exact: dict[str, Any]
+    exact_times: dict[str, float]
+    original_time: float
+    network: Network
+
+    def _args(self) -> tuple:
+        return self.plan, self.plan_times, self.exact, self.exact_times, self.original_time, self.network
+
+    def compare(self) -> list[Prediction]:
+        return model.compare(*self._args())
+
+    def sweep(self) -> dict[str, list[float]]:
+        return model.sweep(*self._args())
+
+
+def measure(folder: Path, manifest: dict, network: Network, original: Path | None,
+            convert: Callable[..., dict]) -> Measured:
+    """Time the plan's stages, the original model and (via ``convert``, e.g. ``cli.convert_model``) the
+    same model planned with ``--sync all``, all on this machine."""
+    devices.check_names(network, manifest)
+    source = Path(original or manifest["source"]["path"])
+    if not source.is_file():
+        raise LcpcError(f"{source}: the original model is needed to time it and plan --sync all; pass --model")
+    times = timing.stage_times(folder, manifest)
+    if manifest["sync"]["policy"] == "all":
+        exact, exact_times = manifest, times
+    else:
+        with tempfile.TemporaryDirectory(prefix="lcpc-report-") as tmp:
+            exact = convert(source, Path(tmp) / "all", manifest["branches"], "all",
+                            partition=manifest["sync"].get("partition") or "energy",
+                            input_shapes={i["name"]: tuple(i["shape"]) for i in manifest["source"]["inputs"]})
+            exact_times = timing.stage_times(Path(tmp) / "all", exact)
+    return Measured(manifest, times, exact, exact_times, timing.model_time(source), network)
+
+
+def rows(predictions: list[Prediction]) -> list[list[str]]:
+    base = predictions[0].latency
+    return [[p.setup, f"{1e3 * p.latency:.3f}", f"{1e3 * p.compute:.3f}", f"{1e3 * p.network:.3f}",
+             str(p.bytes), f"x{base / p.latency:.2f}" if p.latency > 0 else "-"] for p in predictions]
+
+
+HEADER = ["setup", "latency ms", "busiest compute ms", "network/wait ms", "bytes", "speed-up"]
+
+
+def render(predictions: list[Prediction], network: Network, manifest: dict, fmt: str = "text") -> str:
+    plan = predictions[1]
+    note = broadcast_note(manifest)
+    if fmt == "json":
+        return json.dumps({"network": network.source, "broadcast": note,
+                           "setups": [{"setup": p.setup, "latency_s": p.latency, "compute_s": p.compute,
+                                       "bytes": p.bytes, "devices": [list(d) for d in p.devices]}
+                                      for p in predictions]}, indent=1)
+    dev_rows = [[name, f"{1e3 * c:.3f}", f"{1e3 * f:.3f}"] for name, c, f in plan.devices]
+    tables = [("Predicted latency per inference on " + network.source, HEADER, rows(predictions)),
+              ("This plan, per device", ["device", "compute ms", "finish ms"], dev_rows)]
+    out = []
+    for title, header, body in tables:
+        if fmt == "markdown":
+            out += [f"## {title}\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            out += ["| " + " | ".join(r) + " |" for r in body] + [""]
+        else:
+            widths = [max(len(x) for x in col) for col in zip(header, *body)]
+            out += [title] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header] + body] + [""]
+    if note:
+        out.append(f"broadcast: {note}")
+    return "\n".join(out)
+
+
+def plot(curves: dict[str, list[float]], plan: Prediction, path: Path) -> None:
+    """Latency of every setup against bandwidth, and this plan's per-device time bars."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise LcpcError("--plot needs matplotlib: pip install 'lcpc[plot]'") from None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    for setup, latencies in curves.items():
+        left.plot(BANDWIDTHS_MBIT, [1e3 * v for v in latencies], marker="o", label=setup)
+    left.set_xscale("log")
+    left.set_yscale("log")
+    left.set_xlabel("link bandwidth (Mbit/s)")
+    left.set_ylabel("predicted latency per inference (ms)")
+    left.grid(True, which="both", alpha=0.3)
+    left.legend(fontsize=8)
+    names = [d[0] for d in plan.devices]
+    compute = [1e3 * d[1] for d in plan.devices]
+    waiting = [1e3 * max(d[2] - d[1], 0.0) for d in plan.devices]
+    right.barh(names, compute, label="compute")
+    right.barh(names, waiting, left=compute, label="network and waiting")
+    right.set_xlabel("ms per inference (this plan)")
+    right.invert_yaxis()
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)

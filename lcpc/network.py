@@ -1,0 +1,153 @@
+"""Predicted per-inference latency of a plan on a network (``devices.yaml``).
+
+The model, for one inference (times in seconds):
+
+- a stage on device d takes ``stage_time / speed(d)`` (stage times measured on this
+  machine, ``lcpc.timing``); a device runs its stages one after another, in level
+  order, each as soon as its inputs are there;
+- each device has its own full-duplex link to a switch (bandwidth ``bw``, one-way
+  latency ``lat``); a message from a to b of n bytes starts when its value exists
+  and a's uplink and b's downlink are free, occupies both for ``n / min(bw_a, bw_b)``
+  and arrives ``lat_a + lat_b + overhead`` later (``overhead``: the engine's own
+  per-message cost);
+- a message that goes to every device (the input broadcast) is sent as one message
+  per receiving device from its source, one after another on the source's uplink:
+  that is how the Ray engine moves it (each node pulls its copy);
+- latency = when the last model output exists on the head.
+
+Guarantees: ``predict`` is a pure function of the manifest, the stage times and the
+network (no timing, no I/O); it replays the manifest in ``lcpc.schedule`` order;
+``pipeline`` and ``single_device`` use the same link and speed model, so the four
+setups of ``lcpc report --network`` are compared on equal terms.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from lcpc.devices import Network
+from lcpc.schedule import Schedule
+
+
+@dataclass(frozen=True)
+class Prediction:
+    setup: str
+    latency: float                      # seconds per inference
+    compute: float                      # busiest device's compute time
+    devices: tuple[tuple[str, float, float], ...] = ()   # (device, compute seconds, finish time)
+    messages: int = 0
+    bytes: int = 0
+
+    @property
+    def network(self) -> float:
+        """What the critical path spends beyond the busiest device's compute (waiting on links)."""
+        return max(self.latency - self.compute, 0.0)
+
+
+def _names(manifest: dict[str, Any]) -> dict[int, str]:
+    return {d["id"]: d["name"] for d in manifest["devices"]}
+
+
+def predict(manifest: dict[str, Any], stage_times: dict[str, float], network: Network,
+            setup: str = "this plan") -> Prediction:
+    """Replay the manifest on ``network`` (see the module docstring)."""
+    names = _names(manifest)
+    speed = {d: network.device(n).speed for d, n in names.items()}
+    link = {d: network.link(n) for d, n in names.items()}
+    ready: dict[tuple[int, str], float] = {(0, i["name"]): 0.0 for i in manifest["source"]["inputs"]}
+    busy_until = defaultdict(float)
+    compute = defaultdict(float)
+    up, down = defaultdict(float), defaultdict(float)
+
+    def send(t: dict) -> None:
+        a, b = t["from"]["device"], t["to"]["device"]
+        start = max(ready[(a, t["from"]["name"])], up[a], down[b])
+        wire = t["bytes"] / min(link[a].bandwidth, link[b].bandwidth)
+        up[a] = down[b] = start + wire
+        ready[(b, t["to"]["name"])] = start + wire + link[a].latency + link[b].latency + network.overhead
+
+    schedule = Schedule(manifest)
+    for t in schedule.input_transfers:
+        send(t)
+    for level in schedule.levels:
+        for s in level.stages:
+            d = s["device"]
+            start = max([busy_until[d]] + [ready[(d, i["name"])] for i in s["inputs"]])
+            took = stage_times[s["id"]] / speed[d]
+            compute[d] += took
+            busy_until[d] = start + took
+            for o in s["outputs"]:
+                ready[(d, o["name"])] = busy_until[d]
+        for t in level.transfers:
+            send(t)
+    latency = max(ready[(o["device"], o["local_name"])] for o in manifest["outputs"])
+    finish = {d: max([busy_until[d], up[d], down[d]]) for d in names}
+    return Prediction(setup, latency, max(compute.values(), default=0.0),
+                      tuple((names[d], compute[d], finish[d]) for d in sorted(names)),
+                      len(manifest["transfers"]), sum(t["bytes"] for t in manifest["transfers"]))
+
+
+def single_device(manifest: dict[str, Any], original_time: float, network: Network) -> Prediction:
+    """The original model on the head device (dev0): no network at all."""
+    head = _names(manifest)[0]
+    took = original_time / network.device(head).speed
+    return Prediction("original, one device", took, took, ((head, took, took),))
+
+
+def pipeline(manifest: dict[str, Any], original_time: float, network: Network) -> Prediction:
+    """Layer-wise pipeline: device i runs the i-th of K consecutive chunks of equal FLOPs; the
+    boundary tensors (the manifest's pipeline bytes, split evenly over the K-1 boundaries and
+    the return to the head) cross one after another."""
+    names = _names(manifest)
+    k = len(names)
+    total = manifest["totals"]["comparison"]["pipeline"]["bytes_per_inference"]
+    hops = [(d, (d + 1) % k) for d in range(k)] if k > 1 else []
+    per_hop = total / max(len(hops), 1)
+    clock, rows, comp = 0.0, [], []
+    for d in range(k):
+        took = original_time / k / network.device(names[d]).speed
+        clock += took
+        comp.append(took)
+        rows.append((names[d], took, clock))
+        if d < len(hops) and per_hop:
+            a, b = (network.link(names[x]) for x in hops[d])
+            clock += per_hop / min(a.bandwidth, b.bandwidth) + a.latency + b.latency + network.overhead
+    return Prediction(f"layer-wise pipeline over {k} devices", clock, max(comp), tuple(rows), len(hops), int(total))
+
+
+def compare(plan: dict, plan_times: dict, exact: dict | None, exact_times: dict | None,
+            original_time: float, network: Network) -> list[Prediction]:
+    """The four setups of ``lcpc report --network``, in a fixed order (``exact``: the --sync all plan)."""
+    rows = [single_device(plan, original_time, network),
+            predict(plan, plan_times, network, f"this plan (--sync {plan['sync']['policy']})")]
+    if exact is not None and exact_times is not None:
+        rows.append(predict(exact, exact_times, network, "channel-wise model parallel (--sync all)"))
+    rows.append(pipeline(plan, original_time, network))
+    return rows
+
+
+def broadcast_note(manifest: dict[str, Any]) -> str | None:
+    """How a message that goes to every device is sent, for the report."""
+    inputs = [t for t in manifest["transfers"] if t["kind"] == "input"]
+    if not inputs:
+        return None
+    receivers = sorted({t["to"]["device"] for t in inputs})
+    size = inputs[0]["bytes"]
+    return (f"the input ({size} bytes, {inputs[0]['dtype']}) goes from dev0 to {len(receivers)} devices as "
+            f"{len(inputs)} point-to-point messages, one per receiving device, one after another on dev0's link "
+            f"(Ray engine: one object-store copy on dev0's node, pulled by each device's node)")
+
+
+BANDWIDTHS_MBIT = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+
+
+def sweep(plan: dict, plan_times: dict, exact: dict | None, exact_times: dict | None, original_time: float,
+          network: Network, bandwidths_mbit=BANDWIDTHS_MBIT) -> dict[str, list[float]]:
+    """Predicted latency of each setup at each bandwidth (every link set to it), by setup name."""
+    curves: dict[str, list[float]] = defaultdict(list)
+    for mbit in bandwidths_mbit:
+        for p in compare(plan, plan_times, exact, exact_times, original_time, network.with_bandwidth(mbit * 1e6 / 8)):
+            curves[p.setup].append(p.latency)
+    return dict(curves)

@@ -1,0 +1,307 @@
+"""Engine ``ray``: run an lcpc output folder with one Ray actor per manifest device.
+
+Guarantees:
+- one actor per device, placed with the Ray custom resource ``devices.yaml`` names for
+  it (default: the device's own name, e.g. ``dev1``); when Ray is started here (no
+  ``address``) the local node gets every such resource, so all actors run locally;
+  on an existing cluster without those resources and no ``devices.yaml``, the actors
+  are pinned to this node; a ``devices.yaml`` resource the cluster lacks is an
+  ``LcpcError`` naming the device and the resource;
+- actors get the stage files' checked bytes (``manifest.read_stage``) from the driver,
+  so remote nodes need no copy of the folder; each builds its sessions with
+  ``lcpc.stage_session.open_stage`` (same checks as the local engine);
+- execution follows ``lcpc.schedule`` (the order the local engine uses): one actor
+  call per device per level; a value sent to another device is the return value of
+  the sender's call, passed as an ``ObjectRef`` argument to the receiver's next call,
+  so Ray (its object store) moves every byte; lcpc opens no socket. The model input
+  is put in the object store once and every device that receives it pulls it from
+  there (one point-to-point copy per receiving device);
+- the receiving actor counts the bytes of every value it receives, by transfer id, so
+  ``Stats`` equals the manifest transfer by transfer, exactly as with the local engine;
+- every wait has a timeout: a request that does not finish within ``timeout`` seconds,
+  or whose actor dies, ends in one ``LcpcError`` naming the request id and the device
+  (dead, or not answering); ``rebuild`` replaces dead actors so later requests run;
+- ``close`` kills the actors and shuts Ray down when this engine started it.
+
+Calls are plain actor calls (``mode == "actor-calls"``); see benchmarks/ray_overhead.py
+for what a call costs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lcpc import devices as dv
+from lcpc import manifest as mf
+from lcpc.errors import LcpcError
+from lcpc.schedule import Schedule, Stats, check_feeds, join_batches, planned_batches
+from lcpc.stage_session import first_line, open_stage
+
+INSTALL_HINT = "the ray engine needs Ray: pip install 'lcpc[ray]'"
+
+try:
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+except ImportError:  # optional extra
+    ray = None
+
+
+def require_ray() -> None:
+    if ray is None:
+        raise LcpcError(INSTALL_HINT)
+
+
+class DeviceWorker:
+    """The per-device actor body: sessions for the device's stages, a value store per request."""
+
+    def __init__(self, device: int, stages: list[dict], blobs: dict[str, bytes], folder: str) -> None:
+        self.device = device
+        self.stages = {s["id"]: s for s in stages}
+        self.sessions = {s["id"]: open_stage(blobs[s["id"]], s, f"{folder}/{s['file']}") for s in stages}
+        self.folder = folder
+        self.store: dict[Any, dict[str, np.ndarray]] = {}
+        self.counts: dict[Any, dict[int, int]] = {}
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def _receive(self, rid: Any, maps: list[list[tuple]], refs: tuple) -> dict[str, np.ndarray]:
+        values = self.store.setdefault(rid, {})
+        counts = self.counts.setdefault(rid, defaultdict(int))
+        for mapping, message in zip(maps, refs):
+            for src, dst, tid in mapping:
+                values[dst] = message[src]
+                if tid is not None:
+                    counts[tid] += message[src].nbytes
+        return values
+
+    def step(self, rid: Any, stage_ids: list[str], sends: list[list[str]], maps: list[list[tuple]], *refs):
+        """Store what arrived, run this level's stages, return one message per destination."""
+        values = self._receive(rid, maps, refs)
+        for sid in stage_ids:
+            stage = self.stages[sid]
+            feeds = {i["name"]: values[i["name"]] for i in stage["inputs"]}
+            try:
+                outs = self.sessions[sid].run([o["name"] for o in stage["outputs"]], feeds)
+            except Exception as exc:
+                raise LcpcError(f"{self.folder}/{stage['file']}: stage {sid} failed in onnxruntime: "
+                                f"{first_line(exc)}") from None
+            values.update(zip((o["name"] for o in stage["outputs"]), outs))
+        messages = [{name: values[name] for name in names} for names in sends]
+        return messages[0] if len(messages) == 1 else tuple(messages) if messages else None
+
+    def finish(self, rid: Any, outputs: list[str], maps: list[list[tuple]], *refs):
+        """Store what arrived last, return (model outputs held here, bytes received by transfer id)."""
+        values = self._receive(rid, maps, refs)
+        result = {name: values[name] for name in outputs}
+        self.store.pop(rid, None)
+        return result, dict(self.counts.pop(rid, {}))
+
+    def drop(self, rid: Any) -> None:
+        self.store.pop(rid, None)
+        self.counts.pop(rid, None)
+
+
+class RayEngine:
+    """Runs a manifest on Ray actors; reuse one engine for many requests."""
+
+    mode = "actor-calls"
+
+    @property
+    def describe(self) -> str:
+        return f"ray ({self.mode})"
+
+    def __init__(self, folder: str | Path, address: str | None = None, devices: str | Path | None = None,
+                 timeout: float = 60.0) -> None:
+        require_ray()
+        self.folder = Path(folder)
+        self.manifest = mf.read(self.folder)
+        self.network = dv.load(devices)
+        dv.check_names(self.network, self.manifest)
+        self.explicit_devices = devices is not None
+        self.timeout = float(timeout)
+        self.schedule = Schedule(self.manifest)
+        self.blobs = {s["id"]: mf.read_stage(self.folder, s) for s in self.manifest["stages"]}
+        self.names = {d["id"]: d["name"] for d in self.manifest["devices"]}
+        self.owns_ray = False
+        self._ids = itertools.count()
+        self._start_ray(address)
+        self._worker_cls = ray.remote(num_cpus=0, max_restarts=0)(DeviceWorker)
+        self.actors: dict[int, Any] = {}
+        try:
+            for d in self.names:
+                self.actors[d] = self._spawn(d)
+            self._wait({d: a.ping.remote() for d, a in self.actors.items()}, "starting the actors")
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def inputs(self) -> list[dict[str, Any]]:
+        return self.manifest["source"]["inputs"]
+
+    def _resource(self, d: int) -> str:
+        return self.network.device(self.names[d]).resource
+
+    def _start_ray(self, address: str | None) -> None:
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                                      "configure_logging": False}
+            if address is None:
+                kwargs["resources"] = {self._resource(d): float(len(self.names)) for d in self.names}
+            try:
+                ray.init(address=address, **kwargs)
+            except Exception as exc:
+                raise LcpcError(f"cannot start or reach Ray{f' at {address}' if address else ''}: "
+                                f"{first_line(exc)}") from None
+            self.owns_ray = True
+        have = ray.cluster_resources()
+        missing = {self.names[d]: self._resource(d) for d in self.names if have.get(self._resource(d), 0) <= 0}
+        if missing and self.explicit_devices:
+            name, res = next(iter(missing.items()))
+            raise LcpcError(f"{self.network.source}: device {name} wants Ray resource '{res}', which no node of "
+                            f"the cluster has; start that node with `ray start --resources '{{\"{res}\": 1}}'`")
+        self.pin_local = bool(missing)
+
+    def _spawn(self, d: int):
+        stages = [s for s in self.manifest["stages"] if s["device"] == d]
+        if self.pin_local:
+            options = {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                             soft=False)}
+        else:
+            options = {"resources": {self._resource(d): 0.001}}
+        return self._worker_cls.options(name=None, **options).remote(
+            d, stages, {s["id"]: self.blobs[s["id"]] for s in stages}, str(self.folder))
+
+    # ------------------------------------------------------------------ running
+    def check_inputs(self, feeds: dict[str, np.ndarray], files: dict[str, str] | None = None) -> int:
+        return check_feeds(self.inputs, feeds, files)
+
+    def run(self, feeds: dict[str, np.ndarray], stats: Stats | None = None, request: Any = None,
+            ) -> dict[str, np.ndarray]:
+        """Outputs under the model's original names, for a batch of any multiple of the plan's."""
+        self.check_inputs(feeds)
+        request = next(self._ids) if request is None else request
+        results = [self._run_once(part, stats, request) for part in planned_batches(self.inputs, feeds)]
+        return join_batches(self.manifest, results)
+
+    def _run_once(self, feeds: dict[str, np.ndarray], stats: Stats | None, rid: Any) -> dict[str, np.ndarray]:
+        pending: dict[int, list[tuple[Any, list[tuple]]]] = defaultdict(list)
+        message = ray.put(feeds)
+        pending[0].append((message, [(n, n, None) for n in feeds]))
+        by_dst: dict[int, list[tuple]] = defaultdict(list)
+        for t in self.schedule.input_transfers:
+            by_dst[t["to"]["device"]].append((t["from"]["name"], t["to"]["name"], t["id"]))
+        for dst, mapping in by_dst.items():
+            pending[dst].append((message, mapping))
+        for level in self.schedule.steps():
+            arrived: dict[int, list] = defaultdict(list)
+            for step in level:
+                given = pending.pop(step.device, [])
+                dests = step.destinations
+                sends = [[t["from"]["name"] for t in step.sends[dst]] for dst in dests]
+                out = self.actors[step.device].step.options(num_returns=max(1, len(dests))).remote(
+                    rid, [s["id"] for s in step.stages], sends, [m for _, m in given], *[r for r, _ in given])
+                outs = [out] if len(dests) <= 1 else out
+                for dst, ref in zip(dests, outs):
+                    arrived[dst].append((ref, [(t["from"]["name"], t["to"]["name"], t["id"])
+                                               for t in step.sends[dst]]))
+            for d, items in arrived.items():
+                pending[d].extend(items)
+        outputs = defaultdict(list)
+        for o in self.manifest["outputs"]:
+            outputs[o["device"]].append(o["local_name"])
+        finals = {d: a.finish.remote(rid, outputs.get(d, []), [m for _, m in pending.get(d, [])],
+                                     *[r for r, _ in pending.get(d, [])]) for d, a in self.actors.items()}
+        done = self._wait(finals, f"request {rid}", rid)
+        if stats is not None:
+            for _, counts in done.values():
+                for tid, n in counts.items():
+                    stats.bytes_by_transfer[tid] += n
+            stats.samples += 1
+        return {o["name"]: done[o["device"]][0][o["local_name"]] for o in self.manifest["outputs"]}
+
+    # ------------------------------------------------------------------ faults
+    def _wait(self, refs: dict[int, Any], what: str, rid: Any = None) -> dict[int, Any]:
+        """``ray.get`` of one ref per device, bounded by the timeout; failures name the device."""
+        try:
+            values = ray.get(list(refs.values()), timeout=self.timeout)
+            return dict(zip(refs, values))
+        except GetTimeoutError:
+            ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=0)
+            late = [self.names[d] for d, r in refs.items() if r not in ready]
+            self._forget(rid)
+            raise LcpcError(f"{what}: no answer within {self.timeout:g} s from {', '.join(late)} "
+                            f"(waited on {'their' if len(late) > 1 else 'its'} actor; raise --timeout or check "
+                            f"the node)") from None
+        except RayTaskError as exc:
+            cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
+            if isinstance(cause, LcpcError):
+                self._forget(rid)
+                raise LcpcError(f"{what}: {cause}") from None
+            if not isinstance(cause, RayActorError):
+                self._forget(rid)
+                raise LcpcError(f"{what}: failed on a device: {first_line(cause)}") from None
+        except RayActorError:
+            pass
+        dead = self.dead_devices()
+        self._forget(rid)
+        names = ", ".join(self.names[d] for d in dead) or "a device"
+        raise LcpcError(f"{what}: the actor of {names} died (its process or node went away); "
+                        f"the request did not complete") from None
+
+    def dead_devices(self) -> list[int]:
+        """Devices whose actor does not answer a ping within a few seconds."""
+        pings = {d: a.ping.remote() for d, a in self.actors.items()}
+        dead = []
+        for d, ref in pings.items():
+            try:
+                ray.get(ref, timeout=min(self.timeout, 10.0))
+            except (RayActorError, GetTimeoutError, RayTaskError):
+                dead.append(d)
+        return dead
+
+    def _forget(self, rid: Any) -> None:
+        """Drop a failed request's values on every actor (best effort, never waits)."""
+        if rid is None:
+            return
+        for a in self.actors.values():
+            try:
+                a.drop.remote(rid)
+            except Exception:  # noqa: BLE001 - the actor may be gone; nothing to free then
+                pass
+
+    def rebuild(self) -> list[str]:
+        """Replace dead actors (same device, same stages); returns the names of the rebuilt devices."""
+        dead = self.dead_devices()
+        for d in dead:
+            try:
+                ray.kill(self.actors[d], no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+            self.actors[d] = self._spawn(d)
+        if dead:
+            self._wait({d: self.actors[d].ping.remote() for d in dead}, "rebuilding the actors")
+        return [self.names[d] for d in dead]
+
+    def actor_pid(self, device: int) -> int:
+        return self._wait({device: self.actors[device].ping.remote()}, "ping")[device]
+
+    def close(self) -> None:
+        for a in self.actors.values():
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self.actors = {}
+        if self.owns_ray and ray.is_initialized():
+            ray.shutdown()
+        self.owns_ray = False

@@ -1,0 +1,68 @@
+"""The Ray engine against the local engine: same outputs (1e-5), same bytes, transfer by transfer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import EXAMPLE, run_folder
+from lcpc.pipeline import convert as convert_model
+from lcpc.schedule import Stats
+from ray_fixture import local_ray  # noqa: F401 - the module-scoped fixture
+
+pytest.importorskip("ray", reason="Ray is not installed (pip install 'lcpc[ray]')")
+
+from lcpc.targets.ray import RayEngine  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, zoo_bytes):
+    tmp = tmp_path_factory.mktemp("ray")
+    return {("digits", "none"): convert_model(EXAMPLE, tmp / "dn", 4, "none") and tmp / "dn",
+            ("digits", "all"): convert_model(EXAMPLE, tmp / "da", 4, "all") and tmp / "da",
+            ("resnet", "all"): convert_model(zoo_bytes["resnet_basic"], tmp / "ra", 3, "all") and tmp / "ra"}
+
+
+@pytest.mark.parametrize("key", [("digits", "none"), ("digits", "all"), ("resnet", "all")])
+def test_ray_equals_local(local_ray, folders, key):  # noqa: F811
+    folder = folders[key]
+    engine = RayEngine(folder, timeout=60)
+    try:
+        spec = engine.inputs[0]
+        x = np.random.default_rng(0).standard_normal([2 * spec["shape"][0]] + spec["shape"][1:]).astype(np.float32)
+        stats = Stats()
+        got = engine.run({spec["name"]: x}, stats)
+    finally:
+        engine.close()
+    want, local_stats, manifest = run_folder(folder, {spec["name"]: x})
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
+    assert dict(stats.bytes_by_transfer) == dict(local_stats.bytes_by_transfer)
+    for t in manifest["transfers"]:
+        assert stats.bytes_by_transfer[t["id"]] == 2 * t["bytes"], t
+    assert stats.samples == 2
+
+
+def test_bad_devices_resource_is_named(local_ray, folders, tmp_path):  # noqa: F811
+    from lcpc.errors import LcpcError
+
+    devices = tmp_path / "devices.yaml"
+    devices.write_text("devices:\n  dev1: {resource: board-nowhere}\n")
+    with pytest.raises(LcpcError, match="dev1 wants Ray resource 'board-nowhere'"):
+        RayEngine(folders[("digits", "none")], devices=devices)
+
+
+def test_cli_run_engine_ray(local_ray, folders, tmp_path):  # noqa: F811
+    import json
+
+    from click.testing import CliRunner
+
+    from lcpc.cli import main
+
+    stats = tmp_path / "s.json"
+    result = CliRunner().invoke(main, ["run", str(folders[("digits", "none")]), "--input",
+                                       str(EXAMPLE.parent / "sample.npy"), "--engine", "ray", "--stats", str(stats)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(stats.read_text())
+    assert all(r["bytes"] == r["manifest_bytes_per_inference"] * data["samples"] for r in data["transfers"])
+    assert "engine ray (actor-calls)" in result.output
