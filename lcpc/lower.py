@@ -99,7 +99,9 @@ class _Lowering:
 
     def const(self, d: int, value: np.ndarray, hint: str) -> str:
         name = self._unique(d, hint)
-        self.devices[d].constants[name] = np.ascontiguousarray(value)
+        # np.array, not np.ascontiguousarray: that one returns at least 1-D arrays, and a
+        # scalar that turns into shape (1,) breaks ops that need scalars (Loop's trip count).
+        self.devices[d].constants[name] = np.array(value, order="C")
         self.devices[d].infos[name] = TensorInfo(tuple(value.shape), value.dtype)
         return name
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import EXAMPLE, reference, rel_err
+from click.testing import CliRunner
+from conftest import EXAMPLE, reference, rel_err, run_folder
 from onnx import helper, numpy_helper
 
 from lcpc import frontend
+from lcpc.cli import main
 from lcpc.errors import LcpcError
 from lcpc.ir import to_onnx
 
@@ -93,3 +95,38 @@ def test_example_model_loads_and_matches():
     assert rel_err(reference(to_onnx(graph).SerializeToString(), {"input": x})[0],
                    reference(EXAMPLE, {"input": x})[0]) < 1e-5
     assert len(source.sha256) == 64
+
+
+# PaddlePaddle and some other exporters write dim_value -1 for a dynamic dim.
+def test_minus_one_dims_are_dynamic_and_pin():
+    graph, _ = frontend.load(tiny_model(13, dims=(-1, 3, -1, -1)), {"x": (1, 3, 48, 192)})
+    assert graph.info("x").shape == (1, 3, 48, 192) and graph.info("y").shape == (1, 4)
+
+
+def test_lone_minus_one_batch_dim_becomes_one():
+    graph, _ = frontend.load(tiny_model(13, dims=(-1, 3, 8, 8)))
+    assert graph.info("x").shape == (1, 3, 8, 8)
+
+
+def test_minus_one_spatial_dims_need_pinning():
+    with pytest.raises(LcpcError, match=r"dynamic dim '-1' at axis 2; pin it with --input-shape x:1x3x\?x\?"):
+        frontend.load(tiny_model(13, dims=(-1, 3, -1, -1)))
+
+
+def test_fixed_dims_still_conflict_with_minus_one_model():
+    with pytest.raises(LcpcError, match="dim 4 conflicts with the model's fixed dim 3"):
+        frontend.load(tiny_model(13, dims=(-1, 3, -1, -1)), {"x": (1, 4, 48, 192)})
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_minus_one_dims_through_the_cli_are_exact(tmp_path, opset):
+    model = tiny_model(opset, dims=(-1, 3, -1, -1))
+    path, out = tmp_path / "paddle.onnx", tmp_path / "out"
+    path.write_bytes(model)
+    result = CliRunner().invoke(main, ["convert", str(path), "--branches", "2", "--sync", "all",
+                                       "--input-shape", "x:1x3x48x192", "-o", str(out)])
+    assert result.exit_code == 0, result.output + result.stderr
+    x = np.random.default_rng(0).standard_normal((1, 3, 48, 192)).astype(np.float32)
+    got, _, manifest = run_folder(out, {"x": x})
+    assert rel_err(got["y"], reference(model, {"x": x})[0]) < 1e-4
+    assert manifest["source"]["inputs"][0]["shape"] == [1, 3, 48, 192]

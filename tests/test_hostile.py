@@ -25,7 +25,7 @@ from conftest import reference, rel_err
 
 from lcpc import frontend
 from lcpc import manifest as mf
-from lcpc import pipeline
+from lcpc import pipeline, reader
 from lcpc.cli import main
 from lcpc.errors import LcpcError
 from lcpc.ir import to_onnx
@@ -162,7 +162,7 @@ def test_external_data_needs_a_path(tmp_path):
 
 
 def test_model_larger_than_protobuf_is_refused_unread(tmp_path, monkeypatch):
-    monkeypatch.setattr(frontend, "MAX_MODEL_BYTES", 100)
+    monkeypatch.setattr(reader, "MAX_MODEL_BYTES", 100)
     model = place_model(tmp_path, "good.onnx")
     with audited() as events, pytest.raises(LcpcError, match="larger than 2 GiB.*external data"):
         frontend.load(model)

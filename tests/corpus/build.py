@@ -113,6 +113,33 @@ def loop(trips: int | None) -> onnx.ModelProto:
                                     name="counter", body=body)], inits, "count")
 
 
+def loop_reading_outer(trips: int) -> onnx.ModelProto:
+    """A Loop whose body adds ``t``, a value of the enclosing graph, to its carried value."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["v_in", "t"], ["v_out"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1, 3, 8, 8])])
+    inits = [numpy_helper.from_array(np.array(True), "cond"), ints("M", trips)]
+    return around([helper.make_node("Relu", ["x"], ["t"]),
+                   helper.make_node("Loop", ["M", "cond", "x"], ["acc"], name="accumulate", body=body)], inits, "acc")
+
+
+def if_reading_outer() -> onnx.ModelProto:
+    """An If on a computed condition whose branches read ``t`` of the enclosing graph."""
+    def branch(op: str) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node(op, ["t"], ["o"])], f"{op.lower()}_branch", [],
+                                 [helper.make_tensor_value_info("o", TensorProto.FLOAT, [1, 3, 8, 8])])
+    return around([helper.make_node("Relu", ["x"], ["t"]),
+                   helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+                   helper.make_node("Greater", ["total", "zero"], ["positive"]),
+                   helper.make_node("If", ["positive"], ["chosen"], name="choose",
+                                    then_branch=branch("Neg"), else_branch=branch("Abs"))],
+                  [numpy_helper.from_array(np.array(0, np.float32), "zero")], "chosen")
+
+
 def ints(name: str, values) -> onnx.TensorProto:
     return numpy_helper.from_array(np.array(values, np.int64), name)
 
@@ -216,6 +243,10 @@ def models() -> list[tuple[str, bytes, list[str] | None, list[str]]]:
          ["tensor 'big' would have shape (1000, 1000000)"], []),
         ("unbounded_loop.onnx", loop(10**12), ["Loop 'counter'", "no constant trip count of at most 65536"], []),
         ("while_loop.onnx", loop(None), ["Loop 'counter'", "no constant trip count"], []),
+        ("bounded_loop.onnx", loop(10), None, []),
+        ("loop_reading_outer.onnx", loop_reading_outer(3), None, ["--sync", "all"]),
+        ("if_reading_outer.onnx", if_reading_outer(), ["node 'choose' (op If) reads t from the enclosing graph",
+                                                       "Loop only"], []),
         ("subgraph_map_value.onnx", edited(loop(3), lambda m: m.graph.node[0].attribute[0].g.output[0].type.CopyFrom(
             helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.BOOL, [])))),
          ["value 'cond_out' of subgraph 'body' is not a tensor"], []),
