@@ -2,19 +2,26 @@
 
 ``load`` is the front end's public entry: bytes or a path in, a :class:`~lcpc.ir.Graph` and
 its :class:`~lcpc.reader.Source` out. Reading and checking the untrusted file is
-``lcpc.reader``'s job (see its guarantees); this module then guarantees, in order:
+``lcpc.reader``'s job (see its guarantees); on top of those, this module's are, in order:
+
+Guarantees:
 1. initializers listed as graph inputs (IR < 4 exporters) are weights, not inputs;
    opsets 9..16 are upgraded to opset ``TARGET_OPSET`` (17) with onnx's version converter;
-2. dynamic input dims (a ``dim_param``, no value, or a negative value such as PaddlePaddle's
-   ``-1``) are pinned (``--input-shape NAME:1x3x224x224``; a lone dynamic batch dim
-   defaults to 1), unknown input names and dims that conflict with the model's fixed dims
-   are refused; before anything is computed, a tensor that shape inference says would exceed
-   ``MAX_TENSOR_BYTES`` (a huge input dim, ConstantOfShape, Range, Expand, Tile or Reshape)
-   is refused;
+2. dynamic input dims (a ``dim_param``, no value, or a value of 0 or below, such as the
+   ``-1`` PaddlePaddle writes) are pinned (``--input-shape NAME:1x3x224x224``; a lone
+   dynamic batch dim defaults to 1); unknown input names and dims that conflict with the
+   model's fixed dims are refused; before anything is computed, a tensor that shape
+   inference says would exceed ``MAX_TENSOR_BYTES`` (a huge input dim, ConstantOfShape,
+   Range, Expand, Tile or Reshape) is refused;
 3. constants are folded (weights held in Constant nodes become weights), Identity and
    inference-time Dropout disappear, and BatchNormalization following a Conv is folded
    into the Conv: W' = W * g / sqrt(v + eps), b' = (b - m) * g / sqrt(v + eps) + beta;
-4. every activation has a static shape (onnx shape inference, then one onnxruntime run
+   nodes with a body (Loop, Scan) are never folded, and they do not stop the rest of the
+   graph from being folded;
+4. every node reads only its own inputs: a value a Loop body reads from an enclosing graph
+   becomes one more loop-carried input that the body passes through unchanged; an If or
+   Scan that reads such values is refused by name;
+5. every activation has a static shape (onnx shape inference, then one onnxruntime run
    for whatever inference could not type, e.g. custom ops).
 The result computes the same function as the input model (tested against onnxruntime).
 """
