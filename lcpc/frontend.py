@@ -38,8 +38,8 @@ from onnx import version_converter
 
 from lcpc.errors import LcpcError
 from lcpc.ir import Graph, TensorInfo, from_onnx, tensor_infos
-from lcpc.reader import Source, first_line, read_model
-from lcpc.safety import MAX_TENSOR_BYTES, check_tensor_sizes, infer_shapes, itemsize, nbytes, printable
+from lcpc.reader import Source, read_model
+from lcpc.safety import MAX_TENSOR_BYTES, check_tensor_sizes, first_line, infer_shapes, itemsize, nbytes, printable
 
 TARGET_OPSET = 17
 MAX_DIM = 1 << 24

@@ -29,7 +29,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from lcpc.errors import LcpcError
-from lcpc.safety import MAX_MODEL_BYTES, MAX_TENSOR_BYTES, check_loops, inside, nbytes, printable
+from lcpc.safety import MAX_MODEL_BYTES, MAX_TENSOR_BYTES, check_loops, first_line, inside, nbytes, printable
 
 MIN_OPSET = 9
 
@@ -240,9 +240,3 @@ def _check_graph(model: onnx.ModelProto, where: str) -> None:
             if not vi.type.HasField("tensor_type"):
                 raise LcpcError(f"{where}: value '{printable(vi.name, 200)}' of subgraph "
                                 f"'{printable(graph.name, 200)}' is not a tensor; lcpc handles tensors only")
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message, printable, for a one-line error."""
-    text = str(exc).strip()
-    return printable(text.splitlines()[0], 300) if text else type(exc).__name__

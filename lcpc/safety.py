@@ -202,3 +202,9 @@ def printable(text: str, limit: int = 2000) -> str:
     """``text`` on one line, control characters escaped, at most ``limit`` characters."""
     out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text).replace("\n", " "))
     return out if len(out) <= limit else out[:limit] + "..."
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, printable, for a one-line error."""
+    text = str(exc).strip()
+    return printable(text.splitlines()[0], 300) if text else type(exc).__name__

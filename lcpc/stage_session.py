@@ -15,7 +15,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from lcpc.errors import LcpcError
-from lcpc.safety import printable
+from lcpc.safety import first_line
 
 
 def open_stage(data: bytes, stage: dict, where: str | Path, threads: int = 1) -> ort.InferenceSession:
@@ -44,6 +44,3 @@ def _check_signature(session: ort.InferenceSession, stage: dict, where: str | Pa
 _ORT_TYPES = {"float32": "float", "float64": "double", "bool": "bool"}
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return printable(text.splitlines()[0], 300) if text else type(exc).__name__

@@ -18,7 +18,8 @@ import onnxruntime as ort
 
 from lcpc import manifest as mf
 from lcpc.errors import LcpcError
-from lcpc.stage_session import first_line, open_stage
+from lcpc.safety import first_line
+from lcpc.stage_session import open_stage
 
 
 def _random(shape, dtype: str, rng: np.random.Generator) -> np.ndarray:

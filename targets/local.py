@@ -28,7 +28,8 @@ import numpy as np
 from lcpc import manifest as mf
 from lcpc.errors import LcpcError
 from lcpc.schedule import Schedule, Stats, check_feeds, join_batches, planned_batches
-from lcpc.stage_session import first_line, open_stage
+from lcpc.safety import first_line
+from lcpc.stage_session import open_stage
 
 
 class LocalEngine:

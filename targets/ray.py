@@ -41,7 +41,8 @@ from lcpc import devices as dv
 from lcpc import manifest as mf
 from lcpc.errors import LcpcError
 from lcpc.schedule import Schedule, Stats, check_feeds, join_batches, planned_batches
-from lcpc.stage_session import first_line, open_stage
+from lcpc.safety import first_line
+from lcpc.stage_session import open_stage
 
 INSTALL_HINT = "the ray engine needs Ray: pip install 'lcpc[ray]'"
 
