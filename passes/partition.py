@@ -22,7 +22,10 @@ Methods:
   tensors of ||W[o, i]||^2 over pairs (o, i) on the same branch — the weights the cut
   keeps (Kernighan-Lin style rounds of best swaps, a round kept only if the exact
   energy grows). The cut drops the rest, so keeping the heaviest connections inside
-  branches is what makes the pure LCP model closest to the original.
+  branches is what makes the pure LCP model closest to the original. The refinement is
+  incremental: the connection of every class to every branch is kept up to date from the
+  classes a round moves, and so is each layer's kept energy (exact, not re-measured), so a
+  round costs what it changes, not the size of the model.
 
 Heterogeneous devices (``PlanOptions.shares``, from the relative speeds in
 ``devices.yaml``): branch b's share of every split tensor is C * w[b] instead of C / K,
@@ -89,13 +92,63 @@ def energy_kept(plan: Plan) -> float:
     return kept / total if total else 1.0
 
 
+class _Layers:
+    """The dense layers' energies in class-index space, with what ``_refine`` needs of them.
+
+    ``e[l]`` holds E[out, in] with rows and columns merged per class (a class of several
+    channels sums its rows or columns), so ``rows[l]`` and ``cols[l]`` list distinct
+    class indices. ``kept[l]`` is the energy layer l keeps under the current assignment;
+    ``delta`` updates it from the few classes a swap round changed instead of recomputing
+    every layer's mask (the cost that dominated conversion of large models)."""
+
+    def __init__(self, layers, index: dict[int, int], assign: np.ndarray) -> None:
+        self.e, self.rows, self.cols = [], [], []
+        for e, co, ci in layers:
+            rows, cols = np.array([index[int(c)] for c in co]), np.array([index[int(c)] for c in ci])
+            e, rows = _merge_rows(e, rows)
+            e_t, cols = _merge_rows(e.T, cols)
+            self.e.append(np.ascontiguousarray(e_t.T))
+            self.rows.append(rows)
+            self.cols.append(cols)
+        self.kept = np.array([float(e[assign[r][:, None] == assign[c][None, :]].sum())
+                              for e, r, c in zip(self.e, self.rows, self.cols)])
+
+    def delta(self, li: int, old: np.ndarray, new: np.ndarray, changed: np.ndarray) -> float:
+        """Kept energy of layer ``li`` under ``new`` minus under ``old``; ``changed`` marks the
+        classes whose branch differs (only their rows and columns can change)."""
+        e, rows, cols = self.e[li], self.rows[li], self.cols[li]
+        r, c = np.nonzero(changed[rows])[0], np.nonzero(changed[cols])[0]
+        if not len(r) and not len(c):
+            return 0.0
+
+        def block(ri, ci) -> float:
+            same_new = new[rows[ri]][:, None] == new[cols[ci]][None, :]
+            same_old = old[rows[ri]][:, None] == old[cols[ci]][None, :]
+            sub = e[np.ix_(ri, ci)]
+            return float(sub[same_new].sum() - sub[same_old].sum())
+
+        every_c, every_r = np.arange(len(cols)), np.arange(len(rows))
+        total = block(r, every_c) if len(r) else 0.0
+        if len(c):
+            total += block(every_r, c) - (block(r, c) if len(r) else 0.0)
+        return total
+
+
+def _merge_rows(e: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``e`` summed per distinct value of ``idx`` (a no-op when they are distinct)."""
+    uniq, inverse = np.unique(idx, return_inverse=True)
+    if len(uniq) == len(idx):
+        return e, idx
+    merged = np.zeros((len(uniq), e.shape[1]))
+    np.add.at(merged, inverse, e)
+    return merged, uniq
+
+
 def _refine(plan: Plan, constraints: dict[int, dict[str, np.ndarray]]) -> dict[int, int]:
-    layers = _layer_energies(plan)
     classes = sorted(plan.branch_of_class)
     index = {c: i for i, c in enumerate(classes)}
     assign = np.array([plan.branch_of_class[c] for c in classes])
-    idx_layers = [(e, np.array([index[int(c)] for c in co]), np.array([index[int(c)] for c in ci]))
-                  for e, co, ci in layers]
+    layers = _Layers(_layer_energies(plan), index, assign)
     # classes are interchangeable when they sit in the same space with the same footprint
     footprint: dict[int, list] = defaultdict(list)
     for space, tensors in constraints.items():
@@ -111,44 +164,55 @@ def _refine(plan: Plan, constraints: dict[int, dict[str, np.ndarray]]) -> dict[i
     group_of = np.full(len(classes), -1)
     for gi, members in enumerate(groups_arr):
         group_of[members] = gi
-    touching = [[li for li, (_, co, ci) in enumerate(idx_layers)
-                 if (group_of[co] == gi).any() or (group_of[ci] == gi).any()] for gi in range(len(groups_arr))]
+    # per group, the layers it touches and which of their rows / columns are its members
+    touching: list[list[tuple[int, np.ndarray, np.ndarray]]] = [[] for _ in groups_arr]
+    for li, (rows, cols) in enumerate(zip(layers.rows, layers.cols)):
+        for gi in np.unique(np.concatenate([group_of[rows], group_of[cols]])):
+            if gi >= 0:
+                touching[gi].append((li, np.nonzero(group_of[rows] == gi)[0], np.nonzero(group_of[cols] == gi)[0]))
 
-    def kept(a: np.ndarray, layer_ids) -> float:
-        return sum(float(idx_layers[li][0][a[idx_layers[li][1]][:, None] == a[idx_layers[li][2]][None, :]].sum())
-                   for li in layer_ids)
+    def update(conn: np.ndarray, layer_ids, old: np.ndarray, new: np.ndarray, changed: np.ndarray) -> None:
+        """conn[c, b] += what the classes in ``changed`` moving from ``old`` to ``new`` do to it
+        (conn is linear in the one-hot assignment, so only their rows and columns count)."""
+        for li in layer_ids:
+            e, rows, cols = layers.e[li], layers.rows[li], layers.cols[li]
+            r, c = np.nonzero(changed[rows])[0], np.nonzero(changed[cols])[0]
+            if len(r):
+                diff = eye[new[rows[r]]] - eye[old[rows[r]]]
+                conn[cols] += e[r].T @ diff
+            if len(c):
+                diff = eye[new[cols[c]]] - eye[old[cols[c]]]
+                conn[rows] += e[:, c] @ diff
 
-    def connections(a: np.ndarray, gi: int) -> np.ndarray:
-        """conn[c, b]: energy between member class c of group gi and the classes branch b holds."""
-        conn = np.zeros((len(classes), plan.k))
-        onehot = np.eye(plan.k)[a]
-        for li in touching[gi]:
-            e, co, ci = idx_layers[li]
-            rows, cols = group_of[co] == gi, group_of[ci] == gi
-            if rows.any():
-                np.add.at(conn, co[rows], e[rows] @ onehot[ci])
-            if cols.any():
-                np.add.at(conn, ci[cols], e[:, cols].T @ onehot[co])
-        return conn
-
+    # conn[c, b]: energy between class c and the classes branch b holds, kept up to date
+    eye = np.eye(plan.k + 1, plan.k)  # row -1 is all zeros: "on no branch yet"
+    conn = np.zeros((len(classes), plan.k))
+    update(conn, range(len(layers.e)), np.full_like(assign, -1), assign, np.ones(len(classes), bool))
     for _ in range(MAX_ROUNDS):
         improved = False
         for gi, members in enumerate(groups_arr):
-            conn = connections(assign, gi)
             trial = assign.copy()
             for p in range(plan.k):
                 for q in range(p + 1, plan.k):
                     a_side, b_side = members[trial[members] == p], members[trial[members] == q]
+                    n = min(len(a_side), len(b_side))
+                    if not n:
+                        continue
                     ga = conn[a_side, q] - conn[a_side, p]
                     gb = conn[b_side, p] - conn[b_side, q]
-                    a_side, ga = a_side[np.argsort(-ga)], np.sort(ga)[::-1]
-                    b_side, gb = b_side[np.argsort(-gb)], np.sort(gb)[::-1]
-                    n = min(len(a_side), len(b_side))
-                    gain = ga[:n] + gb[:n]
+                    oa, ob = np.argsort(-ga), np.argsort(-gb)
+                    gain = ga[oa[:n]] + gb[ob[:n]]
                     run = int(np.argmin(gain > 0)) if (gain <= 0).any() else n
-                    trial[a_side[:run]], trial[b_side[:run]] = q, p
-            before, after = kept(assign, touching[gi]), kept(trial, touching[gi])
-            if after > before * (1 + 1e-12):
+                    trial[a_side[oa[:run]]], trial[b_side[ob[:run]]] = q, p
+            changed = trial != assign
+            if not changed.any():
+                continue
+            ids = [li for li, _, _ in touching[gi]]
+            deltas = np.array([layers.delta(li, assign, trial, changed) for li in ids])
+            before = float(layers.kept[ids].sum())
+            if before + deltas.sum() > before * (1 + 1e-12):  # the round keeps more: take it
+                layers.kept[ids] += deltas
+                update(conn, ids, assign, trial, changed)
                 assign, improved = trial, True
         if not improved:
             break
