@@ -1,8 +1,8 @@
-"""The ``lcpc`` command line: convert, run, serve, report, inspect, verify, recover.
+"""The ``lcpc`` command line: convert, run, serve, report, bench, inspect, verify, recover.
 
 Guarantees: the commands parse options and print; the work is done by the library
 (``lcpc.pipeline`` for convert, recover and verify; ``lcpc.deployment`` for
-serve; ``lcpc.latency_report`` for the network prediction), so the CLI,
+serve; ``lcpc.latency_report`` for the network prediction; ``targets.bench`` for bench), so the CLI,
 the tests and the benchmarks run the same code. Options shared by several commands are
 defined once (stacked click decorators); every command ends with a one-screen summary;
 any ``LcpcError`` is printed as one line ``error: ...`` with exit code 1 and no
@@ -34,6 +34,7 @@ from lcpc.inspect import inspect_graph
 from lcpc.inspect import render as inspect_render
 from lcpc.safety import load_array, printable, save_arrays
 from lcpc.schedule import Stats
+from lcpc.targets import bench
 
 
 def _fail(message: str, code: int) -> None:
@@ -280,6 +281,22 @@ def serve(folder: Path, source: Path, repeat: int, engine: str, address: str | N
         click.echo(serving.render(result, dep.describe, fmt))
     if result.interrupted:
         sys.exit(130)
+
+
+# ----------------------------------------------------------------------------- bench
+@main.command(name="bench")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="onnxruntime intra-op threads per session (the original's and each stage's).")
+@click.option("--runs", type=int, default=20, show_default=True, help="Timed interleaved rounds.")
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed rounds first.")
+@click.option("--model", "original", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The original ONNX model, when it is no longer at the manifest's source path.")
+@format_option
+@handles_errors
+def bench_cmd(folder: Path, threads: int, runs: int, warmup: int, original: Path | None, fmt: str) -> None:
+    """Time a converted FOLDER's stages against its original model (same settings, one run)."""
+    click.echo(bench.render(bench.bench(folder, original, threads=threads, runs=runs, warmup=warmup), fmt))
 
 
 # ----------------------------------------------------------------------------- inspect

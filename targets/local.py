@@ -35,14 +35,22 @@ from lcpc.stage_session import open_stage
 class LocalEngine:
     """Runs a manifest's stages; reuse one engine for many inputs."""
 
-    def __init__(self, folder: str | Path, threads_per_stage: int = 1) -> None:
+    def __init__(self, folder: str | Path, threads_per_stage: int = 1, threads: int | None = None) -> None:
+        """``threads``, when given, is the budget for the whole engine (to compare with a model
+        run on that many threads): min(K, threads) stages run at once, each on
+        max(1, threads // K) onnxruntime threads; otherwise every stage of a level runs at
+        once on ``threads_per_stage`` threads."""
         self.folder = Path(folder)
         self.manifest = mf.read(self.folder)
+        k = self.manifest["branches"]
+        workers = k if threads is None else max(1, min(k, threads))
+        if threads is not None:
+            threads_per_stage = max(1, threads // k)
         self.sessions = {s["id"]: open_stage(mf.read_stage(self.folder, s), s, self.folder / s["file"],
                                              threads_per_stage)
                          for s in self.manifest["stages"]}
         self.schedule = Schedule(self.manifest)
-        self.pool = ThreadPoolExecutor(max_workers=self.manifest["branches"])
+        self.pool = ThreadPoolExecutor(max_workers=workers)
 
     @property
     def inputs(self) -> list[dict[str, Any]]:

@@ -1,0 +1,183 @@
+"""How close lcpc's devices come to the limit: the same network built directly at width 1/K.
+
+For every model and K, in one process and one interleaved timing loop (targets.bench's
+session options, warm-up, median of the runs):
+- the original model;
+- every stage of the lcpc conversion (``--sync none``); a device's time is the sum of its
+  stages, the slowest device is the plan's compute latency;
+- the network built directly at width 1/K (``benchmarks/models.py``), the limit;
+- optionally (``--engine-threads T``) the local engine's wall clock with all branches on
+  this machine (T threads in all) against the original with T threads.
+
+Reported: speed-up of the slowest device and of the 1/K network over the original, their
+ratio ("share of the limit"), and the FLOP ratios. Only ratios measured in this one run.
+Results go to ``benchmarks/results/narrow.{json,md}`` with the machine they ran on.
+
+    python benchmarks/narrow.py [--model resnet50 ...] [--branches 2 4 8 16] [--runs 10]
+                                [--threads 1] [--engine-threads 2] [--out NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import models as zoo224  # noqa: E402
+from lcpc import manifest as mf  # noqa: E402
+from lcpc.pipeline import convert as convert_model  # noqa: E402
+from lcpc.targets import bench  # noqa: E402
+from lcpc.targets.local import LocalEngine  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def flops_of(model: onnx.ModelProto) -> int:
+    """Multiply-accumulate FLOPs of a model lcpc can load (the same count the manifest uses)."""
+    from lcpc import frontend
+    from lcpc.analysis import analyse
+
+    graph, _ = frontend.load(model.SerializeToString())
+    return int(sum(analyse(graph).flops.values()))
+
+
+def time_items(items: list[tuple[str, object, dict]], runs: int, warmup: int, seed: int = 0) -> dict[str, float]:
+    """Median seconds per item over ``runs`` interleaved, shuffled rounds (after ``warmup``)."""
+    rng = np.random.default_rng(seed)
+    times: dict[str, list[float]] = {name: [] for name, _, _ in items}
+    order = np.arange(len(items))
+    for r in range(warmup + runs):
+        rng.shuffle(order)
+        for i in order:
+            name, run, feeds = items[i]
+            start = time.perf_counter()
+            run(feeds)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def session_runner(data, threads: int):
+    sess = bench._load(data, threads, "model")
+    return lambda feeds: sess.run(None, feeds)
+
+
+def one_model(name: str, ks: list[int], args, tmp: Path) -> list[dict]:
+    rng = np.random.default_rng(0)
+    original = zoo224.build(name)
+    path = tmp / f"{name}.onnx"
+    onnx.save(original, path)
+    feeds = bench.random_feeds([{"name": "input", "shape": [1, 3, 224, 224], "dtype": "float32"}], rng)
+    items = [("original", session_runner(str(path), args.threads), feeds)]
+    plans, direct_flops, converts = {}, {}, {}
+    for k in ks:
+        out = tmp / f"{name}_k{k}"
+        start = time.perf_counter()
+        manifest = convert_model(path, out, k)
+        converts[k] = time.perf_counter() - start
+        plans[k] = manifest
+        for s in manifest["stages"]:
+            items.append((f"k{k}/{s['id']}", session_runner(mf.read_stage(out, s), args.threads),
+                          bench.random_feeds(s["inputs"], rng)))
+        narrow = zoo224.build(name, 1.0 / k)
+        direct_flops[k] = flops_of(narrow)
+        items.append((f"k{k}/direct", session_runner(narrow.SerializeToString(), args.threads), feeds))
+        print(f"{name} K={k}: converted in {converts[k]:.1f} s", flush=True)
+    engines = {}
+    if args.engine_threads:
+        items.append(("original@engine", session_runner(str(path), args.engine_threads), feeds))
+        for k in ks:
+            engine = LocalEngine(tmp / f"{name}_k{k}", threads=args.engine_threads)
+            engines[k] = engine
+            items.append((f"k{k}/engine", engine.run, feeds))
+    t = time_items(items, args.runs, args.warmup)
+    for engine in engines.values():
+        engine.close()
+    rows = []
+    original_flops = plans[ks[0]]["totals"]["original"]["flops"]
+    for k in ks:
+        m = plans[k]
+        device_s = {d["id"]: sum(t[f"k{k}/{s['id']}"] for s in m["stages"] if s["device"] == d["id"])
+                    for d in m["devices"]}
+        device_flops = {d["id"]: sum(s["flops"] for s in m["stages"] if s["device"] == d["id"]) for d in m["devices"]}
+        slowest = max(device_s, key=device_s.get)
+        row = {"model": name, "K": k, "original_ms": 1e3 * t["original"],
+               "slowest_device": slowest, "slowest_device_ms": 1e3 * device_s[slowest],
+               "head_ms": 1e3 * device_s[0], "direct_ms": 1e3 * t[f"k{k}/direct"],
+               "speedup": t["original"] / device_s[slowest], "direct_speedup": t["original"] / t[f"k{k}/direct"],
+               "flop_ratio": original_flops / max(device_flops.values()),
+               "direct_flop_ratio": original_flops / direct_flops[k], "convert_s": converts[k]}
+        row["share_of_limit"] = row["speedup"] / row["direct_speedup"]
+        row["device_ms"] = [1e3 * device_s[d] for d in sorted(device_s)]
+        merge = [s for s in m["stages"] if s["device"] == 0 and s["level"] > 0]
+        row["head_merge_ms"] = 1e3 * sum(t[f"k{k}/{s['id']}"] for s in merge)
+        row["head_merge_flops"] = int(sum(s["flops"] for s in merge))
+        if engines:
+            row["engine_threads"] = args.engine_threads
+            row["engine_ms"] = 1e3 * t[f"k{k}/engine"]
+            row["original_at_engine_threads_ms"] = 1e3 * t["original@engine"]
+            row["engine_speedup"] = t["original@engine"] / t[f"k{k}/engine"]
+        rows.append(row)
+        print(f"{name} K={k}: slowest device x{row['speedup']:.2f}, 1/K network x{row['direct_speedup']:.2f}, "
+              f"share {100 * row['share_of_limit']:.0f}%"
+              + (f"; engine ({args.engine_threads} threads) x{row['engine_speedup']:.2f}" if engines else ""),
+              flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], setup: dict) -> str:
+    engine = any("engine_ms" in r for r in rows)
+    head = ["model", "K", "original ms", "slowest device ms", "1/K network ms", "device speed-up",
+            "1/K network speed-up", "share of the limit", "FLOP ratio (device / 1/K net)"]
+    if engine:
+        head += [f"local engine speed-up ({setup['engine_threads']} threads)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["model"], r["K"], f"{r['original_ms']:.1f}", f"{r['slowest_device_ms']:.2f}", f"{r['direct_ms']:.2f}",
+                 f"x{r['speedup']:.2f}", f"x{r['direct_speedup']:.2f}", f"{100 * r['share_of_limit']:.0f}%",
+                 f"x{r['flop_ratio']:.1f} / x{r['direct_flop_ratio']:.1f}"]
+        if engine:
+            cells.append(f"x{r['engine_speedup']:.2f}" if "engine_speedup" in r else "")
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    m = setup["machine"]
+    note = (f"\n{setup['threads']} onnxruntime thread(s) per session, {setup['runs']} interleaved runs after "
+            f"{setup['warmup']} warm-up, medians; --sync none. Machine: {m['cpu']}, {m['cores']} cores, "
+            f"{m['system']}, onnxruntime {m['onnxruntime']}. From one run of `{setup['command']}`.\n")
+    return "\n".join(lines) + "\n" + note
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", action="append", choices=sorted(zoo224.MODELS), default=None)
+    ap.add_argument("--branches", type=int, nargs="+", default=[2, 4, 8, 16])
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--engine-threads", type=int, default=0)
+    ap.add_argument("--out", default="narrow", help="results file stem under benchmarks/results")
+    args = ap.parse_args()
+    names = args.model or list(zoo224.MODELS)
+    rows = []
+    for name in names:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows += one_model(name, args.branches, args, Path(tmp))
+    setup = {"threads": args.threads, "runs": args.runs, "warmup": args.warmup, "engine_threads": args.engine_threads,
+             "machine": bench.machine(), "command": "python benchmarks/narrow.py " + " ".join(sys.argv[1:])}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
+    text = markdown(rows, setup)
+    (RESULTS / f"{args.out}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
