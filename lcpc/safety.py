@@ -8,7 +8,8 @@ Guarantees:
   refuses a model in which one tensor would exceed ``MAX_TENSOR_BYTES`` (a
   ConstantOfShape or Range of 10^12 elements), so folding cannot hang or exhaust memory;
 - ``infer_shapes`` is ONNX shape inference that a hostile model cannot turn into a hang:
-  data propagation is skipped when a long integer vector would be propagated;
+  data propagation is skipped when a long integer vector would be propagated; it never
+  serialises or copies the model's large weights;
   ``check_loops`` refuses Loops without a small constant trip count, which folding or
   shape probing would otherwise run for as long as the model says;
 - ``load_array`` reads ``.npy``/``.npz`` headers before any data: object arrays,
@@ -121,8 +122,14 @@ def _check_loops(nodes, constants: dict, outer: int, where: str) -> None:
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """ONNX shape inference, with data propagation (Shape -> Gather -> Reshape chains) only when
     no 1-D integer tensor is longer than ``MAX_SHAPE_VALUES``: onnx propagates such tensors value
-    by value, which a hostile Range or initializer turns into minutes and gigabytes."""
-    plain = onnx.shape_inference.infer_shapes(model)
+    by value, which a hostile Range or initializer turns into minutes and gigabytes.
+
+    Inference runs on a skeleton of the model whose large initializers are typed graph inputs
+    (shape inference needs only their shapes), so the weights are neither serialised nor
+    copied; the result is ``model`` itself, its nodes, value_info and outputs replaced by the
+    inferred ones (the same annotations onnx's own inference returns in a copy)."""
+    skeleton = _skeleton(model)
+    plain = onnx.shape_inference.infer_shapes(skeleton)
     integer = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8,
                onnx.TensorProto.UINT64, onnx.TensorProto.UINT32, onnx.TensorProto.UINT16,
                onnx.TensorProto.UINT8}
@@ -130,7 +137,32 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
                        for _, dims, elem_type in _known_shapes(plain) if elem_type in integer)
     long_vectors |= any(t.data_type in integer and len(t.dims) == 1 and t.dims[0] > MAX_SHAPE_VALUES
                         for t in _constant_tensors(model.graph))
-    return plain if long_vectors else onnx.shape_inference.infer_shapes(model, data_prop=True)
+    inferred = plain if long_vectors else onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
+    g, h = model.graph, inferred.graph
+    for field in ("node", "value_info", "output"):
+        g.ClearField(field)
+        getattr(g, field).extend(getattr(h, field))
+    return model
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` without the data of its initializers over ``MAX_SHAPE_VALUES`` elements: those
+    become graph inputs of the same type and shape (small ones, which may be shape data, stay)."""
+    g = model.graph
+    skeleton = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name)
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    s = skeleton.graph
+    s.name = g.name
+    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(s, field).extend(getattr(g, field))
+    inputs = {i.name for i in g.input}
+    for t in g.initializer:
+        if math.prod(t.dims) <= MAX_SHAPE_VALUES:
+            s.initializer.append(t)
+        elif t.name not in inputs:
+            s.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return skeleton
 
 
 def _known_shapes(model: onnx.ModelProto):

@@ -24,8 +24,9 @@ Methods:
   energy grows). The cut drops the rest, so keeping the heaviest connections inside
   branches is what makes the pure LCP model closest to the original. The refinement is
   incremental: the connection of every class to every branch is kept up to date from the
-  classes a round moves, and so is each layer's kept energy (exact, not re-measured), so a
-  round costs what it changes, not the size of the model.
+  classes a round moves, and a round's change of the kept energy follows exactly from
+  those connections (not re-measured), so a round costs what it changes, not the size of
+  the model.
 
 Heterogeneous devices (``PlanOptions.shares``, from the relative speeds in
 ``devices.yaml``): branch b's share of every split tensor is C * w[b] instead of C / K,
@@ -62,11 +63,12 @@ def run(plan: Plan, options: PlanOptions) -> Plan:
         branch_of_class.update(_fill(plan, tensors, weights_))
     new = replace(plan, branch_of_class=branch_of_class, partition_method="contiguous", _cache={})
     check_balance(new)
-    contiguous = energy_kept(new)
+    layers = _layer_energies(new)  # the weights' energies do not depend on the assignment: once
+    contiguous = energy_kept(new, layers)
     if method == "energy":
-        new = replace(new, branch_of_class=_refine(new, constraints), partition_method="energy", _cache={})
+        new = replace(new, branch_of_class=_refine(new, constraints, layers), partition_method="energy", _cache={})
         check_balance(new)
-    return replace(new, partition_energy={"kept": energy_kept(new), "kept_contiguous": contiguous})
+    return replace(new, partition_energy={"kept": energy_kept(new, layers), "kept_contiguous": contiguous})
 
 
 def _layer_energies(plan: Plan) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -81,10 +83,11 @@ def _layer_energies(plan: Plan) -> list[tuple[np.ndarray, np.ndarray, np.ndarray
     return layers
 
 
-def energy_kept(plan: Plan) -> float:
-    """Fraction of the squared weights of layers between split tensors that the cut keeps."""
+def energy_kept(plan: Plan, layers: list | None = None) -> float:
+    """Fraction of the squared weights of layers between split tensors that the cut keeps
+    (``layers``: ``_layer_energies(plan)`` when already at hand)."""
     kept = total = 0.0
-    for e, c_out, c_in in _layer_energies(plan):
+    for e, c_out, c_in in _layer_energies(plan) if layers is None else layers:
         same = np.array([plan.branch_of_class[int(c)] for c in c_out])[:, None] == \
             np.array([plan.branch_of_class[int(c)] for c in c_in])[None, :]
         kept += float(e[same].sum())
@@ -93,15 +96,13 @@ def energy_kept(plan: Plan) -> float:
 
 
 class _Layers:
-    """The dense layers' energies in class-index space, with what ``_refine`` needs of them.
+    """The dense layers' energies in class-index space, as ``_refine`` needs them.
 
     ``e[l]`` holds E[out, in] with rows and columns merged per class (a class of several
     channels sums its rows or columns), so ``rows[l]`` and ``cols[l]`` list distinct
-    class indices. ``kept[l]`` is the energy layer l keeps under the current assignment;
-    ``delta`` updates it from the few classes a swap round changed instead of recomputing
-    every layer's mask (the cost that dominated conversion of large models)."""
+    class indices."""
 
-    def __init__(self, layers, index: dict[int, int], assign: np.ndarray) -> None:
+    def __init__(self, layers, index: dict[int, int]) -> None:
         self.e, self.rows, self.cols = [], [], []
         for e, co, ci in layers:
             rows, cols = np.array([index[int(c)] for c in co]), np.array([index[int(c)] for c in ci])
@@ -110,28 +111,23 @@ class _Layers:
             self.e.append(np.ascontiguousarray(e_t.T))
             self.rows.append(rows)
             self.cols.append(cols)
-        self.kept = np.array([float(e[assign[r][:, None] == assign[c][None, :]].sum())
-                              for e, r, c in zip(self.e, self.rows, self.cols)])
 
-    def delta(self, li: int, old: np.ndarray, new: np.ndarray, changed: np.ndarray) -> float:
-        """Kept energy of layer ``li`` under ``new`` minus under ``old``; ``changed`` marks the
-        classes whose branch differs (only their rows and columns can change)."""
+    def kept(self, assign: np.ndarray) -> float:
+        return sum(float(e[assign[r][:, None] == assign[c][None, :]].sum())
+                   for e, r, c in zip(self.e, self.rows, self.cols))
+
+    def within(self, li: int, old: np.ndarray, new: np.ndarray, changed: np.ndarray) -> float:
+        """The part of the kept-energy change from entries of layer ``li`` whose row and column
+        both changed branch, beyond what the connections of each end alone account for:
+        sum of E[i, j] ([n_i = n_j] - [n_i = o_j] - [o_i = n_j] + [o_i = o_j])."""
         e, rows, cols = self.e[li], self.rows[li], self.cols[li]
         r, c = np.nonzero(changed[rows])[0], np.nonzero(changed[cols])[0]
-        if not len(r) and not len(c):
+        if not len(r) or not len(c):
             return 0.0
-
-        def block(ri, ci) -> float:
-            same_new = new[rows[ri]][:, None] == new[cols[ci]][None, :]
-            same_old = old[rows[ri]][:, None] == old[cols[ci]][None, :]
-            sub = e[np.ix_(ri, ci)]
-            return float(sub[same_new].sum() - sub[same_old].sum())
-
-        every_c, every_r = np.arange(len(cols)), np.arange(len(rows))
-        total = block(r, every_c) if len(r) else 0.0
-        if len(c):
-            total += block(every_r, c) - (block(r, c) if len(r) else 0.0)
-        return total
+        n_i, o_i = new[rows[r]][:, None], old[rows[r]][:, None]
+        n_j, o_j = new[cols[c]][None, :], old[cols[c]][None, :]
+        weight = (n_i == n_j).astype(float) - (n_i == o_j) - (o_i == n_j) + (o_i == o_j)
+        return float((e[np.ix_(r, c)] * weight).sum())
 
 
 def _merge_rows(e: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -144,11 +140,11 @@ def _merge_rows(e: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return merged, uniq
 
 
-def _refine(plan: Plan, constraints: dict[int, dict[str, np.ndarray]]) -> dict[int, int]:
+def _refine(plan: Plan, constraints: dict[int, dict[str, np.ndarray]], energies: list) -> dict[int, int]:
     classes = sorted(plan.branch_of_class)
     index = {c: i for i, c in enumerate(classes)}
     assign = np.array([plan.branch_of_class[c] for c in classes])
-    layers = _Layers(_layer_energies(plan), index, assign)
+    layers = _Layers(energies, index)
     # classes are interchangeable when they sit in the same space with the same footprint
     footprint: dict[int, list] = defaultdict(list)
     for space, tensors in constraints.items():
@@ -188,6 +184,7 @@ def _refine(plan: Plan, constraints: dict[int, dict[str, np.ndarray]]) -> dict[i
     eye = np.eye(plan.k + 1, plan.k)  # row -1 is all zeros: "on no branch yet"
     conn = np.zeros((len(classes), plan.k))
     update(conn, range(len(layers.e)), np.full_like(assign, -1), assign, np.ones(len(classes), bool))
+    kept = layers.kept(assign)
     for _ in range(MAX_ROUNDS):
         improved = False
         for gi, members in enumerate(groups_arr):
@@ -207,12 +204,14 @@ def _refine(plan: Plan, constraints: dict[int, dict[str, np.ndarray]]) -> dict[i
             changed = trial != assign
             if not changed.any():
                 continue
-            ids = [li for li, _, _ in touching[gi]]
-            deltas = np.array([layers.delta(li, assign, trial, changed) for li in ids])
-            before = float(layers.kept[ids].sum())
-            if before + deltas.sum() > before * (1 + 1e-12):  # the round keeps more: take it
-                layers.kept[ids] += deltas
-                update(conn, ids, assign, trial, changed)
+            # exact change of the kept energy: each moved class's connections to its new branch
+            # minus its old one, corrected where both ends of a weight moved (same-group layers)
+            moved = np.nonzero(changed)[0]
+            delta = float(conn[moved, trial[moved]].sum() - conn[moved, assign[moved]].sum())
+            delta += sum(layers.within(li, assign, trial, changed) for li, r, c in touching[gi] if len(r) and len(c))
+            if delta > kept * 1e-12:  # the round keeps more: take it
+                kept += delta
+                update(conn, [li for li, _, _ in touching[gi]], assign, trial, changed)
                 assign, improved = trial, True
         if not improved:
             break

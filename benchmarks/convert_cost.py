@@ -1,0 +1,104 @@
+"""Cost of ``lcpc convert`` against model size: wall time and peak memory, model by model.
+
+Each conversion runs in a fresh Python process (``lcpc.pipeline.convert``, what
+``lcpc convert`` runs), which reports its wall time, its peak resident memory (ru_maxrss)
+and the resident memory right after importing lcpc (what any conversion starts from).
+Models: the test zoo (32x32) and the 224x224 benchmark models (``benchmarks/models.py``).
+Results go to ``benchmarks/results/convert_cost.{json,md}`` with the machine they ran on.
+
+    python benchmarks/convert_cost.py [--model resnet50 ...] [--zoo] [--branches 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import models as zoo224  # noqa: E402
+from examples.zoo import ZOO  # noqa: E402
+from lcpc.targets.bench import machine  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+CHILD = """
+import resource, sys, time
+from lcpc import pipeline
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+m = pipeline.convert(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+wall = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(wall, base * 1024, peak * 1024, m["totals"]["original"]["params"], m["sync"]["partition_energy"]["kept"])
+"""
+
+
+def measure(path: Path, k: int, tmp: Path) -> dict:
+    out = tmp / f"{path.stem}_k{k}"
+    done = subprocess.run([sys.executable, "-c", CHILD, str(path), str(out), str(k)], capture_output=True,
+                          text=True, cwd=ROOT)
+    if done.returncode:
+        return {"model": path.stem, "K": k, "error": done.stderr.strip().splitlines()[-1]}
+    wall, base, peak, params, kept = done.stdout.split()[-5:]
+    size = path.stat().st_size
+    return {"model": path.stem, "K": k, "file_bytes": size, "params": int(params), "seconds": float(wall),
+            "baseline_rss_bytes": int(base), "peak_rss_bytes": int(peak), "peak_over_file": int(peak) / size,
+            "peak_above_baseline_over_file": (int(peak) - int(base)) / size, "energy_kept": float(kept)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", action="append", choices=sorted(zoo224.MODELS), default=None)
+    ap.add_argument("--zoo", action="store_true", help="also the 32x32 test zoo")
+    ap.add_argument("--branches", type=int, nargs="+", default=[4])
+    ap.add_argument("--out", default="convert_cost")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        paths = []
+        if args.zoo:
+            for name, build in ZOO.items():
+                onnx.save(build(), tmp / f"{name}.onnx")
+                paths.append(tmp / f"{name}.onnx")
+        for name in args.model or list(zoo224.MODELS):
+            onnx.save(zoo224.build(name), tmp / f"{name}_224.onnx")
+            paths.append(tmp / f"{name}_224.onnx")
+        for path in paths:
+            for k in args.branches:
+                rows.append(measure(path, k, tmp))
+                r = rows[-1]
+                print(r if "error" in r else f"{r['model']} K={k}: {r['params'] / 1e6:.2f}M params, "
+                      f"{r['seconds']:.1f} s, peak {r['peak_rss_bytes'] / 2**20:.0f} MiB = "
+                      f"{r['peak_over_file']:.1f}x the file", flush=True)
+    setup = {"machine": machine(), "command": "python benchmarks/convert_cost.py " + " ".join(sys.argv[1:])}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
+    lines = ["| model | K | parameters | file MiB | convert s | peak RSS MiB | peak / file | "
+             "(peak - RSS after import) / file | energy kept |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['K']} | error: {r['error']} |||||||")
+            continue
+        lines.append(f"| {r['model']} | {r['K']} | {r['params'] / 1e6:.2f}M | {r['file_bytes'] / 2**20:.1f} | "
+                     f"{r['seconds']:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} | {r['peak_over_file']:.1f}x | "
+                     f"{r['peak_above_baseline_over_file']:.1f}x | {r['energy_kept']:.4f} |")
+    m = setup["machine"]
+    note = (f"\nOne fresh process per conversion (--sync none, --partition energy). Machine: {m['cpu']}, "
+            f"{m['cores']} cores (shared), {m['system']}, onnxruntime {m['onnxruntime']}. "
+            f"From one run of `{setup['command']}`.\n")
+    text = "\n".join(lines) + "\n" + note
+    (RESULTS / f"{args.out}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
