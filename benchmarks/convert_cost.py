@@ -7,6 +7,10 @@ Models: the test zoo (32x32) and the 224x224 benchmark models (``benchmarks/mode
 Results go to ``benchmarks/results/convert_cost.{json,md}`` with the machine they ran on.
 
     python benchmarks/convert_cost.py [--model resnet50 ...] [--zoo] [--branches 4]
+                                      [--python OTHER_VENV/bin/python --label before]
+
+``--python`` runs the conversions with another interpreter (another lcpc installed there),
+so two versions are compared on the same files in one run; ``--label`` names the rows.
 """
 
 from __future__ import annotations
@@ -41,15 +45,15 @@ print(wall, base * 1024, peak * 1024, m["totals"]["original"]["params"], m["sync
 """
 
 
-def measure(path: Path, k: int, tmp: Path) -> dict:
-    out = tmp / f"{path.stem}_k{k}"
-    done = subprocess.run([sys.executable, "-c", CHILD, str(path), str(out), str(k)], capture_output=True,
-                          text=True, cwd=ROOT)
+def measure(path: Path, k: int, tmp: Path, python: str, label: str) -> dict:
+    out = tmp / f"{path.stem}_k{k}_{label}"
+    done = subprocess.run([python, "-c", CHILD, str(path), str(out), str(k)], capture_output=True,
+                          text=True, cwd=tmp)
     if done.returncode:
-        return {"model": path.stem, "K": k, "error": done.stderr.strip().splitlines()[-1]}
+        return {"model": path.stem, "K": k, "lcpc": label, "error": done.stderr.strip().splitlines()[-1]}
     wall, base, peak, params, kept = done.stdout.split()[-5:]
     size = path.stat().st_size
-    return {"model": path.stem, "K": k, "file_bytes": size, "params": int(params), "seconds": float(wall),
+    return {"model": path.stem, "K": k, "lcpc": label, "file_bytes": size, "params": int(params), "seconds": float(wall),
             "baseline_rss_bytes": int(base), "peak_rss_bytes": int(peak), "peak_over_file": int(peak) / size,
             "peak_above_baseline_over_file": (int(peak) - int(base)) / size, "energy_kept": float(kept)}
 
@@ -60,6 +64,8 @@ def main() -> None:
     ap.add_argument("--zoo", action="store_true", help="also the 32x32 test zoo")
     ap.add_argument("--branches", type=int, nargs="+", default=[4])
     ap.add_argument("--out", default="convert_cost")
+    ap.add_argument("--python", action="append", default=None, help="interpreter(s) to convert with")
+    ap.add_argument("--label", action="append", default=None, help="one name per --python")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,23 +78,25 @@ def main() -> None:
         for name in args.model or list(zoo224.MODELS):
             onnx.save(zoo224.build(name), tmp / f"{name}_224.onnx")
             paths.append(tmp / f"{name}_224.onnx")
+        pythons = args.python or [sys.executable]
+        labels = args.label or ["this"] * len(pythons)
         for path in paths:
-            for k in args.branches:
-                rows.append(measure(path, k, tmp))
+            for k, (python, label) in ((k, p) for k in args.branches for p in zip(pythons, labels)):
+                rows.append(measure(path, k, tmp, python, label))
                 r = rows[-1]
-                print(r if "error" in r else f"{r['model']} K={k}: {r['params'] / 1e6:.2f}M params, "
+                print(r if "error" in r else f"{r['model']} K={k} ({label}): {r['params'] / 1e6:.2f}M params, "
                       f"{r['seconds']:.1f} s, peak {r['peak_rss_bytes'] / 2**20:.0f} MiB = "
                       f"{r['peak_over_file']:.1f}x the file", flush=True)
     setup = {"machine": machine(), "command": "python benchmarks/convert_cost.py " + " ".join(sys.argv[1:])}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
-    lines = ["| model | K | parameters | file MiB | convert s | peak RSS MiB | peak / file | "
-             "(peak - RSS after import) / file | energy kept |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | K | lcpc | parameters | file MiB | convert s | peak RSS MiB | peak / file | "
+             "(peak - RSS after import) / file | energy kept |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['K']} | error: {r['error']} |||||||")
+            lines.append(f"| {r['model']} | {r['K']} | {r['lcpc']} | error: {r['error']} |||||||")
             continue
-        lines.append(f"| {r['model']} | {r['K']} | {r['params'] / 1e6:.2f}M | {r['file_bytes'] / 2**20:.1f} | "
+        lines.append(f"| {r['model']} | {r['K']} | {r['lcpc']} | {r['params'] / 1e6:.2f}M | {r['file_bytes'] / 2**20:.1f} | "
                      f"{r['seconds']:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} | {r['peak_over_file']:.1f}x | "
                      f"{r['peak_above_baseline_over_file']:.1f}x | {r['energy_kept']:.4f} |")
     m = setup["machine"]

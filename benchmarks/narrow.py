@@ -50,8 +50,8 @@ def flops_of(model: onnx.ModelProto) -> int:
     return int(sum(analyse(graph).flops.values()))
 
 
-def time_items(items: list[tuple[str, object, dict]], runs: int, warmup: int, seed: int = 0) -> dict[str, float]:
-    """Median seconds per item over ``runs`` interleaved, shuffled rounds (after ``warmup``)."""
+def time_items(items: list[tuple[str, object, dict]], runs: int, warmup: int, seed: int = 0) -> dict[str, list[float]]:
+    """Seconds per item over ``runs`` interleaved, shuffled rounds (after ``warmup``)."""
     rng = np.random.default_rng(seed)
     times: dict[str, list[float]] = {name: [] for name, _, _ in items}
     order = np.arange(len(items))
@@ -63,7 +63,7 @@ def time_items(items: list[tuple[str, object, dict]], runs: int, warmup: int, se
             run(feeds)
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}
+    return times
 
 
 def session_runner(data, threads: int):
@@ -99,58 +99,74 @@ def one_model(name: str, ks: list[int], args, tmp: Path) -> list[dict]:
             engine = LocalEngine(tmp / f"{name}_k{k}", threads=args.engine_threads)
             engines[k] = engine
             items.append((f"k{k}/engine", engine.run, feeds))
-    t = time_items(items, args.runs, args.warmup)
+    times = time_items(items, args.runs, args.warmup)
     for engine in engines.values():
         engine.close()
     rows = []
     original_flops = plans[ks[0]]["totals"]["original"]["flops"]
     for k in ks:
-        m = plans[k]
-        device_s = {d["id"]: sum(t[f"k{k}/{s['id']}"] for s in m["stages"] if s["device"] == d["id"])
-                    for d in m["devices"]}
-        device_flops = {d["id"]: sum(s["flops"] for s in m["stages"] if s["device"] == d["id"]) for d in m["devices"]}
-        slowest = max(device_s, key=device_s.get)
-        row = {"model": name, "K": k, "original_ms": 1e3 * t["original"],
-               "slowest_device": slowest, "slowest_device_ms": 1e3 * device_s[slowest],
-               "head_ms": 1e3 * device_s[0], "direct_ms": 1e3 * t[f"k{k}/direct"],
-               "speedup": t["original"] / device_s[slowest], "direct_speedup": t["original"] / t[f"k{k}/direct"],
-               "flop_ratio": original_flops / max(device_flops.values()),
-               "direct_flop_ratio": original_flops / direct_flops[k], "convert_s": converts[k]}
-        row["share_of_limit"] = row["speedup"] / row["direct_speedup"]
-        row["device_ms"] = [1e3 * device_s[d] for d in sorted(device_s)]
-        merge = [s for s in m["stages"] if s["device"] == 0 and s["level"] > 0]
-        row["head_merge_ms"] = 1e3 * sum(t[f"k{k}/{s['id']}"] for s in merge)
-        row["head_merge_flops"] = int(sum(s["flops"] for s in merge))
-        if engines:
-            row["engine_threads"] = args.engine_threads
-            row["engine_ms"] = 1e3 * t[f"k{k}/engine"]
-            row["original_at_engine_threads_ms"] = 1e3 * t["original@engine"]
-            row["engine_speedup"] = t["original@engine"] / t[f"k{k}/engine"]
+        row = {"model": name, "K": k, "convert_s": converts[k]}
+        for stat, suffix in ((np.median, ""), (np.min, "_min")):
+            t = {n: float(stat(v)) for n, v in times.items()}
+            row.update({f"{key}{suffix}": value for key, value in
+                        figures(plans[k], k, t, original_flops, direct_flops[k], args.engine_threads).items()})
         rows.append(row)
         print(f"{name} K={k}: slowest device x{row['speedup']:.2f}, 1/K network x{row['direct_speedup']:.2f}, "
-              f"share {100 * row['share_of_limit']:.0f}%"
+              f"share {100 * row['share_of_limit']:.0f}% (min of runs: {100 * row['share_of_limit_min']:.0f}%), "
+              f"head merge {row['head_merge_ms']:.2f} ms"
               + (f"; engine ({args.engine_threads} threads) x{row['engine_speedup']:.2f}" if engines else ""),
               flush=True)
     return rows
 
 
+def figures(m: dict, k: int, t: dict[str, float], original_flops: int, direct_flops: int,
+            engine_threads: int) -> dict:
+    """Speed-ups of one plan from the item times ``t`` (seconds, one statistic)."""
+    device_s = {d["id"]: sum(t[f"k{k}/{s['id']}"] for s in m["stages"] if s["device"] == d["id"])
+                for d in m["devices"]}
+    device_flops = {d["id"]: sum(s["flops"] for s in m["stages"] if s["device"] == d["id"]) for d in m["devices"]}
+    merge = [s for s in m["stages"] if s["device"] == 0 and s["level"] > 0]
+    merge_s = sum(t[f"k{k}/{s['id']}"] for s in merge)
+    slowest = max(device_s, key=device_s.get)
+    without_merge = max(v - (merge_s if d == 0 else 0.0) for d, v in device_s.items())
+    row = {"original_ms": 1e3 * t["original"], "slowest_device": slowest,
+           "slowest_device_ms": 1e3 * device_s[slowest], "device_ms": [1e3 * device_s[d] for d in sorted(device_s)],
+           "head_merge_ms": 1e3 * merge_s, "head_merge_flops": int(sum(s["flops"] for s in merge)),
+           "direct_ms": 1e3 * t[f"k{k}/direct"],
+           "speedup": t["original"] / device_s[slowest], "direct_speedup": t["original"] / t[f"k{k}/direct"],
+           "flop_ratio": original_flops / max(device_flops.values()), "direct_flop_ratio": original_flops / direct_flops}
+    row["share_of_limit"] = row["speedup"] / row["direct_speedup"]
+    row["share_without_head_merge"] = t[f"k{k}/direct"] / without_merge
+    if engine_threads:
+        row["engine_threads"] = engine_threads
+        row["engine_ms"] = 1e3 * t[f"k{k}/engine"]
+        row["original_at_engine_threads_ms"] = 1e3 * t["original@engine"]
+        row["engine_speedup"] = t["original@engine"] / t[f"k{k}/engine"]
+    return row
+
+
 def markdown(rows: list[dict], setup: dict) -> str:
     engine = any("engine_ms" in r for r in rows)
     head = ["model", "K", "original ms", "slowest device ms", "1/K network ms", "device speed-up",
-            "1/K network speed-up", "share of the limit", "FLOP ratio (device / 1/K net)"]
+            "1/K network speed-up", "share of the limit", "share, min of runs", "head merge ms",
+            "share without the head merge", "FLOP ratio (device / 1/K net)"]
     if engine:
         head += [f"local engine speed-up ({setup['engine_threads']} threads)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["model"], r["K"], f"{r['original_ms']:.1f}", f"{r['slowest_device_ms']:.2f}", f"{r['direct_ms']:.2f}",
                  f"x{r['speedup']:.2f}", f"x{r['direct_speedup']:.2f}", f"{100 * r['share_of_limit']:.0f}%",
+                 f"{100 * r['share_of_limit_min']:.0f}%", f"{r['head_merge_ms']:.2f}",
+                 f"{100 * r['share_without_head_merge']:.0f}%",
                  f"x{r['flop_ratio']:.1f} / x{r['direct_flop_ratio']:.1f}"]
         if engine:
             cells.append(f"x{r['engine_speedup']:.2f}" if "engine_speedup" in r else "")
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     m = setup["machine"]
     note = (f"\n{setup['threads']} onnxruntime thread(s) per session, {setup['runs']} interleaved runs after "
-            f"{setup['warmup']} warm-up, medians; --sync none. Machine: {m['cpu']}, {m['cores']} cores, "
+            f"{setup['warmup']} warm-up, medians (one column: minimum over the runs); --sync none; the local engine "
+            f"runs all branches on this machine with {setup['engine_threads']} threads in all, against the original "
+            f"on as many. Machine: {m['cpu']}, {m['cores']} cores, "
             f"{m['system']}, onnxruntime {m['onnxruntime']}. From one run of `{setup['command']}`.\n")
     return "\n".join(lines) + "\n" + note
 

@@ -13,6 +13,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import shutil
@@ -26,7 +27,7 @@ from lcpc.costs import data_parallel_bytes, graph_costs, pipeline_bytes
 from lcpc.errors import LcpcError
 from lcpc.ir import to_onnx
 from lcpc.lower import Program
-from lcpc.manifest import MANIFEST, VERSION, sha256_file, tensor_entry, validate
+from lcpc.manifest import MANIFEST, VERSION, tensor_entry, validate
 from lcpc.plan import HEAD, Action, Plan
 
 
@@ -101,13 +102,13 @@ def _write_files(plan: Plan, program: Program, folder: Path, exact_bytes: int | 
     transfer_into = {(t.dst, t.dst_name): t for t in program.transfers}
     stages = []
     for s in program.stages:
-        model = to_onnx(s.graph)
+        data = to_onnx(s.graph).SerializeToString()  # once: checked, written and hashed as these bytes
         try:
-            onnx.checker.check_model(model, full_check=True)
+            onnx.checker.check_model(data, full_check=True)
         except Exception as exc:
             raise LcpcError(f"internal: stage {s.id} fails the ONNX checker: {str(exc).splitlines()[0]}") from None
         file = f"{s.id}.onnx"
-        onnx.save_model(model, folder / file)
+        onnx.save_model(data, folder / file)  # bytes are written as they are
         costs = graph_costs(s.graph)
         inputs = []
         for i in s.graph.inputs:
@@ -122,7 +123,7 @@ def _write_files(plan: Plan, program: Program, folder: Path, exact_bytes: int | 
             inputs.append(tensor_entry(i, info.shape, info.dtype, source))
         stages.append({
             "id": s.id, "device": s.device, "level": s.level, "file": file,
-            "sha256": sha256_file(folder / file), "inputs": inputs,
+            "sha256": hashlib.sha256(data).hexdigest(), "inputs": inputs,
             "outputs": [tensor_entry(o, s.graph.info(o).shape, s.graph.info(o).dtype) for o in s.graph.outputs],
             "flops": costs.flops, "params": costs.params, "weight_bytes": costs.weight_bytes,
             "peak_activation_bytes": costs.peak_activation_bytes,
