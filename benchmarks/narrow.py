@@ -10,7 +10,9 @@ session options, warm-up, median of the runs):
   this machine (T threads in all) against the original with T threads.
 
 Reported: speed-up of the slowest device and of the 1/K network over the original, their
-ratio ("share of the limit"), and the FLOP ratios. Only ratios measured in this one run.
+ratio ("share of the limit"), the FLOP ratios, and the head merge: the time of the head's
+stages at levels where no other device has a stage (the classifier, merged on the head),
+with the share the slowest device would reach without it. Only ratios measured in this one run.
 Results go to ``benchmarks/results/narrow.{json,md}`` with the machine they ran on.
 
     python benchmarks/narrow.py [--model resnet50 ...] [--branches 2 4 8 16] [--runs 10]
@@ -125,12 +127,14 @@ def figures(m: dict, k: int, t: dict[str, float], original_flops: int, direct_fl
     device_s = {d["id"]: sum(t[f"k{k}/{s['id']}"] for s in m["stages"] if s["device"] == d["id"])
                 for d in m["devices"]}
     device_flops = {d["id"]: sum(s["flops"] for s in m["stages"] if s["device"] == d["id"]) for d in m["devices"]}
-    merge = [s for s in m["stages"] if s["device"] == 0 and s["level"] > 0]
+    shared = {s["level"] for s in m["stages"] if s["device"] != 0}  # levels where other devices work too
+    merge = [s for s in m["stages"] if s["device"] == 0 and s["level"] not in shared]  # the head's own
     merge_s = sum(t[f"k{k}/{s['id']}"] for s in merge)
     slowest = max(device_s, key=device_s.get)
     without_merge = max(v - (merge_s if d == 0 else 0.0) for d, v in device_s.items())
     row = {"original_ms": 1e3 * t["original"], "slowest_device": slowest,
            "slowest_device_ms": 1e3 * device_s[slowest], "device_ms": [1e3 * device_s[d] for d in sorted(device_s)],
+           "stage_ms": {s["id"]: 1e3 * t[f"k{k}/{s['id']}"] for s in m["stages"]},
            "head_merge_ms": 1e3 * merge_s, "head_merge_flops": int(sum(s["flops"] for s in merge)),
            "direct_ms": 1e3 * t[f"k{k}/direct"],
            "speedup": t["original"] / device_s[slowest], "direct_speedup": t["original"] / t[f"k{k}/direct"],
