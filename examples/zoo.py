@@ -48,11 +48,12 @@ class NetBuilder:
     ``(F,)`` for flat features), so callers only give output widths.
     """
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, input_shape: Shape = INPUT_SHAPE) -> None:
+        self.input_shape = tuple(input_shape)
         self.rng = np.random.default_rng(seed)
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
-        self.shapes: dict[str, Shape] = {"input": INPUT_SHAPE[1:]}
+        self.shapes: dict[str, Shape] = {"input": self.input_shape[1:]}
         self._counts: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ helpers
@@ -270,7 +271,7 @@ class NetBuilder:
         graph = helper.make_graph(
             self.nodes,
             name,
-            [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(INPUT_SHAPE))],
+            [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(self.input_shape))],
             [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, NUM_CLASSES])],
             initializer=self.initializers,
         )
@@ -316,6 +317,19 @@ def _bottleneck(b: NetBuilder, x: str, mid: int, cout: int, stride: int = 1) -> 
     if stride != 1 or b.channels(x) != cout:
         x = b.conv_bn(x, cout, k=1, stride=stride, act=None)
     return b.relu(b.add(y, x))
+
+
+def resnet50(seed: int = 0, size: int = 224) -> onnx.ModelProto:
+    """ResNet-50-sized (not in ``ZOO``, too big for the tests; for benchmarks): 7x7 stem, max
+    pool, bottleneck stages of 3, 4, 6, 3 blocks (64-256 ... 512-2048 channels), GAP,
+    Flatten, Gemm to 10 classes; input ``[1, 3, size, size]``; ~23.5M parameters."""
+    b = NetBuilder(seed, (1, 3, size, size))
+    x = b.maxpool(b.conv_bn("input", 64, k=7, stride=2), k=3, stride=2, pad=1)
+    for blocks, mid, stride in [(3, 64, 1), (4, 128, 2), (6, 256, 2), (3, 512, 2)]:
+        for i in range(blocks):
+            x = _bottleneck(b, x, mid, 4 * mid, stride if i == 0 else 1)
+    b.gemm(b.flatten(b.gap(x)), NUM_CLASSES)
+    return b.build("resnet50")
 
 
 def resnet_bottleneck(seed: int = 0) -> onnx.ModelProto:

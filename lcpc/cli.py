@@ -131,9 +131,16 @@ def parse_preprocessing(spec: str | None) -> dict | None:
 @click.option("--partition", type=click.Choice(["energy", "contiguous"]), default="energy", show_default=True,
               help="energy: keep the heaviest weights inside branches; contiguous: channel blocks in order.")
 @click.option("--calib", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Calibration inputs (.npy, a batch) for --sync auto.")
+              help="Calibration inputs (.npy, a batch) for --sync auto, --prune, --quantize and --wire int8.")
 @click.option("--comm-budget", type=int, default=None, metavar="BYTES",
               help="Most bytes per inference --sync auto may spend.")
+@click.option("--prune", type=float, default=None, metavar="FRACTION",
+              help="Remove this fraction of each branch's prunable channels (0.3: 30%), whole channel classes.")
+@click.option("--quantize", type=click.Choice(["int8", "int8-all"]), default=None,
+              help="int8 stages (onnxruntime quantization; static QDQ with --calib, else dynamic): int8 keeps "
+                   "float for stages int8 would slow down (measured); int8-all quantizes every stage.")
+@click.option("--wire", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="Tensors crossing devices as int8 with a scale and zero point per transfer (--calib ranges).")
 @click.option("--preprocess", default=None, metavar="SPEC",
               help="Image preprocessing stored in the manifest, e.g. size=224x224,mean=127,std=128.")
 @click.option("--recover", "recover_data", type=click.Path(path_type=Path), default=None, metavar="TRAIN",
@@ -148,12 +155,14 @@ def parse_preprocessing(spec: str | None) -> dict | None:
 @input_shape_option
 @handles_errors
 def convert(model: Path, branches: int, sync: str, partition: str, calib: Path | None, comm_budget: int | None,
-            preprocess: str | None, recover_data: Path | None, epochs: int, out: Path | None, force: bool,
+            prune: float | None, quantize: str | None, wire: str, preprocess: str | None,
+            recover_data: Path | None, epochs: int, out: Path | None, force: bool,
             devices: Path | None, input_shapes) -> None:
     """Partition MODEL into K branches; write per-device ONNX files and manifest.json."""
     out = out or model.with_suffix(".lcp")
     options = dict(sync=sync, input_shapes=parse_input_shapes(input_shapes), partition=partition,
                    preprocessing=parse_preprocessing(preprocess), comm_budget=comm_budget, devices=devices,
+                   prune=prune, quantize=quantize, wire=wire,
                    calib=pipeline.read_array(calib, "calibration") if calib is not None else None)
     if recover_data is None:
         manifest = pipeline.convert(model, out, branches, force=force, **options)

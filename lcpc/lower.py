@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +45,7 @@ class Transfer:
     dst_name: str
     info: TensorInfo
     level: int           # level after which it is sent (inputs: sent before level 0)
+    quant: Any = None    # lcpc.wire.WireQuant when the message travels as int8, else None (float)
 
     @property
     def nbytes(self) -> int:
@@ -56,6 +58,7 @@ class Stage:
     device: int
     level: int
     graph: Graph
+    format: Any = None   # passes.quantize.Choice when lcpc.compress chose the stage's number format
 
 
 @dataclass
@@ -63,6 +66,7 @@ class Program:
     stages: list[Stage]
     transfers: list[Transfer]
     outputs: dict[str, str]            # model output -> local name on the head device
+    inputs: dict[str, TensorInfo] = field(default_factory=dict)  # model inputs (all on the head)
 
     def bytes_per_inference(self) -> int:
         return sum(t.nbytes for t in self.transfers)
@@ -198,7 +202,7 @@ class _Lowering:
             self.lower_node(node)
         outputs = {o: self.full(o, HEAD) for o in self.g.outputs}
         self._dead_code(outputs)
-        return Program(self._stages(outputs), self.transfers, outputs)
+        return Program(self._stages(outputs), self.transfers, outputs, {i: self.g.info(i) for i in self.g.inputs})
 
     def lower_node(self, node: Node) -> None:
         b = self.plan.analysis.behaviours[node.name]

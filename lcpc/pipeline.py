@@ -1,6 +1,6 @@
 """The library API behind the command line: convert, recover, verify, open an engine.
 
-    convert: frontend.load -> planner.plan -> lower -> targets.onnx.write
+    convert: frontend.load -> planner.plan [-> passes.prune] -> lower [-> compress] -> targets.onnx.write
     recover: stored_plan.load -> passes.refit -> passes.recover (distillation) -> lower -> write
     verify:  the original model (onnxruntime) and the folder (targets.local) on the same inputs
 
@@ -28,11 +28,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from lcpc import fidelity, frontend, planner, safety, stored_plan
+from lcpc import compress, fidelity, frontend, planner, safety, stored_plan
 from lcpc.devices import load as load_devices
 from lcpc.errors import LcpcError
 from lcpc.images import Preprocessing, load_folder
 from lcpc.lower import lower
+from lcpc.passes import prune as prune_pass
+from lcpc.passes import quantize as quantize_pass
 from lcpc.passes import recover as recover_pass
 from lcpc.passes import refit as refit_pass
 from lcpc.targets import onnx as onnx_target
@@ -44,22 +46,46 @@ REFIT_SAMPLES = 1024
 def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str = "none",
             input_shapes: dict | None = None, force: bool = False, partition: str = "energy",
             preprocessing: dict | None = None, calib: np.ndarray | None = None,
-            comm_budget: int | None = None, devices: str | Path | None = None) -> dict[str, Any]:
+            comm_budget: int | None = None, devices: str | Path | None = None, prune: float | None = None,
+            quantize: str | None = None, wire: str = "fp32") -> dict[str, Any]:
     """Plan ``model`` for ``branches`` devices and write the folder ``out``; returns its manifest.
-    ``devices``: a devices.yaml whose relative speeds size each branch's share of channels."""
+    ``devices``: a devices.yaml whose relative speeds size each branch's share of channels.
+
+    ``prune`` (passes.prune), ``quantize`` and ``wire`` (lcpc.compress) compress the plan; the
+    manifest's ``compression`` then compares LCP, +prune, +quant and +both with the original."""
     out = Path(out)
     onnx_target.check_out(out, force)
+    if prune is not None:
+        prune_pass.check_ratio(prune)
+    if quantize is not None:
+        quantize_pass.require()
     graph, source = frontend.load(model, input_shapes)
+    compress.check_calib({i: graph.info(i) for i in graph.inputs}, calib)
     if not isinstance(model, (bytes, bytearray)):
         source = replace(source, path=str(Path(model).resolve()))
     network = load_devices(devices)
     shares = network.shares(branches)
     plan = planner.plan(graph, source, branches, sync, partition, calib=calib, comm_budget=comm_budget,
                         shares=shares)
+    lcp, record = plan, None
+    if prune:
+        plan, record = prune_pass.run(plan, prune, calib)
     program = lower(plan)
     exact = program if sync == "all" else lower(planner.with_sync(plan, "all"))
+    compression = None
+    if prune or quantize or wire != "fp32":
+        variants = {"lcp": compress.apply(lower(lcp), None, wire, calib)}
+        if prune:
+            variants["lcp+prune"] = compress.apply(program, None, wire, calib)
+        if quantize:
+            variants["lcp+quant"] = compress.apply(lower(lcp), quantize, wire, calib)
+            if prune:
+                variants["lcp+prune+quant"] = compress.apply(program, quantize, wire, calib)
+        program = list(variants.values())[-1]
+        compression = {"prune": record.as_dict() if record is not None else None, "quantize": quantize,
+                       "wire": wire, "variants": compress.compare(variants, graph, calib)}
     return onnx_target.write(plan, program, out, force=force, exact_bytes=exact.bytes_per_inference(),
-                             preprocessing=preprocessing,
+                             preprocessing=preprocessing, compression=compression, original=graph,
                              speeds=None if shares is None else network.speeds(branches))
 
 
@@ -98,7 +124,14 @@ def recover(folder: str | Path, data: np.ndarray, out: str | Path, *, labels: np
     exact = manifest["totals"]["comparison"]["model_parallel"]["bytes_per_inference"]
     return onnx_target.write(plan, lower(plan), out, force=force, exact_bytes=exact,
                              preprocessing=manifest["source"].get("preprocessing"),
-                             fidelity={"recovery": figures}, speeds=_speeds(manifest))
+                             fidelity={"recovery": figures}, speeds=_speeds(manifest),
+                             compression=_kept_pruning(manifest))
+
+
+def _kept_pruning(manifest: dict) -> dict | None:
+    """A recovered folder keeps the pruning record of the folder it came from (``stored_plan`` replays it)."""
+    pruning = (manifest.get("compression") or {}).get("prune")
+    return {"prune": pruning} if pruning else None
 
 
 def verify(folder: str | Path, data: np.ndarray, labels: np.ndarray | None = None,

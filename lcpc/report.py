@@ -50,6 +50,8 @@ def summary(m: dict[str, Any]) -> dict[str, Any]:
         "cuts": len(m["sync"]["cuts"]), "exchanges": len(m["sync"]["exchanges"]),
         "devices": devices, "totals": m["totals"], "syncs": syncs,
         "unsupported_ops": m.get("unsupported_ops", []), "fidelity": m.get("fidelity"),
+        "compression": m.get("compression"),
+        "formats": [{"stage": s["id"], **s["format"]} for s in m["stages"] if s.get("format")],
     }
 
 
@@ -128,6 +130,52 @@ def _rich(console: Console, data: dict[str, Any]) -> None:
                            + printable(", ".join(data["unsupported_ops"]), 500)))
     if data["fidelity"]:
         console.print(Text("Fidelity: " + json.dumps(data["fidelity"])))
+    for title, header, rows in _compression_tables(data):
+        table = Table(title=title, title_justify="left")
+        for h in header:
+            table.add_column(h, justify="left" if h in ("variant", "stage", "format", "why") else "right")
+        for row in rows:
+            table.add_row(*map(Text, row))
+        console.print(table)
+
+
+def _compression_tables(data: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    tables = []
+    comp = data.get("compression")
+    if comp and comp.get("variants"):
+        pruned = comp.get("prune")
+        title = (f"Compression (--prune {pruned['ratio'] if pruned else '-'}, --quantize {comp.get('quantize') or '-'}, "
+                 f"--wire {comp.get('wire')}; fidelity against the original on the calibration data)")
+        tables.append((title, COMPRESSION_HEADER, _compression_rows(data)))
+    if data.get("formats"):
+        tables.append(("Stage number formats", ["stage", "format", "why"], _format_rows(data)))
+    return tables
+
+
+COMPRESSION_HEADER = ["variant", "FLOPs", "vs LCP", "busiest device", "weights", "stage files", "vs LCP",
+                      "wire bytes", "top-1 agreement"]
+
+
+def _compression_rows(data: dict[str, Any]) -> list[list[str]]:
+    """Original, LCP, +prune, +quant, +both: compute, weights, files, wire and fidelity."""
+    variants = (data.get("compression") or {}).get("variants") or {}
+    base = variants.get("lcp", {})
+    rows = []
+    for name, v in variants.items():
+        agree = v.get("top1_agreement")
+        rows.append([name, _fmt(v["flops"]), _ratio(v["flops"], base.get("flops")), _fmt(v["max_device_flops"]),
+                     _fmt(v["weight_bytes"]) + "B", _fmt(v["file_bytes"]) + "B",
+                     _ratio(v["file_bytes"], base.get("file_bytes")), _fmt(v["wire_bytes"]) + "B",
+                     "-" if agree is None else f"{100 * agree:.2f}%"])
+    return rows
+
+
+def _ratio(value: float, base: float | None) -> str:
+    return f"{100 * value / base:.1f}%" if base else "-"
+
+
+def _format_rows(data: dict[str, Any]) -> list[list[str]]:
+    return [[f["stage"], f["format"], printable(f["reason"], 200)] for f in data.get("formats", [])]
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -144,4 +192,6 @@ def _markdown(data: dict[str, Any]) -> str:
         parts += ["\n## Sync points and merges (bytes per inference)\n", _md_table(SYNC_HEADER, _sync_rows(data))]
     if data["unsupported_ops"]:
         parts.append("\nOps lcpc does not model (run exactly behind a sync): " + ", ".join(data["unsupported_ops"]))
+    for title, header, rows in _compression_tables(data):
+        parts += [f"\n## {title}\n", _md_table(header, rows)]
     return "\n".join(parts) + "\n"

@@ -6,6 +6,8 @@ Guarantees:
   analysis (a fact of the graph, not a decision) is recomputed;
 - the original model is read from the manifest's source path (or the ``model`` given)
   and must match the recorded sha256 before it is used (it is the teacher of recovery);
+- a pruned folder (``compression.prune``) gets the original graph without the recorded
+  channel classes (``passes.prune.prune_graph``), the graph its plan was made for;
 - the rebuilt plan passes ``plan.check`` and its channel classes are exactly those the
   manifest assigns, else an ``LcpcError`` says the folder was written by another lcpc.
 """
@@ -19,6 +21,7 @@ from lcpc import frontend
 from lcpc.analysis import analyse
 from lcpc.errors import LcpcError
 from lcpc.manifest import read
+from lcpc.passes import prune
 from lcpc.plan import Decision, Plan, check
 
 
@@ -35,6 +38,10 @@ def load(folder: str | Path, model: str | Path | None = None) -> tuple[Plan, dic
                         f"with the original file")
     source = replace(source, path=str(path.resolve()))
     analysis = analyse(graph)
+    pruning = (manifest.get("compression") or {}).get("prune")
+    if pruning:  # a pruned plan: its graph is the original without the recorded channel classes
+        graph, _ = prune.prune_graph(graph, analysis, prune.Pruning.from_dict(pruning))
+        analysis = analyse(graph)
     recorded = manifest["plan"]
     branch_of_class = {int(c): b for c, b in recorded["branch_of_class"].items()}
     layouts = recorded["layouts"]

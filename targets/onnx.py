@@ -25,7 +25,7 @@ import onnx
 from lcpc import __version__
 from lcpc.costs import data_parallel_bytes, graph_costs, pipeline_bytes
 from lcpc.errors import LcpcError
-from lcpc.ir import to_onnx
+from lcpc.ir import Graph, to_onnx
 from lcpc.lower import Program
 from lcpc.manifest import MANIFEST, VERSION, tensor_entry, validate
 from lcpc.plan import HEAD, Action, Plan
@@ -33,18 +33,22 @@ from lcpc.plan import HEAD, Action, Plan
 
 def write(plan: Plan, program: Program, out: str | Path, *, force: bool = False,
           exact_bytes: int | None = None, preprocessing: dict | None = None, speeds: list[float] | None = None,
-          fidelity: dict | None = None) -> dict[str, Any]:
+          fidelity: dict | None = None, compression: dict | None = None,
+          original: Graph | None = None) -> dict[str, Any]:
     """Write ``program`` to folder ``out``; returns the manifest. ``exact_bytes`` is the
     traffic of the same model under ``--sync all`` (for the comparison table);
     ``fidelity`` holds measured accuracy figures (recovery), if any; ``speeds`` the devices'
-    relative compute speeds (heterogeneous plans), recorded per device."""
+    relative compute speeds (heterogeneous plans), recorded per device; ``compression`` the
+    pruning record and the comparison of compressed variants (``lcpc.compress``), if any;
+    ``original`` the model before pruning (default: the plan's graph), for the totals."""
     out = Path(out)
     check_out(out, force)
     created = _make_parents(out.parent)
     tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(6)}"
     tmp.mkdir()  # mode 0777 less the umask, unlike mkdtemp's 0700, which would follow the folder to devices
     try:
-        manifest = _write_files(plan, program, tmp, exact_bytes, preprocessing, fidelity, speeds)
+        manifest = _write_files(plan, program, tmp, exact_bytes, preprocessing, fidelity, speeds, compression,
+                                original)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -93,7 +97,7 @@ def _replace(tmp: Path, out: Path) -> None:
 
 def _write_files(plan: Plan, program: Program, folder: Path, exact_bytes: int | None,
                  preprocessing: dict | None, fidelity: dict | None, speeds: list[float] | None = None,
-                 ) -> dict[str, Any]:
+                 compression: dict | None = None, original: Graph | None = None) -> dict[str, Any]:
     producer = {}
     for s in program.stages:
         for o in s.graph.outputs:
@@ -127,26 +131,30 @@ def _write_files(plan: Plan, program: Program, folder: Path, exact_bytes: int | 
             "outputs": [tensor_entry(o, s.graph.info(o).shape, s.graph.info(o).dtype) for o in s.graph.outputs],
             "flops": costs.flops, "params": costs.params, "weight_bytes": costs.weight_bytes,
             "peak_activation_bytes": costs.peak_activation_bytes,
+            **({"format": s.format.as_dict()} if s.format is not None else {}),
         })
     transfers = [{
         "id": n, "tensor": t.tensor, "kind": t.kind,
         "from": {"device": t.src, "name": t.src_name, "stage": producer.get((t.src, t.src_name))},
         "to": {"device": t.dst, "name": t.dst_name, "stage": receiver.get((t.dst, t.dst_name))},
         "dtype": t.info.dtype.name, "shape": list(t.info.shape), "bytes": t.nbytes, "level": t.level,
+        **({"quantization": t.quant.as_dict()} if t.quant is not None else {}),
     } for n, t in enumerate(program.transfers)]
-    manifest = build_manifest(plan, program, stages, transfers, exact_bytes, preprocessing)
+    manifest = build_manifest(plan, program, stages, transfers, exact_bytes, preprocessing, original)
     manifest["fidelity"] = fidelity
     for device, speed in zip(manifest["devices"], speeds or []):
         device["speed"] = float(speed)
+    if compression is not None:
+        manifest["compression"] = compression
     validate(manifest)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
 
 def build_manifest(plan: Plan, program: Program, stages: list, transfers: list, exact_bytes: int | None,
-                   preprocessing: dict | None) -> dict[str, Any]:
+                   preprocessing: dict | None, original_graph: Graph | None = None) -> dict[str, Any]:
     g = plan.graph
-    original = graph_costs(g)
+    original = graph_costs(original_graph if original_graph is not None else g)
     per_device = {}
     for s in stages:
         d = per_device.setdefault(s["device"], {"flops": 0, "params": 0})

@@ -1,0 +1,188 @@
+"""Compress a lowered program: int8 stages (``passes.quantize``) and int8 on the wire (``lcpc.wire``).
+
+Both act after lowering, on the ``Program`` a target is about to write (layers:
+... -> lower -> compress -> targets; nothing here imports a target).
+
+Guarantees:
+- ``check_calib`` refuses calibration data whose shape does not fit the model input
+  (one ``LcpcError`` naming both shapes), before anything is written;
+- ``run_program`` executes a program in-process, stage by stage in level order, as the
+  engines do, and returns the model output and any values asked for — so
+  calibration sees exactly the values the stages and the wire will carry;
+- ``apply`` with ``quantize="int8"`` gives every stage the faster of float and int8
+  (static U8S8 with data, dynamic without), measured (``passes.quantize.choose``); ``"int8-all"`` quantizes every
+  stage that has weights, unmeasured (static U8S8 with data, dynamic without); the
+  stage's ``format`` records the choice and its reason; ``wire="int8"`` then puts
+  every transfer in int8 (``lcpc.wire``), ranges calibrated on the data or, without
+  data, on ``wire.DEFAULT_SAMPLES`` N(0, 1) inputs.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import replace
+
+import numpy as np
+
+from lcpc import wire as wire_format
+from lcpc.calibrate import run_graph
+from lcpc.costs import graph_costs
+from lcpc.errors import LcpcError
+from lcpc.fidelity import compare as fidelity
+from lcpc.ir import to_onnx
+from lcpc.lower import Program
+from lcpc.passes import quantize as quant
+
+QUANTIZE = ("int8", "int8-all")
+CALIB_SAMPLES = 64
+
+
+def check_calib(inputs: dict, data: np.ndarray | None) -> None:
+    """``data`` fits the model ``inputs`` (name -> TensorInfo) as a batch of calibration inputs."""
+    if data is None:
+        return
+    if len(inputs) != 1:
+        raise LcpcError("--calib: calibration needs a single-input model")
+    name, spec = next(iter(inputs.items()))
+    step = spec.shape[0]
+    if not isinstance(data, np.ndarray) or data.ndim != len(spec.shape) or \
+            tuple(data.shape[1:]) != tuple(spec.shape[1:]) or len(data) == 0 or len(data) % step:
+        shape = getattr(data, "shape", None)
+        raise LcpcError(f"--calib: calibration array of shape {tuple(shape) if shape is not None else '?'} does "
+                        f"not fit the model input '{name}' {list(spec.shape)} (expected (N, "
+                        f"{', '.join(map(str, spec.shape[1:]))}) with N a multiple of {step})")
+    if not np.issubdtype(data.dtype, np.number) or not np.isfinite(data).all():
+        raise LcpcError("--calib: calibration data must be finite numbers")
+
+
+def run_program(program: Program, data: np.ndarray, keep: set[tuple[int, str]] | None = None
+                ) -> tuple[np.ndarray, dict[tuple[int, str], list[np.ndarray]]]:
+    """Run ``program`` on every planned batch of ``data``: (first model output, values of ``keep``)."""
+    import onnxruntime as ort
+
+    check_calib(program.inputs, data)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    sessions = {s.id: ort.InferenceSession(to_onnx(s.graph).SerializeToString(), opts,
+                                           providers=["CPUExecutionProvider"]) for s in program.stages}
+    name, spec = next(iter(program.inputs.items()))
+    x = data.astype(spec.dtype, copy=False)
+    step = spec.shape[0]
+    kept: dict[tuple[int, str], list[np.ndarray]] = defaultdict(list)
+    outputs = []
+    levels = sorted({s.level for s in program.stages} | {t.level for t in program.transfers})
+    first_output = next(iter(program.outputs.values()))
+    for start in range(0, len(x), step):
+        values = {(0, name): x[start:start + step]}
+        for t in program.transfers:
+            if t.kind == "input":
+                values[(t.dst, t.dst_name)] = values[(t.src, t.src_name)]
+        for level in levels:
+            for s in (s for s in program.stages if s.level == level):
+                feeds = {i: values[(s.device, i)] for i in s.graph.inputs}
+                for o, v in zip(s.graph.outputs, sessions[s.id].run(s.graph.outputs, feeds)):
+                    values[(s.device, o)] = v
+            for t in program.transfers:
+                if t.kind != "input" and t.level == level:
+                    values[(t.dst, t.dst_name)] = values[(t.src, t.src_name)]
+        for key in keep or ():
+            kept[key].append(values[key])
+        outputs.append(values[(0, first_output)])
+    return np.concatenate(outputs), kept
+
+
+def wire_params(program: Program, data: np.ndarray | None) -> dict[tuple[int, str], wire_format.WireQuant]:
+    source = "calibration"
+    if data is None:
+        spec = next(iter(program.inputs.values()))
+        data = np.random.default_rng(0).standard_normal(
+            (wire_format.DEFAULT_SAMPLES * spec.shape[0], *spec.shape[1:])).astype(spec.dtype)
+        source = "default"
+    keys = wire_format.sources(program)
+    _, values = run_program(program, data, set(keys))
+    return {k: wire_format.WireQuant.from_range(min(v.min() for v in values[k]), max(v.max() for v in values[k]),
+                                                source) for k in keys}
+
+
+def stage_feeds(program: Program, data: np.ndarray) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Per stage, the feeds it sees on (up to ``CALIB_SAMPLES`` planned batches of) ``data``."""
+    step = next(iter(program.inputs.values())).shape[0]
+    data = data[:CALIB_SAMPLES * step]
+    keys = {(s.device, i) for s in program.stages for i in s.graph.inputs}
+    _, values = run_program(program, data, keys)
+    n = len(data) // step
+    return {s.id: [{i: values[(s.device, i)][r] for i in s.graph.inputs} for r in range(n)]
+            for s in program.stages}
+
+
+def apply(program: Program, quantize: str | None = None, wire: str = "fp32",
+          calib: np.ndarray | None = None) -> Program:
+    """``program`` with int8 stages (``quantize``) and an int8 wire (``wire``), as asked."""
+    if wire not in wire_format.WIRE_FORMATS:
+        raise LcpcError(f"--wire {wire}: choose {' or '.join(wire_format.WIRE_FORMATS)}")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise LcpcError(f"--quantize {quantize}: choose {' or '.join(QUANTIZE)}")
+    check_calib(program.inputs, calib)
+    if quantize is not None:
+        quant.require()
+        feeds = stage_feeds(program, calib) if calib is not None else {}
+        stages = []
+        for s in program.stages:
+            if quantize == "int8-all":
+                fmt = "int8" if calib is not None else "dynamic"
+                graph = quant.quantize_graph(s.graph, fmt, feeds.get(s.id))
+                choice = quant.Choice(fmt if quant.quantizable(s.graph) else "float",
+                                      "--quantize int8-all" if quant.quantizable(s.graph)
+                                      else "no Conv/Gemm/MatMul to quantize")
+            else:
+                candidates = ["int8"] if calib is not None else ["dynamic"]
+                graph, choice = quant.choose(s.graph, candidates, feeds.get(s.id))
+            stages.append(replace(s, graph=graph, format=choice))
+        program = replace(program, stages=stages)
+    if wire == "int8":
+        program = wire_format.quantize(program, wire_params(program, calib))
+    return program
+
+
+FIDELITY_SAMPLES = 512
+
+
+def figures(program: Program) -> dict:
+    """Compute, weights, file bytes and wire bytes of a program (per inference)."""
+    per_device: dict[int, int] = defaultdict(int)
+    flops = weight_bytes = file_bytes = 0
+    for s in program.stages:
+        c = graph_costs(s.graph)
+        flops += c.flops
+        per_device[s.device] += c.flops
+        weight_bytes += c.weight_bytes
+        file_bytes += len(to_onnx(s.graph).SerializeToString())
+    formats = sorted({s.format.format for s in program.stages if s.format is not None})
+    return {"flops": int(flops), "max_device_flops": int(max(per_device.values(), default=0)),
+            "weight_bytes": int(weight_bytes), "file_bytes": int(file_bytes),
+            "wire_bytes": int(program.bytes_per_inference()),
+            "int8_stages": sum(1 for s in program.stages if s.format is not None and s.format.format != "float"),
+            "stages": len(program.stages), **({"formats": formats} if formats else {})}
+
+
+def compare(variants: dict[str, Program], original, calib: np.ndarray | None) -> dict:
+    """The comparison table: the original graph next to each variant, fidelity on ``calib``."""
+    c = graph_costs(original)
+    rows = {"original": {"flops": int(c.flops), "max_device_flops": int(c.flops), "weight_bytes": int(c.weight_bytes),
+                         "file_bytes": len(to_onnx(original).SerializeToString()), "wire_bytes": 0}}
+    reference = None
+    if calib is not None:
+        step = next(iter(original.info(i) for i in original.inputs)).shape[0]
+        calib = calib[:FIDELITY_SAMPLES * step]
+        reference = run_graph(original, calib)
+        rows["original"]["top1_agreement"] = 1.0
+    for name, program in variants.items():
+        rows[name] = figures(program)
+        if reference is not None:
+            out, _ = run_program(program, calib)
+            f = fidelity(reference, out)
+            rows[name]["top1_agreement"] = f["top1_agreement"]
+            rows[name]["kl_divergence"] = f["kl_divergence"]
+    return rows

@@ -1,0 +1,306 @@
+"""Prune pass: structured channel pruning inside each branch, by whole channel classes.
+
+The channel-space analysis already knows which channels are coupled: a residual Add,
+a Concat, a depthwise chain, an SE gate and the classifier's inputs all share *classes*
+(``lcpc.analysis``). Removing a class removes every channel of it in every tensor, so
+the graph stays valid: each producing layer loses the class's output rows (weights via
+``lcpc.weights``, bias), each consuming layer its input columns, per-channel constants
+their entries, a grouped conv its groups, a flatten its features; shapes shrink.
+
+Rules:
+- a class is *prunable* when every tensor holding it is split (``S``) and is neither a
+  model input nor output, and nothing reads it that cannot be sliced (an exact-sync
+  op, a channel Split/Slice, a ``keep`` input, a grouped conv on a replicated input);
+- importance of class c: the squared weights that produce it, each layer's share
+  normalised by that layer's mean (so layers weigh alike); with calibration data,
+  times the mean |activation| of c at those layers' outputs (normalised likewise);
+- in every (space, branch) bucket, round(ratio * prunable classes) of the least
+  important go — the same number in every branch of a balanced space — but every split
+  tensor keeps at least one channel per branch.
+
+Guarantees:
+- ``apply(plan, removed)`` computes exactly what ``plan`` computes with the removed
+  channels' consumer columns zeroed (the removed channels contribute nothing) — the
+  pruned plan equals its unpruned-but-zeroed equivalent (tested);
+- the result is re-analysed and re-planned: the surviving classes keep their branches,
+  the cut/exchange decisions stay per layer, so ``lower`` and every target work on it;
+- ``run`` returns the plan and a ``Pruning`` record (one (tensor, channel) per removed
+  class, in the original graph's names) that ``apply`` replays on a fresh plan of the
+  same model (``recover`` re-plans a folder that way).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from lcpc import ops
+from lcpc.analysis import analyse, channel_inputs
+from lcpc.errors import LcpcError
+from lcpc.ir import Graph, Node
+from lcpc.calibrate import run_graph
+from lcpc.passes.layouts import assign_layouts
+from lcpc.plan import Action, Plan, check
+from lcpc.weights import DenseWeight, masked_graph
+
+ACT_SAMPLES = 32
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """What ``run`` removed: per tensor of the original graph, the channels naming removed classes."""
+
+    ratio: float
+    importance: str
+    removed: dict[str, list[int]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"ratio": self.ratio, "importance": self.importance, "removed": self.removed}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Pruning":
+        return cls(float(d["ratio"]), str(d["importance"]), {k: [int(i) for i in v] for k, v in d["removed"].items()})
+
+
+def check_ratio(ratio: float) -> None:
+    if not (isinstance(ratio, (int, float)) and np.isfinite(ratio) and 0 <= ratio < 1):
+        raise LcpcError(f"--prune {ratio}: choose a fraction in [0, 1) (0.3 removes 30% of each branch's "
+                        f"prunable channels)")
+
+
+def run(plan: Plan, ratio: float, calib: np.ndarray | None = None) -> tuple[Plan, Pruning]:
+    """Remove ``ratio`` of the prunable channel classes of every branch (see the module rules)."""
+    check_ratio(ratio)
+    prunable = prunable_classes(plan)
+    score = importance(plan, prunable, calib)
+    buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for c in prunable:
+        buckets[(plan.analysis.space_of_class[c], plan.branch_of_class[c])].append(c)
+    removed: set[int] = set()
+    for bucket in buckets.values():
+        n = int(np.floor(ratio * len(bucket) + 0.5))
+        removed.update(sorted(bucket, key=lambda c: (score[c], c))[:n])
+    removed = _keep_one_per_branch(plan, removed, score)
+    record = Pruning(float(ratio), "weight+activation" if calib is not None else "weight", _names(plan, removed))
+    return apply(plan, record), record
+
+
+def prunable_classes(plan: Plan) -> list[int]:
+    g, a = plan.graph, plan.analysis
+    blocked: set[int] = set()
+    seen: set[int] = set()
+    ends = set(g.inputs) | set(g.outputs)
+    for t, cls in a.classes.items():
+        cs = set(cls.tolist())
+        seen |= cs
+        if plan.layouts.get(t) != "S" or t in ends:
+            blocked |= cs
+            continue
+        for node in g.consumers(t):
+            if not _sliceable_use(node, t, g, a):
+                blocked |= cs
+                break
+        producer = g.producer(t)
+        if producer is not None and isinstance(a.behaviours[producer.name], ops.Grouped) \
+                and producer.inputs[0] not in a.classes:
+            blocked |= cs
+    return sorted(seen - blocked)
+
+
+def _sliceable_use(node: Node, t: str, g: Graph, a) -> bool:
+    b = a.behaviours[node.name]
+    if isinstance(b, (ops.Sync, ops.ChannelSlice)):
+        return False
+    if isinstance(b, ops.Dense):
+        return node.inputs[0] == t and t not in node.inputs[1:]
+    if isinstance(b, ops.Channelwise):
+        aligned = dict(channel_inputs(node, g, b))
+        return all(aligned.get(i) is not None for i, (name, role) in enumerate(zip(node.inputs, b.roles))
+                   if name == t)
+    return True
+
+
+def importance(plan: Plan, classes: list[int], calib: np.ndarray | None) -> dict[int, float]:
+    g, a = plan.graph, plan.analysis
+    wanted = set(classes)
+    score = defaultdict(float)
+    producers = [n for n in g.nodes if isinstance(a.behaviours[n.name], (ops.Dense, ops.Grouped))
+                 and n.outputs[0] in a.classes]
+    for n in producers:
+        cls = a.classes[n.outputs[0]]
+        w = g.constants[n.inputs[1]]
+        if isinstance(a.behaviours[n.name], ops.Dense):
+            rows = DenseWeight.of(n, a.behaviours[n.name]).oi(w)
+        else:
+            rows = w if n.op != "ConvTranspose" else np.swapaxes(w, 0, 1)
+        energy = (np.asarray(rows, np.float64) ** 2).reshape(rows.shape[0], -1).sum(axis=1)
+        if energy.shape[0] != len(cls):  # grouped ConvTranspose: rows are per output group slot
+            continue
+        energy = energy / max(energy.mean(), 1e-30)
+        for c, e in zip(cls.tolist(), energy.tolist()):
+            if c in wanted:
+                score[c] += e
+    if calib is not None:
+        outs = [n.outputs[0] for n in producers]
+        step = g.info(g.inputs[0]).shape[0]
+        values = run_graph(masked_graph(plan), calib[:ACT_SAMPLES * step], outputs=outs)
+        act = defaultdict(float)
+        for t, v in zip(outs, values):
+            axis = a.axis(t)
+            mean = np.abs(np.moveaxis(v, axis, 0)).reshape(v.shape[axis], -1).mean(axis=1).astype(np.float64)
+            mean = mean / max(mean.mean(), 1e-30)
+            for c, m in zip(a.classes[t].tolist(), mean.tolist()):
+                act[c] += m
+        score = {c: score[c] * act[c] for c in score}
+    return {c: float(score.get(c, 0.0)) for c in classes}
+
+
+def _keep_one_per_branch(plan: Plan, removed: set[int], score: dict[int, float]) -> set[int]:
+    removed = set(removed)
+    for t, cls in plan.analysis.classes.items():
+        if plan.layouts.get(t) != "S":
+            continue
+        branches = plan.branches(t)
+        for b in range(plan.k):
+            mine = [int(c) for c in cls[branches == b]]
+            if mine and all(c in removed for c in mine):
+                removed.discard(max(mine, key=lambda c: score.get(c, 0.0)))
+    return removed
+
+
+def _names(plan: Plan, removed: set[int]) -> dict[str, list[int]]:
+    """One (tensor, channel) per removed class: the first tensor in graph order that holds it."""
+    out: dict[str, list[int]] = defaultdict(list)
+    left = set(removed)
+    order = [o for n in plan.graph.nodes for o in n.outputs if o in plan.analysis.classes]
+    for t in order:
+        for i, c in enumerate(plan.analysis.classes[t].tolist()):
+            if c in left:
+                out[t].append(i)
+                left.discard(c)
+    return dict(out)
+
+
+def prune_graph(graph: Graph, analysis, record: Pruning) -> tuple[Graph, dict[str, np.ndarray]]:
+    """``graph`` without the classes ``record`` names, and per channel-carrying tensor the
+    indices of the channels it keeps."""
+    removed = set()
+    for t, idx in record.removed.items():
+        if t not in analysis.classes or max(idx, default=-1) >= len(analysis.classes[t]):
+            raise LcpcError(f"pruning record names channels of '{t}' that this model does not have")
+        removed.update(int(analysis.classes[t][i]) for i in idx)
+    keep = {t: np.nonzero(~np.isin(cls, list(removed)))[0] for t, cls in analysis.classes.items()}
+    return (_slice_graph(graph, analysis, keep) if removed else graph), keep
+
+
+def apply(plan: Plan, record: Pruning) -> Plan:
+    """``plan`` without the classes ``record`` names, re-analysed, its layouts re-derived, the
+    surviving classes on their branches and every cut/exchange decision kept."""
+    if not any(record.removed.values()):
+        return plan
+    a = plan.analysis
+    graph, keep = prune_graph(plan.graph, a, record)
+    analysis = analyse(graph)
+    layouts, decisions = assign_layouts(graph, analysis, plan.k)
+    branch_of_class = {}
+    for t, cls in analysis.classes.items():
+        if layouts.get(t) != "S":
+            continue
+        old = a.classes[t][keep[t]]
+        for new_c, old_c in zip(cls.tolist(), old.tolist()):
+            b = plan.branch_of_class.get(int(old_c))
+            if b is None or branch_of_class.setdefault(new_c, b) != b:
+                raise LcpcError(f"internal: pruning left tensor '{t}' without a consistent branch assignment")
+    for name, d in plan.decisions.items():
+        if d.action in (Action.CUT, Action.EXCHANGE):
+            decisions[name] = d
+    pruned = Plan(graph, plan.source, analysis, plan.k, layouts, branch_of_class, decisions, plan.sync_policy,
+                  plan.partition_method, dict(plan.partition_energy))
+    if sorted(pruned.cuttable()) != sorted(plan.cuttable()):
+        raise LcpcError("internal: pruning changed which layers are cut or exchanged")
+    return check(pruned, "prune")
+
+
+def _slice_graph(g: Graph, a, keep: dict[str, np.ndarray]) -> Graph:
+    constants = dict(g.constants)
+    uses = defaultdict(int)
+    for n in g.nodes:
+        for i in n.inputs:
+            if i in g.constants:
+                uses[i] += 1
+    nodes = []
+
+    def put(node: Node, pos: int, value: np.ndarray) -> None:
+        name = node.inputs[pos]
+        if uses[name] > 1:  # shared constant: this use gets its own copy
+            name = f"{name}:{node.name}"
+            node.inputs[pos] = name
+        constants[name] = np.ascontiguousarray(value)
+
+    def full(t: str) -> bool:
+        return t not in keep or len(keep[t]) == len(a.classes[t])
+
+    for node in g.nodes:
+        node = Node(node.name, node.op, list(node.inputs), list(node.outputs), dict(node.attrs), node.domain)
+        b = a.behaviours[node.name]
+        out = node.outputs[0]
+        if isinstance(b, ops.Dense):
+            view = DenseWeight.of(node, b)
+            w = g.constants[view.weight]
+            if not full(node.inputs[0]):
+                w = view.cols(w, keep[node.inputs[0]])
+            if not full(out):
+                w = view.rows(w, keep[out])
+                if view.bias is not None and g.constants[view.bias].size > 1:
+                    bias = g.constants[view.bias]
+                    put(node, b.bias, np.take(bias, keep[out], axis=bias.ndim - 1))
+            put(node, b.weight, w)
+        elif isinstance(b, ops.Grouped) and not full(out):
+            c_out = g.info(out).shape[1]
+            go = c_out // b.groups
+            groups = np.unique(keep[out] // go)
+            w = g.constants[node.inputs[1]]
+            if node.op == "ConvTranspose":
+                gi = g.info(node.inputs[0]).shape[1] // b.groups
+                w = w[np.concatenate([np.arange(k * gi, (k + 1) * gi) for k in groups])]
+            else:
+                w = w[keep[out]]
+            put(node, 1, w)
+            if len(node.inputs) > 2 and node.inputs[2]:
+                put(node, 2, g.constants[node.inputs[2]][keep[out]])
+            node.attrs["group"] = int(len(groups))
+        elif isinstance(b, ops.Channelwise) and not full(out):
+            aligned = dict(channel_inputs(node, g, b))
+            for i, (name, role) in enumerate(zip(node.inputs, b.roles)):
+                if not name or name not in g.constants:
+                    continue
+                value = g.constants[name]
+                if role == "vec":
+                    put(node, i, value[keep[out]])
+                elif role == "sizes":
+                    value = value.copy()
+                    value[1] = len(keep[out])
+                    put(node, i, value)
+                elif role == "act" and aligned.get(i) is not None:
+                    put(node, i, np.take(value, keep[out], axis=aligned[i]))
+        elif isinstance(b, ops.Concat) and not full(out):
+            offset = 0
+            for i, name in enumerate(node.inputs):
+                c = g.info(name).shape[b.axis]
+                if name in g.constants:
+                    part = keep[out][(keep[out] >= offset) & (keep[out] < offset + c)] - offset
+                    put(node, i, np.take(g.constants[name], part, axis=b.axis))
+                offset += c
+        elif isinstance(b, ops.Reshape) and not full(out) and node.op == "Reshape" \
+                and node.inputs[1] in g.constants:
+            shape = list(g.info(out).shape)
+            shape[a.axis(out)] = len(keep[out])
+            put(node, 1, np.array(shape, np.int64))
+        nodes.append(node)
+    tensors = {t: (info.with_dim(a.axis(t), len(keep[t])) if not full(t) else info)
+               for t, info in g.tensors.items()}
+    live = {i for n in nodes for i in n.inputs}
+    constants = {k: v for k, v in constants.items() if k in live}
+    return Graph(nodes, list(g.inputs), list(g.outputs), tensors, constants, g.opset, dict(g.extra_opsets), g.name)

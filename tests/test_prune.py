@@ -1,0 +1,105 @@
+"""Structured pruning: a pruned plan computes what the unpruned plan computes with the
+removed channels' consumer columns zeroed; balanced branches; real savings; recover."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from conftest import EXAMPLE, ZOO, run_folder
+from lcpc import frontend, ops, planner
+from lcpc.pipeline import convert as convert_model
+from lcpc.compress import run_program
+from lcpc.errors import LcpcError
+from lcpc.lower import lower
+from lcpc.passes import prune
+from lcpc.weights import DenseWeight
+
+
+def zeroed(plan, record: prune.Pruning):
+    """The oracle: the unpruned plan whose dense layers ignore the removed channels."""
+    g, a = plan.graph, plan.analysis
+    removed = {int(a.classes[t][i]) for t, idx in record.removed.items() for i in idx}
+    updates = {}
+    for n in g.nodes:
+        b = a.behaviours[n.name]
+        if isinstance(b, ops.Dense) and n.inputs[0] in a.classes:
+            drop = np.nonzero(np.isin(a.classes[n.inputs[0]], list(removed)))[0]
+            if len(drop):
+                view = DenseWeight.of(n, b)
+                w = g.constants[view.weight].copy()
+                view.oi(w)[:, drop] = 0
+                updates[view.weight] = w
+    return replace(plan, graph=g.with_constants(updates))
+
+
+def _plan(model, k=4, sync="none"):
+    graph, source = frontend.load(model, None)
+    return planner.plan(graph, source, k, sync)
+
+
+@pytest.mark.parametrize("name", ["digits", "resnet_basic", "mobilenet_v3", "inception", "densenet",
+                                  "grouped_resnext"])
+@pytest.mark.parametrize("sync", ["none", "all"])
+def test_pruned_plan_equals_zeroed_plan(name, sync, zoo_bytes):
+    plan = _plan(EXAMPLE if name == "digits" else zoo_bytes[name], 4, sync)
+    pruned, record = prune.run(plan, 0.3)
+    assert record.removed
+    shape = plan.graph.info(plan.graph.inputs[0]).shape
+    x = np.random.default_rng(0).standard_normal((2, *shape[1:])).astype(np.float32)
+    want, _ = run_program(lower(zeroed(plan, record)), x)
+    got, _ = run_program(lower(pruned), x)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    assert sorted(pruned.cut_nodes()) == sorted(plan.cut_nodes())
+
+
+def test_branches_stay_balanced_and_tensors_shrink():
+    plan = _plan(EXAMPLE)
+    pruned, _ = prune.run(plan, 0.3)
+    for t, layout in plan.layouts.items():
+        if layout != "S" or t in plan.graph.outputs:
+            continue
+        before = np.bincount(plan.branches(t), minlength=plan.k)
+        after = np.bincount(pruned.branches(t), minlength=plan.k)
+        assert after.min() >= 1 and after.max() - after.min() <= before.max() - before.min() + 1
+        assert pruned.graph.info(t).shape[plan.analysis.axis(t)] == after.sum() <= before.sum()
+
+
+def test_pruning_saves_flops_and_file_bytes(tmp_path):
+    x = np.random.default_rng(0).random((8, 1, 8, 8), dtype=np.float32)
+    m = convert_model(EXAMPLE, tmp_path / "p", 4, prune=0.3, calib=x)
+    v = m["compression"]["variants"]
+    assert v["lcp+prune"]["flops"] <= 0.75 * v["lcp"]["flops"]
+    assert v["lcp+prune"]["file_bytes"] <= 0.80 * v["lcp"]["file_bytes"]
+    _, stats, manifest = run_folder(tmp_path / "p", {"input": x})
+    assert stats.total() == manifest["totals"]["bytes_per_inference"] * len(x)
+
+
+def test_recover_replays_the_pruning(tmp_path):
+    from lcpc import stored_plan
+    from lcpc.pipeline import recover
+
+    convert_model(EXAMPLE, tmp_path / "p", 2, prune=0.3)
+    plan, _ = stored_plan.load(tmp_path / "p")
+    x = np.random.default_rng(0).random((64, 1, 8, 8), dtype=np.float32)
+    ref, _, manifest = run_folder(tmp_path / "p", {"input": x[:4]})
+    got, _ = run_program(lower(plan), x[:4])
+    assert np.allclose(got, ref["logits"], atol=1e-5)
+    out = recover(tmp_path / "p", x, tmp_path / "r", epochs=0)
+    assert out["compression"]["prune"] == manifest["compression"]["prune"]
+    assert [s["inputs"] for s in out["stages"]] == [s["inputs"] for s in manifest["stages"]]
+
+
+@pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5, float("nan")])
+def test_bad_ratio_is_one_clear_error(ratio, tmp_path):
+    with pytest.raises(LcpcError, match="--prune"):
+        convert_model(EXAMPLE, tmp_path / "o", 2, prune=ratio)
+    assert not (tmp_path / "o").exists()
+
+
+def test_zero_ratio_changes_nothing():
+    plan = _plan(EXAMPLE)
+    pruned, record = prune.run(plan, 0.0)
+    assert not record.removed and pruned is plan
