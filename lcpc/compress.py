@@ -10,11 +10,13 @@ Guarantees:
   engines do, and returns the model output and any values asked for — so
   calibration sees exactly the values the stages and the wire will carry;
 - ``apply`` with ``quantize="int8"`` gives every stage the faster of float and int8
-  (static U8S8 with data, dynamic without), measured (``passes.quantize.choose``); ``"int8-all"`` quantizes every
-  stage that has weights, unmeasured (static U8S8 with data, dynamic without); the
-  stage's ``format`` records the choice and its reason; ``wire="int8"`` then puts
-  every transfer in int8 (``lcpc.wire``), ranges calibrated on the data or, without
-  data, on ``wire.DEFAULT_SAMPLES`` N(0, 1) inputs.
+  (static U8S8 with data, dynamic without), measured (``passes.quantize.choose``);
+  ``"int8-all"`` quantizes every stage that has weights, unmeasured; the stage's
+  ``format`` records the choice and its reason; ``wire="int8"`` then puts every
+  transfer in int8 (``lcpc.wire``), ranges calibrated on the data or, without data, on
+  ``wire.DEFAULT_SAMPLES`` N(0, 1) inputs;
+- ``compare`` gives the report's comparison rows: FLOPs, busiest device, weight bytes,
+  stage-file bytes, wire bytes, and top-1 agreement / KL with the original on the data.
 """
 
 from __future__ import annotations

@@ -111,6 +111,10 @@ def recover(folder: str | Path, data: np.ndarray, out: str | Path, *, labels: np
     """Read FOLDER's plan, refit its cut layers on ``data``, distil for ``epochs``, write OUT."""
     onnx_target.check_out(Path(out), force)
     plan, manifest = stored_plan.load(folder, model)
+    pruning = (manifest.get("compression") or {}).get("prune")
+    if pruning and pruning.get("reconstructed"):  # the pruned layers were refit at conversion: again, on data
+        original, _ = frontend.load(plan.source.path, {i["name"]: tuple(i["shape"]) for i in manifest["source"]["inputs"]})
+        plan = prune_pass.reconstructed(original, plan, prune_pass.Pruning.from_dict(pruning), data)
     if not plan.cut_nodes():
         raise LcpcError(f"{folder}: the plan cuts no layer (--sync all?): it is already exact, nothing to recover")
     figures: dict[str, Any] = {}

@@ -16,17 +16,24 @@ Rules:
   times the mean |activation| of c at those layers' outputs (normalised likewise);
 - in every (space, branch) bucket, round(ratio * prunable classes) of the least
   important go — the same number in every branch of a balanced space — but every split
-  tensor keeps at least one channel per branch.
+  tensor keeps at least one channel per branch;
+- with calibration data, every dense layer that lost input channels is then refit by
+  ridge least squares so that, fed the pruned model's own inputs, it reproduces the
+  original layer's output on its kept channels (layer-wise reconstruction, He et al. 2017)
+  — pruning 0.3 of the digits example keeps 99% test accuracy uncut this way, 56% without.
 
 Guarantees:
-- ``apply(plan, removed)`` computes exactly what ``plan`` computes with the removed
+- ``apply(plan, record)`` computes exactly what ``plan`` computes with the removed
   channels' consumer columns zeroed (the removed channels contribute nothing) — the
-  pruned plan equals its unpruned-but-zeroed equivalent (tested);
-- the result is re-analysed and re-planned: the surviving classes keep their branches,
-  the cut/exchange decisions stay per layer, so ``lower`` and every target work on it;
+  pruned plan equals its unpruned-but-zeroed equivalent (tested); ``run`` without data
+  returns exactly that plan;
+- the result is re-analysed and its layouts re-derived: the surviving classes keep their
+  branches and every layer keeps its cut/exchange decision, so ``lower`` and every
+  target work on it;
 - ``run`` returns the plan and a ``Pruning`` record (one (tensor, channel) per removed
-  class, in the original graph's names) that ``apply`` replays on a fresh plan of the
-  same model (``recover`` re-plans a folder that way).
+  class, in the original graph's names; whether consumers were refit) that
+  ``prune_graph`` replays on the original model (``stored_plan`` reads a pruned folder
+  that way; ``pipeline.recover`` refits the consumers again on its data).
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from lcpc.plan import Action, Plan, check
 from lcpc.weights import DenseWeight, masked_graph
 
 ACT_SAMPLES = 32
+RECONSTRUCT_SAMPLES = 256
 
 
 @dataclass(frozen=True)
@@ -55,13 +63,16 @@ class Pruning:
     ratio: float
     importance: str
     removed: dict[str, list[int]] = field(default_factory=dict)
+    reconstructed: bool = False  # consumers refit on calibration data (``reconstruct_consumers``)
 
     def as_dict(self) -> dict:
-        return {"ratio": self.ratio, "importance": self.importance, "removed": self.removed}
+        return {"ratio": self.ratio, "importance": self.importance, "removed": self.removed,
+                "reconstructed": self.reconstructed}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Pruning":
-        return cls(float(d["ratio"]), str(d["importance"]), {k: [int(i) for i in v] for k, v in d["removed"].items()})
+        return cls(float(d["ratio"]), str(d["importance"]), {k: [int(i) for i in v] for k, v in d["removed"].items()},
+                   bool(d.get("reconstructed", False)))
 
 
 def check_ratio(ratio: float) -> None:
@@ -70,7 +81,8 @@ def check_ratio(ratio: float) -> None:
                         f"prunable channels)")
 
 
-def run(plan: Plan, ratio: float, calib: np.ndarray | None = None) -> tuple[Plan, Pruning]:
+def run(plan: Plan, ratio: float, calib: np.ndarray | None = None, reconstruct: bool = True
+        ) -> tuple[Plan, Pruning]:
     """Remove ``ratio`` of the prunable channel classes of every branch (see the module rules)."""
     check_ratio(ratio)
     prunable = prunable_classes(plan)
@@ -83,8 +95,82 @@ def run(plan: Plan, ratio: float, calib: np.ndarray | None = None) -> tuple[Plan
         n = int(np.floor(ratio * len(bucket) + 0.5))
         removed.update(sorted(bucket, key=lambda c: (score[c], c))[:n])
     removed = _keep_one_per_branch(plan, removed, score)
-    record = Pruning(float(ratio), "weight+activation" if calib is not None else "weight", _names(plan, removed))
-    return apply(plan, record), record
+    record = Pruning(float(ratio), "weight+activation" if calib is not None else "weight", _names(plan, removed),
+                     reconstructed=calib is not None and reconstruct and bool(removed))
+    pruned = apply(plan, record)
+    if record.reconstructed:
+        pruned = reconstructed(plan.graph, pruned, record, calib)
+    return pruned, record
+
+
+def reconstructed(original: Graph, pruned: Plan, record: Pruning, data: np.ndarray) -> Plan:
+    """``pruned`` (``apply(plan of original, record)``) with its consumers refit on ``data``."""
+    _, keep = prune_graph(original, analyse(original), record)
+    return replace(pruned, graph=reconstruct_consumers(original, pruned, data, keep), _cache={})
+
+
+def reconstruct_consumers(original: Graph, pruned: Plan, calib: np.ndarray, keep: dict[str, np.ndarray],
+                          max_rows: int = 20000, ridge: float = 1e-3) -> Graph:
+    """Refit every dense layer that lost input channels so that, fed the pruned model's own
+    inputs, it reproduces the original layer's output on its kept output channels (ridge
+    least squares, He et al. 2017): min ||[P 1][W; b] - Y_orig||^2 + lam ||W||^2."""
+    g, a = pruned.graph, pruned.analysis
+    rng = np.random.default_rng(0)
+    step = g.info(g.inputs[0]).shape[0]
+    calib = calib[:RECONSTRUCT_SAMPLES * step]
+    for node in g.nodes:
+        b = a.behaviours[node.name]
+        x_name, y_name = node.inputs[0], node.outputs[0]
+        if not isinstance(b, ops.Dense) or node.op not in ("Conv", "Gemm") or \
+                g.info(x_name).shape == original.info(x_name).shape:
+            continue
+        if node.op == "Gemm" and (node.attr("alpha", 1.0) != 1.0 or node.attr("beta", 1.0) != 1.0):
+            continue
+        view = DenseWeight.of(node, b)
+        w = g.constants[view.weight]
+        if node.op == "Conv" and (w.ndim != 4 or node.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID")):
+            continue
+        x = run_graph(g, calib, [x_name])[0]
+        y = run_graph(original, calib, [y_name])[0]
+        if y.shape[1] != g.info(y_name).shape[1]:  # the layer lost output channels too
+            y = y[:, keep[y_name]]
+        p = _patches(x, node, w.shape) if node.op == "Conv" else x.reshape(len(x), -1)
+        t = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
+        rows = rng.choice(len(t), size=max_rows, replace=False) if len(t) > max_rows else slice(None)
+        p, t = p[rows].astype(np.float64), t[rows].astype(np.float64)
+        has_bias = view.bias is not None and g.constants[view.bias].size == t.shape[1]
+        if has_bias:
+            p = np.concatenate([p, np.ones((len(p), 1))], axis=1)
+        reg = ridge * np.trace(p.T @ p) / max(p.shape[1], 1) * np.eye(p.shape[1])
+        if has_bias:
+            reg[-1, -1] = 0.0
+        sol = np.linalg.solve(p.T @ p + reg, p.T @ t)
+        coef = sol[:-1] if has_bias else sol
+        out_idx, in_idx = np.arange(t.shape[1]), np.arange(g.info(x_name).shape[1])
+        w = np.array(w, copy=True)
+        view.put_matrix(w, out_idx, in_idx, coef.astype(w.dtype))
+        updates = {view.weight: w}
+        if has_bias:
+            bias = g.constants[view.bias]
+            updates[view.bias] = sol[-1].reshape(bias.shape).astype(bias.dtype)
+        g = g.with_constants(updates)
+    return g
+
+
+def _patches(x: np.ndarray, node: Node, w_shape: tuple[int, ...]) -> np.ndarray:
+    """im2col for a 2-D Conv: rows (n, oh, ow), columns (cin, kh, kw) (``DenseWeight.matrix`` order)."""
+    kh, kw = w_shape[2:]
+    pads = node.attr("pads", [0, 0, 0, 0])
+    sh, sw = node.attr("strides", [1, 1])
+    dh, dw = node.attr("dilations", [1, 1])
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    n, c, h, w = xp.shape
+    oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    cols = np.empty((n, c, kh, kw, oh, ow), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, :, i, j] = xp[:, :, i * dh:i * dh + sh * oh:sh, j * dw:j * dw + sw * ow:sw]
+    return cols.transpose(0, 4, 5, 1, 2, 3).reshape(n * oh * ow, c * kh * kw)
 
 
 def prunable_classes(plan: Plan) -> list[int]:

@@ -19,7 +19,7 @@ Guarantees:
   its inputs and outputs keep their names, shapes and dtypes, so the manifest's
   dataflow does not change; internal names are shortened (a file's bytes are its weights);
 - ``choose`` times the candidates and the float graph on one thread, interleaved, in
-  one run, and keeps the fastest; a stage int8 would slow down stays ``float``, and
+  one run (best of at least 9 runs each), and keeps the fastest; a stage int8 would slow down stays ``float``, and
   the ``Choice`` says so with the measured times;
 - a stage without Conv/Gemm/MatMul stays ``float`` (nothing to quantize).
 """
@@ -48,7 +48,7 @@ class Choice:
 
     format: str
     reason: str
-    seconds: dict = field(default_factory=dict)  # format -> median seconds per run, as measured
+    seconds: dict = field(default_factory=dict)  # format -> seconds per run (best of the runs), as measured
 
     def as_dict(self) -> dict:
         return {"format": self.format, "reason": self.reason,
@@ -126,7 +126,8 @@ def choose(graph: Graph, candidates: list[str], calib: list[dict[str, np.ndarray
 
 
 def measure(variants: dict[str, Graph], feeds: dict[str, np.ndarray], repeat: int | None = None) -> dict[str, float]:
-    """Median seconds per run of each variant: one thread, runs interleaved in one loop."""
+    """Seconds per run of each variant: one thread, runs interleaved in one loop, the fastest
+    run of each (the one least disturbed by other load on the machine)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -140,14 +141,14 @@ def measure(variants: dict[str, Graph], feeds: dict[str, np.ndarray], repeat: in
         s.run(None, feeds)
         first = time.perf_counter() - start
     if repeat is None:
-        repeat = int(np.clip(0.3 / max(first, 1e-6), 5, 200))
+        repeat = int(np.clip(0.5 / max(first, 1e-6), 9, 200))
     times: dict[str, list[float]] = {k: [] for k in sessions}
     for _ in range(repeat):
         for k, s in sessions.items():
             start = time.perf_counter()
             s.run(None, feeds)
             times[k].append(time.perf_counter() - start)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    return {k: float(np.min(v)) for k, v in times.items()}
 
 
 class _Reader:

@@ -75,6 +75,11 @@ def test_pruning_saves_flops_and_file_bytes(tmp_path):
     assert v["lcp+prune"]["file_bytes"] <= 0.80 * v["lcp"]["file_bytes"]
     _, stats, manifest = run_folder(tmp_path / "p", {"input": x})
     assert stats.total() == manifest["totals"]["bytes_per_inference"] * len(x)
+    from lcpc import report
+
+    for fmt in ("text", "markdown"):
+        text = report.render(manifest, fmt)
+        assert "lcp+prune" in text and "original" in text and "stage files" in text
 
 
 def test_recover_replays_the_pruning(tmp_path):
@@ -103,3 +108,28 @@ def test_zero_ratio_changes_nothing():
     plan = _plan(EXAMPLE)
     pruned, record = prune.run(plan, 0.0)
     assert not record.removed and pruned is plan
+
+
+def test_reconstruction_with_data_keeps_the_pruned_model_accurate():
+    from examples.digits.data import load_split
+    from lcpc.calibrate import run_graph
+
+    x_train, _, x_test, y_test = load_split()
+    plan = _plan(EXAMPLE, 4, "all")
+    plain, _ = prune.run(plan, 0.3)
+    refit, record = prune.run(plan, 0.3, x_train[:512])
+    assert record.reconstructed and record.removed
+    acc = {name: float((run_graph(p.graph, x_test).argmax(1) == y_test).mean()) for name, p in
+           (("plain", plain), ("refit", refit))}
+    assert acc["refit"] >= 0.97 and acc["refit"] > acc["plain"], acc
+
+
+def test_recover_refits_a_reconstructed_pruning_again(tmp_path):
+    from examples.digits.data import load_split
+    from lcpc.pipeline import recover
+
+    x_train = load_split()[0]
+    convert_model(EXAMPLE, tmp_path / "p", 2, prune=0.3, calib=x_train[:128])
+    out = recover(tmp_path / "p", x_train[:256], tmp_path / "r", epochs=0)
+    assert out["compression"]["prune"]["reconstructed"]
+    assert out["fidelity"]["recovery"]["refit"]["after"]["top1_agreement"] >= 0.9
