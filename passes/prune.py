@@ -16,7 +16,9 @@ Rules:
   times the mean |activation| of c at those layers' outputs (normalised likewise);
 - in every (space, branch) bucket, round(ratio * prunable classes) of the least
   important go — the same number in every branch of a balanced space — but every split
-  tensor keeps at least one channel per branch;
+  tensor keeps at least one channel per branch; when a multiple of 8 kept classes comes
+  within 1/8 of the ratio, the nearest such is kept instead: on x86 a 3x3 conv of 45
+  channels takes 1.7x (int8) and 1.5x (float) the time of one of 48 (1 thread);
 - with calibration data, every dense layer that lost input channels is then refit by
   ridge least squares so that, fed the pruned model's own inputs, it reproduces the
   original layer's output on its kept channels (layer-wise reconstruction, He et al. 2017)
@@ -53,6 +55,7 @@ from lcpc.plan import Action, Plan, check
 from lcpc.weights import DenseWeight, masked_graph
 
 ACT_SAMPLES = 32
+ALIGN = 8  # channels per branch kept in multiples of this when the branch has a multiple of it
 RECONSTRUCT_SAMPLES = 256
 
 
@@ -92,8 +95,7 @@ def run(plan: Plan, ratio: float, calib: np.ndarray | None = None, reconstruct: 
         buckets[(plan.analysis.space_of_class[c], plan.branch_of_class[c])].append(c)
     removed: set[int] = set()
     for bucket in buckets.values():
-        n = int(np.floor(ratio * len(bucket) + 0.5))
-        removed.update(sorted(bucket, key=lambda c: (score[c], c))[:n])
+        removed.update(sorted(bucket, key=lambda c: (score[c], c))[:how_many(len(bucket), ratio)])
     removed = _keep_one_per_branch(plan, removed, score)
     record = Pruning(float(ratio), "weight+activation" if calib is not None else "weight", _names(plan, removed),
                      reconstructed=calib is not None and reconstruct and bool(removed))
@@ -171,6 +173,18 @@ def _patches(x: np.ndarray, node: Node, w_shape: tuple[int, ...]) -> np.ndarray:
         for j in range(kw):
             cols[:, :, i, j] = xp[:, :, i * dh:i * dh + sh * oh:sh, j * dw:j * dw + sw * ow:sw]
     return cols.transpose(0, 4, 5, 1, 2, 3).reshape(n * oh * ow, c * kh * kw)
+
+
+def how_many(n: int, ratio: float) -> int:
+    """Classes to remove from a bucket of ``n``: round(ratio * n), or, when a multiple of
+    ``ALIGN`` kept comes within 1/8 of ``ratio``, the nearest such (conv kernels run fastest
+    on widths that are multiples of 8)."""
+    plain = int(np.floor(ratio * n + 0.5))
+    if ratio > 0 and n >= 2 * ALIGN:
+        keep = int(ALIGN * np.floor(n * (1 - ratio) / ALIGN + 0.5))
+        if ALIGN <= keep < n and abs((n - keep) / n - ratio) <= 1 / 8:
+            return n - keep
+    return plain
 
 
 def prunable_classes(plan: Plan) -> list[int]:

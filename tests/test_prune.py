@@ -133,3 +133,9 @@ def test_recover_refits_a_reconstructed_pruning_again(tmp_path):
     out = recover(tmp_path / "p", x_train[:256], tmp_path / "r", epochs=0)
     assert out["compression"]["prune"]["reconstructed"]
     assert out["fidelity"]["recovery"]["refit"]["after"]["top1_agreement"] >= 0.9
+
+
+@pytest.mark.parametrize("n,ratio,removed", [(8, 0.3, 2), (16, 0.3, 5), (24, 0.3, 8), (64, 0.3, 16), (128, 0.3, 40),
+                                             (512, 0.3, 152), (24, 0.1, 2), (4, 0.0, 0)])
+def test_kept_widths_align_to_8_when_close_to_the_ratio(n, ratio, removed):
+    assert prune.how_many(n, ratio) == removed
