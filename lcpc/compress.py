@@ -36,7 +36,8 @@ from lcpc.lower import Program
 from lcpc.passes import quantize as quant
 
 QUANTIZE = ("int8", "int8-all")
-CALIB_SAMPLES = 64
+CALIB_SAMPLES = 64   # planned batches that calibrate the int8 stages
+WIRE_SAMPLES = 256   # planned batches that calibrate the wire ranges
 
 
 def check_calib(inputs: dict, data: np.ndarray | None) -> None:
@@ -103,7 +104,8 @@ def wire_params(program: Program, data: np.ndarray | None) -> dict[tuple[int, st
             (wire_format.DEFAULT_SAMPLES * spec.shape[0], *spec.shape[1:])).astype(spec.dtype)
         source = "default"
     keys = wire_format.sources(program)
-    _, values = run_program(program, data, set(keys))
+    step = next(iter(program.inputs.values())).shape[0]
+    _, values = run_program(program, data[:WIRE_SAMPLES * step], set(keys))
     return {k: wire_format.WireQuant.from_range(min(v.min() for v in values[k]), max(v.max() for v in values[k]),
                                                 source) for k in keys}
 

@@ -1,7 +1,7 @@
 """The library API behind the command line: convert, recover, verify, open an engine.
 
     convert: frontend.load -> planner.plan [-> passes.prune] -> lower [-> compress] -> targets.onnx.write
-    recover: stored_plan.load -> passes.refit -> passes.recover (distillation) -> lower -> write
+    recover: stored_plan.load -> passes.refit -> passes.recover (distillation) -> lower [-> compress] -> write
     verify:  the original model (onnxruntime) and the folder (targets.local) on the same inputs
 
 Guarantees:
@@ -126,16 +126,21 @@ def recover(folder: str | Path, data: np.ndarray, out: str | Path, *, labels: np
         plan, figures["distillation"] = recover_pass.run(plan, data, labels, epochs=epochs, progress=progress,
                                                          original=original)
     exact = manifest["totals"]["comparison"]["model_parallel"]["bytes_per_inference"]
-    return onnx_target.write(plan, lower(plan), out, force=force, exact_bytes=exact,
+    kept = _kept_compression(manifest)
+    program = lower(plan)
+    if kept:  # the folder's int8 stages and wire again, calibrated on the recovery data
+        program = compress.apply(program, kept.get("quantize"), kept.get("wire", "fp32"), data)
+    return onnx_target.write(plan, program, out, force=force, exact_bytes=exact,
                              preprocessing=manifest["source"].get("preprocessing"),
-                             fidelity={"recovery": figures}, speeds=_speeds(manifest),
-                             compression=_kept_pruning(manifest))
+                             fidelity={"recovery": figures}, speeds=_speeds(manifest), compression=kept)
 
 
-def _kept_pruning(manifest: dict) -> dict | None:
-    """A recovered folder keeps the pruning record of the folder it came from (``stored_plan`` replays it)."""
-    pruning = (manifest.get("compression") or {}).get("prune")
-    return {"prune": pruning} if pruning else None
+def _kept_compression(manifest: dict) -> dict | None:
+    """What a recovered folder keeps of its source's compression: the pruning record (``stored_plan``
+    replays it), the stage and wire formats asked for (re-applied after recovery)."""
+    comp = manifest.get("compression") or {}
+    kept = {k: comp[k] for k in ("prune", "quantize", "wire") if comp.get(k) and comp[k] != "fp32"}
+    return kept or None
 
 
 def verify(folder: str | Path, data: np.ndarray, labels: np.ndarray | None = None,

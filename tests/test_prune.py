@@ -131,7 +131,7 @@ def test_recover_refits_a_reconstructed_pruning_again(tmp_path):
     x_train = load_split()[0]
     convert_model(EXAMPLE, tmp_path / "p", 2, prune=0.3, calib=x_train[:128])
     out = recover(tmp_path / "p", x_train[:256], tmp_path / "r", epochs=0)
-    assert out["compression"]["prune"]["reconstructed"]
+    assert out["compression"]["prune"]["reconstructed"] and "wire" not in out["compression"]
     assert out["fidelity"]["recovery"]["refit"]["after"]["top1_agreement"] >= 0.9
 
 

@@ -70,3 +70,16 @@ def test_wire_quant_error_is_half_a_step(lo, hi):
     back = (q.quantize(x).astype(np.float32) - q.zero_point) * np.float32(q.scale)
     assert np.abs(back - x).max() <= q.scale / 2 * (1 + 1e-4) + 1e-7
     assert q.dtype == ("uint8" if lo >= 0 else "int8")
+
+
+def test_recover_keeps_the_int8_wire_and_stages(tmp_path, digits):
+    from lcpc.pipeline import recover
+
+    calib, x_test = digits
+    convert_model(EXAMPLE, tmp_path / "q", 2, calib=calib, quantize="int8-all", wire="int8")
+    out = recover(tmp_path / "q", calib, tmp_path / "r", epochs=0)
+    assert out["compression"] == {"quantize": "int8-all", "wire": "int8"}
+    assert all(t["dtype"] in ("uint8", "int8") for t in out["transfers"])
+    assert any((s.get("format") or {}).get("format") == "int8" for s in out["stages"])
+    _, stats, m = run_folder(tmp_path / "r", {"input": x_test[:8]})
+    assert stats.total() == m["totals"]["bytes_per_inference"] * 8
