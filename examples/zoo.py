@@ -320,9 +320,10 @@ def _bottleneck(b: NetBuilder, x: str, mid: int, cout: int, stride: int = 1) -> 
 
 
 def resnet50(seed: int = 0, size: int = 224) -> onnx.ModelProto:
-    """ResNet-50-sized (not in ``ZOO``, too big for the tests; for benchmarks): 7x7 stem, max
-    pool, bottleneck stages of 3, 4, 6, 3 blocks (64-256 ... 512-2048 channels), GAP,
-    Flatten, Gemm to 10 classes; input ``[1, 3, size, size]``; ~23.5M parameters."""
+    """ResNet-50 as on ImageNet (not in ``ZOO``, too big for the tests; for benchmarks): 7x7
+    stem, max pool, bottleneck stages of 3, 4, 6, 3 blocks (64-256 ... 512-2048 channels),
+    GAP, Flatten, Gemm to 10 classes; input ``[1, 3, size, size]``; ~23.5M parameters.
+    ``resnet50_like`` is the same network body on the zoo's 32x32 input, without the stem pool."""
     b = NetBuilder(seed, (1, 3, size, size))
     x = b.maxpool(b.conv_bn("input", 64, k=7, stride=2), k=3, stride=2, pad=1)
     for blocks, mid, stride in [(3, 64, 1), (4, 128, 2), (6, 256, 2), (3, 512, 2)]:
