@@ -23,23 +23,27 @@ Guarantees:
    Scan that reads such values is refused by name;
 5. every activation has a static shape (onnx shape inference, then one onnxruntime run
    for whatever inference could not type, e.g. custom ops).
-The result computes the same function as the input model (tested against onnxruntime).
+The parsed protobuf is freed as soon as its large weights are numpy arrays (``_take_weights``);
+from then on every weight exists once: folding and normalising pass the arrays along, and the
+graph is exported with them as typed inputs, not serialised. The result computes the same function as the input model (tested against onnxruntime).
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
-from onnx import version_converter
+from onnx import helper, numpy_helper, version_converter
 
 from lcpc.errors import LcpcError
 from lcpc.ir import Graph, TensorInfo, from_onnx, tensor_infos
 from lcpc.reader import Source, read_model
-from lcpc.safety import MAX_TENSOR_BYTES, check_tensor_sizes, first_line, infer_shapes, itemsize, nbytes, printable
+from lcpc.safety import (MAX_SHAPE_VALUES, MAX_TENSOR_BYTES, check_tensor_sizes, first_line, infer_shapes, itemsize,
+                         nbytes, printable, skeleton_of)
 
 TARGET_OPSET = 17
 MAX_DIM = 1 << 24
@@ -67,11 +71,37 @@ def load(source: str | os.PathLike | bytes, input_shapes: dict[str, tuple[int, .
     where = src.path
     model = _upgrade(model, src, where)
     model = _pin_inputs(model, input_shapes or {}, where)
-    model = _simplify(model, where)
-    infos = _infer_shapes(model, where)
-    graph = from_onnx(model, infos)
+    model, weights = _take_weights(model)  # the parsed protobuf is freed here
+    model, weights, order = _simplify(model, weights, where)
+    infos = _infer_shapes(model, weights, where)
+    graph = from_onnx(model, infos, weights)
+    graph.constants = {name: graph.constants[name] for name in order}
     _check_static(graph, where)
     return graph, src
+
+
+# Element types whose initializers travel as numpy arrays, outside any protobuf (the others,
+# such as bfloat16 or 4-bit types, stay initializers and take graphsurgeon's own path).
+PLAIN_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+               onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+               onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32,
+               onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
+
+
+def _is_weight(t: onnx.TensorProto) -> bool:
+    """A large initializer of a plain numeric type: one that travels as a numpy array."""
+    return t.data_type in PLAIN_TYPES and math.prod(t.dims) > MAX_SHAPE_VALUES
+
+
+def _take_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The large initializers as numpy arrays, and the rest of the model as a skeleton that
+    declares them as typed graph inputs (``safety.skeleton_of``). The skeleton shares no memory
+    with ``model``: once the caller drops ``model``, each weight is held once, as an array.
+    (protobuf frees a message's memory only with the whole message, not field by field.)"""
+    inputs = {i.name for i in model.graph.input}
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+               if _is_weight(t) and t.name not in inputs}
+    return skeleton_of(model, keep=lambda t: t.name not in weights), weights
 
 
 def _upgrade(model: onnx.ModelProto, src: Source, where: str) -> onnx.ModelProto:
@@ -165,8 +195,15 @@ def _dynamic_name(dim: onnx.TensorShapeProto.Dimension) -> str:
     return dim.dim_param or "?"
 
 
-def _simplify(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
-    """Fold constants, drop Identity/Dropout, fold BatchNormalization into Conv (graphsurgeon)."""
+def _simplify(model: onnx.ModelProto, weights: dict[str, np.ndarray], where: str
+              ) -> tuple[onnx.ModelProto, dict[str, np.ndarray], list[str]]:
+    """Fold constants, drop Identity/Dropout, fold BatchNormalization into Conv (graphsurgeon).
+
+    ``model`` declares ``weights`` as typed graph inputs (``_take_weights``); graphsurgeon gets
+    them back as constants, and ``weights`` is emptied so that a weight folding replaces is
+    freed. Returns the folded model, its large constants again as typed inputs and arrays (the
+    exported protobuf holds no copy of them), and the names of all its constants in the order
+    an export with initializers would list them."""
     ort.set_default_logger_severity(3)  # folding runs ORT; its optimizer warnings are noise here
     try:  # shapes let graphsurgeon fold Shape -> Gather -> Reshape chains of a pinned batch
         model = infer_shapes(model)  # lcpc.safety: no data propagation of long vectors
@@ -176,6 +213,7 @@ def _simplify(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
         graph = gs.import_onnx(model)
     except Exception as exc:
         raise LcpcError(f"{where}: cannot import graph: {first_line(exc)}") from None
+    _restore_weights(graph, weights)
     _drop_passthrough(graph)
     try:
         graph.fold_constants(error_ok=True, should_exclude_node=_has_body).cleanup(
@@ -188,12 +226,49 @@ def _simplify(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
     for node in graph.nodes:
         if node.op == "Constant":
             raise LcpcError(f"{where}: Constant node '{node.name}' could not be folded")
+    order = [name for name, t in graph.tensors().items()
+             if isinstance(t, gs.Constant) and not isinstance(t._values, gs.ir.tensor.SparseValues)]
+    weights = _weights_as_inputs(graph)
     try:
         out = gs.export_onnx(graph)
     except Exception as exc:  # e.g. a non-tensor value in a subgraph, which graphsurgeon cannot write
         raise LcpcError(f"{where}: cannot export the folded graph: {first_line(exc)}") from None
     out.ir_version = max(min(model.ir_version, 9), 7)
-    return out
+    return out, weights, order
+
+
+def _restore_weights(graph, weights: dict[str, np.ndarray]) -> None:
+    """Turn the graph inputs that stand for ``weights`` back into constants, emptying ``weights``."""
+    tensors = graph.tensors()
+    for name in list(weights):
+        tensor = tensors.get(name)
+        values = weights.pop(name)
+        if tensor is not None:
+            tensor.to_constant(values)
+    graph.inputs = [t for t in graph.inputs if not isinstance(t, gs.Constant)]
+
+
+def _weights_as_inputs(graph) -> dict[str, np.ndarray]:
+    """Large top-level constants of plain numeric types, read only by top-level nodes and not
+    graph outputs, become typed graph inputs; returns their arrays, which export then never copies."""
+    top = {id(n) for n in graph.nodes}
+    outputs = {t.name for t in graph.outputs}
+    weights = {}
+    for name, t in graph.tensors().items():
+        if not isinstance(t, gs.Constant) or not isinstance(t._values, np.ndarray) or name in outputs:
+            continue
+        values = t.values
+        try:
+            plain = helper.np_dtype_to_tensor_dtype(values.dtype) in PLAIN_TYPES
+            same = np.dtype(t.export_dtype) == values.dtype
+        except (KeyError, TypeError, ValueError):
+            continue
+        if plain and same and values.size > MAX_SHAPE_VALUES and all(id(n) in top for n in t.outputs):
+            weights[name] = values
+            t.to_variable(dtype=values.dtype, shape=list(values.shape))
+            t.type = "tensor_type"  # what Variable() sets and Constant.to_variable does not
+            graph.inputs.append(t)
+    return weights
 
 
 def _has_body(node) -> bool:
@@ -289,14 +364,17 @@ def _fold_batchnorm(graph) -> None:
         bn.outputs.clear()
 
 
-def _infer_shapes(model: onnx.ModelProto, where: str) -> dict[str, TensorInfo]:
+def _infer_shapes(model: onnx.ModelProto, weights: dict[str, np.ndarray], where: str) -> dict[str, TensorInfo]:
+    """Shapes of every value but ``weights`` (which ``model`` declares as typed inputs)."""
     try:
         infos = tensor_infos(infer_shapes(model))
     except Exception as exc:
         raise LcpcError(f"{where}: shape inference failed: {first_line(exc)}") from None
     missing = [o for n in model.graph.node for o in n.output if o and o not in infos]
     if missing:
-        infos.update(_shapes_by_running(model, missing, infos, where))
+        infos.update(_shapes_by_running(model, missing, infos, weights, where))
+    for name in weights:
+        infos.pop(name, None)
     for name, info in infos.items():
         if min(info.shape, default=0) < 0 or nbytes(info.shape, info.dtype.itemsize) > MAX_TENSOR_BYTES:
             raise LcpcError(f"{where}: tensor '{printable(name, 200)}' has shape {info.shape}, which lcpc "
@@ -305,7 +383,7 @@ def _infer_shapes(model: onnx.ModelProto, where: str) -> dict[str, TensorInfo]:
 
 
 def _shapes_by_running(model: onnx.ModelProto, names: list[str], infos: dict[str, TensorInfo],
-                       where: str) -> dict[str, TensorInfo]:
+                       weights: dict[str, np.ndarray], where: str) -> dict[str, TensorInfo]:
     """Shapes shape inference could not give (custom or untyped ops): run the model once."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -316,6 +394,9 @@ def _shapes_by_running(model: onnx.ModelProto, names: list[str], infos: dict[str
     try:
         feeds = {}
         for inp in model.graph.input:
+            if inp.name in weights:
+                feeds[inp.name] = weights[inp.name]
+                continue
             info = infos[inp.name]
             if nbytes(info.shape, info.dtype.itemsize) > MAX_TENSOR_BYTES or info.dtype.hasobject:
                 raise ValueError(f"input '{inp.name}' cannot be fed: shape {info.shape} {info.dtype}")

@@ -143,10 +143,13 @@ def tensor_infos(model: onnx.ModelProto) -> dict[str, TensorInfo]:
     return out
 
 
-def from_onnx(model: onnx.ModelProto, infos: dict[str, TensorInfo] | None = None) -> Graph:
-    """Convert a shape-inferred ONNX model (no external data, no Constant nodes left) to a Graph."""
+def from_onnx(model: onnx.ModelProto, infos: dict[str, TensorInfo] | None = None,
+              weights: dict[str, np.ndarray] | None = None) -> Graph:
+    """Convert a shape-inferred ONNX model (no external data, no Constant nodes left) to a Graph.
+    ``weights``: constants held outside the protobuf, which declares them as graph inputs."""
     g = model.graph
     constants = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    constants.update(weights or {})
     infos = dict(infos if infos is not None else tensor_infos(model))
     nodes = []
     for i, n in enumerate(g.node):

@@ -60,10 +60,12 @@ def read_model(source: str | os.PathLike | bytes) -> tuple[onnx.ModelProto, Sour
         data, base = path.read_bytes(), path.resolve().parent
     if not data:
         raise LcpcError(f"{where}: file is empty, not an ONNX model")
+    sha256 = hashlib.sha256(data).hexdigest()
     try:
         model = onnx.load_model_from_string(data)
     except Exception as exc:  # protobuf raises DecodeError and friends
         raise LcpcError(f"{where}: not an ONNX model ({type(exc).__name__}: cannot parse protobuf)") from None
+    del data  # the parsed model holds its own copy: never both for longer than parsing
     if not _valid_strings(model):
         raise LcpcError(f"{where}: not an ONNX model (a name or string is not valid UTF-8)")
     if not model.HasField("graph") or not model.graph.node:
@@ -73,7 +75,7 @@ def read_model(source: str | os.PathLike | bytes) -> tuple[onnx.ModelProto, Sour
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     _check_opset(opset, where)
     _check_graph(model, where)
-    return model, Source(where, hashlib.sha256(data).hexdigest(), opset)
+    return model, Source(where, sha256, opset)
 
 
 def _load_external_data(model: onnx.ModelProto, base: Path | None, where: str) -> None:
@@ -134,8 +136,7 @@ def _valid_strings(message) -> bool:
     """Whether every string field holds valid UTF-8 (protobuf parses invalid UTF-8 into ``bytes``
     that fail later, wherever a name is copied)."""
     for fd, value in message.ListFields():
-        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
-        items = value if repeated else [value]
+        items = value if _repeated(fd) else [value]
         if fd.type == fd.TYPE_MESSAGE and not all(_valid_strings(item) for item in items):
             return False
         if fd.type == fd.TYPE_STRING and any(isinstance(item, bytes) for item in items):
@@ -219,6 +220,59 @@ def _check_opset(opset: int, where: str) -> None:
                         f"upgrade onnx or re-export with opset <= {known}")
 
 
+def _checker_view(model: onnx.ModelProto) -> onnx.ModelProto:
+    """What the ONNX checker needs to see of ``model``, without a serialised copy of its weights:
+    each large top-level initializer whose only data is ``raw_data`` of exactly the size its dims
+    and type need (all the checker asks of such a tensor) stands in as an empty tensor of the
+    same name and type. Everything else is the model's own (``model`` itself when nothing is big)."""
+    plain = [k for k, t in enumerate(model.graph.initializer) if _checked_tensor(t)]
+    if not plain:
+        return model
+    view = onnx.ModelProto()
+    _copy_fields(model, view, skip="graph")
+    g = view.graph
+    _copy_fields(model.graph, g, skip="initializer")
+    plain = set(plain)
+    for k, t in enumerate(model.graph.initializer):
+        if k in plain:
+            g.initializer.add(name=t.name, data_type=t.data_type, dims=[0])
+        else:
+            g.initializer.append(t)
+    return view
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    """Copy every field of protobuf message ``src`` but ``skip`` into ``dst``."""
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if _repeated(fd):
+            getattr(dst, fd.name).extend(value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _repeated(fd) -> bool:
+    return fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+
+
+def _checked_tensor(t: onnx.TensorProto) -> bool:
+    """Whether the checker's verdict on ``t`` is known without looking at its bytes: numeric,
+    stored in ``raw_data`` alone, of exactly the size its dims need, and large enough to matter."""
+    if t.data_location != onnx.TensorProto.DEFAULT or not t.HasField("raw_data") or len(t.dims) == 0:
+        return False
+    if any(len(getattr(t, f)) for f in ("float_data", "int32_data", "string_data", "int64_data",
+                                         "double_data", "uint64_data", "external_data")):
+        return False
+    expected = _raw_bytes(t)
+    return expected is not None and expected >= CHECKER_VIEW_BYTES and len(t.raw_data) == expected
+
+
+CHECKER_VIEW_BYTES = 1 << 16  # initializers from this size up stand in as empty tensors for the checker
+
+
 def _check_graph(model: onnx.ModelProto, where: str) -> None:
     """The ONNX checker, then what lcpc needs beyond it: bounded Loops, tensors in subgraphs."""
     # The checker wants a shape field on graph inputs and outputs; a missing one means "unknown",
@@ -228,7 +282,7 @@ def _check_graph(model: onnx.ModelProto, where: str) -> None:
     for t in unshaped:
         t.shape.SetInParent()
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(_checker_view(model))
     except Exception as exc:
         raise LcpcError(f"{where}: invalid ONNX graph: {first_line(exc)}") from None
     finally:

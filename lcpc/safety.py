@@ -25,6 +25,7 @@ import math
 import os
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -128,7 +129,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     (shape inference needs only their shapes), so the weights are neither serialised nor
     copied; the result is ``model`` itself, its nodes, value_info and outputs replaced by the
     inferred ones (the same annotations onnx's own inference returns in a copy)."""
-    skeleton = _skeleton(model)
+    skeleton = skeleton_of(model)
     plain = onnx.shape_inference.infer_shapes(skeleton)
     integer = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8,
                onnx.TensorProto.UINT64, onnx.TensorProto.UINT32, onnx.TensorProto.UINT16,
@@ -145,9 +146,13 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` without the data of its initializers over ``MAX_SHAPE_VALUES`` elements: those
-    become graph inputs of the same type and shape (small ones, which may be shape data, stay)."""
+def skeleton_of(model: onnx.ModelProto, keep: Callable[[onnx.TensorProto], bool] | None = None
+                ) -> onnx.ModelProto:
+    """``model`` without the data of its initializers over ``MAX_SHAPE_VALUES`` elements (or those
+    ``keep`` rejects): those become graph inputs of the same type and shape (small ones, which
+    may be shape data, stay). The skeleton holds copies of what it keeps, none of ``model``'s
+    memory, so ``model`` can be freed once its weights are read."""
+    keep = keep or (lambda t: math.prod(t.dims) <= MAX_SHAPE_VALUES)
     g = model.graph
     skeleton = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name)
     skeleton.opset_import.extend(model.opset_import)
@@ -158,7 +163,7 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
         getattr(s, field).extend(getattr(g, field))
     inputs = {i.name for i in g.input}
     for t in g.initializer:
-        if math.prod(t.dims) <= MAX_SHAPE_VALUES:
+        if keep(t):
             s.initializer.append(t)
         elif t.name not in inputs:
             s.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
