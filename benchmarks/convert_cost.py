@@ -1,7 +1,7 @@
 """Cost of ``lcpc convert`` against model size: wall time and peak memory, model by model.
 
 Each conversion runs in a fresh Python process (``lcpc.pipeline.convert``, what
-``lcpc convert`` runs), which reports its wall time, its peak resident memory (ru_maxrss)
+``lcpc convert`` runs), which reports its wall time, its peak resident memory (VmHWM)
 and the resident memory right after importing lcpc (what any conversion starts from).
 Models: the test zoo (32x32) and the 224x224 benchmark models (``benchmarks/models.py``).
 Results go to ``benchmarks/results/convert_cost.{json,md}`` with the machine they ran on.
@@ -33,14 +33,18 @@ from lcpc.targets.bench import machine  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forking parent, which holds
+# every model this script built (VGG-16 included), so ru_maxrss would report the parent's peak.
 CHILD = """
-import resource, sys, time
+import sys, time
 from lcpc import pipeline
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+base = hwm()
 start = time.perf_counter()
 m = pipeline.convert(sys.argv[1], sys.argv[2], int(sys.argv[3]))
 wall = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = hwm()
 print(wall, base * 1024, peak * 1024, m["totals"]["original"]["params"], m["sync"]["partition_energy"]["kept"])
 """
 
