@@ -70,8 +70,10 @@ def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str
     lcp, record = plan, None
     if prune:
         plan, record = prune_pass.run(plan, prune, calib)
+    # the exact plan's traffic, for the comparison; its program is dropped before the real one is lowered
+    exact_bytes = lower(planner.with_sync(plan, "all")).bytes_per_inference() if sync != "all" else None
     program = lower(plan)
-    exact = program if sync == "all" else lower(planner.with_sync(plan, "all"))
+    exact_bytes = program.bytes_per_inference() if exact_bytes is None else exact_bytes
     compression = None
     if prune or quantize or wire != "fp32":
         variants = {"lcp": compress.apply(lower(lcp), None, wire, calib)}
@@ -84,7 +86,7 @@ def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str
         program = list(variants.values())[-1]
         compression = {"prune": record.as_dict() if record is not None else None, "quantize": quantize,
                        "wire": wire, "variants": compress.compare(variants, graph, calib)}
-    return onnx_target.write(plan, program, out, force=force, exact_bytes=exact.bytes_per_inference(),
+    return onnx_target.write(plan, program, out, force=force, exact_bytes=exact_bytes,
                              preprocessing=preprocessing, compression=compression, original=graph,
                              speeds=None if shares is None else network.speeds(branches))
 
