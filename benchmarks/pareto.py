@@ -1,93 +1,183 @@
-"""Bytes on the wire vs accuracy on the example model: the Pareto table of K x sync policy.
+"""Bytes on the wire vs accuracy after recovery: ``--sync auto`` over a sweep of budgets.
 
-For every K and sync policy, converts the digits example (examples/digits), optionally
-recovers it (least-squares refit of the cut layers on the training images, then
-distillation for --epochs epochs when PyTorch is installed), and measures on the held-out
-test split: test accuracy of the plan, top-1 agreement with the original, and the bytes
-per inference the manifest records. Everything comes from this one run.
+For each model and K, plans ``--sync auto`` (backward elimination from the exact plan,
+``passes.cut.auto_path``, measured on calibration inputs) for budgets from pure LCP
+(``none``) to exact (``all``), recovers each plan (``pipeline.recover``: the numpy
+least-squares refit, then ``--epochs`` of distillation when PyTorch is installed) and
+measures it on held-out inputs with the local engine (``pipeline.verify``): top-1
+agreement with the original (and accuracy with labels) before and after recovery, the
+bytes per inference its manifest records, and the budget. Everything comes from one run.
 
-    python benchmarks/pareto.py [--branches 2 4 8] [--epochs 2] [--no-recover]
+- ``digits``: the bundled example; calibration: 128 training images; recovery: the 1347
+  training images; held out: the 450 test images. Each budget runs ``lcpc convert --sync
+  auto --calib --comm-budget`` itself (the budgets are the bytes of plans on the path).
+- ``lite0``: EfficientNet-Lite0 from ``../shared/models`` on the photos in
+  ``../shared/photos`` (skipped when absent). The 12 photos give random 224x224 crops
+  and flips: calibration and recovery crops come from photos 1-8, held-out crops from
+  photos 9-12 (so held-out photos are never seen). The path is measured once
+  (``auto_path``) and each budget's plan is the one ``--sync auto`` chooses from it
+  (``cut.choose``), converted with those exchanges named.
+
+    python benchmarks/pareto.py [--models digits lite0] [--branches 4] [--budgets 6] [--epochs 2]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import tempfile
-import time
-from pathlib import Path
+import os
 
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # reproducible timings on a shared machine
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from examples.digits.data import load_split  # noqa: E402
-from lcpc import pipeline  # noqa: E402
+from examples.digits.data import load_shipped  # noqa: E402
+from lcpc import frontend, pipeline, planner  # noqa: E402
+from lcpc.passes import cut  # noqa: E402
 
-
-MODEL = ROOT / "examples" / "digits" / "digits_cnn.onnx"
 RESULTS = ROOT / "benchmarks" / "results"
-POLICIES = ("none", "every:4", "every:2", "all")
+DIGITS = ROOT / "examples" / "digits" / "digits_cnn.onnx"
+SHARED = ROOT.parent / "shared"
+LITE0 = SHARED / "models" / "efficientnet_lite0.onnx"
+PHOTOS = SHARED / "photos"
 
 
-def pareto(rows: list[dict]) -> None:
-    """Mark rows no other row beats on both bytes and accuracy."""
-    for r in rows:
-        r["pareto"] = not any(o["bytes_per_inference"] <= r["bytes_per_inference"]
-                              and o["accuracy"] >= r["accuracy"] and o is not r
-                              and (o["bytes_per_inference"], o["accuracy"]) != (r["bytes_per_inference"], r["accuracy"])
-                              for o in rows)
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--branches", type=int, nargs="+", default=[2, 4, 8])
-    ap.add_argument("--epochs", type=int, default=2, help="distillation epochs after the refit (0: refit only)")
-    ap.add_argument("--no-recover", action="store_true")
-    args = ap.parse_args()
-    x_train, _, x_test, y_test = load_split()
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for k in args.branches:
-            for policy in POLICIES:
-                start = time.perf_counter()
-                out = Path(tmp) / f"k{k}_{policy.replace(':', '')}"
-                manifest = pipeline.convert(MODEL, out, k, policy)
-                stages = [("cut", out, manifest)]
-                if manifest["sync"]["cuts"] and not args.no_recover:
-                    rec = out.with_name(out.name + "_rec")
-                    epochs = args.epochs if _has_torch() else 0
-                    stages.append((f"refit+{epochs}ep", rec, pipeline.recover(out, x_train, rec, epochs=epochs)))
-                for label, folder, m in stages:
-                    fig = pipeline.verify(folder, x_test, y_test, MODEL)
-                    rows.append({"K": k, "sync": policy, "recovery": label,
-                                 "bytes_per_inference": m["totals"]["bytes_per_inference"],
-                                 "accuracy": fig["candidate_accuracy"], "original_accuracy": fig["reference_accuracy"],
-                                 "agreement": fig["top1_agreement"], "seconds": time.perf_counter() - start})
-                    r = rows[-1]
-                    print(f"K={k} --sync {policy:8s} {label:10s} bytes {r['bytes_per_inference']:>7d}  "
-                          f"accuracy {100 * r['accuracy']:6.2f}%  agreement {100 * r['agreement']:6.2f}%", flush=True)
-    pareto(rows)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "pareto.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| K | sync | recovery | bytes/inference | test accuracy | agreement | Pareto |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['K']} | {r['sync']} | {r['recovery']} | {r['bytes_per_inference']} | "
-              f"{100 * r['accuracy']:.2f}% | {100 * r['agreement']:.2f}% | {'*' if r['pareto'] else ''} |"
-              for r in rows]
-    note = (f"\nDigits example, original test accuracy {100 * rows[0]['original_accuracy']:.2f}% "
-            f"({len(y_test)} test images). From one run of benchmarks/pareto.py.\n")
-    (RESULTS / "pareto.md").write_text("\n".join(lines) + "\n" + note)
-    print("\n".join(lines) + note)
-
-
-def _has_torch() -> bool:
+def has_torch() -> bool:
     try:
         import torch  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def budgets(path: list[dict], n: int) -> list[int]:
+    """``n`` budgets from pure LCP to exact: the bytes of ``n`` plans spread evenly (in log
+    bytes) over the distinct plans of the auto path, so each budget buys a different plan."""
+    sizes = sorted({p["bytes"] for p in path})
+    logs = np.log(sizes)
+    picks = {int(np.argmin(np.abs(logs - t))) for t in np.linspace(logs[0], logs[-1], n)}
+    return [sizes[i] for i in sorted(picks)]
+
+
+def photo_crops(files: list[Path], n: int, seed: int) -> np.ndarray:
+    """``n`` random 224x224 crops (and mirror images) of the photos, scaled as Lite0 wants."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images = []
+    for f in files:
+        with Image.open(f) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            s = 256 / min(w, h)
+            images.append(np.asarray(im.resize((round(w * s), round(h * s))), dtype=np.float32))
+    out = np.empty((n, 3, 224, 224), np.float32)
+    for i in range(n):
+        img = images[i % len(images)]
+        y, x = rng.integers(0, img.shape[0] - 223), rng.integers(0, img.shape[1] - 223)
+        crop = img[y:y + 224, x:x + 224]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        out[i] = ((crop - 127.0) / 128.0).transpose(2, 0, 1)
+    return out
+
+
+def sweep(name: str, model: Path, k: int, calib, train, test, labels, n_budgets: int, epochs: int, tmp: Path,
+          use_auto: bool) -> list[dict]:
+    graph, source = frontend.load(model)
+    none = planner.plan(graph, source, k, "none")
+    path = cut.auto_path(none, calib)
+    rows = []
+    for budget in budgets(path, n_budgets):
+        start = time.perf_counter()
+        out = tmp / f"{name}_k{k}_{budget}"
+        if use_auto:
+            m = pipeline.convert(model, out, k, "auto", calib=calib, comm_budget=budget)
+        else:
+            chosen = list(cut.choose(path, budget))
+            m = pipeline.convert(model, out, k, ",".join(chosen) if chosen else "none")
+        before = pipeline.verify(out, test, labels, model)
+        after, recovery = before, "exact"
+        if m["sync"]["cuts"]:
+            e = epochs if has_torch() else 0
+            rec = out.with_name(out.name + "_rec")
+            pipeline.recover(out, train, rec, epochs=e)
+            after, recovery = pipeline.verify(rec, test, labels, model), f"refit+{e}ep"
+        rows.append({"model": name, "K": k, "budget": budget, "bytes_per_inference": m["totals"]["bytes_per_inference"],
+                     "exchanges": len(m["sync"]["exchanges"]), "cuts": len(m["sync"]["cuts"]), "recovery": recovery,
+                     "agreement_cut": before["top1_agreement"], "agreement": after["top1_agreement"],
+                     "accuracy": after.get("candidate_accuracy"), "original_accuracy": after.get("reference_accuracy"),
+                     "heldout": after["samples"], "seconds": time.perf_counter() - start})
+        r = rows[-1]
+        print(f"{name} K={k} budget {budget:>9d} bytes {r['bytes_per_inference']:>9d} exchanges {r['exchanges']:>2d} "
+              f"agreement {100 * r['agreement_cut']:6.2f}% -> {100 * r['agreement']:6.2f}% ({recovery})", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["digits", "lite0"], choices=["digits", "lite0"])
+    ap.add_argument("--branches", type=int, nargs="+", default=[4])
+    ap.add_argument("--budgets", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=2, help="distillation epochs after the refit (0: refit only)")
+    ap.add_argument("--lite0-epochs", type=int, default=0,
+                    help="distillation epochs for EfficientNet-Lite0 (default 0: refit only; CPU training at 224 "
+                         "px takes minutes per epoch)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = ap.parse_args()
+    if has_torch():
+        import torch
+
+        torch.set_num_threads(args.threads)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in args.branches:
+            if "digits" in args.models:
+                x_train, _, x_test, y_test = load_shipped()
+                calib = x_train[np.sort(np.random.default_rng(0).permutation(len(x_train))[:128])]
+                rows += sweep("digits", DIGITS, k, calib, x_train, x_test, y_test, args.budgets, args.epochs,
+                              Path(tmp), use_auto=True)
+            if "lite0" in args.models:
+                if not (LITE0.is_file() and PHOTOS.is_dir()):
+                    print(f"skipping lite0: {LITE0} or {PHOTOS} is not there")
+                    continue
+                photos = sorted(p for p in PHOTOS.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+                seen, unseen = photos[:8], photos[8:]
+                rows += sweep("lite0", LITE0, k, photo_crops(seen, 16, 1), photo_crops(seen, 96, 2),
+                              photo_crops(unseen, 32, 3), None, args.budgets, args.lite0_epochs, Path(tmp),
+                              use_auto=False)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "pareto.json").write_text(json.dumps(rows, indent=1))
+    table = markdown(rows)
+    (RESULTS / "pareto.md").write_text(table)
+    print(table)
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | K | budget | bytes/inference | exchanges | recovery | held-out agreement: cut -> recovered "
+             "| test accuracy |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        acc = f"{100 * r['accuracy']:.2f}%" if r["accuracy"] is not None else ""
+        lines.append(f"| {r['model']} | {r['K']} | {r['budget']} | {r['bytes_per_inference']} | {r['exchanges']} | "
+                     f"{r['recovery']} | {100 * r['agreement_cut']:.2f}% -> {100 * r['agreement']:.2f}% | {acc} |")
+    notes = []
+    for model in sorted({r["model"] for r in rows}):
+        ours = [r for r in rows if r["model"] == model]
+        monotone = all(b["agreement"] >= a["agreement"] for a, b in zip(ours, ours[1:]))
+        within = all(r["bytes_per_inference"] <= r["budget"] for r in ours)
+        notes.append(f"{model}: {len(ours)} budgets, held-out agreement after recovery "
+                     f"{'never decreases' if monotone else 'DECREASES somewhere'} as the budget grows; "
+                     f"{'no plan exceeds its budget' if within else 'A PLAN EXCEEDS ITS BUDGET'}; "
+                     f"{ours[0]['heldout']} held-out samples")
+    return "\n".join(lines) + "\n\n" + ". ".join(notes) + ". From one run of benchmarks/pareto.py.\n"
 
 
 if __name__ == "__main__":

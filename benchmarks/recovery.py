@@ -1,67 +1,67 @@
 """Recovery on the digits example: test accuracy of the pure-LCP plan at each recovery level.
 
-For every K, plans the digits example (examples/digits) with --sync none and measures,
-on the 450 test images recovery never sees, the lowered plan run by the local engine
-(per-device ONNX files): its test accuracy and top-1 agreement with the original after
+Runs exactly what a user types: for every K, ``lcpc convert`` (``pipeline.convert``) with
+--sync none, then ``lcpc recover --epochs N`` (``pipeline.recover``: the numpy
+least-squares refit, then N epochs of distillation from the original), and measures the
+written folder with the local engine (``lcpc verify``: ``pipeline.verify``) on the
+450 test images recovery never sees: test accuracy and top-1 agreement with the original,
+after
 
 - ``cut``: nothing (the block-diagonal weights as they are);
-- ``bn``: BatchNorm re-estimation only (no refit, no training);
-- ``refit+bn``: layer-wise least-squares refit, then BatchNorm re-estimation;
-- ``distil Nep``: the full recipe of ``lcpc.passes.recover`` (refit, BatchNorm
-  re-estimation, distillation for N epochs) on the unlabelled training images;
+- ``refit``: ``lcpc recover --epochs 0`` (least squares only: no PyTorch);
+- ``distil Nep``: ``lcpc recover --epochs N``;
 
 plus the bytes per inference of the plan (the same at every level: recovery changes
-weights, not structure) against exact channel-wise model parallelism (--sync all), and
-the seconds each recovery took. Distillation rows are repeated over ``--seeds`` seeds
-(held-out split, shuffling): the table gives the mean and the worst seed.
+weights, not structure) against exact channel-wise model parallelism (--sync all), the
+seconds each recovery took, and the held-out agreement after every epoch (the curve of
+agreement against epochs, in the JSON). Recovery rows are repeated over ``--seeds``
+seeds (held-out split, shuffling): the table gives the mean and the worst seed.
 
-    python benchmarks/recovery.py [--branches 2 4 8] [--epochs 2 6] [--seeds 3] [--threads 2]
+Variants (``--variants``): ``distil`` is the pipeline above; ``anneal`` is gradual
+cutting (``lcpc recover --refit none`` with ``Recipe.anneal = 0.5``: distillation starts
+from the original weights and fades the cross-branch weights out over the first half of
+the steps). ``--task shapes`` runs the harder stand-in task (``examples/shapes``: noisy
+32x32 shapes, a VGG with BatchNorm; unlabelled training images, 1000 test images).
+
+    python benchmarks/recovery.py [--task digits|shapes] [--branches 2 4 8] [--epochs 2 6] [--seeds 3]
+                                  [--variants distil anneal] [--threads 1]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import sys
-import tempfile
-import time
-from pathlib import Path
+import os
 
-import numpy as np
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # reproducible timings on a shared machine
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from examples.digits.data import load_split  # noqa: E402
-from lcpc import frontend, planner  # noqa: E402
-from lcpc.fidelity import compare  # noqa: E402
-from lcpc.lower import lower  # noqa: E402
-from lcpc.passes import recover  # noqa: E402
-from lcpc.targets import onnx as onnx_target  # noqa: E402
-from lcpc.targets.local import LocalEngine  # noqa: E402
+from examples.digits.data import load_shipped  # noqa: E402
+from lcpc import pipeline  # noqa: E402
 
-MODEL = ROOT / "examples" / "digits" / "digits_cnn.onnx"
 RESULTS = ROOT / "benchmarks" / "results"
+TASKS = {"digits": ROOT / "examples" / "digits" / "digits_cnn.onnx",
+         "shapes": ROOT / "examples" / "shapes" / "shapes_vgg.onnx"}
+VARIANTS = {"distil": {}, "anneal": {"refit": "none", "anneal": 0.5}}
+MODEL = TASKS["digits"]
 
 
-def test_figures(plan, x_test, y_test, reference_logits, folder: Path) -> dict:
-    """Accuracy and agreement of the lowered plan, run by the local engine."""
-    onnx_target.write(plan, lower(plan), folder)
-    engine = LocalEngine(folder)
-    try:
-        logits = engine.run({"input": x_test})["logits"]
-    finally:
-        engine.close()
-    fig = compare(reference_logits, logits, y_test)
+def test_figures(folder: Path, x_test, y_test) -> dict:
+    """Accuracy and agreement of the written folder, run by the local engine (lcpc verify)."""
+    fig = pipeline.verify(folder, x_test, y_test)
     return {"accuracy": fig["candidate_accuracy"], "agreement": fig["top1_agreement"],
             "kl": fig["kl_divergence"], "original_accuracy": fig["reference_accuracy"]}
-
-
-def levels(epochs: list[int], seeds: int) -> list[tuple[str, dict, int]]:
-    """(label, recover.run keywords, seeds) per recovery level."""
-    rows = [("bn", dict(epochs=0, refit=False), 1), ("refit+bn", dict(epochs=0), 1)]
-    return rows + [(f"distil {e}ep", dict(epochs=e), seeds) for e in epochs]
 
 
 def main() -> None:
@@ -69,56 +69,72 @@ def main() -> None:
     ap.add_argument("--branches", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--epochs", type=int, nargs="+", default=[2, 6])
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--task", choices=list(TASKS), default="digits")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["distil"])
     args = ap.parse_args()
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    x_train, _, x_test, y_test = load_split()
-    graph, source = frontend.load(MODEL)
-    reference_logits = original_logits(graph, x_test)
+    torch.set_num_threads(args.threads)
+    model = TASKS[args.task]
+    if args.task == "digits":
+        x_train, _, x_test, y_test = load_shipped()
+    else:
+        from examples.shapes.data import load_split as load_shapes
+
+        x_train, _, x_test, y_test = load_shapes()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for k in args.branches:
-            plan = planner.plan(graph, source, k, "none")
-            lcp_bytes = lower(plan).bytes_per_inference()
-            exact_bytes = lower(planner.with_sync(plan, "all")).bytes_per_inference()
-            base = {"K": k, "bytes_per_inference": lcp_bytes, "exact_bytes_per_inference": exact_bytes}
-            fig = test_figures(plan, x_test, y_test, reference_logits, Path(tmp) / f"k{k}_cut")
-            rows.append({**base, "recovery": "cut", **fig, "seconds": 0.0, "runs": []})
+            cut_folder = Path(tmp) / f"k{k}_cut"
+            manifest = pipeline.convert(model, cut_folder, k, "none")
+            exact_bytes = manifest["totals"]["comparison"]["model_parallel"]["bytes_per_inference"]
+            base = {"K": k, "bytes_per_inference": manifest["totals"]["bytes_per_inference"],
+                    "exact_bytes_per_inference": exact_bytes}
+            rows.append({**base, "recovery": "cut", **test_figures(cut_folder, x_test, y_test), "seconds": 0.0,
+                         "runs": []})
             show(rows[-1])
-            for label, kwargs, n_seeds in levels(args.epochs, args.seeds):
+            levels = [("refit", 0, {})] if "distil" in args.variants else []
+            levels += [(f"{v} {e}ep", e, VARIANTS[v]) for v in args.variants for e in args.epochs]
+            for label, epochs, recipe in levels:
                 runs = []
-                for seed in range(n_seeds):
+                for seed in range(args.seeds):
+                    out = Path(tmp) / f"k{k}_{label.replace(' ', '_')}_{seed}"
                     start = time.perf_counter()
-                    new_plan, report = recover.run(plan, x_train, seed=seed, **kwargs)
+                    m = pipeline.recover(cut_folder, x_train, out, epochs=epochs, seed=seed, **recipe)
                     seconds = time.perf_counter() - start
-                    fig = test_figures(new_plan, x_test, y_test, reference_logits,
-                                       Path(tmp) / f"k{k}_{label.replace(' ', '_')}_{seed}")
-                    runs.append({**fig, "seconds": seconds, "seed": seed,
-                                 "heldout_agreement": report["after"]["top1_agreement"],
-                                 "epochs_run": report["epochs_run"], "warnings": report["warnings"]})
+                    figures = m["fidelity"]["recovery"]
+                    last = figures.get("distillation", figures.get("refit"))
+                    start_agreement = (figures["refit"]["after"] if "refit" in figures
+                                       else figures["distillation"]["before"])["top1_agreement"]
+                    runs.append({**test_figures(out, x_test, y_test), "seconds": seconds, "seed": seed,
+                                 "heldout_agreement": last["after"]["top1_agreement"],
+                                 "curve": [{"epoch": 0, "heldout_agreement": start_agreement}]
+                                 + [{"epoch": h["epoch"], "heldout_agreement": h["heldout"]["top1_agreement"]}
+                                    for h in figures.get("distillation", {}).get("history", [])],
+                                 "warnings": last.get("warnings", [])})
                 rows.append({**base, "recovery": label, "runs": runs, **summary(runs)})
                 show(rows[-1])
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"model": "examples/digits/digits_cnn.onnx", "test_images": int(len(y_test)),
+                write(rows, meta(args, model, x_train, y_test, torch), partial=True)
+    write(rows, meta(args, model, x_train, y_test, torch), partial=False)
+
+
+def meta(args, model: Path, x_train, y_test, torch) -> dict:
+    return {"task": args.task, "model": str(model.relative_to(ROOT)), "test_images": int(len(y_test)),
             "train_images": int(len(x_train)), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "seeds": args.seeds}
-    (RESULTS / "recovery.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    table = markdown(rows, meta)
-    (RESULTS / "recovery.md").write_text(table)
-    print(table)
 
 
-def original_logits(graph, x: np.ndarray) -> np.ndarray:
-    """The original model's logits (onnxruntime, one sample at a time: the graph is planned for 1)."""
-    import onnxruntime as ort
-
-    from lcpc.ir import to_onnx
-
-    sess = ort.InferenceSession(to_onnx(graph).SerializeToString(), providers=["CPUExecutionProvider"])
-    return np.concatenate([sess.run(None, {"input": x[i:i + 1]})[0] for i in range(len(x))])
+def write(rows: list[dict], info: dict, partial: bool) -> None:
+    """Results so far (``partial``: after every row, so a stopped run keeps what it measured)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = "recovery" if info["task"] == "digits" else f"recovery_{info['task']}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": info, "rows": rows, "partial": partial}, indent=1))
+    table = markdown(rows, info) + ("\n(Partial: the run was stopped before every row was measured.)\n"
+                                    if partial else "")
+    (RESULTS / f"{stem}.md").write_text(table)
+    if not partial:
+        print(table)
 
 
 def summary(runs: list[dict]) -> dict:
@@ -144,9 +160,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines.append(f"| {r['K']} | {r['recovery']} | {100 * r['accuracy']:.2f}% | {worst} | "
                      f"{100 * r['agreement']:.2f}% | {r['kl']:.4f} | {r['bytes_per_inference']} "
                      f"({r['exact_bytes_per_inference']}) | {r['seconds']:.1f} |")
-    note = (f"\nDigits example, original test accuracy {100 * rows[0]['original_accuracy']:.2f}% on "
+    task = "Digits example" if meta["task"] == "digits" else f"Task {meta['task']} ({meta['model']})"
+    note = (f"\n{task}, original test accuracy {100 * rows[0]['original_accuracy']:.2f}% on "
             f"{meta['test_images']} test images; recovery on the {meta['train_images']} unlabelled training "
-            f"images (10% held out), --sync none. Distillation rows: mean over {meta['seeds']} seeds. "
+            f"images (10% held out), --sync none; `distil`: `lcpc recover --epochs N` (refit, then N epochs of "
+            f"distillation); `anneal`: gradual cutting from the original weights. "
+            f"Recovery rows: mean over {meta['seeds']} seeds. "
             f"torch {meta['torch']}, {meta['threads']} thread(s). From one run of benchmarks/recovery.py.\n")
     return "\n".join(lines) + "\n" + note
 

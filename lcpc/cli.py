@@ -21,7 +21,8 @@ from typing import Any, Callable
 import click
 import numpy as np
 
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lcpc import __version__, frontend, latency_report, pipeline, report, serving
 from lcpc.deployment import Deployment, requests_from_source
@@ -146,7 +147,10 @@ def parse_preprocessing(spec: str | None) -> dict | None:
 @click.option("--recover", "recover_data", type=click.Path(path_type=Path), default=None, metavar="TRAIN",
               help="Recover accuracy right away from these training inputs (.npy or image folder), "
                    "as `lcpc recover` does.")
-@click.option("--epochs", type=int, default=2, show_default=True, help="Distillation epochs for --recover.")
+@click.option("--labels", "recover_labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Integer labels of the --recover inputs (.npy): accuracy figures before and after.")
+@click.option("--epochs", type=int, default=2, show_default=True,
+              help="Distillation epochs for --recover (0: least-squares refit only, no PyTorch needed).")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder [default: MODEL stem + '.lcp'].")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
@@ -156,7 +160,7 @@ def parse_preprocessing(spec: str | None) -> dict | None:
 @handles_errors
 def convert(model: Path, branches: int, sync: str, partition: str, calib: Path | None, comm_budget: int | None,
             prune: float | None, quantize: str | None, wire: str, preprocess: str | None,
-            recover_data: Path | None, epochs: int, out: Path | None, force: bool,
+            recover_data: Path | None, recover_labels: Path | None, epochs: int, out: Path | None, force: bool,
             devices: Path | None, input_shapes) -> None:
     """Partition MODEL into K branches; write per-device ONNX files and manifest.json."""
     out = out or model.with_suffix(".lcp")
@@ -165,14 +169,34 @@ def convert(model: Path, branches: int, sync: str, partition: str, calib: Path |
                    prune=prune, quantize=quantize, wire=wire,
                    calib=pipeline.read_array(calib, "calibration") if calib is not None else None)
     if recover_data is None:
-        manifest = pipeline.convert(model, out, branches, force=force, **options)
-    else:
+        if recover_labels is not None:
+            raise LcpcError("--labels labels the --recover inputs; pass --recover TRAIN.npy too")
         with _progress_bar() as progress:
-            manifest = pipeline.convert_and_recover(model, out, recover_data, epochs=epochs, force=force,
-                                                    progress=progress, branches=branches, **options)
+            manifest = pipeline.convert(model, out, branches, force=force, progress=progress.sync, **options)
+    else:
+        labels = pipeline.read_array(recover_labels, "labels") if recover_labels is not None else None
+        with _progress_bar() as progress:
+            manifest = pipeline.convert_and_recover(model, out, recover_data, labels=labels, epochs=epochs,
+                                                    force=force, progress=progress, branches=branches, **options)
         click.echo(render_recovery(manifest["fidelity"]["recovery"]))
     click.echo(report.render(manifest, "text"))
     click.echo(f"wrote {len(manifest['stages'])} stage files and manifest.json to {out}")
+    if recover_data is None and manifest["sync"]["cuts"]:
+        click.echo(cut_warning(manifest, out, options["calib"]))
+
+
+def cut_warning(manifest: dict, out: Path, calib: np.ndarray | None) -> str:
+    """What the cut did to the model, measured on --calib when given, and how to recover it."""
+    n = len(manifest["sync"]["cuts"])
+    text = f"note: the cut drops the cross-branch weights of {n} layer(s), so this model computes something else "
+    if calib is not None:
+        fig = pipeline.verify(out, calib)
+        text += (f"than the original: top-1 agreement {100 * fig['top1_agreement']:.1f}% and KL "
+                 f"{fig['kl_divergence']:.3g} on the {fig['samples']} --calib inputs. ")
+    else:
+        text += "than the original (pass --calib X.npy to measure by how much). "
+    return text + (f"Recover it from unlabelled training inputs: lcpc recover {out} --data TRAIN.npy -o "
+                   f"{out}-recovered (or convert with --recover TRAIN.npy).")
 
 
 # ----------------------------------------------------------------------------- run
@@ -375,33 +399,54 @@ def recover(folder: Path, data: Path, labels: Path | None, original: Path | None
 
 
 class _progress_bar:
-    """A rich progress bar fed by the recovery pass's progress callback."""
+    """Rich progress bars fed by the passes' progress callbacks: the refit (layers), each
+    distillation epoch (steps) and auto sync placement (plans measured), each showing the
+    latest agreement it measured."""
 
     def __enter__(self):
-        self.bar = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn(
-            "loss {task.fields[loss]:.4f}  held-out agreement {task.fields[agree]}"), TimeElapsedColumn(),
-            transient=False, disable=not sys.stderr.isatty())
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                            transient=False, disable=not sys.stderr.isatty(), console=Console(stderr=True))
         self.bar.__enter__()
-        self.task = None
+        self.tasks: dict[str, Any] = {}
         return self
 
-    def __call__(self, epoch: int, step: int, steps: int, loss: float, agreement: float | None) -> None:
-        agree = "-" if agreement is None else f"{100 * agreement:.1f}%"
-        if self.task is None:
-            self.task = self.bar.add_task("recover", total=steps, epoch=epoch, loss=loss, agree=agree)
-        self.bar.update(self.task, completed=step, total=steps, epoch=epoch, loss=loss, agree=agree)
+    def _show(self, key: str, description: str, done: int, total: int, info: str) -> None:
+        if key not in self.tasks:
+            self.tasks[key] = self.bar.add_task(description, total=total, info=info)
+        self.bar.update(self.tasks[key], completed=done, total=total, info=info)
+
+    def refit(self, done: int, total: int, agreement: float | None) -> None:
+        info = "" if agreement is None else f"held-out agreement {100 * agreement:.1f}%"
+        self._show("refit", "refit layers", done, total, info)
+
+    def distil(self, epoch: int, step: int, steps: int, loss: float, agreement: float | None) -> None:
+        info = f"loss {loss:.4f}" + ("" if agreement is None else f"  held-out agreement {100 * agreement:.1f}%")
+        self._show(f"epoch {epoch}", f"distil epoch {epoch}", step, steps, info)
+
+    def sync(self, done: int, total: int, agreement: float | None) -> None:
+        info = "" if agreement is None else f"calibration agreement {100 * agreement:.1f}%"
+        self._show("sync", "auto sync placement", done, total, info)
 
     def __exit__(self, *exc):
         return self.bar.__exit__(*exc)
 
 
 def render_recovery(figures: dict) -> str:
+    """One line per recovery stage: held-out figures before -> after."""
+    names = {"top1_agreement": "agreement", "candidate_accuracy": "accuracy", "kl_divergence": "KL"}
     lines = []
     for stage, rep in figures.items():
         before, after = rep.get("before", {}), rep.get("after", {})
-        summary = ", ".join(f"{k} {before.get(k, float('nan')):.4g} -> {after.get(k, float('nan')):.4g}"
-                            for k in ("top1_agreement", "kl_divergence") if k in after)
-        lines.append(f"{stage}: {summary}")
+        parts = []
+        for key, label in names.items():
+            if key in after:
+                fmt = (lambda v: f"{v:.4g}") if key == "kl_divergence" else (lambda v: f"{100 * v:.2f}%")
+                parts.append(f"{label} {fmt(before.get(key, float('nan')))} -> {fmt(after[key])}")
+        if after.get("reference_accuracy") is not None:
+            parts.append(f"original accuracy {100 * after['reference_accuracy']:.2f}%")
+        where = f" (held-out, {after['samples']} samples)" if "samples" in after else ""
+        lines.append(f"{stage}{where}: " + ", ".join(parts))
         for warning in rep.get("warnings", []):
             lines.append(f"warning: {warning}")
     return "\n".join(lines)

@@ -93,6 +93,22 @@ def compare(reference_logits: np.ndarray, candidate_logits: np.ndarray,
     return result
 
 
+MAX_HELDOUT = 5000
+
+
+def holdout_split(n: int, holdout: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of ``n`` samples into (training, held-out) indices, both ascending.
+
+    ``round(holdout * n)`` samples are held out (at most ``MAX_HELDOUT``, and at least 2
+    stay for training); every recovery pass splits with this, so with the same seed the
+    refit and the distillation never see the held-out samples they are judged on."""
+    if not 0 <= holdout < 1:
+        raise LcpcError(f"recovery: holdout {holdout} must be in [0, 1)")
+    order = np.random.default_rng(seed).permutation(n)
+    n_hold = max(0, min(int(round(holdout * n)), MAX_HELDOUT, n - 2))
+    return np.sort(order[n_hold:]), np.sort(order[:n_hold])
+
+
 def _as_labels(labels: Any, n: int, classes: int) -> np.ndarray:
     y = np.asarray(labels)
     if y.ndim == 2 and y.shape[1] == 1:

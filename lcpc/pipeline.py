@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -40,16 +40,14 @@ from lcpc.passes import refit as refit_pass
 from lcpc.targets import onnx as onnx_target
 from lcpc.targets.local import LocalEngine
 
-REFIT_SAMPLES = 1024
-
-
 def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str = "none",
             input_shapes: dict | None = None, force: bool = False, partition: str = "energy",
             preprocessing: dict | None = None, calib: np.ndarray | None = None,
             comm_budget: int | None = None, devices: str | Path | None = None, prune: float | None = None,
-            quantize: str | None = None, wire: str = "fp32") -> dict[str, Any]:
+            quantize: str | None = None, wire: str = "fp32", progress: Any = None) -> dict[str, Any]:
     """Plan ``model`` for ``branches`` devices and write the folder ``out``; returns its manifest.
-    ``devices``: a devices.yaml whose relative speeds size each branch's share of channels.
+    ``devices``: a devices.yaml whose relative speeds size each branch's share of channels;
+    ``progress(done, total, agreement)`` follows ``--sync auto``'s measurements.
 
     ``prune`` (passes.prune), ``quantize`` and ``wire`` (lcpc.compress) compress the plan; the
     manifest's ``compression`` then compares LCP, +prune, +quant and +both with the original."""
@@ -66,7 +64,7 @@ def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str
     network = load_devices(devices)
     shares = network.shares(branches)
     plan = planner.plan(graph, source, branches, sync, partition, calib=calib, comm_budget=comm_budget,
-                        shares=shares)
+                        shares=shares, progress=progress)
     lcp, record = plan, None
     if prune:
         plan, record = prune_pass.run(plan, prune, calib)
@@ -92,25 +90,28 @@ def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str
 
 
 def convert_and_recover(model: str | Path | bytes, out: str | Path, data: Path | np.ndarray, *,
-                        epochs: int = 2, force: bool = False, progress: Callable | None = None,
-                        **convert_options) -> dict[str, Any]:
+                        labels: np.ndarray | None = None, epochs: int = 2, force: bool = False,
+                        progress: Any = None, **convert_options) -> dict[str, Any]:
     """``convert`` then ``recover`` on ``data`` (an array, or a path ``read_data`` reads with the
     converted folder's preprocessing); only the recovered folder is left at ``out``."""
     out = Path(out)
     onnx_target.check_out(out, force)
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".lcpc-convert-", dir=out.resolve().parent))
     try:
-        manifest = convert(model, staging / "cut", force=False, **convert_options)
+        manifest = convert(model, staging / "cut", force=False, progress=getattr(progress, "sync", None),
+                           **convert_options)
         x = data if isinstance(data, np.ndarray) else read_data(Path(data), manifest)
-        return recover(staging / "cut", x, out, epochs=epochs, force=force, progress=progress)
+        return recover(staging / "cut", x, out, labels=labels, epochs=epochs, force=force, progress=progress)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
 def recover(folder: str | Path, data: np.ndarray, out: str | Path, *, labels: np.ndarray | None = None,
             epochs: int = 2, refit: str = "lsq", model: str | Path | None = None, force: bool = False,
-            progress: Callable | None = None) -> dict[str, Any]:
-    """Read FOLDER's plan, refit its cut layers on ``data``, distil for ``epochs``, write OUT."""
+            progress: Any = None, seed: int = 0, holdout: float = 0.1, **recipe: Any) -> dict[str, Any]:
+    """Read FOLDER's plan, recover it on ``data`` (``recover_plan``; ``recipe``: distillation
+    settings), write OUT."""
     onnx_target.check_out(Path(out), force)
     plan, manifest = stored_plan.load(folder, model)
     pruning = (manifest.get("compression") or {}).get("prune")
@@ -119,14 +120,8 @@ def recover(folder: str | Path, data: np.ndarray, out: str | Path, *, labels: np
         plan = prune_pass.reconstructed(original, plan, prune_pass.Pruning.from_dict(pruning), data)
     if not plan.cut_nodes():
         raise LcpcError(f"{folder}: the plan cuts no layer (--sync all?): it is already exact, nothing to recover")
-    figures: dict[str, Any] = {}
-    original = plan.graph  # the teacher: the original weights, before any refit
-    if refit != "none":
-        sample = np.random.default_rng(0).permutation(len(data))[:REFIT_SAMPLES]
-        plan, figures["refit"] = refit_pass.run(plan, data[np.sort(sample)], refit)
-    if epochs > 0:
-        plan, figures["distillation"] = recover_pass.run(plan, data, labels, epochs=epochs, progress=progress,
-                                                         original=original)
+    plan, figures = recover_plan(plan, data, labels, epochs=epochs, refit=refit, progress=progress, seed=seed,
+                                 holdout=holdout, **recipe)
     exact = manifest["totals"]["comparison"]["model_parallel"]["bytes_per_inference"]
     kept = _kept_compression(manifest)
     program = lower(plan)
@@ -143,6 +138,27 @@ def _kept_compression(manifest: dict) -> dict | None:
     comp = manifest.get("compression") or {}
     kept = {k: comp[k] for k in ("prune", "quantize", "wire") if comp.get(k) and comp[k] != "fp32"}
     return kept or None
+
+
+def recover_plan(plan, data: np.ndarray, labels: np.ndarray | None = None, *, epochs: int = 2, refit: str = "lsq",
+                 progress: Any = None, seed: int = 0, holdout: float = 0.1,
+                 **recipe: Any) -> tuple[Any, dict[str, Any]]:
+    """The one recovery pipeline: the least-squares refit (``passes.refit``, numpy), then
+    ``epochs`` of distillation from the original (``passes.recover``, PyTorch), which starts
+    from the refit weights; both split ``data`` with the same seed, so neither trains on
+    the held-out samples; ``recipe`` sets other distillation settings
+    (``passes.recover.Recipe``). ``progress`` has ``refit(done, total, agreement)`` and
+    ``distil(epoch, step, steps, loss, agreement)`` (either may be None)."""
+    figures: dict[str, Any] = {}
+    original = plan.graph  # the teacher: the original weights, before any refit
+    if refit != "none":
+        plan, figures["refit"] = refit_pass.run(plan, data, refit, labels, seed=seed, holdout=holdout,
+                                                progress=getattr(progress, "refit", None))
+    if epochs > 0:
+        plan, figures["distillation"] = recover_pass.run(plan, data, labels, epochs=epochs, seed=seed,
+                                                         holdout=holdout, original=original,
+                                                         progress=getattr(progress, "distil", None), **recipe)
+    return plan, figures
 
 
 def verify(folder: str | Path, data: np.ndarray, labels: np.ndarray | None = None,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Literal, Mapping
+from typing import Callable, Literal, Mapping
 
 import numpy as np
 
@@ -78,6 +78,7 @@ class PlanOptions:
     calib: np.ndarray | None = field(default=None, compare=False, repr=False)
     comm_budget: int | None = None
     shares: tuple[float, ...] | None = None   # each branch's fraction of the channels (devices' speeds)
+    progress: Callable | None = field(default=None, compare=False, repr=False)  # (done, total, agreement)
 
 
 @dataclass(frozen=True)

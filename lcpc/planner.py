@@ -26,13 +26,14 @@ PASSES = (("layouts", layouts.run), ("partition", partition.run), ("cut", cut.ru
 
 def plan(graph: Graph, source: Source, k: int, sync: str = "none", partition_method: str = "energy",
          calib: np.ndarray | None = None, comm_budget: int | None = None,
-         shares: tuple[float, ...] | None = None) -> Plan:
+         shares: tuple[float, ...] | None = None, progress=None) -> Plan:
     """Plan ``graph`` for ``k`` branches with sync policy ``sync`` (passes.cut) and
     channel partition ``partition_method`` (passes.partition; ``shares``: each branch's
-    fraction of the channels, for devices of different speeds)."""
+    fraction of the channels, for devices of different speeds); ``progress(done, total,
+    agreement)`` follows ``--sync auto``'s measurements."""
     if not 2 <= k <= MAX_BRANCHES:
         raise LcpcError(f"--branches {k}: choose K between 2 and {MAX_BRANCHES}")
-    options = PlanOptions(sync, partition_method, calib, comm_budget, shares)
+    options = PlanOptions(sync, partition_method, calib, comm_budget, shares, progress)
     p = Plan(graph, source, analyse(graph), k, layouts={})
     for name, run in PASSES:
         p = check(run(p, options), name)

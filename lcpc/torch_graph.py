@@ -1,4 +1,4 @@
-"""Run an lcpc ``Graph`` in PyTorch, differentiably: the model recovery trains.
+"""Run an lcpc ``Graph`` in PyTorch, differentiably: the interpreter recovery trains.
 
 Guarantees:
 - ``GraphModule(graph)`` in eval mode computes what onnxruntime computes on
@@ -7,22 +7,17 @@ Guarantees:
   shapes are re-batched);
 - the weights and biases of Conv, ConvTranspose, Gemm and MatMul are
   ``nn.Parameter``s; every other constant is a buffer;
-- ``masks[node]`` (0/1, broadcastable against the node's weight) is applied as
-  ``W * mask`` on every forward, so masked entries get no gradient and export as 0;
-- ``norms`` names Conv/Gemm nodes (see :func:`normable`) that get a BatchNorm after
-  them. ``init_norms_identity`` makes each one the identity in eval mode
-  (running stats = the measured mean m and variance v, gamma = sqrt(v + eps),
-  beta = m). ``export_constants`` folds it back into the layer:
-  ``W' = (W * mask) * s``, ``b' = (b - running_mean) * s + beta`` with
-  ``s = gamma / sqrt(running_var + eps)`` per output channel;
+- a subclass changes what a layer computes through two hooks only: ``weight(node)``
+  (the weight a dense layer uses) and ``after(node, outputs)`` (applied to a node's
+  outputs), which is how the recovery student (``passes/recover_student.py``) masks
+  cut weights and inserts BatchNorms;
 - an op it does not implement raises ``LcpcError`` at construction, naming the node.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -36,43 +31,14 @@ Tensor = torch.Tensor
 TRAINABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
-def normable(graph: Graph) -> list[str]:
-    """Nodes a BatchNorm can follow and fold back into: Conv (any group) and Gemm
-    (alpha = beta = 1, no transA) with constant weight and a constant per-channel bias."""
-    names = []
-    for n in graph.nodes:
-        if n.op not in ("Conv", "Gemm") or len(n.inputs) < 3:
-            continue
-        w, b = graph.constants.get(n.inputs[1]), graph.constants.get(n.inputs[2])
-        c_out = graph.info(n.outputs[0]).shape[1]
-        if w is None or b is None or b.size != c_out:
-            continue
-        if n.op == "Gemm" and (n.attr("transA", 0) or n.attr("alpha", 1.0) != 1.0 or n.attr("beta", 1.0) != 1.0):
-            continue
-        names.append(n.name)
-    return names
-
-
-def weight_out_axis(node: Node) -> int:
-    """The output-channel axis of a trainable node's weight."""
-    if node.op == "Gemm":
-        return 0 if node.attr("transB", 0) else 1
-    return 1 if node.op in ("ConvTranspose", "MatMul") else 0
-
-
 class GraphModule(nn.Module):
     """An ``lcpc.ir.Graph`` as a torch module; see the module docstring."""
 
-    def __init__(self, graph: Graph, masks: dict[str, np.ndarray] | None = None,
-                 norms: Iterable[str] = ()) -> None:
+    def __init__(self, graph: Graph) -> None:
         super().__init__()
         self.graph = graph
-        self.masks = dict(masks or {})
         self._key: dict[str, str] = {}          # constant name -> parameter/buffer attribute
         self.params = nn.ParameterDict()
-        self.norms = nn.ModuleDict()
-        self._norm_key: dict[str, str] = {}     # node name -> key in self.norms
-        self.norms_enabled = True
         self._static = graph.constants          # numpy values of constants, for static arguments
         trainable = self._trainable_constants()
         for i, (name, value) in enumerate(graph.constants.items()):
@@ -83,20 +49,6 @@ class GraphModule(nn.Module):
                 self.params[key] = nn.Parameter(tensor.float())
             else:
                 self.register_buffer(key, tensor, persistent=True)
-        for i, (node_name, mask) in enumerate(self.masks.items()):
-            self.register_buffer(f"mask{i}", torch.from_numpy(np.asarray(mask, np.float32)))
-            self._key["mask:" + node_name] = f"mask{i}"
-        self._check_masks()
-        by_name = {n.name: n for n in graph.nodes}
-        allowed = set(normable(graph))
-        for i, node_name in enumerate(norms):
-            if node_name not in allowed:
-                raise LcpcError(f"internal: node '{node_name}' cannot take a BatchNorm (not a Conv/Gemm with bias)")
-            info = graph.info(by_name[node_name].outputs[0])
-            rank = len(info.shape)
-            cls = nn.BatchNorm1d if rank <= 3 else nn.BatchNorm2d if rank == 4 else nn.BatchNorm3d
-            self.norms[f"n{i}"] = cls(info.shape[1])
-            self._norm_key[node_name] = f"n{i}"
         self._plans: list[tuple[Node, Callable]] = [(n, self._compile(n)) for n in graph.nodes]
         self._index = {o: i for i, n in enumerate(graph.nodes) for o in n.outputs if o}
 
@@ -110,29 +62,17 @@ class GraphModule(nn.Module):
                         names.add(i)
         return names
 
-    def _check_masks(self) -> None:
-        users: dict[str, int] = {}
-        for n in self.graph.nodes:
-            for i in n.inputs:
-                users[i] = users.get(i, 0) + 1
-        by_name = {n.name: n for n in self.graph.nodes}
-        for node_name in self.masks:
-            node = by_name.get(node_name)
-            if node is None or node.op not in TRAINABLE_OPS:
-                raise LcpcError(f"internal: mask for '{node_name}', which is not a Conv/Gemm/MatMul node")
-            if users[node.inputs[1]] > 1:
-                raise LcpcError(f"{node.describe()}: its weight is shared with another node; "
-                                f"recovery cannot mask a shared weight")
-
     def const(self, name: str) -> Tensor:
         key = self._key[name]
         return self.params[key] if key in self.params else getattr(self, key)
 
     def weight(self, node: Node) -> Tensor:
-        w = self.const(node.inputs[1])
-        if node.name in self.masks:
-            w = w * getattr(self, self._key["mask:" + node.name])
-        return w
+        """The weight a dense node computes with (hook: the student masks it)."""
+        return self.const(node.inputs[1])
+
+    def after(self, node: Node, outs: list) -> list:
+        """A node's outputs as the rest of the graph sees them (hook: the student's BatchNorms)."""
+        return outs
 
     def static(self, name: str) -> np.ndarray | None:
         """The numpy value of a constant input ('' or an activation gives None)."""
@@ -151,69 +91,11 @@ class GraphModule(nn.Module):
         last = max((self._index[w] for w in want if w in self._index), default=len(self._plans) - 1)
         for node, fn in self._plans[:last + 1]:
             args = [None if not i else env[i] if i in env else self.const(i) for i in node.inputs]
-            outs = fn(node, args)
-            if node.name in self._norm_key and self.norms_enabled:
-                outs = [self.norms[self._norm_key[node.name]](outs[0])]
+            outs = self.after(node, fn(node, args))
             for name, value in zip(node.outputs, outs):
                 if name:
                     env[name] = value
         return {w: env[w] for w in want}
-
-    @contextmanager
-    def norms_off(self) -> Iterator[None]:
-        """Run as if no BatchNorm had been inserted (the masked graph itself)."""
-        self.norms_enabled = False
-        try:
-            yield
-        finally:
-            self.norms_enabled = True
-
-    # ----------------------------------------------------------------- norms
-    def norm(self, node_name: str) -> nn.modules.batchnorm._BatchNorm:
-        return self.norms[self._norm_key[node_name]]
-
-    def normed(self) -> list[str]:
-        return list(self._norm_key)
-
-    @torch.no_grad()
-    def init_norms_identity(self, stats: dict[str, tuple[Tensor, Tensor]]) -> None:
-        """Per normed node, ``stats[node] = (mean, var)`` of its output: identity in eval mode."""
-        for node_name in self._norm_key:
-            bn = self.norm(node_name)
-            mean, var = stats[node_name]
-            bn.running_mean.copy_(mean)
-            bn.running_var.copy_(var)
-            bn.weight.copy_(torch.sqrt(var + bn.eps))
-            bn.bias.copy_(mean)
-
-    # ----------------------------------------------------------------- export
-    @torch.no_grad()
-    def export_constants(self) -> dict[str, np.ndarray]:
-        """The graph's constants with trained weights: masks applied, BatchNorms folded."""
-        out = {name: np.array(value, copy=True) for name, value in self.graph.constants.items()}
-        for node in self.graph.nodes:
-            if node.op not in TRAINABLE_OPS:
-                continue
-            for i in node.inputs[1:3]:
-                if i in self.graph.constants and self._key[i] in self.params:
-                    out[i] = self.const(i).detach().cpu().double().numpy()
-            if node.name in self.masks:
-                out[node.inputs[1]] = out[node.inputs[1]] * self.masks[node.name]
-            if node.name in self._norm_key:
-                bn = self.norm(node.name)
-                scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).double().cpu().numpy()
-                shift = bn.bias.double().cpu().numpy() - bn.running_mean.double().cpu().numpy() * scale
-                w = out[node.inputs[1]]
-                axis = weight_out_axis(node)
-                shape = [1] * w.ndim
-                shape[axis] = -1
-                out[node.inputs[1]] = w * scale.reshape(shape)
-                b = out[node.inputs[2]]
-                out[node.inputs[2]] = (b.reshape(-1) * scale + shift).reshape(b.shape)
-        for name, value in out.items():
-            dtype = self.graph.constants[name].dtype
-            out[name] = value.astype(dtype)
-        return out
 
     # ----------------------------------------------------------------- compile
     def _compile(self, node: Node) -> Callable[[Node, list], list[Tensor]]:

@@ -11,11 +11,16 @@ Policies:
 - ``all``: exchange at every one (channel-wise model parallelism: the original model);
 - ``every:N``: exchange at every N-th such layer in graph order (layers N, 2N, ...);
 - ``NODE,NODE,...``: exchange exactly at the named nodes (unknown names are refused);
-- ``auto`` with calibration data and a budget B (bytes per inference): measure, on the
-  calibration data, how much each exchange alone lowers KL(original || plan), rank the
-  layers by that gain per byte, and keep the prefix of the ranking with the lowest
-  measured KL whose lowered plan moves at most B bytes. The empty prefix is ``none``,
-  so the result never exceeds B and is never worse than ``none`` on the calibration data.
+- ``auto`` with calibration data and a budget B (bytes per inference): backward
+  elimination from the exact plan. Starting with every layer exchanged, each round
+  re-measures, on the calibration data, KL(original || plan) with each remaining
+  exchange removed, and removes the one that costs least KL per byte it saves; the
+  rounds give a path of nested plans from ``all`` to ``none``, each measured. The chosen
+  plan is the path's lowest-KL plan whose lowered plan moves at most B bytes. The path
+  does not depend on B, so a larger budget never gives a worse plan on the calibration
+  data; ``none`` is on the path, so the result never exceeds B and is never worse than
+  ``none``. Exchanges that help little alone but much together (the case a ranking of
+  single exchanges misses) are kept, since each is judged with the others in place.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ def run(plan: Plan, options: PlanOptions) -> Plan:
                             f"of the {len(layers)} cut layers)")
         reasons = {n: f"--sync {policy}" for i, n in enumerate(layers, 1) if i % int(step) == 0}
     elif policy == "auto":
-        reasons = _auto(plan, layers, options.calib, options.comm_budget)
+        reasons = _auto(plan, layers, options.calib, options.comm_budget, options.progress)
     else:
         names = [n.strip() for n in policy.split(",") if n.strip()]
         unknown = [n for n in names if n not in layers]
@@ -73,36 +78,58 @@ def _decide(plan: Plan, layers: list[str], exchanges: dict[str, str], policy: st
     return replace(plan, decisions=decisions, sync_policy=policy)
 
 
-def _auto(plan: Plan, layers: list[str], calib: np.ndarray | None, budget: int | None) -> dict[str, str]:
+def _auto(plan: Plan, layers: list[str], calib: np.ndarray | None, budget: int | None,
+          progress=None) -> dict[str, str]:
     if calib is None or budget is None:
         raise LcpcError("--sync auto needs --calib X.npy (calibration inputs) and --comm-budget BYTES")
-    floor = lower(_decide(plan, layers, {}, "none")).bytes_per_inference()
+    floor = _bytes_of(plan, layers, [])
     if budget < floor:
         raise LcpcError(f"--comm-budget {budget} is below the {floor} bytes per inference that even "
                         f"--sync none moves (input broadcast and the classifier merge)")
+    return choose(auto_path(plan, calib, progress), budget)
+
+
+def _bytes_of(plan: Plan, layers: list[str], exchanged) -> int:
+    return lower(_decide(plan, layers, dict.fromkeys(exchanged, ""), "auto")).bytes_per_inference()
+
+
+def auto_path(plan: Plan, calib: np.ndarray, progress=None) -> list[dict]:
+    """The backward-elimination path of ``--sync auto`` (module docstring), exact plan first:
+    per step ``{"exchanges": [...], "kl": KL on calib, "agreement": top-1, "bytes": per inference,
+    "cost": bytes the last removed exchange saved (estimate)}``. It does not depend on a budget."""
+    layers = plan.cuttable()
     reference = run_graph(plan.graph, calib)
 
-    def kl(exchanged: set[str]) -> float:
-        out = run_graph(masked_graph(plan, set(layers) - exchanged), calib)
-        return compare(reference, out)["kl_divergence"]
+    def measure(exchanged: set[str]) -> dict:
+        return compare(reference, run_graph(masked_graph(plan, set(layers) - exchanged), calib))
 
     nodes = {n.name: n for n in plan.graph.nodes}
-    base = kl(set())
-    gains = {}
-    for name in layers:
-        n = nodes[name]
-        cost = (plan.k - 1) * min(plan.graph.info(n.inputs[0]).nbytes, plan.graph.info(n.outputs[0]).nbytes)
-        gains[name] = ((base - kl({name})) / max(cost, 1), cost)
-    ranked = [n for n in sorted(layers, key=lambda n: -gains[n][0]) if gains[n][0] > 0]
-    best, best_kl = [], base
-    chosen: list[str] = []
-    for name in ranked:
-        chosen = chosen + [name]
-        if lower(_decide(plan, layers, dict.fromkeys(chosen, ""), "auto")).bytes_per_inference() > budget:
-            chosen = chosen[:-1]
-            continue
-        value = kl(set(chosen))
-        if value < best_kl:
-            best, best_kl = list(chosen), value
-    return {n: f"--sync auto: KL {base:.4g} -> {best_kl:.4g} on calibration data; this exchange alone "
-               f"gains {gains[n][0] * gains[n][1]:.3g} KL for {gains[n][1]} bytes" for n in best}
+    cost = {n: (plan.k - 1) * min(plan.graph.info(nodes[n].inputs[0]).nbytes,
+                                  plan.graph.info(nodes[n].outputs[0]).nbytes) for n in layers}
+    kept = list(layers)
+    path = [{"exchanges": list(kept), "kl": 0.0, "agreement": 1.0, "bytes": _bytes_of(plan, layers, kept)}]
+    total, done = len(layers) * (len(layers) + 1) // 2, 0
+    while kept:
+        trials = {}
+        for name in kept:
+            trials[name] = measure(set(kept) - {name})
+            done += 1
+            if progress is not None:
+                progress(done, total, trials[name]["top1_agreement"])
+        kl_now = path[-1]["kl"]
+        drop = min(kept, key=lambda n: (max(trials[n]["kl_divergence"] - kl_now, 0.0) / max(cost[n], 1),
+                                        trials[n]["kl_divergence"]))
+        kept = [n for n in kept if n != drop]
+        path.append({"exchanges": list(kept), "kl": trials[drop]["kl_divergence"],
+                     "agreement": trials[drop]["top1_agreement"], "bytes": _bytes_of(plan, layers, kept),
+                     "cost": cost[drop]})
+    return path
+
+
+def choose(path: list[dict], budget: int) -> dict[str, str]:
+    """The exchanges (with their reasons) of the path's lowest-KL plan within ``budget`` bytes."""
+    affordable = [p for p in path if p["bytes"] <= budget]
+    best = min(affordable, key=lambda p: (p["kl"], p["bytes"]))
+    base = path[-1]["kl"]
+    return {n: f"--sync auto: KL {base:.4g} (none) -> {best['kl']:.4g} on calibration data at {best['bytes']} "
+               f"of {budget} bytes; kept by backward elimination from the exact plan" for n in best["exchanges"]}

@@ -1,167 +1,253 @@
-"""Refit pass: cheap recovery of cut layers from calibration data (numpy + onnxruntime).
+"""Refit pass: recover a cut plan from unlabelled inputs by layer-wise ridge regression
+(numpy + onnxruntime; no PyTorch).
 
-Works on the plan's graph in place of training, layer after layer in graph order, so
-each layer sees the inputs the already-refitted cut model really produces:
+In graph order, every cut dense layer (its K kept blocks) and every dense layer
+downstream of a cut (its whole weight; the classifier included) is refit so that, fed
+the refit model's *own* input (the layers before it already refit), it reproduces the
+original model's pre-activation output (He et al. 2017, ThiNet):
 
-- ``stats`` (BatchNorm re-estimation, folded): per output channel o of a cut layer,
-  match the mean m and standard deviation s of the cut model's output to the
-  original's on the calibration data: W'[o] = W[o] * s_orig / s_cut and
-  b'[o] = (b[o] - m_cut) * s_orig / s_cut + m_orig.
-- ``lsq`` (layer-wise reconstruction, He et al. 2017 / ThiNet): per branch k, refit the
-  kept block W[own_k(out), own_k(in)] and the bias by ridge regression so that the
-  cut layer, fed the cut model's own inputs, reproduces the original layer's output:
-  min ||[P_k 1] [W_k; b_k] - Y_orig[own_k(out)]||^2 + lam ||W_k||^2, P_k = im2col of the
-  branch's input channels (rows subsampled to ``max_rows``).
+    W = argmin |X W - Y|^2 + lam |W - W0|^2  =  (X^T X + lam I)^-1 (X^T Y + lam W0),
+    lam = ridge * mean(diag(X^T X))
 
-Guarantees: the cut structure is untouched (weights outside the kept blocks stay as
-they were, so lowering still drops them); node and tensor names are unchanged, so
-the partition and decisions stay valid; the returned report gives the calibration
-KL divergence and top-1 agreement before and after.
+per block, with X the layer's input rows (im2col for a Conv, a ones column for the
+bias), Y the original's output channels of the block and W0 the current weights (the
+kept block of the original for a cut layer): the ridge pulls toward the prior instead
+of toward zero. X^T X and X^T Y are accumulated batch by batch, so memory does not grow
+with the data. Level ``stats`` instead matches, per output channel of each cut layer,
+the mean m and std s of the cut model's output to the original's (a folded BatchNorm
+re-estimation): W'[o] = W[o] s_orig / s_cut, b'[o] = (b[o] - m_cut) s_orig / s_cut + m_orig.
+
+Guarantees: only constants change (weights outside the kept blocks stay as they
+were, so lowering still drops them; nodes, tensors, partition and decisions are
+untouched, so the lowered plan has the same stages and bytes); the data are split
+(``fidelity.holdout_split``, seeded) and the refit sees only the training part; the
+report gives fidelity before and after on both parts (accuracy too with labels).
+A layer the refit cannot linearise (ConvTranspose, grouped or auto-padded Conv,
+a Gemm with alpha/beta != 1, inputs of rank != 2 for Gemm/MatMul) or too wide
+(more than ``MAX_DIM`` unknowns per output) keeps its weights.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 
-from lcpc.calibrate import run_graph
+from lcpc import ops
+from lcpc.calibrate import Runner
 from lcpc.errors import LcpcError
-from lcpc.fidelity import compare
+from lcpc.fidelity import compare, holdout_split
 from lcpc.ir import Graph
 from lcpc.plan import Plan
-from lcpc.weights import masked_graph
+from lcpc.weights import DenseWeight, masked_graph, of_plan
 
-LEVELS = ("stats", "lsq")
+LEVELS = ("lsq", "stats")
+MAX_DIM = 4096            # most unknowns per output channel (normal-equation size)
+MAX_ROWS = 16384          # im2col rows per layer the Gram matrices see (a random subset beyond)
+FIGURES = ("samples", "top1_agreement", "top5_overlap", "kl_divergence", "reference_accuracy",
+           "candidate_accuracy")
+Progress = Callable[[int, int, float | None], None]
 
 
-def run(plan: Plan, calib: np.ndarray, level: str = "lsq", max_rows: int = 20000, ridge: float = 1e-3,
-        seed: int = 0) -> tuple[Plan, dict]:
+def run(plan: Plan, data: np.ndarray, level: str = "lsq", labels: np.ndarray | None = None, *,
+        holdout: float = 0.1, seed: int = 0, max_samples: int = 1024, ridge: float = 1e-3,
+        progress: Progress | None = None) -> tuple[Plan, dict]:
+    """Refit ``plan``'s cut layers on ``data``; see the module docstring.
+
+    ``progress(done, total, agreement)`` is called after every refit layer (agreement
+    None) and once at the end with the held-out agreement. Returns the plan and a report.
+    """
     if level not in LEVELS:
         raise LcpcError(f"refit level {level}: choose one of {', '.join(LEVELS)}")
+    start = time.perf_counter()
     cut = set(plan.cut_nodes())
-    if not cut:
-        return plan, {"level": level, "layers": 0}
     original = plan.graph
-    reference = run_graph(original, calib)
-    current = replace(plan, graph=masked_graph(plan, cut))
-    before = compare(reference, run_graph(current.graph, calib))
+    x = np.ascontiguousarray(data, dtype=np.float32)
+    train_idx, hold_idx = holdout_split(len(x), holdout, seed)
     rng = np.random.default_rng(seed)
-    nodes = {n.name: n for n in original.nodes}
-    for node in original.nodes:
-        if node.name not in cut:
-            continue
-        if node.op not in ("Conv", "Gemm", "MatMul"):
-            continue
-        x_cut, y_cut = run_graph(current.graph, calib, [node.inputs[0], node.outputs[0]])
-        y_orig = run_graph(original, calib, [node.outputs[0]])[0]
-        if level == "stats":
-            constants = _match_stats(current, nodes[node.name], y_cut, y_orig)
+    calib_idx = np.sort(rng.permutation(train_idx)[:max_samples])
+    calib = x[calib_idx]
+    parts = {"train": calib, "heldout": x[hold_idx]}
+    ys: dict = {"train": None, "heldout": None}
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1)
+        ys = {"train": labels[calib_idx], "heldout": labels[hold_idx]}
+    parts = {p: v for p, v in parts.items() if len(v)}
+    reference = {p: _logits(original, v) for p, v in parts.items()}
+
+    def figures(g: Graph) -> dict:
+        out = {}
+        for p, v in parts.items():
+            fig = compare(reference[p], _logits(g, v), ys[p])
+            out[p] = {k: fig[k] for k in FIGURES if fig.get(k) is not None}
+        return out
+
+    current = masked_graph(plan, cut)
+    stages = {"cut": figures(current)}
+    layers = refit_layers(plan) if level == "lsq" else [n for n in original.nodes if n.name in cut]
+    for i, node in enumerate(layers, 1):
+        if level == "lsq":
+            update = _least_squares(plan, current, original, node, node.name in cut, calib, ridge, rng)
         else:
-            constants = _least_squares(current, nodes[node.name], x_cut, y_orig, max_rows, ridge, rng)
-        current = replace(current, graph=_with_constants(current.graph, constants))
-    after = compare(reference, run_graph(current.graph, calib))
-    report = {"level": level, "layers": len(cut), "samples": int(len(calib)),
-              "before": {k: before[k] for k in ("top1_agreement", "kl_divergence")},
-              "after": {k: after[k] for k in ("top1_agreement", "kl_divergence")}}
-    return replace(plan, graph=current.graph, _cache={}), report
+            update = _match_stats(plan, current, original, node, calib)
+        current = current.with_constants(update)
+        if progress is not None:
+            progress(i, len(layers), None)
+    stages["refit"] = figures(current)
+    headline = "heldout" if "heldout" in parts else "train"
+    if progress is not None:
+        progress(len(layers), len(layers), stages["refit"][headline]["top1_agreement"])
+    report = {"level": level, "layers": len(layers), "samples": {"train": int(len(calib)), "heldout": len(hold_idx)},
+              "holdout": holdout, "seed": seed, "ridge": ridge,
+              "before": stages["cut"][headline], "after": stages["refit"][headline], "stages": stages,
+              "seconds": round(time.perf_counter() - start, 2)}
+    return replace(plan, graph=current, _cache={}), report
 
 
-def _with_constants(g: Graph, updates: dict[str, np.ndarray]) -> Graph:
-    constants = dict(g.constants)
-    constants.update(updates)
-    return Graph(g.nodes, g.inputs, g.outputs, g.tensors, constants, g.opset, dict(g.extra_opsets), g.name)
+def refit_layers(plan: Plan) -> list:
+    """Cut dense layers and dense layers downstream of a cut, in graph order."""
+    g, cut = plan.graph, set(plan.cut_nodes())
+    affected: set[str] = set()
+    layers = []
+    for node in g.nodes:
+        downstream = any(i in affected for i in node.inputs)
+        if node.name in cut or downstream:
+            affected.update(o for o in node.outputs if o)
+            if isinstance(plan.analysis.behaviours[node.name], ops.Dense) and _Linear.of(plan, node, g) is not None:
+                layers.append(node)
+    return layers
 
 
-def _weight_and_bias(plan: Plan, node) -> tuple[str, str | None, object]:
-    b = plan.analysis.behaviours[node.name]
-    w = node.inputs[b.weight]
-    bias = node.inputs[b.bias] if b.bias is not None else None
-    return w, bias, b
+# ----------------------------------------------------------------------------- running
+def _logits(g: Graph, x: np.ndarray) -> np.ndarray:
+    return np.concatenate([b[0].reshape(len(b[0]), -1) for b in Runner(g, g.outputs[:1]).batches(x, 256)])
 
 
-def _match_stats(plan: Plan, node, y_cut: np.ndarray, y_orig: np.ndarray) -> dict[str, np.ndarray]:
-    g = plan.graph
-    w_name, b_name, b = _weight_and_bias(plan, node)
-    if b_name is None:
+# ----------------------------------------------------------------------------- linearisation
+@dataclass(frozen=True)
+class _Linear:
+    """A dense layer as input rows times the [in * kernel, out] matrix of ``weights.DenseWeight``."""
+
+    view: DenseWeight
+    conv: dict | None = None      # kernel, strides, dilations, pads of a 2-D Conv
+
+    @staticmethod
+    def of(plan: Plan, node, g: Graph) -> "_Linear | None":
+        view = of_plan(plan, node)
+        w = g.constants.get(view.weight)
+        if w is None or not np.issubdtype(w.dtype, np.floating):
+            return None
+        out_shape = g.info(node.outputs[0]).shape
+        if view.bias is not None and (view.bias not in g.constants or len(out_shape) < 2
+                                      or g.constants[view.bias].size != out_shape[1]):
+            return None
+        if node.op == "Conv":
+            if w.ndim != 4 or node.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+                return None
+            return _Linear(view, dict(kernel=tuple(w.shape[2:]), strides=tuple(node.attr("strides", [1, 1])),
+                                      dilations=tuple(node.attr("dilations", [1, 1])),
+                                      pads=[int(p) for p in node.attr("pads", [0, 0, 0, 0])]))
+        if node.op not in ("Gemm", "MatMul") or len(g.info(node.inputs[0]).shape) != 2 or w.ndim != 2:
+            return None
+        if node.op == "Gemm" and (node.attr("alpha", 1.0) != 1.0 or node.attr("beta", 1.0) != 1.0
+                                  or node.attr("transA", 0)):
+            return None
+        return _Linear(view)
+
+    def rows(self, x: np.ndarray) -> np.ndarray:
+        """Input rows: (samples * positions, channels * kernel), in ``DenseWeight.matrix`` row order."""
+        if self.conv is None:
+            return x
+        kh, kw = self.conv["kernel"]
+        sh, sw = self.conv["strides"]
+        dh, dw = self.conv["dilations"]
+        p = self.conv["pads"]
+        xp = np.pad(x, ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3])))
+        n, c, h, w = xp.shape
+        oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+        cols = np.empty((n, oh, ow, c, kh, kw), dtype=x.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                cols[:, :, :, :, i, j] = xp[:, :, i * dh:i * dh + sh * oh:sh, j * dw:j * dw + sw * ow:sw] \
+                    .transpose(0, 2, 3, 1)
+        return cols.reshape(n * oh * ow, c * kh * kw)
+
+    def targets(self, y: np.ndarray) -> np.ndarray:
+        """Output rows matching ``rows``: (samples * positions, out channels)."""
+        return y if self.conv is None else y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])
+
+
+def _blocks(plan: Plan, node, is_cut: bool, g: Graph) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(input channels, output channels) of each block the refit solves."""
+    if is_cut:
+        ins, outs = plan.branches(node.inputs[0]), plan.branches(node.outputs[0])
+        return [(np.nonzero(ins == k)[0], np.nonzero(outs == k)[0]) for k in range(plan.k)]
+    return [(np.arange(g.info(node.inputs[0]).shape[1]), np.arange(g.info(node.outputs[0]).shape[1]))]
+
+
+def _least_squares(plan: Plan, current: Graph, original: Graph, node, is_cut: bool, calib: np.ndarray,
+                   ridge: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    layer = _Linear.of(plan, node, current)
+    blocks = _blocks(plan, node, is_cut, current)
+    per_in = int(np.prod(layer.conv["kernel"])) if layer.conv else 1
+    if max(len(ii) for ii, _ in blocks) * per_in + 1 > MAX_DIM:
         return {}
-    channel_axis = plan.analysis.axis(node.outputs[0])
-    axes = tuple(a for a in range(y_cut.ndim) if a != channel_axis)
-    m_c, s_c = y_cut.mean(axis=axes), y_cut.std(axis=axes) + 1e-6
-    m_o, s_o = y_orig.mean(axis=axes), y_orig.std(axis=axes)
-    scale = s_o / s_c
-    w = g.constants[w_name]
-    shape = [1] * w.ndim
-    shape[b.out_axis] = -1
-    bias = g.constants[b_name]
-    if bias.size != m_c.size:
-        return {}
-    new_bias = (bias.reshape(-1) - m_c) * scale + m_o
-    return {w_name: (w * scale.reshape(shape)).astype(w.dtype),
-            b_name: new_bias.reshape(bias.shape).astype(bias.dtype)}
-
-
-def _patches(x: np.ndarray, node, w_shape: tuple[int, ...]) -> np.ndarray:
-    """im2col for a 2-D Conv: rows (n, oh, ow), columns (cin, kh, kw)."""
-    kh, kw = w_shape[2:]
-    pads = node.attr("pads", [0, 0, 0, 0])
-    sh, sw = node.attr("strides", [1, 1])
-    dh, dw = node.attr("dilations", [1, 1])
-    if node.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        raise LcpcError(f"{node.describe()}: refit does not handle auto_pad={node.attr('auto_pad')}")
-    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    n, c, h, w = xp.shape
-    oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
-    cols = np.empty((n, c, kh, kw, oh, ow), dtype=x.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            cols[:, :, i, j] = xp[:, :, i * dh:i * dh + sh * oh:sh, j * dw:j * dw + sw * ow:sw]
-    return cols.transpose(0, 4, 5, 1, 2, 3).reshape(n * oh * ow, c * kh * kw)
-
-
-def _least_squares(plan: Plan, node, x: np.ndarray, y_orig: np.ndarray, max_rows: int, ridge: float,
-                   rng: np.random.Generator) -> dict[str, np.ndarray]:
-    g = plan.graph
-    w_name, b_name, b = _weight_and_bias(plan, node)
-    w = g.constants[w_name].astype(np.float64)
-    bias = g.constants[b_name].astype(np.float64).reshape(-1) if b_name else None
-    if bias is not None and bias.size != y_orig.shape[1]:
-        return {}
-    conv = node.op == "Conv"
-    if conv and (w.ndim != 4 or int(node.attr("group", 1)) != 1) or not conv and x.ndim != 2:
-        return {}
-    if not conv and b.out_axis == 0:  # Gemm transB=1: work with W as [in, out]
-        w = w.T
-    if not conv and (node.attr("alpha", 1.0) != 1.0 or node.attr("beta", 1.0) != 1.0):
-        return {}
-    y = y_orig.transpose(0, *range(2, y_orig.ndim), 1).reshape(-1, y_orig.shape[1]) if conv else y_orig
-    rows = rng.choice(len(y), size=min(max_rows, len(y)), replace=False) if len(y) > max_rows else None
-    for k in range(plan.k):
-        own_out = plan.own(node.outputs[0], k)
-        own_in = plan.own(node.inputs[0], k)
-        if conv:
-            p = _patches(x[:, own_in], node, w.shape)
-        else:
-            p = x[:, own_in]
-        p = p[rows] if rows is not None else p
-        t = y[rows][:, own_out] if rows is not None else y[:, own_out]
-        if bias is not None:
-            p = np.concatenate([p, np.ones((len(p), 1), p.dtype)], axis=1)
-        p = p.astype(np.float64)
-        reg = ridge * np.trace(p.T @ p) / max(p.shape[1], 1) * np.eye(p.shape[1])
-        if bias is not None:
-            reg[-1, -1] = 0.0
-        sol = np.linalg.solve(p.T @ p + reg, p.T @ t.astype(np.float64))
-        coef = sol[:-1] if bias is not None else sol
-        if conv:
-            w[np.ix_(own_out, own_in)] = coef.T.reshape(len(own_out), len(own_in), *w.shape[2:])
-        else:
-            w[np.ix_(own_in, own_out)] = coef
-        if bias is not None:
-            bias[own_out] = sol[-1]
-    if not conv and b.out_axis == 0:
-        w = w.T
-    out = {w_name: w.astype(g.constants[w_name].dtype)}
-    if b_name:
-        out[b_name] = bias.reshape(g.constants[b_name].shape).astype(g.constants[b_name].dtype)
+    view = layer.view
+    has_bias = view.bias is not None
+    dims = [len(ii) * per_in + int(has_bias) for ii, _ in blocks]
+    gram = [np.zeros((d, d)) for d in dims]
+    cross = [np.zeros((d, len(oo))) for d, (_, oo) in zip(dims, blocks)]
+    student = Runner(current, [node.inputs[0]])
+    teacher = Runner(original, [node.outputs[0]])
+    chunk = 64
+    per_batch = max(1, -(-MAX_ROWS // -(-len(calib) // chunk)))
+    for (xs,), (yt,) in zip(student.batches(calib, chunk), teacher.batches(calib, chunk)):
+        rows, targets = layer.rows(xs), layer.targets(yt)
+        if len(rows) > per_batch:
+            keep = np.sort(rng.choice(len(rows), per_batch, replace=False))
+            rows, targets = rows[keep], targets[keep]
+        for b, (ii, oo) in enumerate(blocks):
+            a = rows[:, (ii[:, None] * per_in + np.arange(per_in)).reshape(-1)].astype(np.float64)
+            if has_bias:
+                a = np.concatenate([a, np.ones((len(a), 1))], axis=1)
+            gram[b] += a.T @ a
+            cross[b] += a.T @ targets[:, oo].astype(np.float64)
+    w = current.constants[view.weight].astype(np.float64)
+    bias = current.constants[view.bias].astype(np.float64).reshape(-1) if has_bias else None
+    for (ii, oo), gm, cr in zip(blocks, gram, cross):
+        prior = view.matrix(w, oo, ii)
+        if has_bias:
+            prior = np.concatenate([prior, bias[oo][None]], axis=0)
+        lam = ridge * max(float(np.mean(np.diag(gm))), 1e-12)
+        sol = np.linalg.solve(gm + lam * np.eye(len(gm)), cr + lam * prior)
+        view.put_matrix(w, oo, ii, sol[:len(sol) - int(has_bias)])
+        if has_bias:
+            bias[oo] = sol[-1]
+    out = {view.weight: w.astype(current.constants[view.weight].dtype)}
+    if has_bias:
+        b0 = current.constants[view.bias]
+        out[view.bias] = bias.reshape(b0.shape).astype(b0.dtype)
     return out
+
+
+def _match_stats(plan: Plan, current: Graph, original: Graph, node, calib: np.ndarray) -> dict[str, np.ndarray]:
+    view = of_plan(plan, node)
+    if view.bias is None or view.bias not in current.constants:
+        return {}
+    sums = {}
+    for name, g in (("cut", current), ("orig", original)):
+        s1 = s2 = n = 0
+        for (y,) in Runner(g, [node.outputs[0]]).batches(calib):
+            v = np.moveaxis(y, 1, 0).reshape(y.shape[1], -1).astype(np.float64)
+            s1, s2, n = s1 + v.sum(1), s2 + (v * v).sum(1), n + v.shape[1]
+        mean = s1 / n
+        sums[name] = (mean, np.sqrt(np.maximum(s2 / n - mean * mean, 0)))
+    (m_c, s_c), (m_o, s_o) = sums["cut"], sums["orig"]
+    w, b = current.constants[view.weight], current.constants[view.bias]
+    if b.size != len(m_c):
+        return {}
+    scale = s_o / (s_c + 1e-6)
+    return {view.weight: (w * scale.reshape(view.out_shape(w.ndim))).astype(w.dtype),
+            view.bias: ((b.reshape(-1) - m_c) * scale + m_o).reshape(b.shape).astype(b.dtype)}

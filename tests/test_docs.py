@@ -20,3 +20,13 @@ def test_every_registered_op_is_documented():
     table = markdown_table()
     for op, rule in RULES.items():
         assert op in table and (rule.__doc__ or "").strip(), op
+
+
+def test_readme_result_tables_come_from_the_benchmarks():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_tables", ROOT / "benchmarks" / "readme.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    readme = (ROOT / "README.md").read_text()
+    assert module.render(readme) == readme, "regenerate with: python benchmarks/readme.py"

@@ -98,3 +98,34 @@ def test_convert_with_recover_in_one_step(split, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["fidelity"]["recovery"]["refit"]["after"]["top1_agreement"] > 0.9
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rec", "train.npy"]  # no staging left behind
+
+
+def test_refit_needs_no_torch(split, digits_plan, monkeypatch):
+    """The refit is numpy + onnxruntime: it runs with torch unimportable, and it refits the
+    classifier downstream of the cut too (a dense layer that is not itself cut)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("No module named 'torch'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    layers = [n.name for n in refit.refit_layers(digits_plan)]
+    assert "/fc/Gemm" in layers and "/fc/Gemm" not in digits_plan.cut_nodes()
+    assert set(digits_plan.cut_nodes()) <= set(layers)
+    recovered, report = refit.run(digits_plan, split[0][:300], holdout=0.2)
+    assert report["samples"] == {"train": 240, "heldout": 60}
+    assert report["after"]["kl_divergence"] < report["before"]["kl_divergence"]
+    fc = recovered.graph.constants["fc.weight"]
+    assert np.any(fc != digits_plan.graph.constants["fc.weight"])
+
+
+def test_strong_ridge_keeps_the_prior(digits_plan, split):
+    """lam -> infinity pulls every refit block back to its current (kept original) weights."""
+    recovered, _ = refit.run(digits_plan, split[0][:100], ridge=1e9)
+    masked = masked_graph(digits_plan, set(digits_plan.cut_nodes()))
+    for name, value in masked.constants.items():
+        assert np.allclose(recovered.graph.constants[name], value, rtol=1e-5, atol=1e-6), name

@@ -62,8 +62,7 @@ def test_recover_does_not_plan_again(contiguous, tmp_path, monkeypatch):
     # the written stages compute the refit plan (the same pass on the same samples, as one graph)
     monkeypatch.undo()
     plan, _ = stored_plan.load(contiguous)
-    sample = np.sort(np.random.default_rng(0).permutation(len(data))[:pipeline.REFIT_SAMPLES])
-    refit_plan, _ = refit.run(plan, data[sample], "lsq")
+    refit_plan, _ = refit.run(plan, data, "lsq")  # the pipeline's call: same seed, same split
     out, _, _ = run_folder(tmp_path / "rec", {"input": x})
     assert rel_err(out["logits"], run_graph(masked_graph(refit_plan), x)) < 1e-4
     assert rel_err(out["logits"], run_graph(masked_graph(plan), x)) > 1e-2  # the refit changed the model

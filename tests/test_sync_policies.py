@@ -91,3 +91,25 @@ def test_energy_partition_keeps_more_than_contiguous(zoo_bytes):
             assert p.partition_method == "energy"
             c = planner.plan(graph, source, k, "none", "contiguous")
             assert c.partition_energy["kept"] == pytest.approx(energy["kept_contiguous"])
+
+
+def test_auto_larger_budget_never_worse(digits):
+    """Backward elimination gives one path of plans: a larger budget never gives a higher
+    calibration KL, no plan exceeds its budget, and the exact plan's budget gives KL 0."""
+    graph, source, calib = digits
+    floor = lower(planner.plan(graph, source, 4, "none")).bytes_per_inference()
+    exact = lower(planner.plan(graph, source, 4, "all")).bytes_per_inference()
+    ref = run_graph(graph, calib)
+    calls = []
+    kls, chosen = [], []
+    for budget in [floor, *(int(floor + (exact - floor) * f) for f in (0.05, 0.15, 0.3, 0.6)), exact]:
+        p = planner.plan(graph, source, 4, "auto", calib=calib, comm_budget=budget,
+                         progress=lambda *a: calls.append(a))
+        assert lower(p).bytes_per_inference() <= budget
+        kls.append(compare(ref, run_graph(masked_graph(p, set(p.cut_nodes())), calib))["kl_divergence"])
+        chosen.append(len(exchanged(p)))
+    assert all(b <= a + 1e-12 for a, b in zip(kls, kls[1:])), kls
+    assert kls[-1] < 1e-9 and chosen[0] == 0 and chosen[-1] == len(planner.plan(graph, source, 4, "all").cuttable())
+    assert len(set(kls)) >= 4  # the budgets in between buy something
+    n = len(planner.plan(graph, source, 4, "none").cuttable())
+    assert calls[n * (n + 1) // 2 - 1][:2] == (n * (n + 1) // 2,) * 2

@@ -1,0 +1,159 @@
+"""The recovery student: the plan's graph in torch with its cut weights masked and a
+BatchNorm re-inserted after dense layers.
+
+Guarantees:
+- ``Student(graph, masks, norms)`` is ``lcpc.torch_graph.GraphModule(graph)`` with
+  ``masks[node]`` (0/1, broadcastable against the node's weight) applied as
+  ``W * mask`` on every forward, so masked entries get no gradient and export as 0;
+  while ``fade`` > 0 (gradual cutting) it applies ``W * (mask + fade * (1 - mask))``
+  instead: the cross-branch weights still count, scaled by ``fade``;
+- ``norms`` names Conv/Gemm nodes (see :func:`normable`) that get a BatchNorm after
+  them. ``init_norms_identity`` makes each one the identity in eval mode (running
+  stats = the measured mean m and variance v, gamma = sqrt(v + eps), beta = m);
+  ``norms_off()`` runs as if none had been inserted;
+- ``export_constants`` folds everything back into the graph's own constants:
+  ``W' = (W * mask) * s``, ``b' = (b - running_mean) * s + beta`` with
+  ``s = gamma / sqrt(running_var + eps)`` per output channel, so the exported graph
+  (eval mode) computes what the student computes, with exact zeros outside the blocks.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from lcpc.errors import LcpcError
+from lcpc.ir import Graph, Node
+from lcpc.torch_graph import TRAINABLE_OPS, GraphModule
+
+
+def normable(graph: Graph) -> list[str]:
+    """Nodes a BatchNorm can follow and fold back into: Conv (any group) and Gemm
+    (alpha = beta = 1, no transA) with constant weight and a constant per-channel bias."""
+    names = []
+    for n in graph.nodes:
+        if n.op not in ("Conv", "Gemm") or len(n.inputs) < 3:
+            continue
+        w, b = graph.constants.get(n.inputs[1]), graph.constants.get(n.inputs[2])
+        c_out = graph.info(n.outputs[0]).shape[1]
+        if w is None or b is None or b.size != c_out:
+            continue
+        if n.op == "Gemm" and (n.attr("transA", 0) or n.attr("alpha", 1.0) != 1.0 or n.attr("beta", 1.0) != 1.0):
+            continue
+        names.append(n.name)
+    return names
+
+
+class Student(GraphModule):
+    """See the module docstring."""
+
+    def __init__(self, graph: Graph, masks: dict[str, np.ndarray] | None = None, norms: Iterable[str] = (),
+                 out_axes: Mapping[str, int] | None = None) -> None:
+        """``out_axes[node]``: the output-channel axis of each normed node's weight
+        (``weights.DenseWeight.out_axis``; 0 for a grouped Conv, and the default)."""
+        super().__init__(graph)
+        self.masks = dict(masks or {})
+        self.out_axes = dict(out_axes or {})
+        self.fade = 0.0                         # share of the cross-branch weights still in use
+        self.norms = nn.ModuleDict()
+        self._norm_key: dict[str, str] = {}     # node name -> key in self.norms
+        self.norms_enabled = True
+        for i, (node_name, mask) in enumerate(self.masks.items()):
+            self.register_buffer(f"mask{i}", torch.from_numpy(np.asarray(mask, np.float32)))
+            self._key["mask:" + node_name] = f"mask{i}"
+        self._check_masks()
+        by_name = {n.name: n for n in graph.nodes}
+        allowed = set(normable(graph))
+        for i, node_name in enumerate(norms):
+            if node_name not in allowed:
+                raise LcpcError(f"internal: node '{node_name}' cannot take a BatchNorm (not a Conv/Gemm with bias)")
+            info = graph.info(by_name[node_name].outputs[0])
+            rank = len(info.shape)
+            cls = nn.BatchNorm1d if rank <= 3 else nn.BatchNorm2d if rank == 4 else nn.BatchNorm3d
+            self.norms[f"n{i}"] = cls(info.shape[1])
+            self._norm_key[node_name] = f"n{i}"
+
+    def _check_masks(self) -> None:
+        users: dict[str, int] = {}
+        for n in self.graph.nodes:
+            for i in n.inputs:
+                users[i] = users.get(i, 0) + 1
+        by_name = {n.name: n for n in self.graph.nodes}
+        for node_name in self.masks:
+            node = by_name.get(node_name)
+            if node is None or node.op not in TRAINABLE_OPS:
+                raise LcpcError(f"internal: mask for '{node_name}', which is not a Conv/Gemm/MatMul node")
+            if users[node.inputs[1]] > 1:
+                raise LcpcError(f"{node.describe()}: its weight is shared with another node; "
+                                f"recovery cannot mask a shared weight")
+
+    def weight(self, node: Node) -> torch.Tensor:
+        w = self.const(node.inputs[1])
+        if node.name in self.masks:
+            mask = getattr(self, self._key["mask:" + node.name])
+            w = w * (mask + self.fade * (1 - mask)) if self.fade > 0 else w * mask
+        return w
+
+    def after(self, node: Node, outs: list) -> list:
+        if self.norms_enabled and node.name in self._norm_key:
+            return [self.norms[self._norm_key[node.name]](outs[0])] + list(outs[1:])
+        return outs
+
+    @contextmanager
+    def norms_off(self) -> Iterator[None]:
+        """Run as if no BatchNorm had been inserted (the masked graph itself)."""
+        self.norms_enabled = False
+        try:
+            yield
+        finally:
+            self.norms_enabled = True
+
+    def out_axis(self, node_name: str) -> int:
+        return self.out_axes.get(node_name, 0)
+
+    def norm(self, node_name: str) -> nn.modules.batchnorm._BatchNorm:
+        return self.norms[self._norm_key[node_name]]
+
+    def normed(self) -> list[str]:
+        return list(self._norm_key)
+
+    @torch.no_grad()
+    def init_norms_identity(self, stats: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Per normed node, ``stats[node] = (mean, var)`` of its output: identity in eval mode."""
+        for node_name in self._norm_key:
+            bn = self.norm(node_name)
+            mean, var = stats[node_name]
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+            bn.weight.copy_(torch.sqrt(var + bn.eps))
+            bn.bias.copy_(mean)
+
+    @torch.no_grad()
+    def export_constants(self) -> dict[str, np.ndarray]:
+        """The graph's constants with trained weights: masks applied, BatchNorms folded."""
+        out = {name: np.array(value, copy=True) for name, value in self.graph.constants.items()}
+        for node in self.graph.nodes:
+            if node.op not in TRAINABLE_OPS:
+                continue
+            for i in node.inputs[1:3]:
+                if i in self.graph.constants and self._key[i] in self.params:
+                    out[i] = self.const(i).detach().cpu().double().numpy()
+            if node.name in self.masks:
+                out[node.inputs[1]] = out[node.inputs[1]] * self.masks[node.name]
+            if node.name in self._norm_key:
+                bn = self.norm(node.name)
+                scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).double().cpu().numpy()
+                shift = bn.bias.double().cpu().numpy() - bn.running_mean.double().cpu().numpy() * scale
+                w = out[node.inputs[1]]
+                shape = [1] * w.ndim
+                shape[self.out_axis(node.name)] = -1
+                out[node.inputs[1]] = w * scale.reshape(shape)
+                b = out[node.inputs[2]]
+                out[node.inputs[2]] = (b.reshape(-1) * scale + shift).reshape(b.shape)
+        for name, value in out.items():
+            out[name] = value.astype(self.graph.constants[name].dtype)
+        return out
