@@ -48,6 +48,7 @@ DIGITS = ROOT / "examples" / "digits" / "digits_cnn.onnx"
 SHARED = ROOT.parent / "shared"
 LITE0 = SHARED / "models" / "efficientnet_lite0.onnx"
 PHOTOS = SHARED / "photos"
+STEM = "pareto"
 
 
 def has_torch() -> bool:
@@ -91,7 +92,9 @@ def photo_crops(files: list[Path], n: int, seed: int) -> np.ndarray:
 
 
 def sweep(name: str, model: Path, k: int, calib, train, test, labels, n_budgets: int, epochs: int, tmp: Path,
-          use_auto: bool) -> list[dict]:
+          use_auto: bool, done: list[dict]) -> list[dict]:
+    """The rows of one model and K; ``done`` (the rows of earlier sweeps) and these are
+    written after every row, so a stopped run keeps what it measured."""
     graph, source = frontend.load(model)
     none = planner.plan(graph, source, k, "none")
     path = cut.auto_path(none, calib)
@@ -117,6 +120,7 @@ def sweep(name: str, model: Path, k: int, calib, train, test, labels, n_budgets:
                      "accuracy": after.get("candidate_accuracy"), "original_accuracy": after.get("reference_accuracy"),
                      "heldout": after["samples"], "seconds": time.perf_counter() - start})
         r = rows[-1]
+        write(done + rows, partial=True)
         print(f"{name} K={k} budget {budget:>9d} bytes {r['bytes_per_inference']:>9d} exchanges {r['exchanges']:>2d} "
               f"agreement {100 * r['agreement_cut']:6.2f}% -> {100 * r['agreement']:6.2f}% ({recovery})", flush=True)
     return rows
@@ -132,7 +136,12 @@ def main() -> None:
                     help="distillation epochs for EfficientNet-Lite0 (default 0: refit only; CPU training at 224 "
                          "px takes minutes per epoch)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--crops", type=int, nargs=3, default=[16, 96, 32], metavar=("CALIB", "TRAIN", "HELDOUT"),
+                    help="Lite0: photo crops for calibration, recovery and held-out measurement")
+    ap.add_argument("--name", default="pareto", help="results file stem in benchmarks/results")
     args = ap.parse_args()
+    global STEM
+    STEM = args.name
     if has_torch():
         import torch
 
@@ -144,21 +153,26 @@ def main() -> None:
                 x_train, _, x_test, y_test = load_shipped()
                 calib = x_train[np.sort(np.random.default_rng(0).permutation(len(x_train))[:128])]
                 rows += sweep("digits", DIGITS, k, calib, x_train, x_test, y_test, args.budgets, args.epochs,
-                              Path(tmp), use_auto=True)
+                              Path(tmp), True, rows)
             if "lite0" in args.models:
                 if not (LITE0.is_file() and PHOTOS.is_dir()):
                     print(f"skipping lite0: {LITE0} or {PHOTOS} is not there")
                     continue
                 photos = sorted(p for p in PHOTOS.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
                 seen, unseen = photos[:8], photos[8:]
-                rows += sweep("lite0", LITE0, k, photo_crops(seen, 16, 1), photo_crops(seen, 96, 2),
-                              photo_crops(unseen, 32, 3), None, args.budgets, args.lite0_epochs, Path(tmp),
-                              use_auto=False)
+                n_calib, n_train, n_held = args.crops
+                rows += sweep("lite0", LITE0, k, photo_crops(seen, n_calib, 1), photo_crops(seen, n_train, 2),
+                              photo_crops(unseen, n_held, 3), None, args.budgets, args.lite0_epochs, Path(tmp),
+                              False, rows)
+    print(write(rows, partial=False))
+
+
+def write(rows: list[dict], partial: bool) -> str:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "pareto.json").write_text(json.dumps(rows, indent=1))
-    table = markdown(rows)
-    (RESULTS / "pareto.md").write_text(table)
-    print(table)
+    (RESULTS / f"{STEM}.json").write_text(json.dumps({"rows": rows, "partial": partial}, indent=1))
+    table = markdown(rows) + ("\n(Partial: the run was stopped before every budget was measured.)\n" if partial else "")
+    (RESULTS / f"{STEM}.md").write_text(table)
+    return table
 
 
 def markdown(rows: list[dict]) -> str:
