@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from lcpc import manifest as mf
 from lcpc import safety
 from lcpc.errors import LcpcError
 from lcpc.images import Preprocessing, load_folder
@@ -162,7 +163,7 @@ def requests_from_source(source: str | Path, manifest: dict[str, Any], repeat: i
     """Requests from a .npy batch or a folder of images (ids: file names for images);
     returns (requests, count). Images are read with the manifest's preprocessing."""
     source = Path(source)
-    spec = manifest["source"]["inputs"]
+    spec = mf.feeds(manifest)
     if len(spec) != 1:
         raise LcpcError(f"{source}: serve streams single-input models; this one takes "
                         f"{', '.join(i['name'] for i in spec)}")
@@ -172,7 +173,7 @@ def requests_from_source(source: str | Path, manifest: dict[str, Any], repeat: i
         if prep is None:
             raise LcpcError(f"{source}: an image folder needs the preprocessing, which the manifest does not "
                             f"record; convert with --preprocess")
-        x, files = load_folder(source, Preprocessing.from_dict(prep))
+        x, files = load_folder(source, Preprocessing.from_dict(prep), raw=mf.takes_raw_images(manifest))
         ids = [Path(f).name for f in files]
     elif source.is_file():
         x = safety.load_array(source)

@@ -11,7 +11,10 @@ Guarantees:
   ``stretch``: resize straight to ``size``); reorder channels (``BGR``); then, in
   float64, ``x[c] = (pixel[c] * scale - mean[c]) / std[c]`` on the 0-255 pixel values
   (mean and std in the output's channel order); lay out (``NCHW`` or ``NHWC``) and
-  cast to ``dtype``. An image already at the target size is not resampled, and the
+  cast to ``dtype``. ``raw`` stops before the normalisation (uint8 pixels, already
+  resized, reordered and laid out) and ``normalize`` does the rest, so
+  ``apply == normalize(raw)`` exactly; that split is what lets a folder take raw uint8
+  images on the wire and apply the normalisation in its stages. An image already at the target size is not resampled, and the
   centre crop starts at ``excess // 2`` on each axis, so small cases can be checked
   by hand.
 - ``load_folder`` reads the ``.jpg``/``.jpeg``/``.png`` files (any case) directly in a
@@ -127,19 +130,44 @@ class Preprocessing:
         return cls(**data)
 
     def apply(self, image) -> np.ndarray:
-        """One Pillow image -> one preprocessed sample (no batch axis)."""
+        """One Pillow image -> one preprocessed sample (no batch axis): ``normalize(raw(image))``."""
+        return self.normalize(self.raw(image))
+
+    def raw(self, image) -> np.ndarray:
+        """One Pillow image -> the uint8 sample before normalisation: resized, channels in
+        ``channels`` order, laid out as ``layout`` (no batch axis). What travels on the wire
+        when a folder takes raw images."""
         Image, ImageOps = _pil()
         image = ImageOps.exif_transpose(image).convert("L" if self.channels == "L" else "RGB")
         image = self._resize(image, Image)
-        x = np.asarray(image, dtype=np.float64)
+        x = np.asarray(image, dtype=np.uint8)
         if x.ndim == 2:
             x = x[:, :, None]
         if self.channels == "BGR":  # Pillow decodes RGB; mean and std are given in BGR order
             x = x[:, :, ::-1]
-        x = (x * self.scale - np.asarray(self.mean)) / np.asarray(self.std)
         if self.layout == "NCHW":
             x = x.transpose(2, 0, 1)
-        return np.ascontiguousarray(x, dtype=self.dtype)
+        return np.ascontiguousarray(x)
+
+    def constants(self) -> tuple[float, np.ndarray, np.ndarray]:
+        """``scale`` and the ``mean`` and ``std`` arrays (float64), shaped to broadcast over a
+        sample or a batch in ``layout`` ((C, 1, 1) for NCHW, (C,) for NHWC):
+        ``x = (pixel * scale - mean) / std``."""
+        c = max(len(self.mean), len(self.std))
+        shape = (c,) if self.layout == "NHWC" else (c, 1, 1)
+        mean = np.broadcast_to(np.asarray(self.mean, np.float64), (c,)).reshape(shape)
+        std = np.broadcast_to(np.asarray(self.std, np.float64), (c,)).reshape(shape)
+        return self.scale, np.ascontiguousarray(mean), np.ascontiguousarray(std)
+
+    def normalize(self, raw: np.ndarray, dtype: str | None = None) -> np.ndarray:
+        """uint8 samples or batches (layout ``layout``) -> ``(x * scale - mean) / std`` in
+        float64, cast to ``dtype`` (default ``self.dtype``). The stage prologue of a folder that
+        takes raw images computes exactly this (``lcpc.lower``)."""
+        if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8:
+            raise LcpcError(f"raw image data must be a uint8 array, got {getattr(raw, 'dtype', type(raw).__name__)}")
+        scale, mean, std = self.constants()
+        x = (raw.astype(np.float64) * scale - mean) / std
+        return np.ascontiguousarray(x, dtype=dtype or self.dtype)
 
     def _resize(self, image, Image):
         h, w = self.size
@@ -172,13 +200,15 @@ def image_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def load_folder(folder: str | Path, prep: Preprocessing) -> tuple[np.ndarray, list[str]]:
-    """All images in ``folder`` as one batch ``prep.input_shape(N)``, and their file names."""
+def load_folder(folder: str | Path, prep: Preprocessing, raw: bool = False) -> tuple[np.ndarray, list[str]]:
+    """All images in ``folder`` as one batch ``prep.input_shape(N)``, and their file names;
+    ``raw``: the uint8 pixels before normalisation (``Preprocessing.raw``), else ``prep.dtype``."""
     Image, _ = _pil()
     files = image_files(folder)
-    batch = np.empty(prep.input_shape(len(files)), dtype=prep.dtype)
+    batch = np.empty(prep.input_shape(len(files)), dtype=np.uint8 if raw else prep.dtype)
     for i, path in enumerate(files):
-        batch[i] = prep.apply(_decode(path, Image))
+        image = _decode(path, Image)
+        batch[i] = prep.raw(image) if raw else prep.apply(image)
     return batch, [p.name for p in files]
 
 

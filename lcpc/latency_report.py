@@ -20,6 +20,7 @@ from lcpc import devices, timing
 from lcpc import network as model
 from lcpc.devices import Network
 from lcpc.errors import LcpcError
+from lcpc.manifest import takes_raw_images
 from lcpc.network import BANDWIDTHS_MBIT, Prediction, broadcast_note
 
 
@@ -59,7 +60,9 @@ def measure(folder: Path, manifest: dict, network: Network, original: Path | Non
         with tempfile.TemporaryDirectory(prefix="lcpc-report-") as tmp:
             exact = convert(source, Path(tmp) / "all", manifest["branches"], "all",
                             partition=manifest["sync"].get("partition") or "energy",
-                            input_shapes={i["name"]: tuple(i["shape"]) for i in manifest["source"]["inputs"]})
+                            input_shapes={i["name"]: tuple(i["shape"]) for i in manifest["source"]["inputs"]},
+                            preprocessing=manifest["source"]["preprocessing"],
+                            input_wire="uint8" if takes_raw_images(manifest) else "float")
             exact_times = timing.stage_times(Path(tmp) / "all", exact)
     return Measured(manifest, times, exact, exact_times, timing.model_time(source), network)
 

@@ -12,6 +12,16 @@ Guarantees:
 - with no cut decisions the program computes exactly the original model (up to
   float summation order): tested over the zoo and random graphs.
 
+Raw input on the wire (``lower(plan, raw=RawInput)``, chosen by ``raw_input``): when the
+preprocessing is known and is exactly elementwise on the model's input (one image input
+of the shape ``Preprocessing.input_shape``), the model input is fed and sent as the uint8
+image (a quarter of the float32 bytes) and every device that consumes it starts with the
+prologue ``Cast(float64) -> Mul(scale) -> Sub(mean) -> Div(std) -> Cast(model dtype)``
+(per-channel constants shaped for the layout): exactly ``Preprocessing.normalize``, so the
+outputs equal those of the float input preprocessed in numpy. Resizing, cropping and channel
+reordering stay with whoever makes the uint8 tensor (``Preprocessing.raw``). The input
+transfers then carry uint8 and are counted as such.
+
 Local value names: an ``S`` tensor's own slice keeps the original name on each
 branch; ``name:full`` is a gathered copy, ``name:take<n>`` a local channel selection,
 ``name@<src>`` a received piece.
@@ -28,9 +38,18 @@ import numpy as np
 from lcpc import ops
 from lcpc.analysis import channel_inputs
 from lcpc.errors import LcpcError
+from lcpc.images import Preprocessing
 from lcpc.ir import Graph, Node, TensorInfo, toposort
 from lcpc.plan import HEAD, Action, Plan
 from lcpc.weights import DenseWeight
+
+
+@dataclass(frozen=True)
+class RawInput:
+    """Model input ``name`` travels as the uint8 image; its consumers apply ``prep`` first."""
+
+    name: str
+    prep: Preprocessing
 
 
 @dataclass(frozen=True)
@@ -67,6 +86,7 @@ class Program:
     transfers: list[Transfer]
     outputs: dict[str, str]            # model output -> local name on the head device
     inputs: dict[str, TensorInfo] = field(default_factory=dict)  # model inputs (all on the head)
+    raw: RawInput | None = None        # the model input that is fed and sent as the uint8 image
 
     def bytes_per_inference(self) -> int:
         return sum(t.nbytes for t in self.transfers)
@@ -81,13 +101,41 @@ class _Device:
     names: set[str] = field(default_factory=set)
 
 
-def lower(plan: Plan) -> Program:
-    return _Lowering(plan).run()
+def raw_input(graph: Graph, prep: Preprocessing | None, wire: str = "auto") -> RawInput | None:
+    """How the model input travels: ``wire`` ``float`` (as the model takes it), ``uint8`` (the raw
+    image; needs ``prep`` to be exactly elementwise on the input) or ``auto`` (uint8 when it can)."""
+    if wire not in ("auto", "float", "uint8"):
+        raise LcpcError(f"input wire '{wire}': choose auto, float or uint8")
+    if wire == "float" or (prep is None and wire == "auto"):
+        return None
+    if prep is None:
+        raise LcpcError("--input-wire uint8 needs the preprocessing: add --preprocess size=...,mean=...,std=...")
+    why = None
+    if len(graph.inputs) != 1:
+        why = f"the model has {len(graph.inputs)} inputs (raw images need exactly one)"
+    else:
+        info = graph.info(graph.inputs[0])
+        want = prep.input_shape(info.shape[0] if info.shape else 1)
+        if not np.issubdtype(info.dtype, np.floating):
+            why = f"the model input '{graph.inputs[0]}' is {info.dtype.name}, not a float image"
+        elif tuple(info.shape) != want:
+            why = (f"the model input '{graph.inputs[0]}' has shape {list(info.shape)}, the preprocessing "
+                   f"(size {prep.size[0]}x{prep.size[1]}, {prep.channels}, {prep.layout}) gives {list(want)}")
+    if why is None:
+        return RawInput(graph.inputs[0], prep)
+    if wire == "uint8":
+        raise LcpcError(f"--input-wire uint8: {why}; fix --preprocess or use --input-wire float")
+    return None
+
+
+def lower(plan: Plan, raw: RawInput | None = None) -> Program:
+    return _Lowering(plan, raw).run()
 
 
 class _Lowering:
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, raw: RawInput | None = None) -> None:
         self.plan, self.g, self.k = plan, plan.graph, plan.k
+        self.raw = raw
         self.devices = [_Device() for _ in range(self.k)]
         self.transfers: list[Transfer] = []
         self.cache: dict[tuple, str] = {}
@@ -153,14 +201,9 @@ class _Lowering:
             return self.cache[key]
         layout = self.plan.layouts[t]
         if t in self.g.inputs:
-            if d == HEAD:
-                name = t
-                dev = self.devices[HEAD]
-                dev.names.add(t)
-                dev.infos[t] = self.g.info(t)
-                dev.levels[t] = 0
-            else:
-                name = self.send(t, "input", HEAD, self.full(t, HEAD), d, t)
+            name = self.fed(t, d)
+            if self.raw is not None and t == self.raw.name:
+                name = self.prologue(d, name)
         elif layout == "R":
             name = self.cache[(t, d, "R")]
         elif layout == "H":
@@ -178,6 +221,37 @@ class _Lowering:
             name = self.select(d, cat, np.argsort(perm), axis, f"{t}:full")
         self.cache[key] = name
         return name
+
+    def fed(self, t: str, d: int) -> str:
+        """Model input ``t`` on device ``d`` as it arrives: fed on the head, sent to the others
+        (the uint8 image when it travels raw)."""
+        key = (t, d, "fed")
+        if key not in self.cache:
+            if d == HEAD:
+                dev = self.devices[HEAD]
+                info = self.g.info(t)
+                dev.names.add(t)
+                dev.infos[t] = TensorInfo(info.shape, np.dtype(np.uint8)) if self.raw and t == self.raw.name \
+                    else info
+                dev.levels[t] = 0
+                self.cache[key] = t
+            else:
+                self.cache[key] = self.send(t, "input", HEAD, self.fed(t, HEAD), d, t)
+        return self.cache[key]
+
+    def prologue(self, d: int, x: str) -> str:
+        """The preprocessing on the uint8 image ``x``: exactly ``Preprocessing.normalize`` (float64)."""
+        info = self.g.info(self.raw.name)
+        wide = TensorInfo(info.shape, np.dtype(np.float64))
+        scale, mean, std = self.raw.prep.constants()
+        y = self.emit(d, "Cast", [x], [(f"{x}:f64", wide)], {"to": 11})[0]
+        if scale != 1.0:
+            y = self.emit(d, "Mul", [y, self.const(d, np.array(scale, np.float64), "prep.scale")],
+                          [(f"{x}:scaled", wide)])[0]
+        y = self.emit(d, "Sub", [y, self.const(d, mean, "prep.mean")], [(f"{x}:centred", wide)])[0]
+        y = self.emit(d, "Div", [y, self.const(d, std, "prep.std")], [(f"{x}:normed", wide)])[0]
+        to = {np.dtype(np.float32): 1, np.dtype(np.float16): 10, np.dtype(np.float64): 11}[info.dtype]
+        return self.emit(d, "Cast", [y], [(f"{x}:pre", info)], {"to": to})[0]
 
     def axis(self, t: str) -> int:
         return self.plan.analysis.axis(t)
@@ -202,7 +276,8 @@ class _Lowering:
             self.lower_node(node)
         outputs = {o: self.full(o, HEAD) for o in self.g.outputs}
         self._dead_code(outputs)
-        return Program(self._stages(outputs), self.transfers, outputs, {i: self.g.info(i) for i in self.g.inputs})
+        return Program(self._stages(outputs), self.transfers, outputs, {i: self.g.info(i) for i in self.g.inputs},
+                       self.raw)
 
     def lower_node(self, node: Node) -> None:
         b = self.plan.analysis.behaviours[node.name]

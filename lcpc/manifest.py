@@ -6,14 +6,17 @@ Guarantees:
   cannot express: stage ids and files unique, devices and transfers between known
   devices, byte counts that match shapes, and a dataflow in which every stage input,
   transfer and model output is provided, exactly once, before it is needed, with the
-  shape and dtype its consumer expects — so a runtime that follows a valid manifest
-  never looks up a value that is not there; a manifest of another format version is
+  shape and dtype its consumer expects (the model input as ``feeds`` gives it) — so a
+  runtime that follows a valid manifest never looks up a value that is not there; a manifest of another format version is
   refused with a message that says which version wrote it and to convert again;
 - ``read`` parses strict JSON only (no NaN/Infinity, no duplicate keys) and never
   evaluates or unpickles anything; it refuses a manifest that fails validation, a
   manifest or stage file outside its folder (``..``, absolute paths, symlinks that
   leave it), and a stage file whose sha256 differs from the recorded one (tamper
   check) — each with an ``LcpcError`` naming the file;
+- ``feeds`` is what a runtime is fed: ``source.feeds`` when the folder takes the raw
+  uint8 image (optional; then ``source.preprocessing`` must be there, and each feed is a
+  model input of the same shape, as uint8), else ``source.inputs``;
 - ``read_stage`` returns a stage file's bytes after the same containment and sha256
   checks on exactly those bytes, so a runtime loads what was checked.
 """
@@ -69,6 +72,7 @@ def validate(manifest: Any, where: str = MANIFEST) -> None:
         if 0 in i["shape"]:
             raise LcpcError(f"{where}: invalid manifest: model input '{printable(i['name'], 200)}' has a zero "
                             f"dim in {i['shape']}")
+    _check_feeds(manifest, where)
     if any(b >= k for b in manifest["plan"]["branch_of_class"].values()):
         raise LcpcError(f"{where}: invalid manifest: the plan assigns channels to a branch outside 0..{k - 1}")
     for s in manifest["stages"]:
@@ -86,6 +90,32 @@ def validate(manifest: Any, where: str = MANIFEST) -> None:
             raise LcpcError(f"{where}: invalid manifest: transfer {t['id']} claims {t['bytes']} bytes for "
                             f"shape {t['shape']} {t['dtype']}")
     _check_dataflow(manifest, where)
+
+
+def feeds(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tensors a runtime is fed: the raw uint8 images when the folder takes them, else the model's inputs."""
+    return manifest["source"].get("feeds") or manifest["source"]["inputs"]
+
+
+def takes_raw_images(manifest: dict[str, Any]) -> bool:
+    return "feeds" in manifest["source"]
+
+
+def _check_feeds(manifest: dict[str, Any], where: str) -> None:
+    source = manifest["source"]
+    if "feeds" not in source:
+        return
+    if source["preprocessing"] is None:
+        raise LcpcError(f"{where}: invalid manifest: source.feeds (raw images) without source.preprocessing")
+    inputs = {i["name"]: i for i in source["inputs"]}
+    names = [f["name"] for f in source["feeds"]]
+    if sorted(names) != sorted(inputs):
+        raise LcpcError(f"{where}: invalid manifest: source.feeds must name the model inputs "
+                        f"{printable(sorted(inputs), 200)}, each once")
+    for f in source["feeds"]:
+        if f["dtype"] != "uint8" or f["shape"] != inputs[f["name"]]["shape"] or "source" in f:
+            raise LcpcError(f"{where}: invalid manifest: feed '{printable(f['name'], 200)}' must be the uint8 "
+                            f"image of the model input's shape {inputs[f['name']]['shape']}")
 
 
 def _check_dataflow(manifest: dict[str, Any], where: str) -> None:
@@ -107,7 +137,7 @@ def _check_dataflow(manifest: dict[str, Any], where: str) -> None:
             raise LcpcError(f"{where}: invalid manifest: {what} expects '{printable(name, 200)}' as "
                             f"{list(spec['shape'])} {spec['dtype']}, but it is {list(have[0])} {have[1]}")
 
-    for i in manifest["source"]["inputs"]:
+    for i in feeds(manifest):
         give(0, i["name"], i, "model input")
     stages, transfers = defaultdict(list), defaultdict(list)
     for s in manifest["stages"]:

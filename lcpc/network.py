@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lcpc.devices import Network
+from lcpc.manifest import feeds, takes_raw_images
 from lcpc.schedule import Schedule
 
 
@@ -56,7 +57,7 @@ def predict(manifest: dict[str, Any], stage_times: dict[str, float], network: Ne
     names = _names(manifest)
     speed = {d: network.device(n).speed for d, n in names.items()}
     link = {d: network.link(n) for d, n in names.items()}
-    ready: dict[tuple[int, str], float] = {(0, i["name"]): 0.0 for i in manifest["source"]["inputs"]}
+    ready: dict[tuple[int, str], float] = {(0, i["name"]): 0.0 for i in feeds(manifest)}
     busy_until = defaultdict(float)
     compute = defaultdict(float)
     up, down = defaultdict(float), defaultdict(float)
@@ -135,7 +136,9 @@ def broadcast_note(manifest: dict[str, Any]) -> str | None:
         return None
     receivers = sorted({t["to"]["device"] for t in inputs})
     size = inputs[0]["bytes"]
-    return (f"the input ({size} bytes, {inputs[0]['dtype']}) goes from dev0 to {len(receivers)} devices as "
+    what = "the raw uint8 image; each device applies the preprocessing" if takes_raw_images(manifest) \
+        else inputs[0]["dtype"]
+    return (f"the input ({size} bytes, {what}) goes from dev0 to {len(receivers)} devices as "
             f"{len(inputs)} point-to-point messages, one per receiving device, one after another on dev0's link "
             f"(Ray engine: one object-store copy on dev0's node, pulled by each device's node)")
 

@@ -29,10 +29,11 @@ from typing import Any
 import numpy as np
 
 from lcpc import compress, fidelity, frontend, planner, safety, stored_plan
+from lcpc import manifest as mf
 from lcpc.devices import load as load_devices
 from lcpc.errors import LcpcError
 from lcpc.images import Preprocessing, load_folder
-from lcpc.lower import lower
+from lcpc.lower import lower, raw_input
 from lcpc.passes import prune as prune_pass
 from lcpc.passes import quantize as quantize_pass
 from lcpc.passes import recover as recover_pass
@@ -44,13 +45,17 @@ def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str
             input_shapes: dict | None = None, force: bool = False, partition: str = "energy",
             preprocessing: dict | None = None, calib: np.ndarray | None = None,
             comm_budget: int | None = None, devices: str | Path | None = None, prune: float | None = None,
-            quantize: str | None = None, wire: str = "fp32", progress: Any = None) -> dict[str, Any]:
+            quantize: str | None = None, wire: str = "fp32", input_wire: str = "auto",
+            progress: Any = None) -> dict[str, Any]:
     """Plan ``model`` for ``branches`` devices and write the folder ``out``; returns its manifest.
     ``devices``: a devices.yaml whose relative speeds size each branch's share of channels;
     ``progress(done, total, agreement)`` follows ``--sync auto``'s measurements.
 
     ``prune`` (passes.prune), ``quantize`` and ``wire`` (lcpc.compress) compress the plan; the
-    manifest's ``compression`` then compares LCP, +prune, +quant and +both with the original."""
+    manifest's ``compression`` then compares LCP, +prune, +quant and +both with the original.
+    ``input_wire``: how the model input travels (``lower.raw_input``: with ``preprocessing``,
+    ``auto`` sends the raw uint8 image when the preprocessing is exactly elementwise on it; not
+    combined with compression yet, which calibrates on float inputs: then ``auto`` keeps float)."""
     out = Path(out)
     onnx_target.check_out(out, force)
     if prune is not None:
@@ -68,9 +73,15 @@ def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str
     lcp, record = plan, None
     if prune:
         plan, record = prune_pass.run(plan, prune, calib)
+    compressing = bool(prune or quantize or wire != "fp32")
+    if compressing and input_wire == "uint8":
+        raise LcpcError("--input-wire uint8 does not combine with --prune, --quantize or --wire int8 yet (they "
+                        "calibrate on float inputs); use --input-wire float")
+    prep = None if preprocessing is None else Preprocessing.from_dict(preprocessing)
+    raw = None if compressing else raw_input(graph, prep, input_wire)
     # the exact plan's traffic, for the comparison; its program is dropped before the real one is lowered
-    exact_bytes = lower(planner.with_sync(plan, "all")).bytes_per_inference() if sync != "all" else None
-    program = lower(plan)
+    exact_bytes = lower(planner.with_sync(plan, "all"), raw).bytes_per_inference() if sync != "all" else None
+    program = lower(plan, raw)
     exact_bytes = program.bytes_per_inference() if exact_bytes is None else exact_bytes
     compression = None
     if prune or quantize or wire != "fp32":
@@ -120,11 +131,16 @@ def recover(folder: str | Path, data: np.ndarray, out: str | Path, *, labels: np
         plan = prune_pass.reconstructed(original, plan, prune_pass.Pruning.from_dict(pruning), data)
     if not plan.cut_nodes():
         raise LcpcError(f"{folder}: the plan cuts no layer (--sync all?): it is already exact, nothing to recover")
+    if mf.takes_raw_images(manifest) and np.asarray(data).dtype == np.uint8:  # raw images: train on their normalisation
+        data = Preprocessing.from_dict(manifest["source"]["preprocessing"]).normalize(
+            data, manifest["source"]["inputs"][0]["dtype"])
     plan, figures = recover_plan(plan, data, labels, epochs=epochs, refit=refit, progress=progress, seed=seed,
                                  holdout=holdout, **recipe)
     exact = manifest["totals"]["comparison"]["model_parallel"]["bytes_per_inference"]
     kept = _kept_compression(manifest)
-    program = lower(plan)
+    raw = raw_input(plan.graph, Preprocessing.from_dict(manifest["source"]["preprocessing"]), "uint8") \
+        if mf.takes_raw_images(manifest) else None
+    program = lower(plan, raw)
     if kept:  # the folder's int8 stages and wire again, calibrated on the recovery data
         program = compress.apply(program, kept.get("quantize"), kept.get("wire", "fp32"), data)
     return onnx_target.write(plan, program, out, force=force, exact_bytes=exact,
@@ -180,12 +196,19 @@ def verify(folder: str | Path, data: np.ndarray, labels: np.ndarray | None = Non
                             f"single-input models")
         spec = source["inputs"][0]
         output = source["outputs"][0]["name"]
-        x = fidelity.as_input(data, spec)
+        if mf.takes_raw_images(manifest):  # the folder takes the uint8 image; the original its normalisation
+            if np.asarray(data).dtype != np.uint8:
+                raise LcpcError(f"data: dtype {np.asarray(data).dtype}; {folder} takes the raw image as uint8 and "
+                                f"applies the preprocessing itself: pass an image folder or uint8 pixels")
+            fed = fidelity.as_input(data, mf.feeds(manifest)[0])
+            x = fidelity.as_input(Preprocessing.from_dict(source["preprocessing"]).normalize(fed, spec["dtype"]), spec)
+        else:
+            fed = x = fidelity.as_input(data, spec)
         reference, original = fidelity.reference_logits(manifest, x, original_model, batch_size)
         planned = spec["shape"][0]
         step = max(planned, batch_size // planned * planned)
         candidate = np.concatenate([engine.run({spec["name"]: chunk})[output][:real]
-                                    for chunk, real in fidelity.padded_chunks(x, step, planned)])
+                                    for chunk, real in fidelity.padded_chunks(fed, step, planned)])
     finally:
         engine.close()
     return {**fidelity.compare(reference, candidate, labels), "output": output,
@@ -203,15 +226,15 @@ def read_array(path: Path, what: str) -> np.ndarray:
     return data
 
 
-def read_data(data: Path, manifest: dict) -> np.ndarray:
+def read_data(data: Path, manifest: dict, raw: bool = False) -> np.ndarray:
     """Model inputs from a .npy batch, or from a folder of images read with the manifest's
-    preprocessing."""
+    preprocessing (``raw``: as the uint8 images a folder that takes raw images is fed)."""
     if data.is_dir():
         spec = manifest["source"].get("preprocessing")
         if spec is None:
             raise LcpcError(f"{data} is an image folder, but the manifest has no preprocessing; convert with "
                             f"--preprocess size=...,mean=...,std=... or pass a .npy batch")
-        return load_folder(data, Preprocessing.from_dict(spec))[0]
+        return load_folder(data, Preprocessing.from_dict(spec), raw=raw)[0]
     return read_array(data, "data")
 
 

@@ -112,7 +112,7 @@ class Stats:
 
 
 def check_feeds(inputs: list[dict], feeds: dict[str, np.ndarray], files: dict[str, str] | None = None) -> int:
-    """Validate feeds against the model's inputs (``manifest["source"]["inputs"]``); returns the
+    """Validate feeds against what the folder is fed (``manifest.feeds``); returns the
     number of planned batches. ``files`` maps input names to the files they came from."""
     names = [i["name"] for i in inputs]
     unknown = sorted(set(feeds) - set(names))
@@ -131,6 +131,10 @@ def check_feeds(inputs: list[dict], feeds: dict[str, np.ndarray], files: dict[st
         want = tuple(spec["shape"])
         if not isinstance(x, np.ndarray):
             raise LcpcError(f"{label}: expected a numpy array, got {type(x).__name__}")
+        if x.dtype != np.dtype(spec["dtype"]) and spec["dtype"] == "uint8":
+            raise LcpcError(f"{label}: dtype {x.dtype}; this folder takes the raw image as uint8 and applies "
+                            f"the preprocessing itself: pass the pixels before normalisation "
+                            f"(lcpc.images.load_folder(folder, prep, raw=True))")
         if x.dtype != np.dtype(spec["dtype"]):
             raise LcpcError(f"{label}: dtype {x.dtype}, the model takes {spec['dtype']} "
                             f"(convert with .astype('{spec['dtype']}'))")

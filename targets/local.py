@@ -54,7 +54,7 @@ class LocalEngine:
 
     @property
     def inputs(self) -> list[dict[str, Any]]:
-        return self.manifest["source"]["inputs"]
+        return mf.feeds(self.manifest)
 
     def check_inputs(self, feeds: dict[str, np.ndarray], files: dict[str, str] | None = None) -> int:
         """Validate feeds against the model's inputs; returns the number of planned batches."""

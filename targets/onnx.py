@@ -8,7 +8,9 @@ Guarantees:
   is replaced only with ``force=True`` (a file or a symlink at ``out`` never is); on
   any failure nothing is left behind (nor the parent folders this call created) and
   an existing folder is untouched; the folder gets the usual permissions (umask);
-- the manifest is validated against the shipped schema before it is written.
+- the manifest is validated against the shipped schema before it is written;
+- a program whose input travels raw (``Program.raw``) records it as ``source.feeds``
+  (the uint8 image the runtime is fed) next to the preprocessing the stages apply.
 """
 
 from __future__ import annotations
@@ -189,7 +191,9 @@ def build_manifest(plan: Plan, program: Program, stages: list, transfers: list, 
             "path": plan.source.path, "sha256": plan.source.sha256, "opset": plan.source.opset,
             "inputs": [tensor_entry(i, g.info(i).shape, g.info(i).dtype) for i in g.inputs],
             "outputs": [tensor_entry(o, g.info(o).shape, g.info(o).dtype) for o in g.outputs],
-            "preprocessing": preprocessing,
+            "preprocessing": preprocessing if program.raw is None else program.raw.prep.to_dict(),
+            **({} if program.raw is None else
+               {"feeds": [tensor_entry(program.raw.name, g.info(program.raw.name).shape, "uint8")]}),
         },
         "branches": plan.k,
         "sync": {"policy": plan.sync_policy, "partition": plan.partition_method,

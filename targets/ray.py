@@ -147,7 +147,7 @@ class RayEngine:
     # ------------------------------------------------------------------ setup
     @property
     def inputs(self) -> list[dict[str, Any]]:
-        return self.manifest["source"]["inputs"]
+        return mf.feeds(self.manifest)
 
     def _resource(self, d: int) -> str:
         return self.network.device(self.names[d]).resource

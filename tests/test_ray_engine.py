@@ -66,3 +66,23 @@ def test_cli_run_engine_ray(local_ray, folders, tmp_path):  # noqa: F811
     data = json.loads(stats.read_text())
     assert all(r["bytes"] == r["manifest_bytes_per_inference"] * data["samples"] for r in data["transfers"])
     assert "engine ray (actor-calls)" in result.output
+
+
+def test_ray_raw_uint8_input_equals_local(local_ray, tmp_path):  # noqa: F811
+    from lcpc.images import Preprocessing
+
+    prep = Preprocessing(size=(8, 8), channels="L", scale=1 / 16)
+    convert_model(EXAMPLE, tmp_path / "raw", 4, "none", preprocessing=prep.to_dict())
+    x = np.random.default_rng(0).integers(0, 17, (2, 1, 8, 8), dtype=np.uint8)
+    engine = RayEngine(tmp_path / "raw", timeout=60)
+    try:
+        stats = Stats()
+        got = engine.run({"input": x}, stats)
+    finally:
+        engine.close()
+    want, local_stats, manifest = run_folder(tmp_path / "raw", {"input": x})
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
+    assert dict(stats.bytes_by_transfer) == dict(local_stats.bytes_by_transfer)
+    inputs = [t for t in manifest["transfers"] if t["kind"] == "input"]
+    assert inputs and all(t["dtype"] == "uint8" and stats.bytes_by_transfer[t["id"]] == 2 * 64 for t in inputs)
