@@ -3,7 +3,8 @@
 Both engines run the same converted folder (K=4, pure LCP) on this machine, one request
 after another (batch 1), after a warm-up; the figures are the median and p99 of the
 end-to-end latency of each engine and their difference (what Ray's actor calls and
-object store add per inference). Ray runs locally (all actors on this node), started
+object store add per inference), and the same folder run as one Ray Compiled Graph
+(``benchmarks/compiled_graph.py``). Ray runs locally (all actors on this node), started
 by the engine; the call mode it reports is recorded.
 
     python benchmarks/ray_overhead.py [--requests 200] [--resnet-requests 40]
@@ -29,6 +30,33 @@ from lcpc.pipeline import convert as convert_model  # noqa: E402
 from lcpc.deployment import Deployment  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+
+
+def compiled_latencies(folder: Path, x: np.ndarray, n: int, warmup: int = 5) -> tuple[list[float] | None, str]:
+    """The same folder as one Ray Compiled Graph (benchmarks/compiled_graph.py), or (None, why it failed)."""
+    import ray
+
+    from benchmarks.compiled_graph import CompiledRun
+
+    ray.init(num_cpus=2, resources={f"dev{i}": 8.0 for i in range(8)}, include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
+    run = None
+    try:
+        run = CompiledRun(folder, timeout=120)
+        for _ in range(warmup):
+            run.run({"input": x})
+        out = []
+        for _ in range(n):
+            start = time.perf_counter()
+            run.run({"input": x})
+            out.append(time.perf_counter() - start)
+        return out, "compiled-graph"
+    except Exception as exc:  # noqa: BLE001 - recorded as the measured failure
+        return None, f"compiled graph failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    finally:
+        if run is not None:
+            run.close()
+        ray.shutdown()
 
 
 def latencies(folder: Path, engine: str, x: np.ndarray, n: int, warmup: int = 5) -> tuple[list[float], str]:
@@ -65,6 +93,12 @@ def main() -> None:
                    "ray_median_ms": 1e3 * float(np.median(remote)), "ray_p99_ms": 1e3 * float(np.percentile(remote, 99))}
             row["overhead_median_ms"] = row["ray_median_ms"] - row["local_median_ms"]
             row["overhead_p99_ms"] = row["ray_p99_ms"] - row["local_p99_ms"]
+            compiled, note = compiled_latencies(out, x, n)
+            row["compiled_graph"] = note
+            if compiled is not None:
+                row["compiled_median_ms"] = 1e3 * float(np.median(compiled))
+                row["compiled_p99_ms"] = 1e3 * float(np.percentile(compiled, 99))
+                row["compiled_overhead_median_ms"] = row["compiled_median_ms"] - row["local_median_ms"]
             rows.append(row)
             print(json.dumps(row), flush=True)
     setup = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores (shared)",
@@ -72,12 +106,16 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "ray_overhead.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
     lines = ["| model | params | engine mode | local median / p99 ms | ray median / p99 ms | "
-             "overhead median / p99 ms |", "|---|---|---|---|---|---|"]
+             "overhead median / p99 ms | compiled graph median / p99 ms |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['params']} | {r['ray_mode']} | {r['local_median_ms']:.2f} / {r['local_p99_ms']:.2f} "
               f"| {r['ray_median_ms']:.2f} / {r['ray_p99_ms']:.2f} | {r['overhead_median_ms']:.2f} / "
-              f"{r['overhead_p99_ms']:.2f} |" for r in rows]
+              f"{r['overhead_p99_ms']:.2f} | "
+              + (f"{r['compiled_median_ms']:.2f} / {r['compiled_p99_ms']:.2f}" if "compiled_median_ms" in r
+                 else r["compiled_graph"]) + " |" for r in rows]
     lines += ["", f"K=4, pure LCP, batch 1, one request at a time; {setup['machine']}; Ray {setup['ray']} started "
-                  f"locally by the engine. From one run of benchmarks/ray_overhead.py."]
+                  f"locally by the engine. Compiled graph: the same stages and actors as one Ray Compiled Graph "
+                  f"(benchmarks/compiled_graph.py, timing harness, no byte counting), Ray started with 2 CPUs. "
+                  f"From one run of benchmarks/ray_overhead.py."]
     (RESULTS / "ray_overhead.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

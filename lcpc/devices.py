@@ -7,6 +7,7 @@
       default: {bandwidth: 100Mbit, latency: 1ms}
       dev0: {bandwidth: 1Gbit, latency: 0.2ms}
     overhead: 0.3ms                # optional: engine cost per message (measured by benchmarks/)
+    route: direct                  # optional: direct | ray (how messages travel, see lcpc.network)
 
 Guarantees:
 - ``load`` reads YAML with ``yaml.safe_load`` (no object construction) and returns a
@@ -16,6 +17,8 @@ Guarantees:
 - bandwidths are stored in bytes per second, latencies and overheads in seconds;
   plain numbers mean bit/s and seconds; units: bit, kbit, Mbit, Gbit (optionally
   ``/s``), s, ms, us;
+- ``route`` is ``direct`` (default: every message straight from its source to its
+  destination) or ``ray`` (as the Ray engine moves them; ``lcpc.network`` says how);
 - a device missing from the file runs on the Ray resource named like the device,
   at speed 1.0, on the default link; with no file at all every device is that.
 """
@@ -34,6 +37,7 @@ from lcpc.safety import printable
 
 DEFAULT_BANDWIDTH = 100e6 / 8   # bytes/s: 100 Mbit/s Ethernet
 DEFAULT_LATENCY = 0.5e-3        # seconds per message, one way, per link
+ROUTES = ("direct", "ray")
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class Network:
     default_link: Link = Link()
     overhead: float = 0.0
     source: str = "(defaults)"
+    route: str = "direct"
 
     def device(self, name: str) -> Device:
         return self.devices.get(name) or Device(name, name)
@@ -82,7 +87,7 @@ class Network:
     def with_bandwidth(self, bandwidth: float) -> Network:
         """The same network with every link at ``bandwidth`` bytes/s (for the latency plot)."""
         return Network(self.devices, {k: v.scaled(bandwidth) for k, v in self.links.items()},
-                       self.default_link.scaled(bandwidth), self.overhead, self.source)
+                       self.default_link.scaled(bandwidth), self.overhead, self.source, self.route)
 
 
 _BITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
@@ -123,7 +128,7 @@ def _link(value: Any, where: str) -> Link:
 
 
 def parse(data: Any, where: str = "devices.yaml") -> Network:
-    top = _mapping(data, where, {"devices", "links", "overhead"})
+    top = _mapping(data, where, {"devices", "links", "overhead", "route"})
     devices = {}
     for name, spec in (top.get("devices") or {}).items():
         at = f"{where}: devices.{printable(name, 80)}"
@@ -134,7 +139,10 @@ def parse(data: Any, where: str = "devices.yaml") -> Network:
              for name, spec in (top.get("links") or {}).items()}
     default = links.pop("default", Link())
     overhead = _quantity(top["overhead"], _SECONDS, where, "overhead") if "overhead" in top else 0.0
-    return Network(devices, links, default, overhead, where)
+    route = str(top.get("route", "direct"))
+    if route not in ROUTES:
+        raise LcpcError(f"{where}: route {printable(route, 40)!s}: choose {' or '.join(ROUTES)}")
+    return Network(devices, links, default, overhead, where, route)
 
 
 def load(path: str | Path | None) -> Network:

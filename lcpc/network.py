@@ -12,8 +12,17 @@ The model, for one inference (times in seconds):
   per-message cost);
 - a message that goes to every device (the input broadcast) is sent as one message
   per receiving device from its source, one after another on the source's uplink:
-  that is how the Ray engine moves it (each node pulls its copy);
+  that is how the Ray engine moves it (inlined in each device's call when small, else
+  one object that each node pulls; ``broadcast_note`` says which);
 - latency = when the last model output exists on the head.
+
+With ``route: ray`` in devices.yaml, messages travel as the Ray engine moves them: its
+driver runs on the head's node and owns every value, and Ray passes a value smaller than
+``RAY_INLINE_BYTES`` (Ray's ``max_direct_call_object_size``, 100 KiB) inline through its
+owner, so such a message between two non-head devices takes two hops, source -> head ->
+destination (each hop as above, the second starting when the first has arrived); larger
+values sit in the source node's object store and the destination pulls them directly
+(one hop). ``direct`` (the default) is what the network itself costs.
 
 Guarantees: ``predict`` is a pure function of the manifest, the stage times and the
 network (no timing, no I/O); it replays the manifest in ``lcpc.schedule`` order;
@@ -30,6 +39,8 @@ from typing import Any
 from lcpc.devices import Network
 from lcpc.manifest import feeds, takes_raw_images
 from lcpc.schedule import Schedule
+
+RAY_INLINE_BYTES = 100 * 1024
 
 
 @dataclass(frozen=True)
@@ -62,12 +73,19 @@ def predict(manifest: dict[str, Any], stage_times: dict[str, float], network: Ne
     compute = defaultdict(float)
     up, down = defaultdict(float), defaultdict(float)
 
+    def hop(a: int, b: int, n: int, at: float) -> float:
+        start = max(at, up[a], down[b])
+        wire = n / min(link[a].bandwidth, link[b].bandwidth)
+        up[a] = down[b] = start + wire
+        return start + wire + link[a].latency + link[b].latency + network.overhead
+
     def send(t: dict) -> None:
         a, b = t["from"]["device"], t["to"]["device"]
-        start = max(ready[(a, t["from"]["name"])], up[a], down[b])
-        wire = t["bytes"] / min(link[a].bandwidth, link[b].bandwidth)
-        up[a] = down[b] = start + wire
-        ready[(b, t["to"]["name"])] = start + wire + link[a].latency + link[b].latency + network.overhead
+        at = ready[(a, t["from"]["name"])]
+        if network.route == "ray" and 0 not in (a, b) and t["bytes"] < RAY_INLINE_BYTES:
+            at = hop(a, 0, t["bytes"], at)
+            a = 0
+        ready[(b, t["to"]["name"])] = hop(a, b, t["bytes"], at)
 
     schedule = Schedule(manifest)
     for t in schedule.input_transfers:
@@ -138,9 +156,12 @@ def broadcast_note(manifest: dict[str, Any]) -> str | None:
     size = inputs[0]["bytes"]
     what = "the raw uint8 image; each device applies the preprocessing" if takes_raw_images(manifest) \
         else inputs[0]["dtype"]
+    total = sum(t["bytes"] for t in inputs if t["to"]["device"] == receivers[0])  # one device's message
+    ray = ("inlined by value in each receiving device's call, sent from the driver on dev0's node"
+           if total < RAY_INLINE_BYTES else "one object put once in dev0's object store, pulled by each device's node")
     return (f"the input ({size} bytes, {what}) goes from dev0 to {len(receivers)} devices as "
             f"{len(inputs)} point-to-point messages, one per receiving device, one after another on dev0's link "
-            f"(Ray engine: one object-store copy on dev0's node, pulled by each device's node)")
+            f"(Ray engine: {ray})")
 
 
 BANDWIDTHS_MBIT = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)

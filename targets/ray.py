@@ -13,9 +13,13 @@ Guarantees:
 - execution follows ``lcpc.schedule`` (the order the local engine uses): one actor
   call per device per level; a value sent to another device is the return value of
   the sender's call, passed as an ``ObjectRef`` argument to the receiver's next call,
-  so Ray (its object store) moves every byte; lcpc opens no socket. The model input
-  is put in the object store once and every device that receives it pulls it from
-  there (one point-to-point copy per receiving device);
+  so Ray moves every byte; lcpc opens no socket. The model input goes by value when it
+  is smaller than Ray's inline limit (``INLINE_BYTES``, 100 KiB: Ray inlines it in each
+  receiving device's call, one copy per device from the driver on dev0's node; putting it
+  in the object store instead costs each receiver an extra location lookup and pull, two
+  more round trips over the network), else it is put in the object
+  store once and every device that receives it pulls it from there (one point-to-point
+  copy per receiving device);
 - the receiving actor counts the bytes of every value it receives, by transfer id, so
   ``Stats`` equals the manifest transfer by transfer, exactly as with the local engine;
 - every wait has a timeout: a request that does not finish within ``timeout`` seconds,
@@ -45,6 +49,7 @@ from lcpc.safety import first_line
 from lcpc.stage_session import open_stage
 
 INSTALL_HINT = "the ray engine needs Ray: pip install 'lcpc[ray]'"
+INLINE_BYTES = 100 * 1024  # Ray's max_direct_call_object_size default: smaller values travel inline
 
 try:
     import ray
@@ -196,7 +201,8 @@ class RayEngine:
 
     def _run_once(self, feeds: dict[str, np.ndarray], stats: Stats | None, rid: Any) -> dict[str, np.ndarray]:
         pending: dict[int, list[tuple[Any, list[tuple]]]] = defaultdict(list)
-        message = ray.put(feeds)
+        # small: by value, inlined in each receiving device's call; large: one object put once, pulled by each
+        message = feeds if sum(v.nbytes for v in feeds.values()) < INLINE_BYTES else ray.put(feeds)
         pending[0].append((message, [(n, n, None) for n in feeds]))
         by_dst: dict[int, list[tuple]] = defaultdict(list)
         for t in self.schedule.input_transfers:

@@ -80,3 +80,23 @@ def test_report_network_and_plot(digits, tmp_path):
     for setup in ("original, one device", "this plan", "--sync all", "layer-wise pipeline", "broadcast:"):
         assert setup in result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ray_route_relays_small_branch_messages_through_the_head(tmp_path):
+    """route: ray — a message under Ray's inline limit between two non-head devices costs two hops
+    (source -> head -> destination); messages to or from the head and large ones cost one."""
+    m = convert_model(EXAMPLE, tmp_path / "all", 4, "all")
+    times = {s["id"]: 0.0 for s in m["stages"]}
+    lat = 1e-3
+    fast = devices.Link(1e15, lat)  # latency only, so each message costs exactly its hops
+    direct = network.predict(m, times, devices.Network(default_link=fast))
+    relayed = network.predict(m, times, devices.Network(default_link=fast, route="ray"))
+    assert relayed.latency > direct.latency
+    assert devices.parse({"route": "ray"}).route == "ray"
+    with pytest.raises(LcpcError, match="route"):
+        devices.parse({"route": "carrier-pigeon"})
+    # pure LCP: every message goes to or from the head, so both routes agree
+    lcp = convert_model(EXAMPLE, tmp_path / "none", 4, "none")
+    lcp_times = {s["id"]: 0.0 for s in lcp["stages"]}
+    assert network.predict(lcp, lcp_times, devices.Network(default_link=fast, route="ray")).latency == \
+        pytest.approx(network.predict(lcp, lcp_times, devices.Network(default_link=fast)).latency, rel=1e-12)
