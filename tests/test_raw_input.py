@@ -156,3 +156,12 @@ def test_verify_reads_raw_images_for_a_raw_folder(tmp_path):
     assert result.exit_code == 0, result.output
     figures = json.loads(result.output)
     assert figures["samples"] == 6 and figures["top1_agreement"] == 1.0 and figures["max_rel_logit_error"] < 1e-4
+
+
+def test_uint8_input_does_not_combine_with_compression_yet(tmp_path):
+    with pytest.raises(LcpcError, match="--input-wire uint8 does not combine"):
+        pipeline.convert(EXAMPLE, tmp_path / "q", 2, "none", preprocessing=DIGITS.to_dict(), input_wire="uint8",
+                         wire="int8")
+    assert not (tmp_path / "q").exists()
+    m = pipeline.convert(EXAMPLE, tmp_path / "auto", 2, "none", preprocessing=DIGITS.to_dict(), wire="int8")
+    assert "feeds" not in m["source"]  # auto keeps the float input under compression
