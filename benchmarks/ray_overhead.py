@@ -3,8 +3,8 @@
 Both engines run the same converted folder (K=4, pure LCP) on this machine, one request
 after another (batch 1), after a warm-up; the figures are the median and p99 of the
 end-to-end latency of each engine and their difference (what Ray's actor calls and
-object store add per inference), and the same folder run as one Ray Compiled Graph
-(``benchmarks/compiled_graph.py``). Ray runs locally (all actors on this node), started
+object store add per inference), and the same engine in compiled-graph mode (one Ray
+Compiled Graph for the whole schedule). Ray runs locally (all actors on this node), started
 by the engine; the call mode it reports is recorded.
 
     python benchmarks/ray_overhead.py [--requests 200] [--resnet-requests 40]
@@ -33,30 +33,25 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def compiled_latencies(folder: Path, x: np.ndarray, n: int, warmup: int = 5) -> tuple[list[float] | None, str]:
-    """The same folder as one Ray Compiled Graph (benchmarks/compiled_graph.py), or (None, why it failed)."""
-    import ray
+    """The Ray engine in compiled-graph mode (started by the engine, as above), or (None, why it failed)."""
+    from lcpc.errors import LcpcError
+    from lcpc.targets.ray import RayEngine
 
-    from benchmarks.compiled_graph import CompiledRun
-
-    ray.init(num_cpus=2, resources={f"dev{i}": 8.0 for i in range(8)}, include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
-    run = None
     try:
-        run = CompiledRun(folder, timeout=120)
+        engine = RayEngine(folder, timeout=120, mode="compiled-graph")
+    except LcpcError as exc:
+        return None, str(exc)
+    try:
         for _ in range(warmup):
-            run.run({"input": x})
+            engine.run({"input": x})
         out = []
         for _ in range(n):
             start = time.perf_counter()
-            run.run({"input": x})
+            engine.run({"input": x})
             out.append(time.perf_counter() - start)
-        return out, "compiled-graph"
-    except Exception as exc:  # noqa: BLE001 - recorded as the measured failure
-        return None, f"compiled graph failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        return out, engine.describe
     finally:
-        if run is not None:
-            run.close()
-        ray.shutdown()
+        engine.close()
 
 
 def latencies(folder: Path, engine: str, x: np.ndarray, n: int, warmup: int = 5) -> tuple[list[float], str]:
@@ -113,9 +108,8 @@ def main() -> None:
               + (f"{r['compiled_median_ms']:.2f} / {r['compiled_p99_ms']:.2f}" if "compiled_median_ms" in r
                  else r["compiled_graph"]) + " |" for r in rows]
     lines += ["", f"K=4, pure LCP, batch 1, one request at a time; {setup['machine']}; Ray {setup['ray']} started "
-                  f"locally by the engine. Compiled graph: the same stages and actors as one Ray Compiled Graph "
-                  f"(benchmarks/compiled_graph.py, timing harness, no byte counting), Ray started with 2 CPUs. "
-                  f"From one run of benchmarks/ray_overhead.py."]
+                  f"locally by the engine; compiled graph: the same engine with --ray-mode compiled-graph (one Ray "
+                  f"Compiled Graph for the whole schedule). From one run of benchmarks/ray_overhead.py."]
     (RESULTS / "ray_overhead.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -248,11 +248,14 @@ def load_inputs(specs: tuple[str, ...], names: list[str]) -> tuple[dict[str, np.
 @click.option("--stats", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the bytes each transfer actually moved to this JSON file.")
 @engine_options
+@click.option("--ray-mode", type=click.Choice(["auto", "compiled-graph", "actor-calls"]), default="auto",
+              show_default=True, help="ray: one Ray Compiled Graph for the whole schedule (auto: when Ray can "
+                                      "compile it, else actor calls) or one actor call per device per level.")
 @handles_errors
 def run(folder: Path, inputs: tuple[str, ...], output: Path | None, stats: Path | None, engine: str,
-        address: str | None, devices: Path | None, timeout: float) -> None:
+        address: str | None, devices: Path | None, timeout: float, ray_mode: str) -> None:
     """Run a converted FOLDER locally (one onnxruntime session per stage) or on Ray actors."""
-    engine = pipeline.open_engine(folder, engine, address, devices, timeout)
+    engine = pipeline.open_engine(folder, engine, address, devices, timeout, ray_mode)
     try:
         feeds, files = load_inputs(inputs, [i["name"] for i in engine.inputs])
         engine.check_inputs(feeds, files)

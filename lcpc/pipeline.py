@@ -245,12 +245,13 @@ def _speeds(manifest: dict[str, Any]) -> list[float] | None:
 
 
 def open_engine(folder: str | Path, engine: str = "local", address: str | None = None,
-                devices: str | Path | None = None, timeout: float = 60.0):
-    """The engine that runs ``folder``: ``local`` (onnxruntime threads) or ``ray`` (one actor per device)."""
+                devices: str | Path | None = None, timeout: float = 60.0, ray_mode: str = "actor-calls"):
+    """The engine that runs ``folder``: ``local`` (onnxruntime threads) or ``ray`` (one actor per device;
+    ``ray_mode``: actor-calls, compiled-graph or auto, see ``lcpc.targets.ray``)."""
     if engine == "local":
         return LocalEngine(folder)
     if engine == "ray":
         from lcpc.targets.ray import RayEngine  # optional, and slow to import: only when asked for
 
-        return RayEngine(folder, address=address, devices=devices, timeout=timeout)
+        return RayEngine(folder, address=address, devices=devices, timeout=timeout, mode=ray_mode)
     raise LcpcError(f"unknown engine '{engine}'; choose local or ray")

@@ -27,14 +27,21 @@ Guarantees:
   (dead, or not answering); ``rebuild`` replaces dead actors so later requests run;
 - ``close`` kills the actors and shuts Ray down when this engine started it.
 
-Calls are plain actor calls (``mode == "actor-calls"``); see benchmarks/ray_overhead.py
-for what a call costs.
+Modes (``mode``, printed by ``describe``): ``actor-calls`` (default: the calls above) or
+``compiled-graph``: the same schedule as one Ray Compiled Graph (``ray.dag``,
+``experimental_compile``; ``compiled_graph``), messages through compiled-graph channels,
+bytes still counted by the receiving actor per transfer id, every wait bounded by the timeout.
+``auto`` compiles and falls back to actor calls (saying why) when Ray cannot compile it. A
+compiled graph that fails on a request (dead actor, timeout) is torn down and the engine
+refuses further requests with a message to start it again (``rebuild`` after a fault is
+for actor calls, which ``lcpc serve`` uses). benchmarks/ray_overhead.py measures both.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -54,6 +61,7 @@ INLINE_BYTES = 100 * 1024  # Ray's max_direct_call_object_size default: smaller 
 try:
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+    from ray.dag import InputNode, MultiOutputNode
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 except ImportError:  # optional extra
     ray = None
@@ -83,7 +91,9 @@ class DeviceWorker:
         counts = self.counts.setdefault(rid, defaultdict(int))
         for mapping, message in zip(maps, refs):
             for src, dst, tid in mapping:
-                values[dst] = message[src]
+                # a copy: a compiled-graph channel hands out views of its buffer, and holding one
+                # would keep the sender from writing the next request's value
+                values[dst] = np.array(message[src], copy=True)
                 if tid is not None:
                     counts[tid] += message[src].nbytes
         return values
@@ -103,6 +113,14 @@ class DeviceWorker:
         messages = [{name: values[name] for name in names} for names in sends]
         return messages[0] if len(messages) == 1 else tuple(messages) if messages else None
 
+    def last_step(self, rid: Any, stage_ids: list[str], sends: list[list[str]], outputs: list[str],
+                  maps: list[list[tuple]], *refs):
+        """``step``, then ``finish`` with nothing more to receive: the messages, then the result."""
+        messages = self.step(rid, stage_ids, sends, maps, *refs)
+        messages = [] if messages is None else [messages] if len(sends) == 1 else list(messages)
+        result = self.finish(rid, outputs, [])
+        return tuple(messages) + (result,) if messages else result
+
     def finish(self, rid: Any, outputs: list[str], maps: list[list[tuple]], *refs):
         """Store what arrived last, return (model outputs held here, bytes received by transfer id)."""
         values = self._receive(rid, maps, refs)
@@ -115,17 +133,21 @@ class DeviceWorker:
         self.counts.pop(rid, None)
 
 
+MODES = ("actor-calls", "compiled-graph", "auto")
+
+
 class RayEngine:
     """Runs a manifest on Ray actors; reuse one engine for many requests."""
 
-    mode = "actor-calls"
-
     @property
     def describe(self) -> str:
-        return f"ray ({self.mode})"
+        why = f"; compiled graph unavailable: {self.fallback}" if self.fallback else ""
+        return f"ray ({self.mode}{why})"
 
     def __init__(self, folder: str | Path, address: str | None = None, devices: str | Path | None = None,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, mode: str = "actor-calls") -> None:
+        if mode not in MODES:
+            raise LcpcError(f"ray mode '{mode}': choose {', '.join(MODES)}")
         require_ray()
         self.folder = Path(folder)
         self.manifest = mf.read(self.folder)
@@ -141,10 +163,13 @@ class RayEngine:
         self._start_ray(address)
         self._worker_cls = ray.remote(num_cpus=0, max_restarts=0)(DeviceWorker)
         self.actors: dict[int, Any] = {}
+        self.mode, self.fallback, self.graph = "actor-calls", None, None
         try:
             for d in self.names:
                 self.actors[d] = self._spawn(d)
             self._wait({d: a.ping.remote() for d, a in self.actors.items()}, "starting the actors")
+            if mode != "actor-calls":
+                self._compile(required=mode == "compiled-graph")
         except BaseException:
             self.close()
             raise
@@ -200,6 +225,11 @@ class RayEngine:
         return join_batches(self.manifest, results)
 
     def _run_once(self, feeds: dict[str, np.ndarray], stats: Stats | None, rid: Any) -> dict[str, np.ndarray]:
+        if self.graph is not None:
+            return self._run_compiled(feeds, stats, rid)
+        if self.fallback == "it failed on a request":
+            raise LcpcError(f"request {rid}: the compiled graph failed on an earlier request; start the engine "
+                            f"again")
         pending: dict[int, list[tuple[Any, list[tuple]]]] = defaultdict(list)
         # small: by value, inlined in each receiving device's call; large: one object put once, pulled by each
         message = feeds if sum(v.nbytes for v in feeds.values()) < INLINE_BYTES else ray.put(feeds)
@@ -235,6 +265,67 @@ class RayEngine:
                     stats.bytes_by_transfer[tid] += n
             stats.samples += 1
         return {o["name"]: done[o["device"]][0][o["local_name"]] for o in self.manifest["outputs"]}
+
+    # ------------------------------------------------------------------ compiled graph
+    def _compile(self, required: bool) -> None:
+        """Build the schedule as one Ray Compiled Graph; on failure, actor calls (or an error if ``required``)."""
+        try:
+            self.graph = compiled_graph(self.schedule, self.actors, self.manifest)
+            self.mode = "compiled-graph"
+        except Exception as exc:  # noqa: BLE001 - any reason Ray gives: fall back and say why
+            self.graph = None
+            self.fallback = first_line(exc)
+            if required:
+                raise LcpcError(f"cannot build the Ray compiled graph: {self.fallback}; use the actor calls "
+                                f"(--ray-mode actor-calls)") from None
+
+    def _run_compiled(self, feeds: dict[str, np.ndarray], stats: Stats | None, rid: Any) -> dict[str, np.ndarray]:
+        devices = sorted(self.names)
+        try:
+            refs = self.graph.execute(feeds)
+        except Exception as exc:  # noqa: BLE001 - a broken graph: say so, never hang
+            self._break()
+            raise LcpcError(f"request {rid}: the compiled graph cannot take it ({first_line(exc)}); "
+                            f"start the engine again") from None
+        done, deadline = {}, time.monotonic() + self.timeout
+        for d, ref in zip(devices, refs):
+            try:
+                done[d] = ray.get(ref, timeout=max(deadline - time.monotonic(), 0.001))
+            except Exception as exc:  # noqa: BLE001 - timeout, dead actor, failed stage
+                self._break()
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, LcpcError):
+                    raise LcpcError(f"request {rid}: {cause}") from None
+                raise LcpcError(f"request {rid}: no answer from {self.names[d]} within {self.timeout:g} s in the "
+                                f"compiled graph ({type(exc).__name__}: {first_line(exc)}); its actor died or is "
+                                f"stuck: start the engine again, or use --ray-mode actor-calls") from None
+        try:
+            for ref in refs[len(devices):]:  # the steps that send nothing: read so the next request can run
+                ray.get(ref, timeout=max(deadline - time.monotonic(), 0.001))
+        except Exception as exc:  # noqa: BLE001 - as above
+            self._break()
+            raise LcpcError(f"request {rid}: the compiled graph did not finish within {self.timeout:g} s "
+                            f"({type(exc).__name__}); start the engine again") from None
+        if stats is not None:
+            for _, counts in done.values():
+                for tid, n in counts.items():
+                    stats.bytes_by_transfer[tid] += n
+            stats.samples += 1
+        return {o["name"]: np.array(done[o["device"]][0][o["local_name"]], copy=True)
+                for o in self.manifest["outputs"]}
+
+    def _break(self) -> None:
+        """Tear down a compiled graph that failed (bounded by Ray's teardown timeout); later calls refuse."""
+        self._teardown()
+        self.mode, self.fallback = "actor-calls", "it failed on a request"
+
+    def _teardown(self) -> None:
+        graph, self.graph = self.graph, None
+        if graph is not None:
+            try:
+                graph.teardown()
+            except Exception:  # noqa: BLE001 - already broken
+                pass
 
     # ------------------------------------------------------------------ faults
     def _wait(self, refs: dict[int, Any], what: str, rid: Any = None) -> dict[int, Any]:
@@ -303,6 +394,7 @@ class RayEngine:
         return self._wait({device: self.actors[device].ping.remote()}, "ping")[device]
 
     def close(self) -> None:
+        self._teardown()
         for a in self.actors.values():
             try:
                 ray.kill(a, no_restart=True)
@@ -312,3 +404,69 @@ class RayEngine:
         if self.owns_ray and ray.is_initialized():
             ray.shutdown()
         self.owns_ray = False
+
+
+def compiled_graph(schedule: Schedule, actors: dict[int, Any], manifest: dict[str, Any]):
+    """The schedule as one Ray Compiled Graph over ``actors``: a bound ``step`` per device per level,
+    messages as edges; each device's last call returns (outputs held there, bytes received by
+    transfer id): its ``last_step``, or ``finish`` when messages reach it after its last step. Steps
+    that send nothing are graph outputs too (compiled graphs allow no leaves). The graph's outputs
+    are the devices' results in device order, then those steps."""
+    outputs = defaultdict(list)
+    for o in manifest["outputs"]:
+        outputs[o["device"]].append(o["local_name"])
+    steps = schedule.steps()
+    arrives_late = set()
+    last = {}
+    for level in steps:
+        for st in level:
+            last[st.device] = st.level
+    for t in schedule.manifest["transfers"]:
+        if t["kind"] != "input" and t["level"] >= last.get(t["to"]["device"], -1):
+            arrives_late.add(t["to"]["device"])
+    with InputNode() as inp:
+        feeds = [f["name"] for f in mf.feeds(manifest)]
+        pending: dict[int, list] = defaultdict(list)
+        pending[0].append((inp, [(n, n, None) for n in feeds]))
+        by_dst: dict[int, list] = defaultdict(list)
+        for t in schedule.input_transfers:
+            by_dst[t["to"]["device"]].append((t["from"]["name"], t["to"]["name"], t["id"]))
+        for dst, mapping in by_dst.items():
+            pending[dst].append((inp, mapping))
+        results, leaves = {}, []
+        for level in steps:
+            arrived: dict[int, list] = defaultdict(list)
+            for step in level:
+                d = step.device
+                given = pending.pop(d, [])
+                if not given:
+                    raise LcpcError(f"device {d} has a call at level {step.level} that waits on no message")
+                dests = step.destinations
+                sends = [[t["from"]["name"] for t in step.sends[dst]] for dst in dests]
+                final = last[d] == step.level and d not in arrives_late
+                n = len(sends) + (1 if final else 0)
+                method = actors[d].last_step if final else actors[d].step
+                method = method.options(num_returns=n) if n > 1 else method
+                args = ([sends, outputs.get(d, [])] if final else [sends]) + [[m for _, m in given]]
+                node = method.bind(RID_COMPILED, [s["id"] for s in step.stages], *args, *[r for r, _ in given])
+                outs = [node] if n <= 1 else [node[i] for i in range(n)]
+                if final:
+                    results[d] = outs.pop()
+                elif not dests:
+                    leaves.append(node)
+                for dst, out in zip(dests, outs):
+                    arrived[dst].append((out, [(t["from"]["name"], t["to"]["name"], t["id"]) for t in step.sends[dst]]))
+            for d, items in arrived.items():
+                pending[d].extend(items)
+        for d in sorted(actors):
+            if d not in results:
+                given = pending.pop(d, [])
+                if not given:
+                    raise LcpcError(f"device {d}'s last call waits on no message")
+                results[d] = actors[d].finish.bind(RID_COMPILED, outputs.get(d, []), [m for _, m in given],
+                                                   *[r for r, _ in given])
+        dag = MultiOutputNode([results[d] for d in sorted(actors)] + leaves)
+    return dag.experimental_compile()
+
+
+RID_COMPILED = "compiled"  # one request at a time flows through a compiled graph

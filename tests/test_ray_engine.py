@@ -59,13 +59,15 @@ def test_cli_run_engine_ray(local_ray, folders, tmp_path):  # noqa: F811
 
     from lcpc.cli import main
 
-    stats = tmp_path / "s.json"
-    result = CliRunner().invoke(main, ["run", str(folders[("digits", "none")]), "--input",
-                                       str(EXAMPLE.parent / "sample.npy"), "--engine", "ray", "--stats", str(stats)])
-    assert result.exit_code == 0, result.output
-    data = json.loads(stats.read_text())
-    assert all(r["bytes"] == r["manifest_bytes_per_inference"] * data["samples"] for r in data["transfers"])
-    assert "engine ray (actor-calls)" in result.output
+    for mode, says in (([], "compiled-graph"), (["--ray-mode", "actor-calls"], "actor-calls")):
+        stats = tmp_path / f"s{says}.json"
+        result = CliRunner().invoke(main, ["run", str(folders[("digits", "none")]), "--input",
+                                           str(EXAMPLE.parent / "sample.npy"), "--engine", "ray", "--stats",
+                                           str(stats)] + mode)
+        assert result.exit_code == 0, result.output
+        data = json.loads(stats.read_text())
+        assert all(r["bytes"] == r["manifest_bytes_per_inference"] * data["samples"] for r in data["transfers"])
+        assert f"engine ray ({says})" in result.output
 
 
 def test_ray_raw_uint8_input_equals_local(local_ray, tmp_path):  # noqa: F811
@@ -86,3 +88,42 @@ def test_ray_raw_uint8_input_equals_local(local_ray, tmp_path):  # noqa: F811
     assert dict(stats.bytes_by_transfer) == dict(local_stats.bytes_by_transfer)
     inputs = [t for t in manifest["transfers"] if t["kind"] == "input"]
     assert inputs and all(t["dtype"] == "uint8" and stats.bytes_by_transfer[t["id"]] == 2 * 64 for t in inputs)
+
+
+@pytest.mark.parametrize("key", [("digits", "none"), ("digits", "all")])
+def test_compiled_graph_equals_local(local_ray, folders, key):  # noqa: F811
+    folder = folders[key]
+    engine = RayEngine(folder, timeout=60, mode="auto")
+    try:
+        spec = engine.inputs[0]
+        x = np.random.default_rng(1).standard_normal([3] + spec["shape"][1:]).astype(np.float32)
+        stats = Stats()
+        got = engine.run({spec["name"]: x}, stats)
+        again = engine.run({spec["name"]: x[:1]})
+        mode = engine.describe
+    finally:
+        engine.close()
+    assert mode == "ray (compiled-graph)", mode
+    want, local_stats, manifest = run_folder(folder, {spec["name"]: x})
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(again[name], want[name][:1], rtol=1e-5, atol=1e-5)
+    assert dict(stats.bytes_by_transfer) == dict(local_stats.bytes_by_transfer)
+    for t in manifest["transfers"]:
+        assert stats.bytes_by_transfer[t["id"]] == 3 * t["bytes"], t
+
+
+def test_compiled_graph_dead_actor_is_one_clear_error(local_ray, folders):  # noqa: F811
+    from lcpc.errors import LcpcError
+
+    engine = RayEngine(folders[("digits", "none")], timeout=10, mode="compiled-graph")
+    try:
+        x = np.zeros([1, 1, 8, 8], np.float32)
+        engine.run({"input": x})
+        local_ray.kill(engine.actors[2], no_restart=True)
+        with pytest.raises(LcpcError, match=r"request \d+: "):
+            engine.run({"input": x})
+        with pytest.raises(LcpcError, match="start the engine again"):
+            engine.run({"input": x})
+    finally:
+        engine.close()
