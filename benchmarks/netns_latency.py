@@ -17,7 +17,8 @@ owner, the driver on the head's node, so such a message between two branches tak
 hops); ``direct`` is the one compared against the 25% bar, because it is the one the
 measurements follow (see benchmarks/results/netns_latency.md).
 
-    python benchmarks/netns_latency.py [--blocks 8] [--requests 5] [--quick]   (root; ip netns; Ray)
+    python benchmarks/netns_latency.py [--blocks 8] [--requests 5] [--quick] [--ray-mode compiled-graph]
+    (root; ip netns; Ray; results in netns_latency.md, or netns_latency_compiled-graph.md)
 """
 
 from __future__ import annotations
@@ -40,14 +41,14 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def driver(folder: str, address: str, block: int, warmup: int) -> None:
+def driver(folder: str, address: str, block: int, warmup: int, ray_mode: str = "actor-calls") -> None:
     """Inside the head's namespace: run ``folder`` on the cluster; for every line read from stdin
     (the phase), run ``block`` requests and print their latencies as one JSON line."""
     from lcpc import manifest as mf
     from lcpc.pipeline import open_engine
     from lcpc.schedule import Stats
 
-    engine = open_engine(folder, "ray", address=address, timeout=120)
+    engine = open_engine(folder, "ray", address=address, timeout=120, ray_mode=ray_mode)
     try:
         spec = mf.feeds(engine.manifest)[0]
         rng = np.random.default_rng(0)
@@ -85,11 +86,13 @@ def _line(proc: subprocess.Popen, timeout: float) -> dict:
     raise RuntimeError(f"the driver did not answer within {timeout:g} s")
 
 
-def measure(cluster, folder: Path, blocks: int, block: int, warmup: int = 5, timeout: float = 180) -> dict:
+def measure(cluster, folder: Path, blocks: int, block: int, warmup: int = 5, timeout: float = 180,
+            ray_mode: str = "actor-calls") -> dict:
     """Shaped and unshaped requests interleaved in blocks (so the machine's changing load hits both alike)."""
     proc = subprocess.Popen(cluster.exec_prefix(0) + [sys.executable, str(Path(__file__).resolve()), "--driver",
                                                       str(folder), "--address", cluster.head_address,
-                                                      "--requests", str(block), "--warmup", str(warmup)],
+                                                      "--requests", str(block), "--warmup", str(warmup),
+                                                      "--ray-mode", ray_mode],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=cluster.env)
     out = {"shaped": [], "unshaped": [], "bytes_match_manifest": True}
@@ -157,23 +160,25 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=8, help="blocks of shaped and of unshaped requests")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="digits only")
+    ap.add_argument("--ray-mode", default="actor-calls", choices=["actor-calls", "compiled-graph", "auto"])
     ap.add_argument("--rewrite", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     if args.rewrite:  # the Markdown again from a stored JSON result
-        write(json.loads(args.rewrite.read_text()), args.out)
+        write(json.loads(args.rewrite.read_text()), args.out, args.rewrite.stem)
         return
     if args.driver:
-        driver(args.driver, args.address, args.requests, args.warmup)
+        driver(args.driver, args.address, args.requests, args.warmup, args.ray_mode)
         return
-    run_all(args.blocks, args.quick, args.out, block=args.requests)
+    run_all(args.blocks, args.quick, args.out, block=args.requests, ray_mode=args.ray_mode)
 
 
 SHAPED = (100.0, 1.0)        # Mbit/s, ms one way per link
 UNSHAPED = (10000.0, 1e-6)   # the same namespaces and switch, shaping off (calibrates the engine's own cost)
 
 
-def run_all(blocks: int, quick: bool, out_dir: Path | None, tolerance: float = 0.25, block: int = 5) -> dict:
+def run_all(blocks: int, quick: bool, out_dir: Path | None, tolerance: float = 0.25, block: int = 5,
+            ray_mode: str = "actor-calls") -> dict:
     """Predict, measure (unshaped, then shaped) and compare; writes netns_latency.{md,json} to ``out_dir``."""
     from benchmarks import netns_cluster as nc
 
@@ -193,7 +198,7 @@ def run_all(blocks: int, quick: bool, out_dir: Path | None, tolerance: float = 0
         with nc.cluster(4, rate_mbit=SHAPED[0], latency_ms=SHAPED[1]) as c:
             rtt = {"shaped": c.rtt_ms}
             for label, sync, folder in work:
-                measured[folder.name] = measure(c, folder, blocks, block)
+                measured[folder.name] = measure(c, folder, blocks, block, ray_mode=ray_mode)
                 print(label, sync, {k: f"{1e3 * np.median(measured[folder.name][k]):.2f} ms"
                                     for k in ("unshaped", "shaped")}, flush=True)
             c.shape(False)
@@ -222,15 +227,15 @@ def run_all(blocks: int, quick: bool, out_dir: Path | None, tolerance: float = 0
              "udp_rtt_ms": rtt, "requests": blocks * block, "block": block, "tolerance": tolerance}
     result = {"setup": setup, "rows": rows}
     if out_dir is not None:
-        write(result, out_dir)
+        write(result, out_dir, "netns_latency" if ray_mode == "actor-calls" else f"netns_latency_{ray_mode}")
     return result
 
 
-def write(result: dict, out_dir: Path) -> None:
+def write(result: dict, out_dir: Path, name: str = "netns_latency") -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for r in result["rows"]:
         r["within_tolerance"] = abs(r["ratio_direct"] - 1) <= result["setup"]["tolerance"]
-    (out_dir / "netns_latency.json").write_text(json.dumps(result, indent=1))
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
     s = result["setup"]
     lines = ["| model | sync | bytes (messages) | unshaped ms | engine cost per message ms | predicted ms | "
              "measured ms (p90) | measured / predicted | route: ray (relay via the head): predicted ms, ratio |",
@@ -248,7 +253,7 @@ def write(result: dict, out_dir: Path) -> None:
                   f"shaped links, with the engine cost per message (devices.yaml overhead) calibrated so that the "
                   f"model gives the latency measured on the same namespaces with the shaping off (per route). "
                   f"From one run of benchmarks/netns_latency.py."]
-    (out_dir / "netns_latency.md").write_text("\n".join(lines) + "\n")
+    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
