@@ -181,8 +181,7 @@ def convert(model: Path, branches: int, sync: str, partition: str, calib: Path |
         with _progress_bar() as progress:
             manifest = pipeline.convert_and_recover(model, out, recover_data, labels=labels, epochs=epochs,
                                                     force=force, progress=progress, branches=branches, **options)
-        click.echo(render_recovery(manifest["fidelity"]["recovery"]))
-    click.echo(report.render(manifest, "text"))
+    click.echo(report.render(manifest, "text"))  # with --recover, it shows the recovery figures too
     click.echo(f"wrote {len(manifest['stages'])} stage files and manifest.json to {out}")
     if recover_data is None and manifest["sync"]["cuts"]:
         click.echo(cut_warning(manifest, out, options["calib"]))
@@ -401,7 +400,7 @@ def recover(folder: Path, data: Path, labels: Path | None, original: Path | None
     with _progress_bar() as progress:
         manifest = pipeline.recover(folder, x, out, labels=y, epochs=epochs, refit=refit, model=original,
                                     force=force, progress=progress)
-    click.echo(render_recovery(manifest["fidelity"]["recovery"]))
+    click.echo(report.render_recovery(manifest["fidelity"]["recovery"]))
     click.echo(f"wrote the recovered plan to {out}")
 
 
@@ -437,23 +436,3 @@ class _progress_bar:
 
     def __exit__(self, *exc):
         return self.bar.__exit__(*exc)
-
-
-def render_recovery(figures: dict) -> str:
-    """One line per recovery stage: held-out figures before -> after."""
-    names = {"top1_agreement": "agreement", "candidate_accuracy": "accuracy", "kl_divergence": "KL"}
-    lines = []
-    for stage, rep in figures.items():
-        before, after = rep.get("before", {}), rep.get("after", {})
-        parts = []
-        for key, label in names.items():
-            if key in after:
-                fmt = (lambda v: f"{v:.4g}") if key == "kl_divergence" else (lambda v: f"{100 * v:.2f}%")
-                parts.append(f"{label} {fmt(before.get(key, float('nan')))} -> {fmt(after[key])}")
-        if after.get("reference_accuracy") is not None:
-            parts.append(f"original accuracy {100 * after['reference_accuracy']:.2f}%")
-        where = f" (held-out, {after['samples']} samples)" if "samples" in after else ""
-        lines.append(f"{stage}{where}: " + ", ".join(parts))
-        for warning in rep.get("warnings", []):
-            lines.append(f"warning: {warning}")
-    return "\n".join(lines)

@@ -128,8 +128,9 @@ def _rich(console: Console, data: dict[str, Any]) -> None:
     if data["unsupported_ops"]:
         console.print(Text("Ops lcpc does not model (run exactly behind a sync): "
                            + printable(", ".join(data["unsupported_ops"]), 500)))
-    if data["fidelity"]:
-        console.print(Text("Fidelity: " + json.dumps(data["fidelity"])))
+    recovery = (data["fidelity"] or {}).get("recovery")
+    if recovery:
+        console.print(Text("Recovery: " + render_recovery(recovery).replace("\n", "\n          ")))
     for title, header, rows in _compression_tables(data):
         table = Table(title=title, title_justify="left")
         for h in header:
@@ -195,3 +196,23 @@ def _markdown(data: dict[str, Any]) -> str:
     for title, header, rows in _compression_tables(data):
         parts += [f"\n## {title}\n", _md_table(header, rows)]
     return "\n".join(parts) + "\n"
+
+
+def render_recovery(figures: dict) -> str:
+    """One line per recovery stage: held-out figures before -> after."""
+    names = {"top1_agreement": "agreement", "candidate_accuracy": "accuracy", "kl_divergence": "KL"}
+    lines = []
+    for stage, rep in figures.items():
+        before, after = rep.get("before", {}), rep.get("after", {})
+        parts = []
+        for key, label in names.items():
+            if key in after:
+                fmt = (lambda v: f"{v:.4g}") if key == "kl_divergence" else (lambda v: f"{100 * v:.2f}%")
+                parts.append(f"{label} {fmt(before.get(key, float('nan')))} -> {fmt(after[key])}")
+        if after.get("reference_accuracy") is not None:
+            parts.append(f"original accuracy {100 * after['reference_accuracy']:.2f}%")
+        where = f" (held-out, {after['samples']} samples)" if "samples" in after else ""
+        lines.append(f"{stage}{where}: " + ", ".join(parts))
+        for warning in rep.get("warnings", []):
+            lines.append(f"warning: {warning}")
+    return "\n".join(lines)
