@@ -17,6 +17,9 @@ Guarantees:
 - ``mask(out_branch, in_branch)`` is 1 where the output and input channel sit in the
   same branch, broadcastable against the weight: ``w * mask`` computes exactly what the
   cut computes;
+- ``im2col(x, ...)`` lays a 2-D Conv's input out as rows (sample, position) by columns
+  (input channel, kernel position), the row order of ``matrix``, so ``im2col(x) @ matrix``
+  is the convolution;
 - ``energy(w)`` is ``E[o, i]``, the squared weights summed over the kernel axes;
 - ``of_plan(plan, node)`` and ``branch_block(plan, node, k)`` read the plan's partition:
   branch k's block is ``block(w, own_k(out), own_k(in))``.
@@ -164,3 +167,18 @@ def masked_graph(plan, cut: set[str] | None = None) -> Graph:
         w = of_plan(plan, name).weight
         updates[w] = g.constants[w] * mask
     return g.with_constants(updates)
+
+
+def im2col(x: np.ndarray, kernel: tuple[int, int], strides=(1, 1), dilations=(1, 1), pads=(0, 0, 0, 0)) -> np.ndarray:
+    """A 2-D Conv's input ``x`` [N, C, H, W] as rows (n, oh, ow) by columns (c, kh, kw)."""
+    kh, kw = kernel
+    sh, sw = strides
+    dh, dw = dilations
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    n, c, h, w = xp.shape
+    oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    cols = np.empty((n, oh, ow, c, kh, kw), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, :, :, :, i, j] = xp[:, :, i * dh:i * dh + sh * oh:sh, j * dw:j * dw + sw * ow:sw].transpose(0, 2, 3, 1)
+    return cols.reshape(n * oh * ow, c * kh * kw)

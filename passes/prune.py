@@ -52,7 +52,7 @@ from lcpc.ir import Graph, Node
 from lcpc.calibrate import run_graph
 from lcpc.passes.layouts import assign_layouts
 from lcpc.plan import Action, Plan, check
-from lcpc.weights import DenseWeight, masked_graph
+from lcpc.weights import DenseWeight, im2col, masked_graph
 
 ACT_SAMPLES = 32
 ALIGN = 8  # channels per branch kept in multiples of this when the branch has a multiple of it
@@ -136,7 +136,8 @@ def reconstruct_consumers(original: Graph, pruned: Plan, calib: np.ndarray, keep
         y = run_graph(original, calib, [y_name])[0]
         if y.shape[1] != g.info(y_name).shape[1]:  # the layer lost output channels too
             y = y[:, keep[y_name]]
-        p = _patches(x, node, w.shape) if node.op == "Conv" else x.reshape(len(x), -1)
+        p = im2col(x, w.shape[2:], node.attr("strides", [1, 1]), node.attr("dilations", [1, 1]),
+                   node.attr("pads", [0, 0, 0, 0])) if node.op == "Conv" else x.reshape(len(x), -1)
         t = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
         rows = rng.choice(len(t), size=max_rows, replace=False) if len(t) > max_rows else slice(None)
         p, t = p[rows].astype(np.float64), t[rows].astype(np.float64)
@@ -157,22 +158,6 @@ def reconstruct_consumers(original: Graph, pruned: Plan, calib: np.ndarray, keep
             updates[view.bias] = sol[-1].reshape(bias.shape).astype(bias.dtype)
         g = g.with_constants(updates)
     return g
-
-
-def _patches(x: np.ndarray, node: Node, w_shape: tuple[int, ...]) -> np.ndarray:
-    """im2col for a 2-D Conv: rows (n, oh, ow), columns (cin, kh, kw) (``DenseWeight.matrix`` order)."""
-    kh, kw = w_shape[2:]
-    pads = node.attr("pads", [0, 0, 0, 0])
-    sh, sw = node.attr("strides", [1, 1])
-    dh, dw = node.attr("dilations", [1, 1])
-    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    n, c, h, w = xp.shape
-    oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
-    cols = np.empty((n, c, kh, kw, oh, ow), dtype=x.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            cols[:, :, i, j] = xp[:, :, i * dh:i * dh + sh * oh:sh, j * dw:j * dw + sw * ow:sw]
-    return cols.transpose(0, 4, 5, 1, 2, 3).reshape(n * oh * ow, c * kh * kw)
 
 
 def how_many(n: int, ratio: float) -> int:

@@ -41,7 +41,7 @@ from lcpc.errors import LcpcError
 from lcpc.fidelity import compare, holdout_split
 from lcpc.ir import Graph
 from lcpc.plan import Plan
-from lcpc.weights import DenseWeight, masked_graph, of_plan
+from lcpc.weights import DenseWeight, im2col, masked_graph, of_plan
 
 LEVELS = ("lsq", "stats")
 MAX_DIM = 4096            # most unknowns per output channel (normal-equation size)
@@ -160,19 +160,7 @@ class _Linear:
         """Input rows: (samples * positions, channels * kernel), in ``DenseWeight.matrix`` row order."""
         if self.conv is None:
             return x
-        kh, kw = self.conv["kernel"]
-        sh, sw = self.conv["strides"]
-        dh, dw = self.conv["dilations"]
-        p = self.conv["pads"]
-        xp = np.pad(x, ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3])))
-        n, c, h, w = xp.shape
-        oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
-        cols = np.empty((n, oh, ow, c, kh, kw), dtype=x.dtype)
-        for i in range(kh):
-            for j in range(kw):
-                cols[:, :, :, :, i, j] = xp[:, :, i * dh:i * dh + sh * oh:sh, j * dw:j * dw + sw * ow:sw] \
-                    .transpose(0, 2, 3, 1)
-        return cols.reshape(n * oh * ow, c * kh * kw)
+        return im2col(x, self.conv["kernel"], self.conv["strides"], self.conv["dilations"], self.conv["pads"])
 
     def targets(self, y: np.ndarray) -> np.ndarray:
         """Output rows matching ``rows``: (samples * positions, out channels)."""
