@@ -52,22 +52,6 @@ def flops_of(model: onnx.ModelProto) -> int:
     return int(sum(analyse(graph).flops.values()))
 
 
-def time_items(items: list[tuple[str, object, dict]], runs: int, warmup: int, seed: int = 0) -> dict[str, list[float]]:
-    """Seconds per item over ``runs`` interleaved, shuffled rounds (after ``warmup``)."""
-    rng = np.random.default_rng(seed)
-    times: dict[str, list[float]] = {name: [] for name, _, _ in items}
-    order = np.arange(len(items))
-    for r in range(warmup + runs):
-        rng.shuffle(order)
-        for i in order:
-            name, run, feeds = items[i]
-            start = time.perf_counter()
-            run(feeds)
-            if r >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
-
-
 def session_runner(data, threads: int):
     sess = bench._load(data, threads, "model")
     return lambda feeds: sess.run(None, feeds)
@@ -101,7 +85,7 @@ def one_model(name: str, ks: list[int], args, tmp: Path) -> list[dict]:
             engine = LocalEngine(tmp / f"{name}_k{k}", threads=args.engine_threads)
             engines[k] = engine
             items.append((f"k{k}/engine", engine.run, feeds))
-    times = time_items(items, args.runs, args.warmup)
+    times = bench.time_interleaved(items, args.runs, args.warmup, np.random.default_rng(0))
     for engine in engines.values():
         engine.close()
     rows = []

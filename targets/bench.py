@@ -26,13 +26,14 @@ Guarantees:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -115,26 +116,35 @@ def bench(folder: str | Path, model: str | Path | None = None, threads: int = 1,
     folder = Path(folder)
     manifest = mf.read(folder)
     rng = np.random.default_rng(seed)
-    items = [("original", _load(original_model(manifest, model), threads, "the original model"),
-              random_feeds(manifest["source"]["inputs"], rng))]
+    sessions = [("original", _load(original_model(manifest, model), threads, "the original model"),
+                 random_feeds(manifest["source"]["inputs"], rng))]
     for s in manifest["stages"]:
-        items.append((s["id"], open_stage(mf.read_stage(folder, s), s, folder / s["file"], threads),
-                      random_feeds(s["inputs"], rng)))
+        sessions.append((s["id"], open_stage(mf.read_stage(folder, s), s, folder / s["file"], threads),
+                         random_feeds(s["inputs"], rng)))
+    times = time_interleaved([(name, functools.partial(sess.run, None), feeds) for name, sess, feeds in sessions],
+                             runs, warmup, rng)
+    return summarise(manifest, {name: _stats(t) for name, t in times.items()},
+                     {"folder": str(folder), "threads": threads, "runs": runs, "warmup": warmup, "machine": machine()})
+
+
+def time_interleaved(items: list[tuple[str, Callable, dict]], runs: int, warmup: int,
+                     rng: np.random.Generator) -> dict[str, list[float]]:
+    """Seconds per item over ``runs`` interleaved rounds in a shuffled order (after ``warmup``);
+    each item is (name, run, feeds) and is timed as ``run(feeds)``."""
     times: dict[str, list[float]] = {name: [] for name, _, _ in items}
     order = np.arange(len(items))
     for r in range(warmup + runs):
         rng.shuffle(order)
         for i in order:
-            name, sess, feeds = items[i]
+            name, run, feeds = items[i]
             start = time.perf_counter()
             try:
-                sess.run(None, feeds)
+                run(feeds)
             except Exception as exc:
                 raise LcpcError(f"bench: {name} failed in onnxruntime: {first_line(exc)}") from None
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return summarise(manifest, {name: _stats(t) for name, t in times.items()},
-                     {"folder": str(folder), "threads": threads, "runs": runs, "warmup": warmup, "machine": machine()})
+    return times
 
 
 def summarise(manifest: dict[str, Any], stats: dict[str, dict[str, float]], setup: dict[str, Any]) -> dict[str, Any]:
