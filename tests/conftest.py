@@ -50,3 +50,27 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.fixture(scope="session")
 def zoo_bytes() -> dict[str, bytes]:
     return {name: build().SerializeToString() for name, build in ZOO.items()}
+
+
+@pytest.fixture
+def no_torch(monkeypatch):
+    """``import torch`` (and its submodules) raises ImportError for the rest of the test."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def refuse(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("No module named 'torch'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", refuse)
+
+
+@pytest.fixture(scope="session")
+def digits_calib():
+    """(256 digits training images for calibration, the digits test images)."""
+    from examples.digits.data import load_split
+
+    x_train, _, x_test, _ = load_split()
+    return x_train[:256], x_test

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from conftest import EXAMPLE, ZOO, run_folder
+from conftest import EXAMPLE, run_folder
 from lcpc import frontend, ops, planner
 from lcpc.pipeline import convert as convert_model
 from lcpc.compress import run_program

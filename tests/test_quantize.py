@@ -8,29 +8,22 @@ import onnxruntime as ort
 import pytest
 
 from conftest import EXAMPLE, run_folder
-from examples.digits.data import load_split
 from lcpc.pipeline import convert as convert_model
 from lcpc.ir import Graph, Node, TensorInfo
 from lcpc.passes import quantize as quant
 
 
 @pytest.fixture(scope="module")
-def digits():
-    x_train, _, x_test, _ = load_split()
-    return x_train[:256], x_test
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory, digits):
-    calib, _ = digits
+def folders(tmp_path_factory, digits_calib):
+    calib, _ = digits_calib
     root = tmp_path_factory.mktemp("quant")
     convert_model(EXAMPLE, root / "float", 2, sync="all")
     convert_model(EXAMPLE, root / "int8", 2, sync="all", calib=calib, quantize="int8-all")
     return root
 
 
-def test_int8_stages_are_standard_onnx_and_agree(folders, digits):
-    _, x_test = digits
+def test_int8_stages_are_standard_onnx_and_agree(folders, digits_calib):
+    _, x_test = digits_calib
     y32, _, m32 = run_folder(folders / "float", {"input": x_test})
     y8, _, m8 = run_folder(folders / "int8", {"input": x_test})
     for s in m8["stages"]:

@@ -4,7 +4,6 @@ little data is called out."""
 
 from __future__ import annotations
 
-import builtins
 
 import numpy as np
 import onnx
@@ -293,15 +292,7 @@ def test_bad_data_is_refused(split):
         recover.run(plan, split[0][:10], np.zeros(9, np.int64))
 
 
-def test_missing_torch_says_how_to_install(monkeypatch):
-    real_import = builtins.__import__
-
-    def no_torch(name, *args, **kwargs):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("No module named 'torch'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_torch)
+def test_missing_torch_says_how_to_install(no_torch):
     graph, source = frontend.load(EXAMPLE)
     plan = planner.plan(graph, source, 2, "none")
     with pytest.raises(LcpcError, match=r"distillation needs PyTorch: pip install 'lcpc\[train\]'"):

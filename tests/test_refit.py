@@ -100,19 +100,9 @@ def test_convert_with_recover_in_one_step(split, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rec", "train.npy"]  # no staging left behind
 
 
-def test_refit_needs_no_torch(split, digits_plan, monkeypatch):
+def test_refit_needs_no_torch(split, digits_plan, no_torch):
     """The refit is numpy + onnxruntime: it runs with torch unimportable, and it refits the
     classifier downstream of the cut too (a dense layer that is not itself cut)."""
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_torch(name, *args, **kwargs):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("No module named 'torch'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_torch)
     layers = [n.name for n in refit.refit_layers(digits_plan)]
     assert "/fc/Gemm" in layers and "/fc/Gemm" not in digits_plan.cut_nodes()
     assert set(digits_plan.cut_nodes()) <= set(layers)

@@ -7,20 +7,13 @@ import onnx
 import pytest
 
 from conftest import EXAMPLE, run_folder
-from examples.digits.data import load_split
 from lcpc.pipeline import convert as convert_model
 from lcpc.wire import WireQuant
 
 
 @pytest.fixture(scope="module")
-def digits():
-    x_train, _, x_test, _ = load_split()
-    return x_train[:256], x_test
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory, digits):
-    calib, _ = digits
+def folders(tmp_path_factory, digits_calib):
+    calib, _ = digits_calib
     root = tmp_path_factory.mktemp("wire")
     out = {}
     for wire in ("fp32", "int8"):
@@ -29,8 +22,8 @@ def folders(tmp_path_factory, digits):
     return out
 
 
-def test_int8_wire_moves_4x_fewer_bytes_and_counts_them(folders, digits):
-    _, x_test = digits
+def test_int8_wire_moves_4x_fewer_bytes_and_counts_them(folders, digits_calib):
+    _, x_test = digits_calib
     y32, s32, m32 = run_folder(folders["fp32"], {"input": x_test})
     y8, s8, m8 = run_folder(folders["int8"], {"input": x_test})
     assert m32["totals"]["bytes_per_inference"] >= 3.5 * m8["totals"]["bytes_per_inference"]
@@ -72,10 +65,10 @@ def test_wire_quant_error_is_half_a_step(lo, hi):
     assert q.dtype == ("uint8" if lo >= 0 else "int8")
 
 
-def test_recover_keeps_the_int8_wire_and_stages(tmp_path, digits):
+def test_recover_keeps_the_int8_wire_and_stages(tmp_path, digits_calib):
     from lcpc.pipeline import recover
 
-    calib, x_test = digits
+    calib, x_test = digits_calib
     convert_model(EXAMPLE, tmp_path / "q", 2, calib=calib, quantize="int8-all", wire="int8")
     out = recover(tmp_path / "q", calib, tmp_path / "r", epochs=0)
     assert out["compression"] == {"quantize": "int8-all", "wire": "int8"}
