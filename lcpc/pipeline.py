@@ -41,6 +41,7 @@ from lcpc.passes import refit as refit_pass
 from lcpc.targets import onnx as onnx_target
 from lcpc.targets.local import LocalEngine
 
+
 def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str = "none",
             input_shapes: dict | None = None, force: bool = False, partition: str = "energy",
             preprocessing: dict | None = None, calib: np.ndarray | None = None,
@@ -84,12 +85,13 @@ def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str
     program = lower(plan, raw)
     exact_bytes = program.bytes_per_inference() if exact_bytes is None else exact_bytes
     compression = None
-    if prune or quantize or wire != "fp32":
-        variants = {"lcp": compress.apply(lower(lcp), None, wire, calib)}
+    if compressing:
+        lcp_program = lower(lcp) if prune else program  # the unpruned plan, lowered once
+        variants = {"lcp": compress.apply(lcp_program, None, wire, calib)}
         if prune:
             variants["lcp+prune"] = compress.apply(program, None, wire, calib)
         if quantize:
-            variants["lcp+quant"] = compress.apply(lower(lcp), quantize, wire, calib)
+            variants["lcp+quant"] = compress.apply(lcp_program, quantize, wire, calib)
             if prune:
                 variants["lcp+prune+quant"] = compress.apply(program, quantize, wire, calib)
         program = list(variants.values())[-1]
