@@ -76,13 +76,11 @@ class Network:
     def speeds(self, k: int) -> list[float]:
         return [self.device(f"dev{d}").speed for d in range(k)]
 
-    def shares(self, k: int) -> tuple[float, ...] | None:
-        """Each branch's fraction of the channels, in proportion to speed; None when all are equal."""
+    def distinct_speeds(self, k: int) -> tuple[float, ...] | None:
+        """The speeds of devices 0..k-1; None when they are all equal."""
         check_names(self, k)
         speeds = self.speeds(k)
-        if len(set(speeds)) == 1:
-            return None
-        return tuple(s / sum(speeds) for s in speeds)
+        return None if len(set(speeds)) == 1 else tuple(speeds)
 
     def with_bandwidth(self, bandwidth: float) -> Network:
         """The same network with every link at ``bandwidth`` bytes/s (for the latency plot)."""

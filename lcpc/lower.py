@@ -427,13 +427,11 @@ class _Lowering:
         return self.emit(d, "Sum", ins, [(base, info)])[0]
 
     def merge(self, node: Node, b: ops.Dense) -> None:
-        """Terminal Dense on an S input: gather features or reduce partial outputs at the head."""
+        """Terminal Dense on an S input: gather features or reduce partial outputs at the head,
+        as ``plan.merges`` says (``passes.merge``)."""
         x, out = node.inputs[0], node.outputs[0]
-        features = sum(self.plan.own(x, j).size for j in range(self.k) if j != HEAD)
-        feature_bytes = features * self.g.info(x).nbytes // self.g.info(x).shape[self.axis(x)]
-        partial_bytes = (self.k - 1) * self.g.info(out).nbytes
         view, w_all = self._weight(node, b)
-        if feature_bytes <= partial_bytes:
+        if self.plan.merges[node.name] == "features":
             y = self._emit_dense(HEAD, node, b, self.full(x, HEAD), w_all,
                                  self._bias(node, b), out, self.g.info(out))
         else:

@@ -68,9 +68,9 @@ def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str
     if not isinstance(model, (bytes, bytearray)):
         source = replace(source, path=str(Path(model).resolve()))
     network = load_devices(devices)
-    shares = network.shares(branches)
+    speeds = network.distinct_speeds(branches)
     plan = planner.plan(graph, source, branches, sync, partition, calib=calib, comm_budget=comm_budget,
-                        shares=shares, progress=progress)
+                        speeds=speeds, head_bandwidth=network.link("dev0").bandwidth, progress=progress)
     lcp, record = plan, None
     if prune:
         plan, record = prune_pass.run(plan, prune, calib)
@@ -99,7 +99,7 @@ def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str
                        "wire": wire, "variants": compress.compare(variants, graph, calib)}
     return onnx_target.write(plan, program, out, force=force, exact_bytes=exact_bytes,
                              preprocessing=preprocessing, compression=compression, original=graph,
-                             speeds=None if shares is None else network.speeds(branches))
+                             speeds=speeds)
 
 
 def convert_and_recover(model: str | Path | bytes, out: str | Path, data: Path | np.ndarray, *,

@@ -77,7 +77,8 @@ class PlanOptions:
     partition: str = "energy"
     calib: np.ndarray | None = field(default=None, compare=False, repr=False)
     comm_budget: int | None = None
-    shares: tuple[float, ...] | None = None   # each branch's fraction of the channels (devices' speeds)
+    speeds: tuple[float, ...] | None = None   # each device's relative compute speed (devices.yaml)
+    head_bandwidth: float | None = None       # bytes/s of the head's link (devices.yaml; None: the default)
     progress: Callable | None = field(default=None, compare=False, repr=False)  # (done, total, agreement)
 
 
@@ -93,6 +94,8 @@ class Plan:
     sync_policy: str = "none"
     partition_method: str = "contiguous"
     partition_energy: Mapping[str, float] = field(default_factory=dict)
+    shares: tuple[float, ...] | None = None   # each branch's fraction of the channels (None: 1/K)
+    merges: Mapping[str, str] = field(default_factory=dict)  # classifier -> features | partial
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def branches(self, tensor: str) -> np.ndarray:

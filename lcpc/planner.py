@@ -1,6 +1,7 @@
 """Build a plan: the planning passes, in order, each checked against the plan's invariants.
 
-    layouts (passes.layouts) -> partition (passes.partition) -> cut (passes.cut)
+    layouts (passes.layouts) -> balance (passes.balance) -> partition (passes.partition)
+    -> merge (passes.merge) -> cut (passes.cut)
 
 Every planning pass has the signature ``run(plan, options) -> plan``; after each one
 ``plan.check`` verifies the invariants listed in ``lcpc.plan`` and names the pass that
@@ -17,23 +18,25 @@ from lcpc.analysis import analyse
 from lcpc.errors import LcpcError
 from lcpc.frontend import Source
 from lcpc.ir import Graph
-from lcpc.passes import cut, layouts, partition
+from lcpc.passes import balance, cut, layouts, merge, partition
 from lcpc.plan import Plan, PlanOptions, check
 
 MAX_BRANCHES = 64
-PASSES = (("layouts", layouts.run), ("partition", partition.run), ("cut", cut.run))
+PASSES = (("layouts", layouts.run), ("balance", balance.run), ("partition", partition.run), ("merge", merge.run),
+          ("cut", cut.run))
 
 
 def plan(graph: Graph, source: Source, k: int, sync: str = "none", partition_method: str = "energy",
          calib: np.ndarray | None = None, comm_budget: int | None = None,
-         shares: tuple[float, ...] | None = None, progress=None) -> Plan:
+         speeds: tuple[float, ...] | None = None, head_bandwidth: float | None = None, progress=None) -> Plan:
     """Plan ``graph`` for ``k`` branches with sync policy ``sync`` (passes.cut) and
-    channel partition ``partition_method`` (passes.partition; ``shares``: each branch's
-    fraction of the channels, for devices of different speeds); ``progress(done, total,
-    agreement)`` follows ``--sync auto``'s measurements."""
+    channel partition ``partition_method`` (passes.partition), with channel shares that
+    balance the devices' work (passes.balance; ``speeds``: each device's relative speed)
+    and classifier merges chosen for the head's link (passes.merge; ``head_bandwidth``);
+    ``progress(done, total, agreement)`` follows ``--sync auto``'s measurements."""
     if not 2 <= k <= MAX_BRANCHES:
         raise LcpcError(f"--branches {k}: choose K between 2 and {MAX_BRANCHES}")
-    options = PlanOptions(sync, partition_method, calib, comm_budget, shares, progress)
+    options = PlanOptions(sync, partition_method, calib, comm_budget, speeds, head_bandwidth, progress)
     p = Plan(graph, source, analyse(graph), k, layouts={})
     for name, run in PASSES:
         p = check(run(p, options), name)

@@ -21,7 +21,7 @@ from lcpc import frontend
 from lcpc.analysis import analyse
 from lcpc.errors import LcpcError
 from lcpc.manifest import read
-from lcpc.passes import prune
+from lcpc.passes import merge, prune
 from lcpc.plan import Decision, Plan, check
 
 
@@ -54,5 +54,7 @@ def load(folder: str | Path, model: str | Path | None = None) -> tuple[Plan, dic
                  for d in manifest["decisions"]}
     sync = manifest["sync"]
     plan = Plan(graph, source, analysis, manifest["branches"], layouts, branch_of_class, decisions,
-                sync["policy"], sync.get("partition", "energy"), sync.get("partition_energy", {}))
+                sync["policy"], sync.get("partition", "energy"), sync.get("partition_energy", {}),
+                tuple(recorded["shares"]) if "shares" in recorded else None)
+    plan = replace(plan, merges=recorded["merges"] if "merges" in recorded else merge.fewest_bytes(plan))
     return check(plan, f"read from {folder}"), manifest

@@ -40,31 +40,36 @@ NAMED = ("none", "all", "auto", "every:N", "NODE,NODE,...")
 
 
 def run(plan: Plan, options: PlanOptions) -> Plan:
-    policy = options.sync
+    exchanges = policy_exchanges(plan, options.sync)
+    if exchanges is None:
+        exchanges = _auto(plan, plan.cuttable(), options.calib, options.comm_budget, options.progress)
+    return _decide(plan, plan.cuttable(), exchanges, options.sync)
+
+
+def policy_exchanges(plan: Plan, policy: str) -> dict[str, str] | None:
+    """The layers ``policy`` exchanges, with their reasons; None for ``auto`` (chosen by
+    measurement on the partitioned plan)."""
     layers = plan.cuttable()
-    reasons: dict[str, str]
     if policy == "none":
-        reasons = {}
-    elif policy == "all":
-        reasons = {n: "--sync all: exact exchange" for n in layers}
-    elif policy.startswith("every:"):
+        return {}
+    if policy == "all":
+        return {n: "--sync all: exact exchange" for n in layers}
+    if policy == "auto":
+        return None
+    if policy.startswith("every:"):
         step = policy.partition(":")[2]
         if not step.isdigit() or int(step) < 1:
             raise LcpcError(f"--sync {policy}: N must be a positive integer (every:2 exchanges at every 2nd "
                             f"of the {len(layers)} cut layers)")
-        reasons = {n: f"--sync {policy}" for i, n in enumerate(layers, 1) if i % int(step) == 0}
-    elif policy == "auto":
-        reasons = _auto(plan, layers, options.calib, options.comm_budget, options.progress)
-    else:
-        names = [n.strip() for n in policy.split(",") if n.strip()]
-        unknown = [n for n in names if n not in layers]
-        if unknown:
-            hint = ", ".join(layers[:4]) + (", ..." if len(layers) > 4 else "")
-            raise LcpcError(f"--sync: {', '.join(unknown)} is not a layer between split tensors; choose "
-                            f"among the {len(layers)} cut layers ({hint}; see `lcpc report`) or use "
-                            f"{', '.join(NAMED[:4])}")
-        reasons = {n: "--sync: exchange requested" for n in names}
-    return _decide(plan, layers, reasons, policy)
+        return {n: f"--sync {policy}" for i, n in enumerate(layers, 1) if i % int(step) == 0}
+    names = [n.strip() for n in policy.split(",") if n.strip()]
+    unknown = [n for n in names if n not in layers]
+    if unknown:
+        hint = ", ".join(layers[:4]) + (", ..." if len(layers) > 4 else "")
+        raise LcpcError(f"--sync: {', '.join(unknown)} is not a layer between split tensors; choose "
+                        f"among the {len(layers)} cut layers ({hint}; see `lcpc report`) or use "
+                        f"{', '.join(NAMED[:4])}")
+    return {n: "--sync: exchange requested" for n in names}
 
 
 def _decide(plan: Plan, layers: list[str], exchanges: dict[str, str], policy: str) -> Plan:

@@ -28,8 +28,8 @@ Methods:
   those connections (not re-measured), so a round costs what it changes, not the size of
   the model.
 
-Heterogeneous devices (``PlanOptions.shares``, from the relative speeds in
-``devices.yaml``): branch b's share of every split tensor is C * w[b] instead of C / K,
+Unequal shares (``Plan.shares``, chosen by ``passes.balance`` from the devices' speeds
+and the head's extra work): branch b's share of every split tensor is C * w[b] instead of C / K,
 and every bound above reads floor(C * w[b]) and ceil(C * w[b]); equal shares change nothing.
 """
 
@@ -52,15 +52,16 @@ MAX_ROUNDS = 30
 
 
 def run(plan: Plan, options: PlanOptions) -> Plan:
-    """``options.shares``: each branch's fraction of the channels (heterogeneous devices; default 1/K)."""
+    """``plan.shares``: each branch's fraction of the channels (``passes.balance``; None: 1/K)."""
     method = options.partition
     if method not in METHODS:
         raise LcpcError(f"--partition {method}: choose one of {', '.join(METHODS)}")
-    weights_ = _weights(plan.k, options.shares)
+    weights_ = _weights(plan.k, plan.shares)
     constraints = split_constraints(plan)
     branch_of_class: dict[int, int] = {}
+    surplus = np.zeros(plan.k)
     for space, tensors in constraints.items():
-        branch_of_class.update(_fill(plan, tensors, weights_))
+        branch_of_class.update(_fill(plan, tensors, weights_, surplus))
     new = replace(plan, branch_of_class=branch_of_class, partition_method="contiguous", _cache={})
     check_balance(new)
     layers = _layer_energies(new)  # the weights' energies do not depend on the assignment: once
@@ -260,11 +261,13 @@ def _bounds(size: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _fill(plan: Plan, tensors: dict[str, np.ndarray], w: np.ndarray) -> dict[int, int]:
+def _fill(plan: Plan, tensors: dict[str, np.ndarray], w: np.ndarray, surplus: np.ndarray) -> dict[int, int]:
     """Classes in creation order; each stays on the current branch while that branch holds
     at most floor(C/K) channels of every tensor the class is in, else goes to the branch
     whose tensors end least over their shares C/K (compared worst first, then the next
-    worst, ...; ties: lowest branch)."""
+    worst, ...; ties: the branch with the least ``surplus``, the channels over floor(C/K)
+    it took in earlier groups, then the lowest branch, so remainders rotate across groups
+    instead of always landing on the same branch). Adds this group's surplus to ``surplus``."""
     k = plan.k
     counts: dict[int, dict[str, int]] = defaultdict(dict)
     for t, cls in tensors.items():
@@ -280,11 +283,13 @@ def _fill(plan: Plan, tensors: dict[str, np.ndarray], w: np.ndarray) -> dict[int
         if not all(load[t][current] + m <= math.floor(share[t][current]) for t, m in footprint.items()):
             over = np.array([(load[t] + m - share[t]) / share[t] for t, m in footprint.items()])
             worst_first = -np.sort(-over, axis=0)  # per branch, its tensors' overloads, descending
-            current = min(range(k), key=lambda b: tuple(np.round(worst_first[:, b], 9)))
+            current = min(range(k), key=lambda b: (*np.round(worst_first[:, b], 9), surplus[b]))
         for t, m in footprint.items():
             load[t][current] += m
         assignment[c] = current
     _repair(assignment, counts, load, {t: len(cls) for t, cls in tensors.items()}, k, w)
+    for t in tensors:
+        surplus += np.maximum(0.0, load[t] - np.floor(share[t]))
     return assignment
 
 

@@ -302,7 +302,7 @@ def apply(plan: Plan, record: Pruning) -> Plan:
         if d.action in (Action.CUT, Action.EXCHANGE):
             decisions[name] = d
     pruned = Plan(graph, plan.source, analysis, plan.k, layouts, branch_of_class, decisions, plan.sync_policy,
-                  plan.partition_method, dict(plan.partition_energy))
+                  plan.partition_method, dict(plan.partition_energy), plan.shares, dict(plan.merges))
     if sorted(pruned.cuttable()) != sorted(plan.cuttable()):
         raise LcpcError("internal: pruning changed which layers are cut or exchanged")
     return check(pruned, "prune")

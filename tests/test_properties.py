@@ -60,9 +60,14 @@ def _tied_to_groups(p) -> set[str]:
 
 
 def assert_balanced(p) -> None:
-    """(d): per split tensor, each branch owns >= 1 and <= ceil(C/K) channels; where channel
-    classes span several channels (grouped convs), the same in units of classes."""
+    """(d): per split tensor, each branch owns >= 1 and <= ceil(C/K) channels (ceil(C * share)
+    with the balance pass's shares); where channel classes span several channels (grouped
+    convs), the same in units of classes."""
     tied = _tied_to_groups(p)
+    w = np.full(p.k, 1.0 / p.k) if p.shares is None else np.asarray(p.shares)
+
+    def ceil_share(n: int) -> np.ndarray:
+        return np.ceil(np.round(n * w, 9))
     for t, layout in p.layouts.items():
         if layout != "S":
             continue
@@ -73,15 +78,15 @@ def assert_balanced(p) -> None:
         if sizes.max() == 1 and p.analysis.classes[t].tobytes() in tied:
             continue
         if sizes.max() == 1:
-            assert owned.max() <= math.ceil(len(branches) / p.k), f"{t}: channels per branch {owned.tolist()}"
+            assert np.all(owned <= ceil_share(len(branches))), f"{t}: channels per branch {owned.tolist()}"
         else:
             of_class = {int(c): p.branch_of_class[int(c)] for c in classes}
             per_branch = np.bincount(list(of_class.values()), minlength=p.k)
             if len(set(sizes.tolist())) == 1:
-                assert per_branch.max() <= math.ceil(len(classes) / p.k), \
+                assert np.all(per_branch <= ceil_share(len(classes))), \
                     f"{t}: groups per branch {per_branch.tolist()}"
             else:  # groups of different sizes: within one group of the even share
-                assert owned.max() <= math.ceil(len(branches) / p.k) + sizes.max() - 1, \
+                assert np.all(owned <= ceil_share(len(branches)) + sizes.max() - 1), \
                     f"{t}: channels per branch {owned.tolist()} with groups of up to {sizes.max()}"
 
 
