@@ -14,7 +14,6 @@ Seeded (``derandomize=True``) and bounded so the file runs in well under a minut
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 
