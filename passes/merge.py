@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-
 from lcpc.devices import DEFAULT_BANDWIDTH
 from lcpc.passes.balance import head_sum_seconds, node_seconds, speeds_of
 from lcpc.plan import HEAD, Action, Plan, PlanOptions
