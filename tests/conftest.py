@@ -74,3 +74,16 @@ def digits_calib():
 
     x_train, _, x_test, _ = load_split()
     return x_train[:256], x_test
+
+
+@pytest.fixture(scope="session")
+def resnet18_half(tmp_path_factory) -> Path:
+    """A ResNet-18 at half width, 224x224, random weights (benchmarks/models.py): big enough
+    that compute, not per-node overhead, decides how devices balance."""
+    import onnx
+
+    from benchmarks import models
+
+    path = tmp_path_factory.mktemp("resnet18_half") / "resnet18.onnx"
+    onnx.save(models.build("resnet18", width=0.5), path)
+    return path

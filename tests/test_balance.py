@@ -36,28 +36,18 @@ def test_equal_devices_and_no_head_work_give_equal_shares():
     assert np.allclose(s, 1 / 8)
 
 
-def _resnet18(tmp_path):
-    import onnx
-
-    from benchmarks import models
-
-    model = tmp_path / "resnet18.onnx"
-    onnx.save(models.build("resnet18", width=0.5), model)
-    return model
-
-
-def test_equal_speeds_keep_equal_shares(tmp_path):
+def test_equal_speeds_keep_equal_shares(resnet18_half):
     """Moving channels off the head would break the kernels' channel blocks: equal devices stay 1/K."""
-    g, src = frontend.load(_resnet18(tmp_path))
+    g, src = frontend.load(resnet18_half)
     plan = layouts.run(Plan(g, src, analyse(g), 8, layouts={}), PlanOptions())
     assert balance.run(plan, PlanOptions()).shares is None
     assert balance.run(plan, PlanOptions(speeds=(2.0,) * 8)).shares is None
 
 
-def test_head_takes_less_when_it_also_merges(tmp_path):
+def test_head_takes_less_when_it_also_merges(resnet18_half):
     """Speeds 1:1:2:2: the head, which also runs the classifier merge, gets fewer channels than
     the other slow device, and the modelled finish times are equal."""
-    g, src = frontend.load(_resnet18(tmp_path))
+    g, src = frontend.load(resnet18_half)
     plan = layouts.run(Plan(g, src, analyse(g), 4, layouts={}), PlanOptions())
     shares = balance.run(plan, PlanOptions(speeds=(1.0, 1.0, 2.0, 2.0))).shares
     assert shares is not None and shares[HEAD] < shares[1] < shares[2] == shares[3]
@@ -68,12 +58,12 @@ def test_head_takes_less_when_it_also_merges(tmp_path):
 
 
 @pytest.mark.parametrize("sync", ["none", "all"])
-def test_balanced_plan_is_exact_and_bytes_match(tmp_path, sync):
+def test_balanced_plan_is_exact_and_bytes_match(tmp_path, sync, resnet18_half):
     """ResNet at K=8 on devices 3:1:...:1: --sync all is exact, --sync none's runtime bytes
     equal the manifest's, and the manifest records the shares."""
     from lcpc.pipeline import convert
 
-    model = _resnet18(tmp_path)
+    model = resnet18_half
     spec = tmp_path / "devices.yaml"
     spec.write_text("devices:\n  dev0: {speed: 3}\n")
     manifest = convert(model, tmp_path / "out", 8, sync, devices=spec)

@@ -15,13 +15,9 @@ from lcpc.pipeline import convert as convert_model
 
 
 @pytest.fixture(scope="module")
-def het(tmp_path_factory):
-    import onnx
-
-    from benchmarks import models
-
+def het(tmp_path_factory, resnet18_half):
     tmp = tmp_path_factory.mktemp("het")
-    onnx.save(models.build("resnet18", width=0.5), tmp / "resnet18.onnx")
+    (tmp / "resnet18.onnx").symlink_to(resnet18_half)
     spec = tmp / "devices.yaml"
     spec.write_text("devices:\n  dev0: {speed: 2}\n  dev1: {speed: 1}\n")
     return tmp, spec, convert_model(tmp / "resnet18.onnx", tmp / "all", 4, "all", devices=spec)

@@ -17,13 +17,9 @@ K = 8
 
 
 @pytest.fixture(scope="module")
-def resnet(tmp_path_factory):
-    import onnx
-
-    from benchmarks import models
-
+def resnet(tmp_path_factory, resnet18_half):
     tmp = tmp_path_factory.mktemp("merge")
-    onnx.save(models.build("resnet18", width=0.5), tmp / "resnet18.onnx")
+    (tmp / "resnet18.onnx").symlink_to(resnet18_half)
     fast = tmp / "fast.yaml"
     fast.write_text("links:\n  default: {bandwidth: 10Gbit, latency: 0.1ms}\n")
     return tmp, fast
