@@ -30,6 +30,7 @@ graph is exported with them as typed inputs, not serialised. The result computes
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 
@@ -220,6 +221,7 @@ def _simplify(model: onnx.ModelProto, weights: dict[str, np.ndarray], where: str
             remove_unused_graph_inputs=False).toposort()
     except Exception as exc:  # folding is an optimisation; a failure must not lose the model
         raise LcpcError(f"{where}: constant folding failed: {first_line(exc)}") from None
+    gc.collect()  # folding evaluated copies of the graph that share the weights' arrays: free them now
     _fold_batchnorm(graph)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     _explicit_loop_inputs(graph, where)
@@ -357,11 +359,23 @@ def _fold_batchnorm(graph) -> None:
         scale, beta, mean, var = (p.values.astype(np.float64) for p in params)
         k = scale / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
         dtype = conv.inputs[1].values.dtype
-        new_w = gs.Constant(conv.inputs[1].name + "_bnfold", (w * k.reshape(-1, *[1] * (w.ndim - 1))).astype(dtype))
+        new_w = (w * k.reshape(-1, *[1] * (w.ndim - 1))).astype(dtype)
+        del w  # one layer's float64 buffers at a time
         new_b = gs.Constant(conv.name + "_bias_bnfold", ((b - mean) * k + beta).astype(dtype))
-        conv.inputs = [conv.inputs[0], new_w, new_b]
+        replaced = list(conv.inputs[1:])
+        conv.inputs = [conv.inputs[0], gs.Constant(conv.inputs[1].name + "_bnfold", new_w), new_b]
         conv.outputs = [bn.outputs[0]]
         bn.outputs.clear()
+        _release_unread(replaced, outputs)
+
+
+def _release_unread(tensors, outputs: set[str]) -> None:
+    """Free the arrays of constants no node reads any more and no graph output names: graphsurgeon's
+    tensors and nodes refer to each other, so a replaced weight would otherwise live until the cyclic
+    garbage collector runs (ResNet-50: one more copy of its conv weights while folding and planning)."""
+    for t in tensors:
+        if isinstance(t, gs.Constant) and not t.outputs and t.name not in outputs:
+            t.values = np.zeros((0,), dtype=t.values.dtype)
 
 
 def _infer_shapes(model: onnx.ModelProto, weights: dict[str, np.ndarray], where: str) -> dict[str, TensorInfo]:

@@ -64,29 +64,28 @@ def run(plan: Plan, options: PlanOptions) -> Plan:
         branch_of_class.update(_fill(plan, tensors, weights_, surplus))
     new = replace(plan, branch_of_class=branch_of_class, partition_method="contiguous", _cache={})
     check_balance(new)
-    layers = _layer_energies(new)  # the weights' energies do not depend on the assignment: once
-    contiguous = energy_kept(new, layers)
+    contiguous = energy_kept(new)
     if method == "energy":
+        layers = _Layers(_layer_energies(new), sorted(new.branch_of_class))
         new = replace(new, branch_of_class=_refine(new, constraints, layers), partition_method="energy", _cache={})
+        del layers
         check_balance(new)
-    return replace(new, partition_energy={"kept": energy_kept(new, layers), "kept_contiguous": contiguous})
+    return replace(new, partition_energy={"kept": energy_kept(new), "kept_contiguous": contiguous})
 
 
-def _layer_energies(plan: Plan) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(E[out, in] = squared weights summed over other axes, out classes, in classes) per
-    dense layer between split tensors."""
+def _layer_energies(plan: Plan):
+    """(E[out, in] = squared weights summed over other axes (float64), out classes, in classes)
+    per dense layer between split tensors, one layer at a time (so that only one is held)."""
     g, a = plan.graph, plan.analysis
-    layers = []
     for name in plan.cuttable():
         n = g.node(name)
         view = weights.of_plan(plan, n)
-        layers.append((view.energy(g.constants[view.weight]), a.classes[n.outputs[0]], a.classes[n.inputs[0]]))
-    return layers
+        yield view.energy(g.constants[view.weight]), a.classes[n.outputs[0]], a.classes[n.inputs[0]]
 
 
-def energy_kept(plan: Plan, layers: list | None = None) -> float:
+def energy_kept(plan: Plan, layers=None) -> float:
     """Fraction of the squared weights of layers between split tensors that the cut keeps
-    (``layers``: ``_layer_energies(plan)`` when already at hand)."""
+    (``layers``: what ``_layer_energies(plan)`` yields, when already at hand; float64 throughout)."""
     kept = total = 0.0
     for e, c_out, c_in in _layer_energies(plan) if layers is None else layers:
         same = np.array([plan.branch_of_class[int(c)] for c in c_out])[:, None] == \
@@ -101,20 +100,24 @@ class _Layers:
 
     ``e[l]`` holds E[out, in] with rows and columns merged per class (a class of several
     channels sums its rows or columns), so ``rows[l]`` and ``cols[l]`` list distinct
-    class indices."""
+    class indices (positions in ``classes``). The energies are summed in float64 and stored
+    in float32 (half the memory of the weights' squares, which the refinement only compares
+    and sums, always in float64); the kept energy reported is computed from the weights."""
 
-    def __init__(self, layers, index: dict[int, int]) -> None:
+    def __init__(self, layers, classes: list[int]) -> None:
+        self.classes = classes
+        index = {c: i for i, c in enumerate(classes)}
         self.e, self.rows, self.cols = [], [], []
         for e, co, ci in layers:
             rows, cols = np.array([index[int(c)] for c in co]), np.array([index[int(c)] for c in ci])
             e, rows = _merge_rows(e, rows)
             e_t, cols = _merge_rows(e.T, cols)
-            self.e.append(np.ascontiguousarray(e_t.T))
+            self.e.append(np.ascontiguousarray(e_t.T, dtype=np.float32))
             self.rows.append(rows)
             self.cols.append(cols)
 
     def kept(self, assign: np.ndarray) -> float:
-        return sum(float(e[assign[r][:, None] == assign[c][None, :]].sum())
+        return sum(float(e[assign[r][:, None] == assign[c][None, :]].sum(dtype=np.float64))
                    for e, r, c in zip(self.e, self.rows, self.cols))
 
     def within(self, li: int, old: np.ndarray, new: np.ndarray, changed: np.ndarray) -> float:
@@ -130,6 +133,33 @@ class _Layers:
         weight = (n_i == n_j).astype(float) - (n_i == o_j) - (o_i == n_j) + (o_i == o_j)
         return float((e[np.ix_(r, c)] * weight).sum())
 
+    def update(self, conn: np.ndarray, layer_ids, old: np.ndarray, new: np.ndarray, changed: np.ndarray) -> None:
+        """conn[c, b] += what the classes in ``changed`` moving from ``old`` to ``new`` do to it
+        (conn is linear in the one-hot assignment, so only their rows and columns count;
+        ``old`` -1: on no branch yet)."""
+        k = conn.shape[1]
+        for li in layer_ids:
+            e, rows, cols = self.e[li], self.rows[li], self.cols[li]
+            r, c = np.nonzero(changed[rows])[0], np.nonzero(changed[cols])[0]
+            if len(r):
+                conn[cols] += _moved_sums(e, r, old[rows[r]], new[rows[r]], k, axis=0).T
+            if len(c):
+                conn[rows] += _moved_sums(e, c, old[cols[c]], new[cols[c]], k, axis=1).T
+
+
+def _moved_sums(e: np.ndarray, idx: np.ndarray, old: np.ndarray, new: np.ndarray, k: int, axis: int) -> np.ndarray:
+    """(k, n): per branch b, the slices ``idx`` of ``e`` along ``axis`` moving onto b minus those
+    leaving it (``old`` -1: leaving no branch), summed in float64; n is ``e``'s other dimension."""
+    out = np.zeros((k + 1, e.shape[1 - axis]))  # row k (-1) collects "no branch" and is dropped
+    for side, sign in ((new, 1.0), (old, -1.0)):
+        order = np.argsort(side, kind="stable")
+        b = side[order]
+        starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
+        part = np.take(e, idx[order], axis=axis)
+        sums = np.add.reduceat(part, starts, axis=axis, dtype=np.float64)
+        out[b[starts]] += sign * (sums if axis == 0 else sums.T)
+    return out[:k]
+
 
 def _merge_rows(e: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows of ``e`` summed per distinct value of ``idx`` (a no-op when they are distinct)."""
@@ -141,12 +171,10 @@ def _merge_rows(e: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return merged, uniq
 
 
-def _refine(plan: Plan, constraints: dict[int, dict[str, np.ndarray]], energies: list) -> dict[int, int]:
-    classes = sorted(plan.branch_of_class)
+def _swap_groups(classes: list[int], constraints: dict[int, dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """Indices (into ``classes``) of interchangeable classes: same space, same footprint (the
+    same channel count in the same tensors), so swapping two leaves the balance unchanged."""
     index = {c: i for i, c in enumerate(classes)}
-    assign = np.array([plan.branch_of_class[c] for c in classes])
-    layers = _Layers(energies, index)
-    # classes are interchangeable when they sit in the same space with the same footprint
     footprint: dict[int, list] = defaultdict(list)
     for space, tensors in constraints.items():
         for t, cls in tensors.items():
@@ -156,52 +184,48 @@ def _refine(plan: Plan, constraints: dict[int, dict[str, np.ndarray]], energies:
     groups: dict[tuple, list[int]] = defaultdict(list)
     for c in classes:
         groups[tuple(sorted(footprint[c]))].append(index[c])
-    groups_arr = [np.array(g) for g in groups.values() if len(g) > 1]
+    return [np.array(g) for g in groups.values() if len(g) > 1]
 
-    group_of = np.full(len(classes), -1)
-    for gi, members in enumerate(groups_arr):
+
+def _touching(groups: list[np.ndarray], layers: _Layers, n: int) -> list[list[int]]:
+    """Per group, the layers whose rows or columns hold one of its members."""
+    group_of = np.full(n, -1)
+    for gi, members in enumerate(groups):
         group_of[members] = gi
-    # per group, the layers it touches and which of their rows / columns are its members
-    touching: list[list[tuple[int, np.ndarray, np.ndarray]]] = [[] for _ in groups_arr]
+    touching: list[list[int]] = [[] for _ in groups]
     for li, (rows, cols) in enumerate(zip(layers.rows, layers.cols)):
         for gi in np.unique(np.concatenate([group_of[rows], group_of[cols]])):
             if gi >= 0:
-                touching[gi].append((li, np.nonzero(group_of[rows] == gi)[0], np.nonzero(group_of[cols] == gi)[0]))
+                touching[gi].append(li)
+    return touching
 
-    def update(conn: np.ndarray, layer_ids, old: np.ndarray, new: np.ndarray, changed: np.ndarray) -> None:
-        """conn[c, b] += what the classes in ``changed`` moving from ``old`` to ``new`` do to it
-        (conn is linear in the one-hot assignment, so only their rows and columns count)."""
-        for li in layer_ids:
-            e, rows, cols = layers.e[li], layers.rows[li], layers.cols[li]
-            r, c = np.nonzero(changed[rows])[0], np.nonzero(changed[cols])[0]
-            if len(r):
-                diff = eye[new[rows[r]]] - eye[old[rows[r]]]
-                conn[cols] += e[r].T @ diff
-            if len(c):
-                diff = eye[new[cols[c]]] - eye[old[cols[c]]]
-                conn[rows] += e[:, c] @ diff
 
+def _refine(plan: Plan, constraints: dict[int, dict[str, np.ndarray]], layers: _Layers) -> dict[int, int]:
+    """Rounds of best swaps per group, a group's round kept only if the exact kept energy grows.
+
+    A group is tried again only once its connections changed (a round of its own or of a group
+    sharing a layer with it was kept): an untouched group would make the same swaps and be
+    refused again, so skipping it gives the same result as trying every group every round."""
+    classes = layers.classes
+    assign = np.array([plan.branch_of_class[c] for c in classes])
+    groups = _swap_groups(classes, constraints)
+    touching = _touching(groups, layers, len(classes))
+    readers: dict[int, list[int]] = defaultdict(list)  # per layer, the groups touching it
+    for gi, ids in enumerate(touching):
+        for li in ids:
+            readers[li].append(gi)
     # conn[c, b]: energy between class c and the classes branch b holds, kept up to date
-    eye = np.eye(plan.k + 1, plan.k)  # row -1 is all zeros: "on no branch yet"
     conn = np.zeros((len(classes), plan.k))
-    update(conn, range(len(layers.e)), np.full_like(assign, -1), assign, np.ones(len(classes), bool))
+    layers.update(conn, range(len(layers.e)), np.full_like(assign, -1), assign, np.ones(len(classes), bool))
     kept = layers.kept(assign)
+    stale = np.ones(len(groups), bool)  # groups whose connections changed since their last try
     for _ in range(MAX_ROUNDS):
         improved = False
-        for gi, members in enumerate(groups_arr):
-            trial = assign.copy()
-            for p in range(plan.k):
-                for q in range(p + 1, plan.k):
-                    a_side, b_side = members[trial[members] == p], members[trial[members] == q]
-                    n = min(len(a_side), len(b_side))
-                    if not n:
-                        continue
-                    ga = conn[a_side, q] - conn[a_side, p]
-                    gb = conn[b_side, p] - conn[b_side, q]
-                    oa, ob = np.argsort(-ga), np.argsort(-gb)
-                    gain = ga[oa[:n]] + gb[ob[:n]]
-                    run = int(np.argmin(gain > 0)) if (gain <= 0).any() else n
-                    trial[a_side[oa[:run]]], trial[b_side[ob[:run]]] = q, p
+        for gi, members in enumerate(groups):
+            if not stale[gi]:
+                continue
+            stale[gi] = False
+            trial = _swap_round(conn, assign, members, plan.k)
             changed = trial != assign
             if not changed.any():
                 continue
@@ -209,14 +233,58 @@ def _refine(plan: Plan, constraints: dict[int, dict[str, np.ndarray]], energies:
             # minus its old one, corrected where both ends of a weight moved (same-group layers)
             moved = np.nonzero(changed)[0]
             delta = float(conn[moved, trial[moved]].sum() - conn[moved, assign[moved]].sum())
-            delta += sum(layers.within(li, assign, trial, changed) for li, r, c in touching[gi] if len(r) and len(c))
+            delta += sum(layers.within(li, assign, trial, changed) for li in touching[gi])
             if delta > kept * 1e-12:  # the round keeps more: take it
                 kept += delta
-                update(conn, [li for li, _, _ in touching[gi]], assign, trial, changed)
+                layers.update(conn, touching[gi], assign, trial, changed)
                 assign, improved = trial, True
+                stale[gi] = True
+                for li in touching[gi]:
+                    stale[readers[li]] = True
         if not improved:
             break
     return {c: int(assign[i]) for i, c in enumerate(classes)}
+
+
+def _swap_round(conn: np.ndarray, assign: np.ndarray, members: np.ndarray, k: int) -> np.ndarray:
+    """One group's round: for every branch pair (p, q) in order, swap the members with the
+    largest gains while a swap's two gains sum above zero. A pair is skipped when its best
+    two gains already sum to zero or less (its first swap would not be made): ``best[p][q]``,
+    the largest gain of moving a member from p to q, is kept up to date as members move."""
+    trial = assign.copy()
+    best = _best_gains(conn, trial, members, k)
+    for p in range(k):
+        for q in range(p + 1, k):
+            if best[p][q] + best[q][p] > 0 and _swap_pair(conn, trial, members, p, q):
+                best = _best_gains(conn, trial, members, k)
+    return trial
+
+
+def _best_gains(conn: np.ndarray, trial: np.ndarray, members: np.ndarray, k: int) -> list[list[float]]:
+    """best[p][q]: the largest conn[c, q] - conn[c, p] over members c on branch p (-inf: none)."""
+    on = trial[members]
+    order = np.argsort(on, kind="stable")
+    on, c = on[order], conn[members[order]]
+    gain = c - c[np.arange(len(members)), on][:, None]
+    starts = np.flatnonzero(np.r_[True, on[1:] != on[:-1]])
+    best = np.full((k, k), -np.inf)
+    best[on[starts]] = np.maximum.reduceat(gain, starts, axis=0)
+    return best.tolist()
+
+
+def _swap_pair(conn: np.ndarray, trial: np.ndarray, members: np.ndarray, p: int, q: int) -> bool:
+    """Swap members between branches p and q, best gains first, while the pair's gain is positive."""
+    a_side, b_side = members[trial[members] == p], members[trial[members] == q]
+    n = min(len(a_side), len(b_side))
+    if not n:
+        return False
+    ga = conn[a_side, q] - conn[a_side, p]
+    gb = conn[b_side, p] - conn[b_side, q]
+    oa, ob = np.argsort(-ga), np.argsort(-gb)
+    gain = ga[oa[:n]] + gb[ob[:n]]
+    run = int(np.argmin(gain > 0)) if (gain <= 0).any() else n
+    trial[a_side[oa[:run]]], trial[b_side[ob[:run]]] = q, p
+    return run > 0
 
 
 def split_constraints(plan: Plan) -> dict[int, dict[str, np.ndarray]]:
