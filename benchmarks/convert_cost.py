@@ -4,7 +4,9 @@ Each conversion runs in a fresh Python process (``lcpc.pipeline.convert``, what
 ``lcpc convert`` runs), which reports its wall time, its peak resident memory (VmHWM)
 and the resident memory right after importing lcpc (what any conversion starts from).
 Models: the test zoo (32x32) and the 224x224 benchmark models (``benchmarks/models.py``).
-Results go to ``benchmarks/results/convert_cost.{json,md}`` with the machine they ran on.
+Results go to ``benchmarks/results/convert_cost.{json,md}`` with the machine they ran on and its
+load average before and after the run (the seconds depend on what else runs on the machine; the
+peaks do not).
 
     python benchmarks/convert_cost.py [--model resnet50 ...] [--zoo] [--branches 4]
                                       [--python OTHER_VENV/bin/python --label before]
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -72,6 +75,7 @@ def main() -> None:
     ap.add_argument("--label", action="append", default=None, help="one name per --python")
     args = ap.parse_args()
     rows = []
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = []
@@ -91,7 +95,8 @@ def main() -> None:
                 print(r if "error" in r else f"{r['model']} K={k} ({label}): {r['params'] / 1e6:.2f}M params, "
                       f"{r['seconds']:.1f} s, peak {r['peak_rss_bytes'] / 2**20:.0f} MiB = "
                       f"{r['peak_over_file']:.1f}x the file", flush=True)
-    setup = {"machine": machine(), "command": "python benchmarks/convert_cost.py " + " ".join(sys.argv[1:])}
+    setup = {"machine": machine(), "command": "python benchmarks/convert_cost.py " + " ".join(sys.argv[1:]),
+             "load_average": {"before": load_before, "after": os.getloadavg()}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
     lines = ["| model | K | lcpc | parameters | file MiB | convert s | peak RSS MiB | peak / file | "
@@ -105,11 +110,16 @@ def main() -> None:
                      f"{r['peak_above_baseline_over_file']:.1f}x | {r['energy_kept']:.4f} |")
     m = setup["machine"]
     note = (f"\nOne fresh process per conversion (--sync none, --partition energy). Machine: {m['cpu']}, "
-            f"{m['cores']} cores (shared), {m['system']}, onnxruntime {m['onnxruntime']}. "
-            f"From one run of `{setup['command']}`.\n")
+            f"{m['cores']} cores (shared), {m['system']}, onnxruntime {m['onnxruntime']}; load average "
+            f"(1, 5, 15 min) {_loads(setup['load_average']['before'])} before the run, "
+            f"{_loads(setup['load_average']['after'])} after it. From one run of `{setup['command']}`.\n")
     text = "\n".join(lines) + "\n" + note
     (RESULTS / f"{args.out}.md").write_text(text)
     print(text)
+
+
+def _loads(avg) -> str:
+    return "/".join(f"{x:.1f}" for x in avg)
 
 
 if __name__ == "__main__":

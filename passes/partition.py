@@ -26,7 +26,11 @@ Methods:
   incremental: the connection of every class to every branch is kept up to date from the
   classes a round moves, and a round's change of the kept energy follows exactly from
   those connections (not re-measured), so a round costs what it changes, not the size of
-  the model.
+  the model. A group is tried again only once a kept round changed its connections, and a
+  branch pair is skipped when its two best gains sum to zero or less: both shortcuts are
+  exact (the swaps are those of trying everything, ``tests/regressions/test_partition_refine.py``).
+  The energies are held in float32 during the refinement (sums in float64); the kept energy
+  reported is computed from the weights in float64.
 
 Unequal shares (``Plan.shares``, chosen by ``passes.balance`` from the devices' speeds
 and the head's extra work): branch b's share of every split tensor is C * w[b] instead of C / K,
@@ -80,7 +84,19 @@ def _layer_energies(plan: Plan):
     for name in plan.cuttable():
         n = g.node(name)
         view = weights.of_plan(plan, n)
-        yield view.energy(g.constants[view.weight]), a.classes[n.outputs[0]], a.classes[n.inputs[0]]
+        yield _energy(view, g.constants[view.weight]), a.classes[n.outputs[0]], a.classes[n.inputs[0]]
+
+
+def _energy(view: weights.DenseWeight, w: np.ndarray, block: int = 1 << 18) -> np.ndarray:
+    """``view.energy(w)`` (float64), squared a block of about ``block`` weights at a time: the float64
+    buffers are those of one block of output channels, not of the whole layer."""
+    oi = view.oi(w)
+    e = np.empty(oi.shape[:2])
+    step = max(1, block // max(1, math.prod(oi.shape[1:])))
+    for lo in range(0, len(e), step):
+        sq = np.asarray(oi[lo:lo + step], dtype=np.float64) ** 2
+        e[lo:lo + step] = sq.reshape(sq.shape[0], sq.shape[1], -1).sum(axis=2)
+    return e
 
 
 def energy_kept(plan: Plan, layers=None) -> float:
