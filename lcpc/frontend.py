@@ -23,11 +23,14 @@ Guarantees:
    Scan that reads such values is refused by name;
 5. every activation has a static shape (onnx shape inference, then one onnxruntime run
    for whatever inference could not type, e.g. custom ops).
-The parsed protobuf is freed as soon as its large weights are numpy arrays (``_take_weights``);
-from then on every weight exists once: folding and normalising pass the arrays along (BatchNorm
-folding frees each conv weight it replaces right away), and the graph is exported with them as
-typed inputs, not serialised. Arrays from 1 MiB up are mapped on their own
-(``_large_arrays_off_the_heap``), so that what is freed leaves the process's resident memory. The result computes the same function as the input model (tested against onnxruntime).
+Large weights of a model file go from the file straight into arrays
+(``reader.read_model_and_weights``); those of model bytes leave the parsed protobuf, which is
+freed, as soon as they are arrays (``_take_weights``). From then on every weight exists once:
+folding and normalising pass the arrays along (BatchNorm folding frees each conv weight it
+replaces right away), and the graph is exported with them as typed inputs, not serialised.
+Arrays from 1 MiB up are mapped on their own (``_large_arrays_off_the_heap``), so that what is
+freed leaves the process's resident memory. The result computes the same function as the input
+model (tested against onnxruntime).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from onnx import helper, numpy_helper, version_converter
 
 from lcpc.errors import LcpcError
 from lcpc.ir import Graph, TensorInfo, from_onnx, tensor_infos
-from lcpc.reader import Source, read_model
+from lcpc.reader import ASIDE_TYPES, Source, read_model_and_weights
 from lcpc.safety import (MAX_SHAPE_VALUES, MAX_TENSOR_BYTES, check_tensor_sizes, first_line, infer_shapes, itemsize,
                          nbytes, printable, skeleton_of)
 
@@ -72,11 +75,13 @@ def load(source: str | os.PathLike | bytes, input_shapes: dict[str, tuple[int, .
          ) -> tuple[Graph, Source]:
     """Read, normalise and shape a model; see the module docstring for what that means."""
     _large_arrays_off_the_heap()
-    model, src = read_model(source)
+    model, weights, src = read_model_and_weights(source)
     where = src.path
+    if weights and src.opset < TARGET_OPSET:  # the version converter sees whole tensors
+        _put_back(model, weights)
     model = _upgrade(model, src, where)
     model = _pin_inputs(model, input_shapes or {}, where)
-    model, weights = _take_weights(model)  # the parsed protobuf is freed here
+    model, weights = _take_weights(model, weights)  # the parsed protobuf is freed here
     model, weights, order = _simplify(model, weights, where)
     infos = _infer_shapes(model, weights, where)
     graph = from_onnx(model, infos, weights)
@@ -87,10 +92,7 @@ def load(source: str | os.PathLike | bytes, input_shapes: dict[str, tuple[int, .
 
 # Element types whose initializers travel as numpy arrays, outside any protobuf (the others,
 # such as bfloat16 or 4-bit types, stay initializers and take graphsurgeon's own path).
-PLAIN_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-               onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
-               onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32,
-               onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
+PLAIN_TYPES = ASIDE_TYPES
 
 
 def _is_weight(t: onnx.TensorProto) -> bool:
@@ -98,15 +100,26 @@ def _is_weight(t: onnx.TensorProto) -> bool:
     return t.data_type in PLAIN_TYPES and math.prod(t.dims) > MAX_SHAPE_VALUES
 
 
-def _take_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """The large initializers as numpy arrays, and the rest of the model as a skeleton that
-    declares them as typed graph inputs (``safety.skeleton_of``). The skeleton shares no memory
-    with ``model``: once the caller drops ``model``, each weight is held once, as an array.
-    (protobuf frees a message's memory only with the whole message, not field by field.)"""
+def _take_weights(model: onnx.ModelProto, aside: dict[str, np.ndarray]
+                  ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The large initializers as numpy arrays (``aside``: those the reader already read into
+    arrays, stand-ins in ``model``), and the rest of the model as a skeleton that declares them
+    as typed graph inputs (``safety.skeleton_of``). The skeleton shares no memory with ``model``:
+    once the caller drops ``model``, each weight is held once, as an array. (protobuf frees a
+    message's memory only with the whole message, not field by field.)"""
     inputs = {i.name for i in model.graph.input}
-    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
-               if _is_weight(t) and t.name not in inputs}
+    weights = dict(aside)
+    weights.update({t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+                    if t.name not in aside and _is_weight(t) and t.name not in inputs})
     return skeleton_of(model, keep=lambda t: t.name not in weights), weights
+
+
+def _put_back(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> None:
+    """The set-aside weights as raw data of their stand-ins again (emptying ``weights``)."""
+    for t in model.graph.initializer:
+        if t.name in weights and not t.HasField("raw_data"):
+            t.raw_data = weights[t.name].tobytes()
+    weights.clear()
 
 
 def _large_arrays_off_the_heap() -> None:
