@@ -28,14 +28,11 @@ Large weights of a model file go from the file straight into arrays
 freed, as soon as they are arrays (``_take_weights``). From then on every weight exists once:
 folding and normalising pass the arrays along (BatchNorm folding frees each conv weight it
 replaces right away), and the graph is exported with them as typed inputs, not serialised.
-Arrays from 1 MiB up are mapped on their own (``_large_arrays_off_the_heap``), so that what is
-freed leaves the process's resident memory. The result computes the same function as the input
-model (tested against onnxruntime).
+The result computes the same function as the input model (tested against onnxruntime).
 """
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import math
 import os
@@ -74,7 +71,6 @@ def parse_input_shapes(specs: tuple[str, ...] | list[str]) -> dict[str, tuple[in
 def load(source: str | os.PathLike | bytes, input_shapes: dict[str, tuple[int, ...]] | None = None
          ) -> tuple[Graph, Source]:
     """Read, normalise and shape a model; see the module docstring for what that means."""
-    _large_arrays_off_the_heap()
     model, weights, src = read_model_and_weights(source)
     where = src.path
     if weights and src.opset < TARGET_OPSET:  # the version converter sees whole tensors
@@ -120,25 +116,6 @@ def _put_back(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> None:
         if t.name in weights and not t.HasField("raw_data"):
             t.raw_data = weights[t.name].tobytes()
     weights.clear()
-
-
-def _large_arrays_off_the_heap() -> None:
-    """Have glibc map every allocation from 1 MiB up on its own (``mallopt(M_MMAP_THRESHOLD)``;
-    elsewhere nothing), so that a freed weight, energy or folding buffer goes back to the system.
-
-    By default glibc raises that threshold to the largest block freed so far (up to 32 MiB): after
-    the first weights were freed, the next ones lived on the heap, whose holes the process keeps.
-    ResNet-50 K=4 then peaked 70 MiB higher in folding and again in planning. Fixing the threshold
-    stops the raising (below 1 MiB the heap behaves as before) and lasts for the process."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError):
-        return
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    mallopt(M_MMAP_THRESHOLD, 1 << 20)
-
-
-M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
 
 def _upgrade(model: onnx.ModelProto, src: Source, where: str) -> onnx.ModelProto:

@@ -172,8 +172,9 @@ def _moved_sums(e: np.ndarray, idx: np.ndarray, old: np.ndarray, new: np.ndarray
         b = side[order]
         starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
         part = np.take(e, idx[order], axis=axis)
-        sums = np.add.reduceat(part, starts, axis=axis, dtype=np.float64)
-        out[b[starts]] += sign * (sums if axis == 0 else sums.T)
+        for lo, hi in zip(starts, np.r_[starts[1:], len(b)]):  # one contiguous run per branch
+            run = part[lo:hi] if axis == 0 else part[:, lo:hi]
+            out[b[lo]] += sign * run.sum(axis=axis, dtype=np.float64)
     return out[:k]
 
 
