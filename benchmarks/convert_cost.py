@@ -94,7 +94,7 @@ def main() -> None:
                 r = rows[-1]
                 print(r if "error" in r else f"{r['model']} K={k} ({label}): {r['params'] / 1e6:.2f}M params, "
                       f"{r['seconds']:.1f} s, peak {r['peak_rss_bytes'] / 2**20:.0f} MiB = "
-                      f"{r['peak_over_file']:.1f}x the file", flush=True)
+                      f"{r['peak_over_file']:.2f}x the file", flush=True)
     setup = {"machine": machine(), "command": "python benchmarks/convert_cost.py " + " ".join(sys.argv[1:]),
              "load_average": {"before": load_before, "after": os.getloadavg()}}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -106,8 +106,8 @@ def main() -> None:
             lines.append(f"| {r['model']} | {r['K']} | {r['lcpc']} | error: {r['error']} |||||||")
             continue
         lines.append(f"| {r['model']} | {r['K']} | {r['lcpc']} | {r['params'] / 1e6:.2f}M | {r['file_bytes'] / 2**20:.1f} | "
-                     f"{r['seconds']:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} | {r['peak_over_file']:.1f}x | "
-                     f"{r['peak_above_baseline_over_file']:.1f}x | {r['energy_kept']:.4f} |")
+                     f"{r['seconds']:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} | {r['peak_over_file']:.2f}x | "
+                     f"{r['peak_above_baseline_over_file']:.2f}x | {r['energy_kept']:.4f} |")
     m = setup["machine"]
     note = (f"\nOne fresh process per conversion (--sync none, --partition energy). Machine: {m['cpu']}, "
             f"{m['cores']} cores (shared), {m['system']}, onnxruntime {m['onnxruntime']}; load average "
