@@ -11,9 +11,9 @@ before ``partition`` (which turns the shares into channel counts).
 
 With equal speeds the shares stay 1/K, even though the head has the merge on top: moving
 channels off the head would leave branches with channel counts that are not multiples
-of the CPU kernels' blocks (onnxruntime runs a 17-channel conv as slowly as a 32-channel
-one, ``benchmarks/narrow.py``), which costs more than the merge; ``passes.merge`` handles
-the head's extra work instead.
+of the CPU kernels' blocks (onnxruntime runs a 17-channel conv almost twice as long as a
+16-channel one, ``benchmarks/channel_blocks.py``), which costs more than the merge;
+``passes.merge`` handles the head's extra work instead.
 
 Cost model, per node, in seconds on a reference core: ``analysis.flops / PEAK_FLOPS``
 plus the bytes of the weights it reads over ``WEIGHT_BANDWIDTH`` (a Gemm at batch 1 is
