@@ -17,14 +17,11 @@ seconds each recovery took, and the held-out agreement after every epoch (the cu
 agreement against epochs, in the JSON). Recovery rows are repeated over ``--seeds``
 seeds (held-out split, shuffling): the table gives the mean and the worst seed.
 
-Variants (``--variants``): ``distil`` is the pipeline above; ``anneal`` is gradual
-cutting (``lcpc recover --refit none`` with ``Recipe.anneal = 0.5``: distillation starts
-from the original weights and fades the cross-branch weights out over the first half of
-the steps). ``--task shapes`` runs the harder stand-in task (``examples/shapes``: noisy
-32x32 shapes, a VGG with BatchNorm; unlabelled training images, 1000 test images).
+``--task shapes`` runs the harder stand-in task (``examples/shapes``: noisy 32x32
+shapes, a converged VGG with BatchNorm; 8000 unlabelled training images, 2000 test images).
 
     python benchmarks/recovery.py [--task digits|shapes] [--branches 2 4 8] [--epochs 2 6] [--seeds 3]
-                                  [--variants distil anneal] [--threads 1]
+                                  [--threads 1]
 """
 
 from __future__ import annotations
@@ -53,7 +50,6 @@ from lcpc import pipeline  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 TASKS = {"digits": ROOT / "examples" / "digits" / "digits_cnn.onnx",
          "shapes": ROOT / "examples" / "shapes" / "shapes_vgg.onnx"}
-VARIANTS = {"distil": {}, "anneal": {"refit": "none", "anneal": 0.5}}
 MODEL = TASKS["digits"]
 
 
@@ -71,7 +67,6 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--task", choices=list(TASKS), default="digits")
-    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["distil"])
     args = ap.parse_args()
     import torch
 
@@ -94,14 +89,12 @@ def main() -> None:
             rows.append({**base, "recovery": "cut", **test_figures(cut_folder, x_test, y_test), "seconds": 0.0,
                          "runs": []})
             show(rows[-1])
-            levels = [("refit", 0, {})] if "distil" in args.variants else []
-            levels += [(f"{v} {e}ep", e, VARIANTS[v]) for v in args.variants for e in args.epochs]
-            for label, epochs, recipe in levels:
+            for label, epochs in [("refit", 0)] + [(f"distil {e}ep", e) for e in args.epochs]:
                 runs = []
                 for seed in range(args.seeds):
                     out = Path(tmp) / f"k{k}_{label.replace(' ', '_')}_{seed}"
                     start = time.perf_counter()
-                    m = pipeline.recover(cut_folder, x_train, out, epochs=epochs, seed=seed, **recipe)
+                    m = pipeline.recover(cut_folder, x_train, out, epochs=epochs, seed=seed)
                     seconds = time.perf_counter() - start
                     figures = m["fidelity"]["recovery"]
                     last = figures.get("distillation", figures.get("refit"))
@@ -163,8 +156,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     task = "Digits example" if meta["task"] == "digits" else f"Task {meta['task']} ({meta['model']})"
     note = (f"\n{task}, original test accuracy {100 * rows[0]['original_accuracy']:.2f}% on "
             f"{meta['test_images']} test images; recovery on the {meta['train_images']} unlabelled training "
-            f"images (10% held out), --sync none; `distil`: `lcpc recover --epochs N` (refit, then N epochs of "
-            f"distillation); `anneal`: gradual cutting from the original weights. "
+            f"images (10% held out), --sync none; `distil Nep`: `lcpc recover --epochs N` (refit, then N epochs of "
+            f"distillation). "
             f"Recovery rows: mean over {meta['seeds']} seeds. "
             f"torch {meta['torch']}, {meta['threads']} thread(s). From one run of benchmarks/recovery.py.\n")
     return "\n".join(lines) + "\n" + note

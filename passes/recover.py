@@ -15,21 +15,19 @@ Guarantees:
   labels) on both parts, before and after, and warns when the held-out figure trails
   the training figure (overfitting) or the data set is small (``recover_judge``).
 
-Recipe (``benchmarks/recovery.py`` measures it on the digits example):
+Recipe (``benchmarks/recovery.py`` measures it on the digits and shapes examples):
 1. *BatchNorm re-insertion* (``recover_norms``): a BatchNorm after every
    non-classifier Conv/Gemm with a bias, initialised to the identity, then
    re-estimated toward the original's output statistics.
-2. *Distillation*: KL(softmax(t/T) || softmax(s/T)) * T^2 with T = 2 on the same
+2. *Distillation*: KL(softmax(t/T) || softmax(s/T)) * T^2 with T = 4 on the same
    (optionally shifted/flipped) batch for teacher and student, plus cross-entropy on
-   labels when given; AdamW, linear warm-up then cosine decay; BatchNorm trains on
+   labels when given; AdamW (learning rate 2e-3) on batches of 8 (recovery data are
+   few: small batches give more steps in the same epochs), a linear warm-up over 5% of
+   the steps then cosine decay (on shapes at K=8 these settings give 86.9% against
+   81.9% with batches of 32, learning rate 1e-3, T = 2 and 20% warm-up); BatchNorm trains on
    batch statistics with momentum-updated running statistics, re-measured over the
    calibration images before every evaluation.
-3. *Gradual cutting* (``anneal`` > 0, SplitNet-style): the cross-branch weights stay in
-   use, scaled by a factor that falls linearly from 1 to 0 over the first ``anneal``
-   share of the steps, so the student moves from the weights it starts with toward the
-   cut instead of starting cut; start it from the original (no refit) for an exact
-   start. After the fade the student is the cut model, as without annealing.
-4. *Model selection*: after each epoch the held-out KL is compared, sample by sample,
+3. *Model selection*: after each epoch the held-out KL is compared, sample by sample,
    with the best epoch's; the latest epoch is kept unless it is worse by more than
    two standard errors (then the best is restored); two such epochs in a row stop
    training early.
@@ -61,19 +59,17 @@ class Recipe:
     """Every knob of a distillation run; the report records the one used."""
 
     epochs: int = 2
-    batch_size: int = 32
-    lr: float = 1e-3
+    batch_size: int = 8            # small batches: more steps in the same epochs (recovery data are few)
+    lr: float = 2e-3
     weight_decay: float = 0.0
-    warmup: float = 0.2            # fraction of the steps with a linear warm-up
-    temperature: float = 2.0
+    warmup: float = 0.05           # fraction of the steps with a linear warm-up
+    temperature: float = 4.0
     label_weight: float = 0.5      # weight of cross-entropy on labels, when given
     augment: str = "shift"         # none | shift | shift+flip | flip
     max_shift: int | None = None   # pixels; None: a 16th of the image side
     patience: int = 2
     calib_samples: int = 1024
     bn_momentum: float = 0.1
-    anneal: float = 0.0            # gradual cutting: fraction of the steps over which the
-                                   # cross-branch weights fade from 1 to 0 (0: cut at once)
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
@@ -93,7 +89,7 @@ def _torch():
 
 
 def run(plan: Plan, data: np.ndarray, labels: np.ndarray | None = None, *, epochs: int = 2,
-        batch_size: int = 32, lr: float = 1e-3, holdout: float = 0.1, seed: int = 0,
+        batch_size: int = 8, lr: float = 2e-3, holdout: float = 0.1, seed: int = 0,
         progress: Progress | None = None, device: str | None = None, augment: str = "shift",
         original: Graph | None = None, **recipe_overrides) -> tuple[Plan, dict]:
     """Distil the original model into the cut plan on ``data``; see the module docstring.
@@ -142,9 +138,7 @@ def run(plan: Plan, data: np.ndarray, labels: np.ndarray | None = None, *, epoch
         stages["start"] = judge.figures(student)
     history, steps_run, best_epoch, stopped = [], 0, 0, False
     if masks:
-        student.fade = 1.0 if recipe.anneal > 0 and recipe.epochs else 0.0  # gradual cutting starts uncut
         initialise(student, teacher, original, calib, dev)
-        student.fade = 0.0
         if norms:
             stages["bn_reestimated"] = judge.figures(student)
         if recipe.epochs:
@@ -189,7 +183,6 @@ def _distil(student, teacher, judge, recipe: Recipe, x_all, y_all, train_idx, ca
                                               0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
     shift = recipe.max_shift if recipe.max_shift is not None else x_all.shape[-1] // 16
     temp, inp = recipe.temperature, student.graph.inputs[0]
-    fade_steps = recipe.anneal * total
     best = _Snapshot(student, judge.heldout_kl, 0)
     history, worse_in_a_row, stopped = [], 0, False
     for epoch in range(1, recipe.epochs + 1):
@@ -198,8 +191,6 @@ def _distil(student, teacher, judge, recipe: Recipe, x_all, y_all, train_idx, ca
         losses = []
         for step in range(1, steps + 1):
             idx = order[(step - 1) * batch:step * batch]
-            done = (epoch - 1) * steps + step - 1
-            student.fade = max(0.0, 1.0 - done / fade_steps) if fade_steps > 0 else 0.0
             xb = _augment(x_train[idx], recipe.augment, shift, gen).to(dev)
             with torch.no_grad():
                 t = teacher.run({inp: xb}, [name])[name].flatten(1)
@@ -215,7 +206,6 @@ def _distil(student, teacher, judge, recipe: Recipe, x_all, y_all, train_idx, ca
             losses.append(float(loss.detach()))
             if progress is not None:
                 progress(epoch, step, steps, losses[-1], None)
-        student.fade = 0.0 if done + 1 >= fade_steps else student.fade
         recalibrate(student, calib, dev)
         fig = judge.figures(student)
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), **fig})

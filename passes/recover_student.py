@@ -5,8 +5,6 @@ Guarantees:
 - ``Student(graph, masks, norms)`` is ``lcpc.torch_graph.GraphModule(graph)`` with
   ``masks[node]`` (0/1, broadcastable against the node's weight) applied as
   ``W * mask`` on every forward, so masked entries get no gradient and export as 0;
-  while ``fade`` > 0 (gradual cutting) it applies ``W * (mask + fade * (1 - mask))``
-  instead: the cross-branch weights still count, scaled by ``fade``;
 - ``norms`` names Conv/Gemm nodes (see :func:`normable`) that get a BatchNorm after
   them. ``init_norms_identity`` makes each one the identity in eval mode (running
   stats = the measured mean m and variance v, gamma = sqrt(v + eps), beta = m);
@@ -58,7 +56,6 @@ class Student(GraphModule):
         super().__init__(graph)
         self.masks = dict(masks or {})
         self.out_axes = dict(out_axes or {})
-        self.fade = 0.0                         # share of the cross-branch weights still in use
         self.norms = nn.ModuleDict()
         self._norm_key: dict[str, str] = {}     # node name -> key in self.norms
         self.norms_enabled = True
@@ -95,7 +92,7 @@ class Student(GraphModule):
         w = self.const(node.inputs[1])
         if node.name in self.masks:
             mask = getattr(self, self._key["mask:" + node.name])
-            w = w * (mask + self.fade * (1 - mask)) if self.fade > 0 else w * mask
+            w = w * mask
         return w
 
     def after(self, node: Node, outs: list) -> list:

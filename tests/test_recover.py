@@ -224,7 +224,7 @@ def test_recovery_restores_held_out_agreement(recovered, split):
     cut_acc = float((_eval(Student(plan.graph, weight_masks(plan)), x_test).argmax(1) == y_test).mean())
     assert cut_acc < 0.3 and acc > 0.97
     # progress: one call per step, then the epoch's held-out agreement
-    assert steps[-1][1] == steps[-1][2] == 1212 // 32 and steps[-1][4] == report["after"]["top1_agreement"]
+    assert steps[-1][1] == steps[-1][2] == 1212 // report["recipe"]["batch_size"] and steps[-1][4] == report["after"]["top1_agreement"]
 
 
 def test_recovered_plan_keeps_the_cut(recovered, split, tmp_path):
@@ -331,22 +331,3 @@ def test_recover_cli_end_to_end(split, tmp_path):
     fig = pipeline.verify(tmp_path / "rec", x[held])
     assert fig["top1_agreement"] == distil["after"]["top1_agreement"]
     assert abs(fig["kl_divergence"] - distil["after"]["kl_divergence"]) < 1e-4
-
-
-def test_gradual_cutting_starts_uncut_and_ends_cut(split):
-    """anneal: the student starts as the original (fade 1) and exports the exact cut."""
-    graph, source = frontend.load(EXAMPLE)
-    plan = planner.plan(graph, source, 4, "none")
-    masks = weight_masks(plan)
-    student = Student(graph, masks)
-    x = split[2][:16]
-    student.fade = 1.0
-    assert rel_err(_eval(student, x), _eval(GraphModule(graph), x)) < 1e-5
-    student.fade = 0.0
-    assert rel_err(_eval(student, x), _eval(GraphModule(graph), x)) > 0.1
-    new_plan, report = recover.run(plan, split[0][:320], epochs=1, anneal=0.5, batch_size=32)
-    assert report["recipe"]["anneal"] == 0.5 and report["epochs_run"] == 1
-    for node_name, mask in masks.items():
-        node = next(n for n in graph.nodes if n.name == node_name)
-        assert not np.any(new_plan.graph.constants[node.inputs[1]] * (1 - mask))
-    assert report["after"]["top1_agreement"] > report["before"]["top1_agreement"]

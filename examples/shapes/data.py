@@ -5,7 +5,8 @@ machine); images are float32 NCHW ``[n, 1, 32, 32]``, labels int64 in 0..7. Each
 holds one shape (disk, square, triangle, cross, ring, horizontal bar pair, vertical bar
 pair, diamond) at a random position, size and intensity, plus a random distractor
 stroke and strong Gaussian noise, so a small CNN stays below 95% accuracy.
-``load_split()`` is the fixed split the benchmark uses: 3000 training and 1000 test images.
+``load_split()`` is the fixed split the benchmark uses: 8000 training images (the
+teacher's training set and the unlabelled recovery data) and 2000 test images.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def make(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(x_train, y_train, x_test, y_test)``: 3000 and 1000 images."""
-    x_train, y_train = make(3000, 0)
-    x_test, y_test = make(1000, 1)
+    """``(x_train, y_train, x_test, y_test)``: 8000 and 2000 images."""
+    x_train, y_train = make(8000, 0)
+    x_test, y_test = make(2000, 1)
     return x_train, y_train, x_test, y_test
