@@ -86,14 +86,9 @@ def load(source: str | os.PathLike | bytes, input_shapes: dict[str, tuple[int, .
     return graph, src
 
 
-# Element types whose initializers travel as numpy arrays, outside any protobuf (the others,
-# such as bfloat16 or 4-bit types, stay initializers and take graphsurgeon's own path).
-PLAIN_TYPES = ASIDE_TYPES
-
-
 def _is_weight(t: onnx.TensorProto) -> bool:
     """A large initializer of a plain numeric type: one that travels as a numpy array."""
-    return t.data_type in PLAIN_TYPES and math.prod(t.dims) > MAX_SHAPE_VALUES
+    return t.data_type in ASIDE_TYPES and math.prod(t.dims) > MAX_SHAPE_VALUES
 
 
 def _take_weights(model: onnx.ModelProto, aside: dict[str, np.ndarray]
@@ -274,7 +269,7 @@ def _weights_as_inputs(graph) -> dict[str, np.ndarray]:
             continue
         values = t.values
         try:
-            plain = helper.np_dtype_to_tensor_dtype(values.dtype) in PLAIN_TYPES
+            plain = helper.np_dtype_to_tensor_dtype(values.dtype) in ASIDE_TYPES
             same = np.dtype(t.export_dtype) == values.dtype
         except (KeyError, TypeError, ValueError):
             continue

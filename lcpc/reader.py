@@ -330,7 +330,9 @@ def _check_graph(model: onnx.ModelProto, where: str, aside: set[int]) -> None:
 
 
 # --- weights read aside: large raw initializers go from the file into arrays, never into protobuf --
-# Element types whose raw data numpy reads as it is (on a little-endian machine).
+# Element types whose raw data numpy reads as it is (on a little-endian machine). The front end
+# keeps large weights of these types as numpy arrays, outside any protobuf; the others (bfloat16,
+# 4-bit types) stay initializers and take graphsurgeon's own path.
 ASIDE_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
                onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
                onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32,

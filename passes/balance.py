@@ -15,12 +15,8 @@ of the CPU kernels' blocks (onnxruntime runs a 17-channel conv almost twice as l
 16-channel one, ``benchmarks/channel_blocks.py``), which costs more than the merge;
 ``passes.merge`` handles the head's extra work instead.
 
-Cost model, per node, in seconds on a reference core: ``analysis.flops / PEAK_FLOPS``
-plus the bytes of the weights it reads over ``WEIGHT_BANDWIDTH`` (a Gemm at batch 1 is
-bound by reading its weights, not by its multiply-adds), plus ``NODE_OVERHEAD`` for
-running it at all. The constants are one core of the development machine, read off
-``benchmarks/narrow.py``; only their ratios matter for the shares. A node's work on a
-device with share ``s`` is
+The cost of a node is ``lcpc.node_time``'s model (FLOPs, weight bytes read, a per-node
+overhead). A node's work on a device with share ``s`` is
 
 - ``R`` output (replicated): all of it, on every device;
 - ``H`` output (head only): all of it, on the head;
@@ -28,8 +24,8 @@ device with share ``s`` is
 - everything else with a split output (R->S dense layers, exchanges, grouped convs,
   channelwise ops): ``s`` of it;
 - the classifier merge: all of it on the head when it gathers features, else ``s`` on
-  each device plus the head's sum (``passes.merge`` decides; this pass, which runs
-  before it, assumes the fewest-bytes choice at equal shares).
+  each device plus the head's sum: the way ``passes.merge`` (which runs after the
+  partition) predicts for equal shares.
 
 Which layers are cut comes from the sync policy (``passes.cut.policy_exchanges``);
 ``--sync auto``, which chooses after the partition, is balanced as pure LCP.
@@ -45,15 +41,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from lcpc import ops
-from lcpc.errors import LcpcError
+from lcpc.node_time import NODE_OVERHEAD, node_seconds, speeds_of, sum_seconds
+from lcpc.passes import merge
 from lcpc.passes.cut import policy_exchanges
 from lcpc.plan import HEAD, Plan, PlanOptions
 
-PEAK_FLOPS = 60e9          # per second: large convs on one core
-WEIGHT_BANDWIDTH = 12e9    # bytes per second: weights streamed from memory
-NODE_OVERHEAD = 5e-6       # seconds per node run
-MIN_SHARE = 0.5     # no share below this fraction of 1/K
+MIN_SHARE = 0.5  # no share below this fraction of 1/K
 
 
 @dataclass(frozen=True)
@@ -75,38 +68,18 @@ def run(plan: Plan, options: PlanOptions) -> Plan:
     speeds = speeds_of(plan.k, options.speeds)
     if np.all(speeds == speeds[0]):
         return replace(plan, shares=None, _cache={})
-    shares = balanced_shares(work(plan, options.sync), speeds)
+    shares = balanced_shares(work(plan, options), speeds)
     return replace(plan, shares=tuple(float(s) for s in shares), _cache={})
 
 
-def speeds_of(k: int, speeds: tuple[float, ...] | None) -> np.ndarray:
-    if speeds is None:
-        return np.ones(k)
-    v = np.asarray(speeds, dtype=np.float64)
-    if len(v) != k or not np.all(v > 0):
-        raise LcpcError(f"device speeds {list(speeds)}: need {k} positive numbers, one per device")
-    return v / v.max()
-
-
-def node_seconds(plan: Plan, node) -> float:
-    """The modelled time of the whole ``node`` on a reference core (overhead excluded)."""
-    g, a = plan.graph, plan.analysis
-    seconds = a.flops[node.name] / PEAK_FLOPS
-    if isinstance(a.behaviours[node.name], (ops.Dense, ops.Grouped)):
-        seconds += sum(g.constants[i].nbytes for i in node.inputs[1:] if i in g.constants) / WEIGHT_BANDWIDTH
-    return seconds
-
-
-def head_sum_seconds(plan: Plan, node) -> float:
-    """The head's time to add the K partial outputs of ``node``."""
-    return NODE_OVERHEAD + float(np.prod(plan.graph.info(node.outputs[0]).shape)) * (plan.k - 1) / PEAK_FLOPS
-
-
-def work(plan: Plan, sync: str) -> Work:
+def work(plan: Plan, options: PlanOptions) -> Work:
     """The per-device work of ``plan`` (layouts assigned) as a function of the share."""
     g, a, lay = plan.graph, plan.analysis, plan.layouts
     cuttable = set(plan.cuttable())
-    exchanged = policy_exchanges(plan, sync) or {}
+    exchanged = policy_exchanges(plan, options.sync) or {}
+    speeds = speeds_of(plan.k, options.speeds)
+    gathers = {n.name for n in merge.merged_layers(plan)
+               if merge.choose(plan, n, merge.equal_channels(plan, n), speeds, options.head_bandwidth)[0] == "features"}
     quadratic = linear = everywhere = head = 0.0
     for node in g.nodes:
         outs = [o for o in node.outputs if o]
@@ -114,13 +87,12 @@ def work(plan: Plan, sync: str) -> Work:
             continue
         cost = node_seconds(plan, node)
         out = lay.get(outs[0])
-        if node.name in a.terminal and lay.get(node.inputs[0]) == "S":
-            if _merge_gathers(plan, node):
-                head += cost + NODE_OVERHEAD
-            else:  # partial outputs on every device, summed on the head
-                linear += cost
-                everywhere += NODE_OVERHEAD
-                head += head_sum_seconds(plan, node)
+        if node.name in gathers:
+            head += cost + NODE_OVERHEAD
+        elif node.name in a.terminal and lay.get(node.inputs[0]) == "S":  # partial outputs, summed on the head
+            linear += cost
+            everywhere += NODE_OVERHEAD
+            head += sum_seconds(plan, node)
         elif out == "H":
             head += cost + NODE_OVERHEAD
         elif out == "R":
@@ -132,13 +104,6 @@ def work(plan: Plan, sync: str) -> Work:
             linear += cost
             everywhere += NODE_OVERHEAD
     return Work(quadratic, linear, everywhere, head)
-
-
-def _merge_gathers(plan: Plan, node) -> bool:
-    """Whether the lowering's merge gathers features (``lower.Lowering.merge``: fewer bytes
-    wins), at equal shares."""
-    x, y = plan.graph.info(node.inputs[0]), plan.graph.info(node.outputs[0])
-    return (plan.k - 1) * x.nbytes // plan.k <= (plan.k - 1) * y.nbytes
 
 
 def balanced_shares(w: Work, speeds: np.ndarray) -> np.ndarray:

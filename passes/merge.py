@@ -12,7 +12,7 @@ its output (pooled features into 1000 logits from K = 4 on), but then the head r
 whole weight matrix after everything else: on a ResNet-50, 8 MB and about 0.7 ms per
 inference on one core, half a branch's compute at K = 16. ``partial`` trades those
 seconds for (K-1) x |output| bytes. The pass picks the way with the earlier predicted
-finish on the head: the merge's compute (``passes.balance``'s cost model, scaled by the
+finish on the head: the merge's compute (``lcpc.node_time``'s model, scaled by the
 devices' speeds) plus the bytes the head receives over its link
 (``PlanOptions.head_bandwidth``, from ``devices.yaml``; default ``lcpc.devices``'
 100 Mbit/s). Both ways send one message per branch, so per-message latency cancels.
@@ -29,32 +29,23 @@ from __future__ import annotations
 from dataclasses import replace
 
 from lcpc.devices import DEFAULT_BANDWIDTH
-from lcpc.passes.balance import head_sum_seconds, node_seconds, speeds_of
+from lcpc.node_time import node_seconds, speeds_of, sum_seconds
 from lcpc.plan import HEAD, Action, Plan, PlanOptions
-
-MODES = ("features", "partial")
 
 
 def run(plan: Plan, options: PlanOptions) -> Plan:
-    bandwidth = options.head_bandwidth or DEFAULT_BANDWIDTH
     speeds = speeds_of(plan.k, options.speeds)
     merges, decisions = {}, dict(plan.decisions)
     for node in merged_layers(plan):
-        feature_bytes, partial_bytes = merge_bytes(plan, node)
-        compute = node_seconds(plan, node)
-        own = [len(plan.own(node.inputs[0], d)) / plan.graph.info(node.inputs[0]).shape[plan.analysis.axis(node.inputs[0])]
-               for d in range(plan.k)]
-        features = compute / speeds[HEAD] + feature_bytes / bandwidth
-        partial = (max(compute * s / v for s, v in zip(own, speeds)) + head_sum_seconds(plan, node) / speeds[HEAD]
-                   + partial_bytes / bandwidth)
-        mode = "features" if features <= partial else "partial"
+        channels = [len(plan.own(node.inputs[0], d)) for d in range(plan.k)]
+        mode, features, partial = choose(plan, node, channels, speeds, options.head_bandwidth)
+        feature_bytes, partial_bytes = merge_bytes(plan, node, channels)
         merges[node.name] = mode
-        d = decisions[node.name]
-        decisions[node.name] = replace(d, reason=(
+        decisions[node.name] = replace(decisions[node.name], reason=(
             f"classifier: exact merge at the head, {mode} ({'gathered' if mode == 'features' else 'summed'}); "
             f"predicted {1e3 * features:.3g} ms gathering {feature_bytes} B of features against "
             f"{1e3 * partial:.3g} ms summing {partial_bytes} B of partial outputs at "
-            f"{8 * bandwidth / 1e6:.4g} Mbit/s"))
+            f"{8 * (options.head_bandwidth or DEFAULT_BANDWIDTH) / 1e6:.4g} Mbit/s"))
     return replace(plan, merges=merges, decisions=decisions)
 
 
@@ -63,13 +54,36 @@ def merged_layers(plan: Plan) -> list:
             and d.action == Action.MERGE and plan.layouts.get(n.inputs[0]) == "S"]
 
 
-def merge_bytes(plan: Plan, node) -> tuple[int, int]:
-    """Bytes the head receives per inference: (gathering features, summing partial outputs)."""
+def equal_channels(plan: Plan, node) -> list[float]:
+    """Each device's channels of the merge's input at equal shares (before a partition)."""
+    return [plan.graph.info(node.inputs[0]).shape[plan.analysis.axis(node.inputs[0])] / plan.k] * plan.k
+
+
+def merge_bytes(plan: Plan, node, channels) -> tuple[int, int]:
+    """Bytes the head receives per inference, (gathering features, summing partial outputs),
+    when device d holds ``channels[d]`` of the merge's input channels."""
     x, y = plan.graph.info(node.inputs[0]), plan.graph.info(node.outputs[0])
-    others = sum(len(plan.own(node.inputs[0], d)) for d in range(plan.k) if d != HEAD)
-    return others * x.nbytes // x.shape[plan.analysis.axis(node.inputs[0])], (plan.k - 1) * y.nbytes
+    per_channel = x.nbytes / x.shape[plan.analysis.axis(node.inputs[0])]
+    others = sum(c for d, c in enumerate(channels) if d != HEAD)
+    return round(others * per_channel), (plan.k - 1) * y.nbytes
+
+
+def choose(plan: Plan, node, channels, speeds, bandwidth: float | None) -> tuple[str, float, float]:
+    """``(mode, predicted seconds gathering features, predicted seconds summing partial
+    outputs)`` on a head link of ``bandwidth`` bytes/s (None: the default)."""
+    bandwidth = bandwidth or DEFAULT_BANDWIDTH
+    feature_bytes, partial_bytes = merge_bytes(plan, node, channels)
+    compute, total = node_seconds(plan, node), sum(channels)
+    features = compute / speeds[HEAD] + feature_bytes / bandwidth
+    partial = (max(compute * c / total / v for c, v in zip(channels, speeds)) + sum_seconds(plan, node) / speeds[HEAD]
+               + partial_bytes / bandwidth)
+    return ("features" if features <= partial else "partial"), features, partial
 
 
 def fewest_bytes(plan: Plan) -> dict[str, str]:
     """The merges of a plan recorded before this pass existed (lowered by bytes alone)."""
-    return {n.name: "features" if (b := merge_bytes(plan, n))[0] <= b[1] else "partial" for n in merged_layers(plan)}
+    merges = {}
+    for n in merged_layers(plan):
+        feature_bytes, partial_bytes = merge_bytes(plan, n, [len(plan.own(n.inputs[0], d)) for d in range(plan.k)])
+        merges[n.name] = "features" if feature_bytes <= partial_bytes else "partial"
+    return merges

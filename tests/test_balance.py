@@ -51,7 +51,7 @@ def test_head_takes_less_when_it_also_merges(resnet18_half):
     plan = layouts.run(Plan(g, src, analyse(g), 4, layouts={}), PlanOptions())
     shares = balance.run(plan, PlanOptions(speeds=(1.0, 1.0, 2.0, 2.0))).shares
     assert shares is not None and shares[HEAD] < shares[1] < shares[2] == shares[3]
-    w = balance.work(plan, "none")
+    w = balance.work(plan, PlanOptions(speeds=(1.0, 1.0, 2.0, 2.0)))
     assert w.head > 0 and w.quadratic > 0
     t = [w.on(d, s) / v for d, (s, v) in enumerate(zip(shares, (1.0, 1.0, 2.0, 2.0)))]
     assert max(t) - min(t) <= 1e-6 * max(t)
