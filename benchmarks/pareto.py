@@ -1,22 +1,25 @@
-"""Bytes on the wire vs accuracy after recovery: ``--sync auto`` over a sweep of budgets.
+"""Bytes on the wire vs accuracy after recovery: ``--sync auto --recover`` over a sweep of budgets.
 
-For each model and K, plans ``--sync auto`` (backward elimination from the exact plan,
-``passes.cut.auto_path``, measured on calibration inputs) for budgets from pure LCP
-(``none``) to exact (``all``), recovers each plan (``pipeline.recover``: the numpy
-least-squares refit, then ``--epochs`` of distillation when PyTorch is installed) and
-measures it on held-out inputs with the local engine (``pipeline.verify``): top-1
-agreement with the original (and accuracy with labels) before and after recovery, the
-bytes per inference its manifest records, and the budget. Everything comes from one run.
+For each model and K, runs what ``lcpc convert --sync auto --calib C --comm-budget B
+--recover TRAIN --epochs E`` runs (``pipeline.convert_and_recover``) for budgets from pure
+LCP to exact: the backward-elimination path is measured on the calibration inputs
+(``passes.cut.auto_path``), its plans at up to 6 byte sizes (``cut.spread``) are the
+candidates, each is recovered on TRAIN (the numpy least-squares refit, then E epochs of
+distillation when PyTorch is installed) and scored on the recovery's own held-out split,
+and the budget gets the best-scored affordable candidate. The budgets are the candidates'
+bytes; one ``RecoveredScores`` memo is shared by the budgets (each candidate is recovered
+once, as one user converting at each budget would get). The chosen folder is then measured
+on the test inputs with the local engine (``pipeline.verify``): top-1 agreement with the
+original (and accuracy with labels) before recovery (the same plan, converted without
+recovery) and after, the bytes per inference its manifest records, and the budget.
+Everything comes from one run.
 
 - ``digits``: the bundled example; calibration: 128 training images; recovery: the 1347
-  training images; held out: the 450 test images. Each budget runs ``lcpc convert --sync
-  auto --calib --comm-budget`` itself (the budgets are the bytes of plans on the path).
+  training images; held out: the 450 test images.
 - ``lite0``: EfficientNet-Lite0 from ``../shared/models`` on the photos in
   ``../shared/photos`` (skipped when absent). The 12 photos give random 224x224 crops
   and flips: calibration and recovery crops come from photos 1-8, held-out crops from
-  photos 9-12 (so held-out photos are never seen). The path is measured once
-  (``auto_path``) and each budget's plan is the one ``--sync auto`` chooses from it
-  (``cut.choose``), converted with those exchanges named.
+  photos 9-12 (so held-out photos are never seen).
 
     python benchmarks/pareto.py [--models digits lite0] [--branches 4] [--budgets 6] [--epochs 2]
 """
@@ -59,15 +62,6 @@ def has_torch() -> bool:
     return True
 
 
-def budgets(path: list[dict], n: int) -> list[int]:
-    """``n`` budgets from pure LCP to exact: the bytes of ``n`` plans spread evenly (in log
-    bytes) over the distinct plans of the auto path, so each budget buys a different plan."""
-    sizes = sorted({p["bytes"] for p in path})
-    logs = np.log(sizes)
-    picks = {int(np.argmin(np.abs(logs - t))) for t in np.linspace(logs[0], logs[-1], n)}
-    return [sizes[i] for i in sorted(picks)]
-
-
 def photo_crops(files: list[Path], n: int, seed: int) -> np.ndarray:
     """``n`` random 224x224 crops (and mirror images) of the photos, scaled as Lite0 wants."""
     from PIL import Image
@@ -92,37 +86,35 @@ def photo_crops(files: list[Path], n: int, seed: int) -> np.ndarray:
 
 
 def sweep(name: str, model: Path, k: int, calib, train, test, labels, n_budgets: int, epochs: int, tmp: Path,
-          use_auto: bool, done: list[dict]) -> list[dict]:
+          done: list[dict]) -> list[dict]:
     """The rows of one model and K; ``done`` (the rows of earlier sweeps) and these are
     written after every row, so a stopped run keeps what it measured."""
     graph, source = frontend.load(model)
-    none = planner.plan(graph, source, k, "none")
-    path = cut.auto_path(none, calib)
+    path = cut.auto_path(planner.plan(graph, source, k, "none"), calib)
+    scores = pipeline.RecoveredScores(train, epochs=epochs)  # one memo: each candidate is recovered once
     rows = []
-    for budget in budgets(path, n_budgets):
+    for budget in [p["bytes"] for p in cut.spread(path, n_budgets)]:
         start = time.perf_counter()
         out = tmp / f"{name}_k{k}_{budget}"
-        if use_auto:
-            m = pipeline.convert(model, out, k, "auto", calib=calib, comm_budget=budget)
-        else:
-            chosen = list(cut.choose(path, budget))
-            m = pipeline.convert(model, out, k, ",".join(chosen) if chosen else "none")
-        before = pipeline.verify(out, test, labels, model)
-        after, recovery = before, "exact"
-        if m["sync"]["cuts"]:
-            e = epochs if has_torch() else 0
-            rec = out.with_name(out.name + "_rec")
-            pipeline.recover(out, train, rec, epochs=e)
-            after, recovery = pipeline.verify(rec, test, labels, model), f"refit+{e}ep"
+        m = pipeline.convert_and_recover(model, out, train, epochs=epochs, branches=k, sync="auto", calib=calib,
+                                         comm_budget=budget, scores=scores)
+        after = pipeline.verify(out, test, labels, model)
+        exchanges = m["sync"]["exchanges"]
+        cut_folder = out.with_name(out.name + "_cut")  # the same plan before recovery
+        pipeline.convert(model, cut_folder, k, ",".join(exchanges) if exchanges else "none")
+        before = pipeline.verify(cut_folder, test, labels, model)
+        choice = (m.get("fidelity") or {}).get("sync_auto")
         rows.append({"model": name, "K": k, "budget": budget, "bytes_per_inference": m["totals"]["bytes_per_inference"],
-                     "exchanges": len(m["sync"]["exchanges"]), "cuts": len(m["sync"]["cuts"]), "recovery": recovery,
+                     "exchanges": len(exchanges), "cuts": len(m["sync"]["cuts"]),
+                     "recovery": f"refit+{epochs}ep" if m["sync"]["cuts"] else "exact",
+                     "candidates": choice["candidates"] if choice else [],
                      "agreement_cut": before["top1_agreement"], "agreement": after["top1_agreement"],
                      "accuracy": after.get("candidate_accuracy"), "original_accuracy": after.get("reference_accuracy"),
                      "heldout": after["samples"], "seconds": time.perf_counter() - start})
         r = rows[-1]
         write(done + rows, partial=True)
         print(f"{name} K={k} budget {budget:>9d} bytes {r['bytes_per_inference']:>9d} exchanges {r['exchanges']:>2d} "
-              f"agreement {100 * r['agreement_cut']:6.2f}% -> {100 * r['agreement']:6.2f}% ({recovery})", flush=True)
+              f"agreement {100 * r['agreement_cut']:6.2f}% -> {100 * r['agreement']:6.2f}% ({r['recovery']})", flush=True)
     return rows
 
 
@@ -152,8 +144,8 @@ def main() -> None:
             if "digits" in args.models:
                 x_train, _, x_test, y_test = load_shipped()
                 calib = x_train[np.sort(np.random.default_rng(0).permutation(len(x_train))[:128])]
-                rows += sweep("digits", DIGITS, k, calib, x_train, x_test, y_test, args.budgets, args.epochs,
-                              Path(tmp), True, rows)
+                epochs = args.epochs if has_torch() else 0
+                rows += sweep("digits", DIGITS, k, calib, x_train, x_test, y_test, args.budgets, epochs, Path(tmp), rows)
             if "lite0" in args.models:
                 if not (LITE0.is_file() and PHOTOS.is_dir()):
                     print(f"skipping lite0: {LITE0} or {PHOTOS} is not there")
@@ -162,8 +154,8 @@ def main() -> None:
                 seen, unseen = photos[:8], photos[8:]
                 n_calib, n_train, n_held = args.crops
                 rows += sweep("lite0", LITE0, k, photo_crops(seen, n_calib, 1), photo_crops(seen, n_train, 2),
-                              photo_crops(unseen, n_held, 3), None, args.budgets, args.lite0_epochs, Path(tmp),
-                              False, rows)
+                              photo_crops(unseen, n_held, 3), None, args.budgets,
+                              args.lite0_epochs if has_torch() else 0, Path(tmp), rows)
     print(write(rows, partial=False))
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = {"recovery-table": "recovery.md", "recovery-shapes-table": "recovery_shapes.md", "pareto-table": "pareto.md",
-          "pareto-lite0-table": "pareto_lite0.md"}
+          "pareto-refit-table": "pareto_refit.md", "pareto-lite0-table": "pareto_lite0.md"}
 
 
 def render(readme: str) -> str:

@@ -359,7 +359,7 @@ def inspect_cmd(model: Path, input_shapes, fmt: str) -> None:
 def verify(folder: Path, data: Path, labels: Path | None, original: Path | None, batch_size: int, fmt: str) -> None:
     """Compare a converted FOLDER with its original model on the same inputs."""
     manifest = mf.read(folder)
-    x = pipeline.read_data(data, manifest, raw=mf.takes_raw_images(manifest))
+    x = pipeline.read_data(data, manifest["source"].get("preprocessing"), raw=mf.takes_raw_images(manifest))
     y = pipeline.read_array(labels, "labels") if labels is not None else None
     result = pipeline.verify(folder, x, y, original, batch_size)
     click.echo(render_fidelity(result, fmt))
@@ -395,7 +395,7 @@ def render_fidelity(result: dict, fmt: str) -> str:
 def recover(folder: Path, data: Path, labels: Path | None, original: Path | None, epochs: int, refit: str,
             out: Path, force: bool) -> None:
     """Recover the accuracy of a converted FOLDER by refit and distillation; write OUT."""
-    x = pipeline.read_data(data, mf.read(folder))
+    x = pipeline.read_data(data, mf.read(folder)["source"].get("preprocessing"))
     y = pipeline.read_array(labels, "labels") if labels is not None else None
     with _progress_bar() as progress:
         manifest = pipeline.recover(folder, x, out, labels=y, epochs=epochs, refit=refit, model=original,

@@ -64,6 +64,12 @@ def top_k(x: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-x, axis=1, kind="stable")[:, :k]
 
 
+def kl_per_sample(reference_logits: np.ndarray, candidate_logits: np.ndarray) -> np.ndarray:
+    """KL(softmax(reference) || softmax(candidate)) of every row."""
+    lp, lq = log_softmax(reference_logits), log_softmax(candidate_logits)
+    return np.maximum((np.exp(lp) * (lp - lq)).sum(axis=1), 0.0)
+
+
 def compare(reference_logits: np.ndarray, candidate_logits: np.ndarray,
             labels: np.ndarray | None = None) -> dict[str, Any]:
     """Fidelity figures of ``candidate`` against ``reference`` (see the module docstring)."""
@@ -75,8 +81,7 @@ def compare(reference_logits: np.ndarray, candidate_logits: np.ndarray,
     k = min(5, classes)
     top_r, top_c = top_k(ref, k), top_k(cand, k)
     overlap = np.array([len(set(a) & set(b)) for a, b in zip(top_r.tolist(), top_c.tolist())]) / k
-    lp, lq = log_softmax(ref), log_softmax(cand)
-    kl = np.maximum((np.exp(lp) * (lp - lq)).sum(axis=1), 0.0)
+    kl = kl_per_sample(ref, cand)
     rel = np.abs(ref - cand).max(axis=1) / np.maximum(np.abs(ref).max(axis=1), REL_FLOOR)
     result: dict[str, Any] = {
         "samples": int(n), "classes": int(classes),

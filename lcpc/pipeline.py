@@ -3,6 +3,8 @@
     convert: frontend.load -> planner.plan [-> passes.prune] -> lower [-> compress] -> targets.onnx.write
     recover: stored_plan.load -> passes.refit -> passes.recover (distillation) -> lower [-> compress] -> write
     verify:  the original model (onnxruntime) and the folder (targets.local) on the same inputs
+    convert_and_recover: convert, then recover; with ``--sync auto`` the cut pass's candidate
+             plans are each recovered first (``RecoveredScores``) and the chosen one's recovery is kept
 
 Guarantees:
 - each function takes plain values (paths, arrays) and returns the manifest it wrote or
@@ -30,6 +32,7 @@ import numpy as np
 
 from lcpc import compress, fidelity, frontend, planner, safety, stored_plan
 from lcpc import manifest as mf
+from lcpc.calibrate import run_graph
 from lcpc.devices import load as load_devices
 from lcpc.errors import LcpcError
 from lcpc.images import Preprocessing, load_folder
@@ -38,8 +41,10 @@ from lcpc.passes import prune as prune_pass
 from lcpc.passes import quantize as quantize_pass
 from lcpc.passes import recover as recover_pass
 from lcpc.passes import refit as refit_pass
+from lcpc.plan import Action
 from lcpc.targets import onnx as onnx_target
 from lcpc.targets.local import LocalEngine
+from lcpc.weights import masked_graph
 
 
 def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str = "none",
@@ -47,10 +52,11 @@ def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str
             preprocessing: dict | None = None, calib: np.ndarray | None = None,
             comm_budget: int | None = None, devices: str | Path | None = None, prune: float | None = None,
             quantize: str | None = None, wire: str = "fp32", input_wire: str = "auto",
-            progress: Any = None) -> dict[str, Any]:
+            progress: Any = None, select: Any = None) -> dict[str, Any]:
     """Plan ``model`` for ``branches`` devices and write the folder ``out``; returns its manifest.
     ``devices``: a devices.yaml whose relative speeds size each branch's share of channels;
-    ``progress(done, total, agreement)`` follows ``--sync auto``'s measurements.
+    ``progress(done, total, agreement)`` follows ``--sync auto``'s measurements; ``select``
+    (``passes.cut.Select``, e.g. ``RecoveredScores``) makes it choose among plans scored after recovery.
 
     ``prune`` (passes.prune), ``quantize`` and ``wire`` (lcpc.compress) compress the plan; the
     manifest's ``compression`` then compares LCP, +prune, +quant and +both with the original.
@@ -70,7 +76,8 @@ def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str
     network = load_devices(devices)
     speeds = network.distinct_speeds(branches)
     plan = planner.plan(graph, source, branches, sync, partition, calib=calib, comm_budget=comm_budget,
-                        speeds=speeds, head_bandwidth=network.link("dev0").bandwidth, progress=progress)
+                        speeds=speeds, head_bandwidth=network.link("dev0").bandwidth, progress=progress,
+                        select=select)
     lcp, record = plan, None
     if prune:
         plan, record = prune_pass.run(plan, prune, calib)
@@ -104,27 +111,97 @@ def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str
 
 def convert_and_recover(model: str | Path | bytes, out: str | Path, data: Path | np.ndarray, *,
                         labels: np.ndarray | None = None, epochs: int = 2, force: bool = False,
-                        progress: Any = None, **convert_options) -> dict[str, Any]:
+                        progress: Any = None, scores: "RecoveredScores | None" = None,
+                        **convert_options) -> dict[str, Any]:
     """``convert`` then ``recover`` on ``data`` (an array, or a path ``read_data`` reads with the
-    converted folder's preprocessing); only the recovered folder is left at ``out``."""
+    preprocessing asked for); only the recovered folder is left at ``out``. With ``--sync auto``
+    the sync points are chosen after recovery: ``scores`` (default: a new ``RecoveredScores``
+    on ``data``; pass one to share its memo over several budgets) recovers the candidate plans
+    and the manifest's ``fidelity.sync_auto`` records what each scored."""
     out = Path(out)
     onnx_target.check_out(out, force)
+    x = data if isinstance(data, np.ndarray) else read_data(Path(data), convert_options.get("preprocessing"))
+    if convert_options.get("sync") == "auto":
+        scores = scores or RecoveredScores(x, labels, epochs=epochs, progress=progress)
+        convert_options["select"] = scores
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".lcpc-convert-", dir=out.resolve().parent))
     try:
         manifest = convert(model, staging / "cut", force=False, progress=getattr(progress, "sync", None),
                            **convert_options)
-        x = data if isinstance(data, np.ndarray) else read_data(Path(data), manifest)
-        return recover(staging / "cut", x, out, labels=labels, epochs=epochs, force=force, progress=progress)
+        if "select" in convert_options and not manifest["sync"]["cuts"]:  # auto chose the exact plan: as it is
+            return onnx_target.move(staging / "cut", out, force=force)
+        chosen = scores.record(manifest, convert_options.get("comm_budget")) if "select" in convert_options else None
+        return recover(staging / "cut", x, out, labels=labels, epochs=epochs, force=force, progress=progress,
+                       sync_auto=chosen, recovered=scores.recovered(manifest) if chosen else None)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+class RecoveredScores:
+    """``passes.cut.Select`` for ``--sync auto --recover``: each candidate plan recovered as
+    ``recover`` would (``recover_plan`` on the same data, split, seed and epochs) and scored by
+    its held-out agreement and KL with the original; an exact plan (no cut) scores 100% / 0.
+    Memoised by the plan's exchanges, so a sweep of budgets recovers each candidate once."""
+
+    def __init__(self, data: np.ndarray, labels: np.ndarray | None = None, *, epochs: int = 2, seed: int = 0,
+                 holdout: float = 0.1, progress: Any = None) -> None:
+        self.data, self.labels, self.epochs, self.seed, self.holdout = data, labels, epochs, seed, holdout
+        self.progress = progress
+        self.scored: dict[frozenset, dict] = {}
+        self.plans: dict[frozenset, tuple] = {}   # the recovered (plan, figures) of each scored candidate
+        self.last: list[dict] = []
+
+    def __call__(self, plans: list, sizes: list[int]) -> list[dict]:
+        self.last = []
+        for plan, size in zip(plans, sizes):
+            key = frozenset(plan.nodes_with(Action.EXCHANGE))
+            if key not in self.scored:
+                self.scored[key] = self._score(plan)
+            self.last.append({"exchanges": sorted(key), "bytes_per_inference": size, **self.scored[key]})
+        return self.last
+
+    def _score(self, plan) -> dict:
+        hold = fidelity.holdout_split(len(self.data), self.holdout, self.seed)[1]
+        x_hold = self.data[hold] if len(hold) else self.data
+        if not plan.cut_nodes():
+            return {"agreement": 1.0, "kl": 0.0, "kl_samples": np.zeros(len(x_hold)), "exact": True,
+                    "recovery": "exact"}
+        if isinstance(self.data, np.ndarray) and self.data.dtype == np.uint8:
+            raise LcpcError("--sync auto with --recover needs float model inputs (.npy of the preprocessed "
+                            "batch, or an image folder with --preprocess), not raw uint8 images")
+        reference = run_graph(plan.graph, x_hold)
+        key = frozenset(plan.nodes_with(Action.EXCHANGE))
+        self.plans[key] = recover_plan(plan, self.data, self.labels, epochs=self.epochs, seed=self.seed,
+                                       holdout=self.holdout, progress=self.progress)
+        recovered = self.plans[key][0]
+        candidate = run_graph(masked_graph(recovered, set(recovered.cut_nodes())), x_hold)
+        kl = fidelity.kl_per_sample(reference, candidate)
+        agree = float(np.mean(reference.argmax(1) == candidate.argmax(1)))
+        return {"agreement": agree, "kl": float(kl.mean()), "kl_samples": kl,
+                "recovery": f"refit+{self.epochs}ep" if self.epochs else "refit"}
+
+    def recovered(self, manifest: dict) -> tuple | None:
+        """The recovered (plan, figures) of the plan in ``manifest``, if it was scored."""
+        return self.plans.get(frozenset(manifest["sync"]["exchanges"]))
+
+    def record(self, manifest: dict, budget: int | None) -> dict:
+        """The manifest's ``fidelity.sync_auto``: every candidate of the last choice, its bytes
+        and scores, and which one the plan in ``manifest`` is."""
+        chosen = frozenset(manifest["sync"]["exchanges"])
+        candidates = [{k: v for k, v in c.items() if k != "kl_samples"} for c in self.last]
+        return {"candidates": candidates, "chosen": next(i for i, c in enumerate(self.last)
+                                                       if frozenset(c["exchanges"]) == chosen),
+                "budget": budget}
+
+
 def recover(folder: str | Path, data: np.ndarray, out: str | Path, *, labels: np.ndarray | None = None,
             epochs: int = 2, refit: str = "lsq", model: str | Path | None = None, force: bool = False,
-            progress: Any = None, seed: int = 0, holdout: float = 0.1, **recipe: Any) -> dict[str, Any]:
+            progress: Any = None, seed: int = 0, holdout: float = 0.1, sync_auto: dict | None = None,
+            recovered: tuple | None = None, **recipe: Any) -> dict[str, Any]:
     """Read FOLDER's plan, recover it on ``data`` (``recover_plan``; ``recipe``: distillation
-    settings), write OUT."""
+    settings), write OUT. ``sync_auto``: how ``--sync auto`` chose the plan, for the manifest;
+    ``recovered``: (plan, figures) of that plan already recovered on ``data`` (then reused)."""
     onnx_target.check_out(Path(out), force)
     plan, manifest = stored_plan.load(folder, model)
     pruning = (manifest.get("compression") or {}).get("prune")
@@ -136,8 +213,11 @@ def recover(folder: str | Path, data: np.ndarray, out: str | Path, *, labels: np
     if mf.takes_raw_images(manifest) and np.asarray(data).dtype == np.uint8:  # raw images: train on their normalisation
         data = Preprocessing.from_dict(manifest["source"]["preprocessing"]).normalize(
             data, manifest["source"]["inputs"][0]["dtype"])
-    plan, figures = recover_plan(plan, data, labels, epochs=epochs, refit=refit, progress=progress, seed=seed,
-                                 holdout=holdout, **recipe)
+    if recovered is not None and not pruning and stored_plan.same_plan(recovered[0], plan):
+        plan, figures = recovered
+    else:
+        plan, figures = recover_plan(plan, data, labels, epochs=epochs, refit=refit, progress=progress, seed=seed,
+                                     holdout=holdout, **recipe)
     exact = manifest["totals"]["comparison"]["model_parallel"]["bytes_per_inference"]
     kept = _kept_compression(manifest)
     raw = raw_input(plan.graph, Preprocessing.from_dict(manifest["source"]["preprocessing"]), "uint8") \
@@ -147,7 +227,8 @@ def recover(folder: str | Path, data: np.ndarray, out: str | Path, *, labels: np
         program = compress.apply(program, kept.get("quantize"), kept.get("wire", "fp32"), data)
     return onnx_target.write(plan, program, out, force=force, exact_bytes=exact,
                              preprocessing=manifest["source"].get("preprocessing"),
-                             fidelity={"recovery": figures}, speeds=_speeds(manifest), compression=kept)
+                             fidelity={"recovery": figures, **({"sync_auto": sync_auto} if sync_auto else {})},
+                             speeds=_speeds(manifest), compression=kept)
 
 
 def _kept_compression(manifest: dict) -> dict | None:
@@ -228,11 +309,11 @@ def read_array(path: Path, what: str) -> np.ndarray:
     return data
 
 
-def read_data(data: Path, manifest: dict, raw: bool = False) -> np.ndarray:
-    """Model inputs from a .npy batch, or from a folder of images read with the manifest's
-    preprocessing (``raw``: as the uint8 images a folder that takes raw images is fed)."""
+def read_data(data: Path, spec: dict | None, raw: bool = False) -> np.ndarray:
+    """Model inputs from a .npy batch, or from a folder of images read with the preprocessing
+    ``spec`` (a manifest's ``source.preprocessing``; ``raw``: as the uint8 images a folder that
+    takes raw images is fed)."""
     if data.is_dir():
-        spec = manifest["source"].get("preprocessing")
         if spec is None:
             raise LcpcError(f"{data} is an image folder, but the manifest has no preprocessing; convert with "
                             f"--preprocess size=...,mean=...,std=... or pass a .npy batch")

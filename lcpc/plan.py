@@ -80,6 +80,7 @@ class PlanOptions:
     speeds: tuple[float, ...] | None = None   # each device's relative compute speed (devices.yaml)
     head_bandwidth: float | None = None       # bytes/s of the head's link (devices.yaml; None: the default)
     progress: Callable | None = field(default=None, compare=False, repr=False)  # (done, total, agreement)
+    select: Callable | None = field(default=None, compare=False, repr=False)    # --sync auto: passes.cut.Select
 
 
 @dataclass(frozen=True)

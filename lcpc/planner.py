@@ -28,15 +28,17 @@ PASSES = (("layouts", layouts.run), ("balance", balance.run), ("partition", part
 
 def plan(graph: Graph, source: Source, k: int, sync: str = "none", partition_method: str = "energy",
          calib: np.ndarray | None = None, comm_budget: int | None = None,
-         speeds: tuple[float, ...] | None = None, head_bandwidth: float | None = None, progress=None) -> Plan:
+         speeds: tuple[float, ...] | None = None, head_bandwidth: float | None = None, progress=None,
+         select=None) -> Plan:
     """Plan ``graph`` for ``k`` branches with sync policy ``sync`` (passes.cut) and
     channel partition ``partition_method`` (passes.partition), with channel shares that
     balance the devices' work (passes.balance; ``speeds``: each device's relative speed)
     and classifier merges chosen for the head's link (passes.merge; ``head_bandwidth``);
-    ``progress(done, total, agreement)`` follows ``--sync auto``'s measurements."""
+    ``progress(done, total, agreement)`` follows ``--sync auto``'s measurements; ``select``
+    (``passes.cut.Select``) makes ``--sync auto`` choose among plans scored after recovery."""
     if not 2 <= k <= MAX_BRANCHES:
         raise LcpcError(f"--branches {k}: choose K between 2 and {MAX_BRANCHES}")
-    options = PlanOptions(sync, partition_method, calib, comm_budget, speeds, head_bandwidth, progress)
+    options = PlanOptions(sync, partition_method, calib, comm_budget, speeds, head_bandwidth, progress, select)
     p = Plan(graph, source, analyse(graph), k, layouts={})
     for name, run in PASSES:
         p = check(run(p, options), name)

@@ -131,6 +131,9 @@ def _rich(console: Console, data: dict[str, Any]) -> None:
     recovery = (data["fidelity"] or {}).get("recovery")
     if recovery:
         console.print(Text("Recovery: " + render_recovery(recovery).replace("\n", "\n          ")))
+    choice = (data["fidelity"] or {}).get("sync_auto")
+    if choice:
+        console.print(Text(render_sync_choice(choice)))
     for title, header, rows in _compression_tables(data):
         table = Table(title=title, title_justify="left")
         for h in header:
@@ -196,6 +199,13 @@ def _markdown(data: dict[str, Any]) -> str:
     for title, header, rows in _compression_tables(data):
         parts += [f"\n## {title}\n", _md_table(header, rows)]
     return "\n".join(parts) + "\n"
+
+
+def render_sync_choice(choice: dict) -> str:
+    """``--sync auto --recover``: the candidate plans, their held-out agreement after recovery, the chosen one."""
+    seen = ", ".join(f"{c['bytes_per_inference']} B ({len(c['exchanges'])} exchanges) {100 * c['agreement']:.2f}%"
+                     + (" (chosen)" if i == choice["chosen"] else "") for i, c in enumerate(choice["candidates"]))
+    return f"--sync auto chose after recovery, within {choice['budget']} bytes, among: {seen}"
 
 
 def render_recovery(figures: dict) -> str:

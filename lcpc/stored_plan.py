@@ -58,3 +58,12 @@ def load(folder: str | Path, model: str | Path | None = None) -> tuple[Plan, dic
                 tuple(recorded["shares"]) if "shares" in recorded else None)
     plan = replace(plan, merges=recorded["merges"] if "merges" in recorded else merge.fewest_bytes(plan))
     return check(plan, f"read from {folder}"), manifest
+
+
+def same_plan(a: Plan, b: Plan) -> bool:
+    """Whether two plans make the same decisions on the same graph structure (weights aside):
+    a plan recovered in memory can then stand in for the one a folder records."""
+    def key(p: Plan):
+        return (p.k, dict(p.layouts), dict(p.branch_of_class), {n: d.action for n, d in p.decisions.items()},
+                dict(p.merges), p.shares, [(n.op, n.inputs, n.outputs) for n in p.graph.nodes])
+    return key(a) == key(b)

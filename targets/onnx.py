@@ -63,6 +63,14 @@ def write(plan: Plan, program: Program, out: str | Path, *, force: bool = False,
     return manifest
 
 
+def move(folder: Path, out: Path, force: bool = False) -> dict[str, Any]:
+    """Move a written folder to ``out`` whole (``write``'s rules for ``out``); returns its manifest."""
+    check_out(out, force)
+    _make_parents(out.parent)
+    _replace(folder, out)
+    return json.loads((out / MANIFEST).read_text())
+
+
 def check_out(out: Path, force: bool) -> None:
     """Refuse an output path that is a file, or a non-empty folder without ``force``."""
     if out.is_symlink() or (out.exists() and not out.is_dir()):
