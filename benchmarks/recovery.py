@@ -67,7 +67,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--task", choices=list(TASKS), default="digits")
+    ap.add_argument("--lr", type=float, default=None, help="distillation learning rate (default: the Recipe's)")
+    ap.add_argument("--augment", default=None, choices=["none", "shift", "flip", "shift+flip"],
+                    help="training augmentation (default: the Recipe's)")
+    ap.add_argument("--name", default=None, help="results file stem (default: recovery[_TASK])")
     args = ap.parse_args()
+    recipe = {k: v for k, v in (("lr", args.lr), ("augment", args.augment)) if v is not None}
     import torch
 
     torch.set_num_threads(args.threads)
@@ -94,7 +99,7 @@ def main() -> None:
                 for seed in range(args.seeds):
                     out = Path(tmp) / f"k{k}_{label.replace(' ', '_')}_{seed}"
                     start = time.perf_counter()
-                    m = pipeline.recover(cut_folder, x_train, out, epochs=epochs, seed=seed)
+                    m = pipeline.recover(cut_folder, x_train, out, epochs=epochs, seed=seed, **recipe)
                     seconds = time.perf_counter() - start
                     figures = m["fidelity"]["recovery"]
                     last = figures.get("distillation", figures.get("refit"))
@@ -115,13 +120,15 @@ def main() -> None:
 def meta(args, model: Path, x_train, y_test, torch) -> dict:
     return {"task": args.task, "model": str(model.relative_to(ROOT)), "test_images": int(len(y_test)),
             "train_images": int(len(x_train)), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "seeds": args.seeds}
+            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "seeds": args.seeds,
+            "recipe": {k: v for k, v in (("lr", args.lr), ("augment", args.augment)) if v is not None},
+            "stem": args.name or ("recovery" if args.task == "digits" else f"recovery_{args.task}")}
 
 
 def write(rows: list[dict], info: dict, partial: bool) -> None:
     """Results so far (``partial``: after every row, so a stopped run keeps what it measured)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "recovery" if info["task"] == "digits" else f"recovery_{info['task']}"
+    stem = info["stem"]
     (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": info, "rows": rows, "partial": partial}, indent=1))
     table = markdown(rows, info) + ("\n(Partial: the run was stopped before every row was measured.)\n"
                                     if partial else "")
@@ -158,8 +165,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"{meta['test_images']} test images; recovery on the {meta['train_images']} unlabelled training "
             f"images (10% held out), --sync none; `distil Nep`: `lcpc recover --epochs N` (refit, then N epochs of "
             f"distillation). "
-            f"Recovery rows: mean over {meta['seeds']} seeds. "
-            f"torch {meta['torch']}, {meta['threads']} thread(s). From one run of benchmarks/recovery.py.\n")
+            f"Recovery rows: mean over {meta['seeds']} seed(s). "
+            + (f"Recipe overrides: {', '.join(f'{k} {v}' for k, v in meta['recipe'].items())}. " if meta.get("recipe")
+               else "")
+            + f"torch {meta['torch']}, {meta['threads']} thread(s). From one run of benchmarks/recovery.py.\n")
     return "\n".join(lines) + "\n" + note
 
 

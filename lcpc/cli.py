@@ -389,17 +389,25 @@ def render_fidelity(result: dict, fmt: str) -> str:
               help="Distillation epochs (0: cheap refit only, no PyTorch needed).")
 @click.option("--refit", type=click.Choice(["lsq", "stats", "none"]), default="lsq", show_default=True,
               help="Cheap recovery first: least-squares re-fit of the cut layers, or BN statistics only.")
+@click.option("--lr", type=float, default=None, help="Distillation learning rate [default: 2e-3].")
+@click.option("--augment", type=click.Choice(["shift", "shift+flip", "flip", "none"]), default=None,
+              help="Distillation augmentation [default: shift]; add flip only where a mirrored input is "
+                   "still an input of its class (photos, shapes; not digits or text).")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @handles_errors
 def recover(folder: Path, data: Path, labels: Path | None, original: Path | None, epochs: int, refit: str,
-            out: Path, force: bool) -> None:
+            lr: float | None, augment: str | None, out: Path, force: bool) -> None:
     """Recover the accuracy of a converted FOLDER by refit and distillation; write OUT."""
+    recipe = {k: v for k, v in (("lr", lr), ("augment", augment)) if v is not None}
+    if recipe and epochs < 1:
+        raise LcpcError(f"--{' and --'.join(recipe)} set(s) the distillation, which --epochs {epochs} does not run; "
+                        f"pass --epochs 1 or more, or drop --{' and --'.join(recipe)}")
     x = pipeline.read_data(data, mf.read(folder)["source"].get("preprocessing"))
     y = pipeline.read_array(labels, "labels") if labels is not None else None
     with _progress_bar() as progress:
         manifest = pipeline.recover(folder, x, out, labels=y, epochs=epochs, refit=refit, model=original,
-                                    force=force, progress=progress)
+                                    force=force, progress=progress, **recipe)
     click.echo(report.render_recovery(manifest["fidelity"]["recovery"]))
     click.echo(f"wrote the recovered plan to {out}")
 

@@ -95,3 +95,15 @@ def test_run_rejects_wrong_shape(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((2, 3, 8, 8), np.float32))
     result = CliRunner().invoke(main, ["run", str(out), "--input", str(tmp_path / "x.npy")])
     assert result.exit_code == 1 and "shape (2, 3, 8, 8)" in result.stderr
+
+
+def test_recover_recipe_options_need_distillation(tmp_path):
+    import numpy as np
+
+    folder = tmp_path / "cut"
+    assert CliRunner().invoke(main, ["convert", str(EXAMPLE), "-o", str(folder)]).exit_code == 0
+    np.save(tmp_path / "x.npy", np.zeros((4, 1, 8, 8), np.float32))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["recover", str(folder), "--data", str(tmp_path / "x.npy"), "--epochs", "0",
+                                       "--lr", "0.01", "--augment", "shift+flip", "-o", str(out)])
+    assert_clean_failure(result, out, "--lr and --augment", "--epochs 0")
