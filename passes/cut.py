@@ -24,13 +24,13 @@ Policies:
 - ``auto`` with a selector as well (``PlanOptions.select``, ``passes.cut.Select``; ``lcpc
   convert --sync auto --recover TRAIN`` passes ``pipeline.RecoveredScores``): KL before
   recovery says little about a plan after it (on the digits example every plan under
-  80 KB agrees 9% with the original before the refit, 97-99% after). The selector
+  30 KB agrees 9% with the original before the refit, 97-99% after). The selector
   recovers candidate plans and scores them on data they were not trained on. The
   candidates are the path's plans at up to ``CANDIDATES`` byte sizes spread evenly in
   log bytes (``spread``: the same set for every budget). Scanning the affordable ones
   from the fewest bytes up, a costlier plan replaces the kept one only when its
   held-out KL is lower by more than two standard errors, sample by sample (``pick``):
-  on digits every plan recovers to 98.4-99.3% test agreement, differences of a few
+  on digits every plan recovers to 98.4-99.6% test agreement, differences of a few
   images a held-out split cannot rank, and spending bytes on them made a larger budget
   look worse as often as better. The exact plan (no cut) needs no test: when
   affordable, it is chosen. A larger budget only scans further, so its plan never
