@@ -121,19 +121,21 @@ def convert_and_recover(model: str | Path | bytes, out: str | Path, data: Path |
     out = Path(out)
     onnx_target.check_out(out, force)
     x = data if isinstance(data, np.ndarray) else read_data(Path(data), convert_options.get("preprocessing"))
-    if convert_options.get("sync") == "auto":
-        scores = scores or RecoveredScores(x, labels, epochs=epochs, progress=progress)
-        convert_options["select"] = scores
+    auto = convert_options.get("sync") == "auto"
+    if auto:
+        scores = convert_options["select"] = scores or RecoveredScores(x, labels, epochs=epochs, progress=progress)
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".lcpc-convert-", dir=out.resolve().parent))
     try:
         manifest = convert(model, staging / "cut", force=False, progress=getattr(progress, "sync", None),
                            **convert_options)
-        if "select" in convert_options and not manifest["sync"]["cuts"]:  # auto chose the exact plan: as it is
+        if not auto:
+            return recover(staging / "cut", x, out, labels=labels, epochs=epochs, force=force, progress=progress)
+        if not manifest["sync"]["cuts"]:  # auto chose the exact plan: written as it is
             return onnx_target.move(staging / "cut", out, force=force)
-        chosen = scores.record(manifest, convert_options.get("comm_budget")) if "select" in convert_options else None
         return recover(staging / "cut", x, out, labels=labels, epochs=epochs, force=force, progress=progress,
-                       sync_auto=chosen, recovered=scores.recovered(manifest) if chosen else None)
+                       sync_auto=scores.record(manifest, convert_options.get("comm_budget")),
+                       recovered=scores.recovered(manifest))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -146,8 +148,14 @@ class RecoveredScores:
 
     def __init__(self, data: np.ndarray, labels: np.ndarray | None = None, *, epochs: int = 2, seed: int = 0,
                  holdout: float = 0.1, progress: Any = None) -> None:
+        if isinstance(data, np.ndarray) and data.dtype == np.uint8:
+            raise LcpcError("--sync auto with --recover needs float model inputs (.npy of the preprocessed "
+                            "batch, or an image folder with --preprocess), not raw uint8 images")
         self.data, self.labels, self.epochs, self.seed, self.holdout = data, labels, epochs, seed, holdout
         self.progress = progress
+        hold = fidelity.holdout_split(len(data), holdout, seed)[1]
+        self.x_hold = data[hold] if len(hold) else data   # recover_plan's held-out split (all when none)
+        self.reference: np.ndarray | None = None          # the original's logits on it, once
         self.scored: dict[frozenset, dict] = {}
         self.plans: dict[frozenset, tuple] = {}   # the recovered (plan, figures) of each scored candidate
         self.last: list[dict] = []
@@ -157,27 +165,22 @@ class RecoveredScores:
         for plan, size in zip(plans, sizes):
             key = frozenset(plan.nodes_with(Action.EXCHANGE))
             if key not in self.scored:
-                self.scored[key] = self._score(plan)
+                self.scored[key] = self._score(plan, key)
             self.last.append({"exchanges": sorted(key), "bytes_per_inference": size, **self.scored[key]})
         return self.last
 
-    def _score(self, plan) -> dict:
-        hold = fidelity.holdout_split(len(self.data), self.holdout, self.seed)[1]
-        x_hold = self.data[hold] if len(hold) else self.data
+    def _score(self, plan, key: frozenset) -> dict:
         if not plan.cut_nodes():
-            return {"agreement": 1.0, "kl": 0.0, "kl_samples": np.zeros(len(x_hold)), "exact": True,
+            return {"agreement": 1.0, "kl": 0.0, "kl_samples": np.zeros(len(self.x_hold)), "exact": True,
                     "recovery": "exact"}
-        if isinstance(self.data, np.ndarray) and self.data.dtype == np.uint8:
-            raise LcpcError("--sync auto with --recover needs float model inputs (.npy of the preprocessed "
-                            "batch, or an image folder with --preprocess), not raw uint8 images")
-        reference = run_graph(plan.graph, x_hold)
-        key = frozenset(plan.nodes_with(Action.EXCHANGE))
+        if self.reference is None:  # every candidate is a plan of the same original graph
+            self.reference = run_graph(plan.graph, self.x_hold)
         self.plans[key] = recover_plan(plan, self.data, self.labels, epochs=self.epochs, seed=self.seed,
                                        holdout=self.holdout, progress=self.progress)
         recovered = self.plans[key][0]
-        candidate = run_graph(masked_graph(recovered, set(recovered.cut_nodes())), x_hold)
-        kl = fidelity.kl_per_sample(reference, candidate)
-        agree = float(np.mean(reference.argmax(1) == candidate.argmax(1)))
+        candidate = run_graph(masked_graph(recovered, set(recovered.cut_nodes())), self.x_hold)
+        kl = fidelity.kl_per_sample(self.reference, candidate)
+        agree = float(np.mean(self.reference.argmax(1) == candidate.argmax(1)))
         return {"agreement": agree, "kl": float(kl.mean()), "kl_samples": kl,
                 "recovery": f"refit+{self.epochs}ep" if self.epochs else "refit"}
 

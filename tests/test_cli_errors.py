@@ -107,3 +107,13 @@ def test_recover_recipe_options_need_distillation(tmp_path):
     result = CliRunner().invoke(main, ["recover", str(folder), "--data", str(tmp_path / "x.npy"), "--epochs", "0",
                                        "--lr", "0.01", "--augment", "shift+flip", "-o", str(out)])
     assert_clean_failure(result, out, "--lr and --augment", "--epochs 0")
+
+
+def test_auto_sync_recover_refuses_raw_uint8_data(tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "calib.npy", np.zeros((4, 1, 8, 8), np.float32))
+    np.save(tmp_path / "raw.npy", np.zeros((8, 1, 8, 8), np.uint8))
+    result, out = convert(tmp_path, EXAMPLE, "--sync", "auto", "--calib", tmp_path / "calib.npy", "--comm-budget",
+                          100000, "--recover", tmp_path / "raw.npy", "--epochs", 0)
+    assert_clean_failure(result, out, "--sync auto with --recover needs float model inputs")

@@ -108,9 +108,9 @@ def test_convert_auto_recover_at_exact_budget_writes_the_exact_plan(digits, tmp_
     calls = []
 
     class Exact(pipeline.RecoveredScores):
-        def _score(self, plan):
+        def _score(self, plan, key):
             calls.append(len(plan.cut_nodes()))
-            return {"agreement": 0.5, "kl": 1.0} if plan.cut_nodes() else super()._score(plan)
+            return {"agreement": 0.5, "kl": 1.0} if plan.cut_nodes() else super()._score(plan, key)
 
     m = pipeline.convert_and_recover(EXAMPLE, tmp_path / "out", x_train, epochs=0, branches=4, sync="auto",
                                      calib=calib, comm_budget=exact, scores=Exact(x_train, epochs=0))
