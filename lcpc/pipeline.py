@@ -134,7 +134,8 @@ def convert_and_recover(model: str | Path | bytes, out: str | Path, data: Path |
         if not manifest["sync"]["cuts"]:  # auto chose the exact plan: written as it is
             return onnx_target.move(staging / "cut", out, force=force)
         return recover(staging / "cut", x, out, labels=labels, epochs=epochs, force=force, progress=progress,
-                       sync_auto=scores.record(manifest, convert_options.get("comm_budget")),
+                       sync_auto=scores.record(manifest, convert_options.get("comm_budget"),
+                                               pruned=bool(convert_options.get("prune"))),
                        recovered=scores.recovered(manifest))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -188,14 +189,15 @@ class RecoveredScores:
         """The recovered (plan, figures) of the plan in ``manifest``, if it was scored."""
         return self.plans.get(frozenset(manifest["sync"]["exchanges"]))
 
-    def record(self, manifest: dict, budget: int | None) -> dict:
+    def record(self, manifest: dict, budget: int | None, pruned: bool = False) -> dict:
         """The manifest's ``fidelity.sync_auto``: every candidate of the last choice, its bytes
-        and scores, and which one the plan in ``manifest`` is."""
+        and scores, and which one the plan in ``manifest`` is; ``pruned``: the chosen plan was
+        pruned after the choice (the candidates were scored unpruned, and it is recovered again)."""
         chosen = frozenset(manifest["sync"]["exchanges"])
         candidates = [{k: v for k, v in c.items() if k != "kl_samples"} for c in self.last]
         return {"candidates": candidates, "chosen": next(i for i, c in enumerate(self.last)
                                                        if frozenset(c["exchanges"]) == chosen),
-                "budget": budget}
+                "budget": budget, **({"scored_before_pruning": True} if pruned else {})}
 
 
 def recover(folder: str | Path, data: np.ndarray, out: str | Path, *, labels: np.ndarray | None = None,

@@ -205,7 +205,9 @@ def render_sync_choice(choice: dict) -> str:
     """``--sync auto --recover``: the candidate plans, their held-out agreement after recovery, the chosen one."""
     seen = ", ".join(f"{c['bytes_per_inference']} B ({len(c['exchanges'])} exchanges) {100 * c['agreement']:.2f}%"
                      + (" (chosen)" if i == choice["chosen"] else "") for i, c in enumerate(choice["candidates"]))
-    return f"--sync auto chose after recovery, within {choice['budget']} bytes, among: {seen}"
+    pruned = (" (scored before --prune: the chosen plan was then pruned and recovered again)"
+              if choice.get("scored_before_pruning") else "")
+    return f"--sync auto chose after recovery, within {choice['budget']} bytes, among: {seen}{pruned}"
 
 
 def render_recovery(figures: dict) -> str:

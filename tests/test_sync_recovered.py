@@ -87,6 +87,7 @@ def test_convert_auto_recover_writes_the_recovered_choice(digits, tmp_path):
     assert choice["candidates"][0]["agreement"] > 0.5  # pure LCP, after the refit (before it: about 10%)
     text = report.render(m, "text")
     assert "--sync auto chose after recovery, within" in text and "(chosen)" in text
+    assert "scored_before_pruning" not in choice and "before --prune" not in text
     chosen = choice["candidates"][choice["chosen"]]
     assert sorted(m["sync"]["exchanges"]) == chosen["exchanges"]
     assert m["totals"]["bytes_per_inference"] == chosen["bytes_per_inference"]
@@ -100,6 +101,16 @@ def test_convert_auto_recover_writes_the_recovered_choice(digits, tmp_path):
         logits.append(engine.run({graph.inputs[0]: x_test[:8]})[graph.outputs[0]])
         engine.close()
     np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+
+
+def test_convert_auto_recover_with_prune_says_the_choice_was_scored_unpruned(digits, tmp_path):
+    graph, source, calib, path, x_train, y_train, x_test = digits
+    budget = cut.spread(path, 6)[1]["bytes"]
+    m = pipeline.convert_and_recover(EXAMPLE, tmp_path / "auto", x_train, labels=y_train, epochs=0, branches=4,
+                                     sync="auto", calib=calib, comm_budget=budget, prune=0.25)
+    assert m["compression"]["prune"] and m["totals"]["bytes_per_inference"] <= budget
+    assert m["fidelity"]["sync_auto"]["scored_before_pruning"] is True
+    assert "scored before --prune" in report.render(m, "text")
 
 
 def test_convert_auto_recover_at_exact_budget_writes_the_exact_plan(digits, tmp_path):
