@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TABLES = {"recovery-table": "recovery.md", "recovery-shapes-table": "recovery_shapes.md", "pareto-table": "pareto.md",
+TABLES = {"recovery-table": "recovery.md", "recovery-shapes-table": "recovery_shapes.md",
+          "recovery-curve-table": "recovery_curve.md", "pareto-table": "pareto.md",
           "pareto-refit-table": "pareto_refit.md", "pareto-lite0-table": "pareto_lite0.md"}
 
 

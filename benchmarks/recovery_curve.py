@@ -1,0 +1,76 @@
+"""Test accuracy against distillation epochs, from runs of ``benchmarks/recovery.py``.
+
+Reads the JSON results that ``recovery.py`` wrote (one or more runs, any tasks and K)
+and writes one table: per task, K and epoch count, the mean and worst-seed test
+accuracy and their gap to the original model, in points. It measures nothing itself:
+every figure is one that ``recovery.py`` measured with ``lcpc verify`` on test images
+recovery never saw.
+
+    python benchmarks/recovery_curve.py benchmarks/results/recovery.json \\
+        benchmarks/results/recovery_shapes_epochs_k4.json benchmarks/results/recovery_shapes_epochs_k8.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def rows(paths: list[Path]) -> list[dict]:
+    """One row per (task, K, epochs) distillation result; the refit is epoch 0."""
+    out = []
+    for path in paths:
+        data = json.loads(path.read_text())
+        if data.get("partial"):
+            raise SystemExit(f"{path}: the run was stopped before every row was measured; rerun it")
+        meta = data["meta"]
+        for r in data["rows"]:
+            epochs = 0 if r["recovery"] == "refit" else _epochs(r["recovery"])
+            if epochs is None:
+                continue
+            out.append({"task": meta["task"], "K": r["K"], "epochs": epochs, "seeds": len(r["runs"]),
+                        "accuracy": r["accuracy"], "worst": r["worst_accuracy"],
+                        "original": r["original_accuracy"],
+                        "recipe": meta.get("recipe") or {}, "source": path.name})
+    return sorted(out, key=lambda r: (r["task"], r["K"], r["epochs"]))
+
+
+def _epochs(label: str) -> int | None:
+    m = re.fullmatch(r"distil (\d+)ep", label)
+    return int(m.group(1)) if m else None
+
+
+def markdown(table: list[dict]) -> str:
+    lines = ["| task | K | epochs | test accuracy | worst seed | original | gap (mean) | gap (worst) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        lines.append(f"| {r['task']} | {r['K']} | {r['epochs'] or 'refit'} | {100 * r['accuracy']:.2f}% | "
+                     f"{100 * r['worst']:.2f}% | {100 * r['original']:.2f}% | "
+                     f"{100 * (r['original'] - r['accuracy']):.2f} | {100 * (r['original'] - r['worst']):.2f} |")
+    sources = sorted({r["source"] for r in table})
+    seeds = sorted({r["seeds"] for r in table})
+    recipes = sorted({json.dumps(r["recipe"], sort_keys=True) for r in table})
+    note = (f"\nGap: points of test accuracy below the original. Mean and worst over {'/'.join(map(str, seeds))} "
+            f"seed(s); `refit` is `--epochs 0`. Recipe: "
+            + ("the default" if recipes == ["{}"] else ", ".join(recipes))
+            + f". From benchmarks/recovery_curve.py over {', '.join(sources)}.\n")
+    return "\n".join(lines) + "\n" + note
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", type=Path, nargs="+", help="JSON files written by benchmarks/recovery.py")
+    ap.add_argument("--name", default="recovery_curve", help="results file stem")
+    args = ap.parse_args()
+    text = markdown(rows(args.results))
+    (RESULTS / f"{args.name}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""benchmarks/recovery_curve.py: the curve table reads recovery.py's results as they are."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("recovery_curve", ROOT / "benchmarks" / "recovery_curve.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(path: Path, partial: bool = False) -> Path:
+    def row(label, acc, worst):
+        return {"K": 8, "recovery": label, "accuracy": acc, "worst_accuracy": worst, "original_accuracy": 0.9,
+                "runs": [{}, {}, {}]}
+    rows = [row("cut", 0.1, 0.1), row("distil 4ep", 0.88, 0.87), row("refit", 0.6, 0.5), row("distil 2ep", 0.86, 0.85)]
+    path.write_text(json.dumps({"meta": {"task": "shapes"}, "rows": rows, "partial": partial}))
+    return path
+
+
+def test_curve_orders_epochs_and_gives_gaps_in_points(tmp_path):
+    curve = _module()
+    table = curve.rows([_run(tmp_path / "r.json")])
+    assert [r["epochs"] for r in table] == [0, 2, 4]  # the uncut row is not a point of the curve
+    text = curve.markdown(table)
+    assert "| shapes | 8 | 4 | 88.00% | 87.00% | 90.00% | 2.00 | 3.00 |" in text
+    assert "| shapes | 8 | refit | 60.00% |" in text
+
+
+def test_curve_refuses_a_stopped_run(tmp_path):
+    with pytest.raises(SystemExit, match="stopped"):
+        _module().rows([_run(tmp_path / "r.json", partial=True)])
