@@ -7,7 +7,8 @@ every figure is one that ``recovery.py`` measured with ``lcpc verify`` on test i
 recovery never saw.
 
     python benchmarks/recovery_curve.py benchmarks/results/recovery.json \\
-        benchmarks/results/recovery_shapes_epochs_k4.json benchmarks/results/recovery_shapes_epochs_k8.json
+        benchmarks/results/recovery_shapes_epochs_k4.json benchmarks/results/recovery_shapes_epochs_k8.json \\
+        benchmarks/results/recovery_shapes_epochs10_k8.json
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def rows(paths: list[Path]) -> list[dict]:
-    """One row per (task, K, epochs) distillation result; the refit is epoch 0."""
+    """One row per (task, K, epochs) result; the refit is epoch 0."""
     out = []
     for path in paths:
         data = json.loads(path.read_text())
@@ -37,7 +38,14 @@ def rows(paths: list[Path]) -> list[dict]:
                         "accuracy": r["accuracy"], "worst": r["worst_accuracy"],
                         "original": r["original_accuracy"],
                         "recipe": meta.get("recipe") or {}, "source": path.name})
-    return sorted(out, key=lambda r: (r["task"], r["K"], r["epochs"]))
+    unique: dict[tuple, dict] = {}
+    for r in out:  # the same point from two runs (each run measures the refit): one row, if they agree
+        key = (r["task"], r["K"], r["epochs"])
+        if key in unique and (unique[key]["accuracy"], unique[key]["worst"]) != (r["accuracy"], r["worst"]):
+            raise SystemExit(f"{r['task']} K={r['K']} at {r['epochs']} epochs differs between "
+                             f"{unique[key]['source']} and {r['source']}: rerun one of them")
+        unique.setdefault(key, r)
+    return sorted(unique.values(), key=lambda r: (r["task"], r["K"], r["epochs"]))
 
 
 def _epochs(label: str) -> int | None:

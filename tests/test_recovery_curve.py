@@ -34,6 +34,17 @@ def test_curve_orders_epochs_and_gives_gaps_in_points(tmp_path):
     assert "| shapes | 8 | refit | 60.00% |" in text
 
 
+def test_curve_keeps_a_point_two_runs_share_once_and_refuses_a_disagreement(tmp_path):
+    curve = _module()
+    a, b = _run(tmp_path / "a.json"), _run(tmp_path / "b.json")
+    assert [r["epochs"] for r in curve.rows([a, b])] == [0, 2, 4]
+    data = json.loads(b.read_text())
+    data["rows"][2]["accuracy"] = 0.61
+    b.write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="differs between a.json and b.json"):
+        curve.rows([a, b])
+
+
 def test_curve_refuses_a_stopped_run(tmp_path):
     with pytest.raises(SystemExit, match="stopped"):
         _module().rows([_run(tmp_path / "r.json", partial=True)])
