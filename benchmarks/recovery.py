@@ -72,7 +72,7 @@ def main() -> None:
                     help="training augmentation (default: the Recipe's)")
     ap.add_argument("--name", default=None, help="results file stem (default: recovery[_TASK])")
     args = ap.parse_args()
-    recipe = {k: v for k, v in (("lr", args.lr), ("augment", args.augment)) if v is not None}
+    recipe = overrides(args)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -117,11 +117,16 @@ def main() -> None:
     write(rows, meta(args, model, x_train, y_test, torch), partial=False)
 
 
+def overrides(args) -> dict:
+    """The distillation settings given on the command line (the rest: the Recipe's defaults)."""
+    return {k: v for k, v in (("lr", args.lr), ("augment", args.augment)) if v is not None}
+
+
 def meta(args, model: Path, x_train, y_test, torch) -> dict:
     return {"task": args.task, "model": str(model.relative_to(ROOT)), "test_images": int(len(y_test)),
             "train_images": int(len(x_train)), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "seeds": args.seeds,
-            "recipe": {k: v for k, v in (("lr", args.lr), ("augment", args.augment)) if v is not None},
+            "recipe": overrides(args),
             "stem": args.name or ("recovery" if args.task == "digits" else f"recovery_{args.task}")}
 
 

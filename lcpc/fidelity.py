@@ -70,6 +70,13 @@ def kl_per_sample(reference_logits: np.ndarray, candidate_logits: np.ndarray) ->
     return np.maximum((np.exp(lp) * (lp - lq)).sum(axis=1), 0.0)
 
 
+def lower_by_two_se(a: np.ndarray, b: np.ndarray) -> bool:
+    """Paired test over the same samples (2 or more): is the mean of ``a`` lower than the
+    mean of ``b`` by more than two standard errors of their difference?"""
+    d = np.asarray(b, np.float64) - np.asarray(a, np.float64)
+    return float(d.mean()) > 2 * float(d.std(ddof=1)) / np.sqrt(d.size)
+
+
 def compare(reference_logits: np.ndarray, candidate_logits: np.ndarray,
             labels: np.ndarray | None = None) -> dict[str, Any]:
     """Fidelity figures of ``candidate`` against ``reference`` (see the module docstring)."""

@@ -46,7 +46,7 @@ import numpy as np
 
 from lcpc.calibrate import run_graph
 from lcpc.errors import LcpcError
-from lcpc.fidelity import compare
+from lcpc.fidelity import compare, lower_by_two_se
 from lcpc.lower import lower
 from lcpc.plan import Action, Cause, Decision, Plan, PlanOptions
 from lcpc.weights import masked_graph
@@ -213,7 +213,6 @@ def better(a: dict, b: dict) -> bool:
         return bool(a.get("exact")) and not b.get("exact")
     if "kl_samples" not in a or "kl_samples" not in b:
         return (a["agreement"], -a["kl"]) > (b["agreement"], -b["kl"])
-    d = np.asarray(b["kl_samples"], np.float64) - np.asarray(a["kl_samples"], np.float64)
-    if d.size < 2:
-        return float(d.mean()) > 0
-    return float(d.mean()) > 2 * float(d.std(ddof=1)) / np.sqrt(d.size)
+    if np.size(a["kl_samples"]) < 2:
+        return float(np.mean(b["kl_samples"])) > float(np.mean(a["kl_samples"]))
+    return lower_by_two_se(a["kl_samples"], b["kl_samples"])

@@ -43,7 +43,7 @@ from typing import Callable
 import numpy as np
 
 from lcpc.errors import LcpcError
-from lcpc.fidelity import holdout_split
+from lcpc.fidelity import holdout_split, lower_by_two_se
 from lcpc.ir import Graph
 from lcpc.passes.recover_judge import (Judge, already_cut, check_data, data_warnings, headline, logits_tensor,
                                        result_warnings, same_structure)
@@ -242,8 +242,7 @@ class _Snapshot:
         """Paired test: is ``kl`` worse than this snapshot's by more than two standard errors?"""
         if self.kl is None or kl is None or len(kl) < 2:
             return False
-        d = kl - self.kl
-        return float(d.mean()) > 2 * float(d.std(ddof=1)) / math.sqrt(len(d))
+        return lower_by_two_se(self.kl, kl)
 
     def restore(self, student) -> None:
         student.load_state_dict(self.state)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from lcpc.errors import LcpcError
-from lcpc.fidelity import compare, log_softmax
+from lcpc.fidelity import compare, kl_per_sample
 from lcpc.ir import Graph
 
 SMALL_DATA = 500          # fewer samples than this earns a warning
@@ -88,8 +88,7 @@ class Judge:
             fig = compare(self.t[part], s, self.y[part])
             out[part] = {k: fig[k] for k in FIGURES if fig.get(k) is not None}
             if part == "heldout":
-                lp, lq = log_softmax(self.t[part]), log_softmax(s)
-                self.heldout_kl = np.maximum((np.exp(lp) * (lp - lq)).sum(axis=1), 0.0)
+                self.heldout_kl = kl_per_sample(self.t[part], s)
         return out
 
     def teacher_figures(self) -> dict:
