@@ -26,15 +26,18 @@ def rows(paths: list[Path]) -> list[dict]:
     """One row per (task, K, epochs) result; the refit is epoch 0."""
     out = []
     for path in paths:
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+            meta, results, task = data["meta"], data["rows"], data["meta"]["task"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SystemExit(f"{path}: not a results file of benchmarks/recovery.py ({exc}); pass the .json it wrote")
         if data.get("partial"):
             raise SystemExit(f"{path}: the run was stopped before every row was measured; rerun it")
-        meta = data["meta"]
-        for r in data["rows"]:
+        for r in results:
             epochs = 0 if r["recovery"] == "refit" else _epochs(r["recovery"])
             if epochs is None:
                 continue
-            out.append({"task": meta["task"], "K": r["K"], "epochs": epochs, "seeds": len(r["runs"]),
+            out.append({"task": task, "K": r["K"], "epochs": epochs, "seeds": len(r["runs"]),
                         "accuracy": r["accuracy"], "worst": r["worst_accuracy"],
                         "original": r["original_accuracy"],
                         "recipe": meta.get("recipe") or {}, "source": path.name})

@@ -45,6 +45,15 @@ def test_curve_keeps_a_point_two_runs_share_once_and_refuses_a_disagreement(tmp_
         curve.rows([a, b])
 
 
+@pytest.mark.parametrize("text", [None, "not json", '{"rows": []}'])
+def test_curve_refuses_what_is_not_a_results_file_in_one_line(tmp_path, text):
+    path = tmp_path / "r.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(SystemExit, match="r.json: not a results file of benchmarks/recovery.py"):
+        _module().rows([path])
+
+
 def test_curve_refuses_a_stopped_run(tmp_path):
     with pytest.raises(SystemExit, match="stopped"):
         _module().rows([_run(tmp_path / "r.json", partial=True)])
