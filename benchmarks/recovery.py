@@ -21,7 +21,7 @@ seeds (held-out split, shuffling): the table gives the mean and the worst seed.
 shapes, a converged VGG with BatchNorm; 8000 unlabelled training images, 2000 test images).
 
     python benchmarks/recovery.py [--task digits|shapes] [--branches 2 4 8] [--epochs 2 6] [--seeds 3]
-                                  [--threads 1]
+                                  [--threads 1] [--lr LR] [--augment MODE] [--views V] [--temperature T]
 """
 
 from __future__ import annotations
@@ -70,6 +70,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="distillation learning rate (default: the Recipe's)")
     ap.add_argument("--augment", default=None, choices=["none", "shift", "flip", "shift+flip"],
                     help="training augmentation (default: the Recipe's)")
+    ap.add_argument("--views", type=int, default=None,
+                    help="augmented copies of each image per step (default: the Recipe's)")
+    ap.add_argument("--temperature", type=float, default=None, help="distillation temperature (default: the Recipe's)")
     ap.add_argument("--name", default=None, help="results file stem (default: recovery[_TASK])")
     args = ap.parse_args()
     recipe = overrides(args)
@@ -119,7 +122,8 @@ def main() -> None:
 
 def overrides(args) -> dict:
     """The distillation settings given on the command line (the rest: the Recipe's defaults)."""
-    return {k: v for k, v in (("lr", args.lr), ("augment", args.augment)) if v is not None}
+    return {k: v for k, v in (("lr", args.lr), ("augment", args.augment), ("views", args.views),
+                                            ("temperature", args.temperature)) if v is not None}
 
 
 def meta(args, model: Path, x_train, y_test, torch) -> dict:

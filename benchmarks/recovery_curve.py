@@ -1,14 +1,16 @@
 """Test accuracy against distillation epochs, from runs of ``benchmarks/recovery.py``.
 
 Reads the JSON results that ``recovery.py`` wrote (one or more runs, any tasks and K)
-and writes one table: per task, K and epoch count, the mean and worst-seed test
-accuracy and their gap to the original model, in points. It measures nothing itself:
-every figure is one that ``recovery.py`` measured with ``lcpc verify`` on test images
-recovery never saw.
+and writes one table: per task, K, distillation recipe and epoch count, the mean and
+worst-seed test accuracy and their gap to the original model, in points. It measures
+nothing itself: every figure is one that ``recovery.py`` measured with ``lcpc verify`` on
+test images recovery never saw. Runs with different recipes (``recovery.py --views 4``,
+...) are rows of their own, under a recipe column; the refit (epoch 0) runs no
+distillation, so it is one row whatever the recipe.
 
     python benchmarks/recovery_curve.py benchmarks/results/recovery.json \\
         benchmarks/results/recovery_shapes_epochs_k4.json benchmarks/results/recovery_shapes_epochs_k8.json \\
-        benchmarks/results/recovery_shapes_epochs10_k8.json
+        benchmarks/results/recovery_shapes_epochs10_k8.json [more runs, e.g. with --views 4]
 """
 
 from __future__ import annotations
@@ -40,15 +42,25 @@ def rows(paths: list[Path]) -> list[dict]:
             out.append({"task": task, "K": r["K"], "epochs": epochs, "seeds": len(r["runs"]),
                         "accuracy": r["accuracy"], "worst": r["worst_accuracy"],
                         "original": r["original_accuracy"],
-                        "recipe": meta.get("recipe") or {}, "source": path.name})
+                        "recipe": recipe_text(meta.get("recipe") if epochs else None), "source": path.name})
     unique: dict[tuple, dict] = {}
     for r in out:  # the same point from two runs (each run measures the refit): one row, if they agree
-        key = (r["task"], r["K"], r["epochs"])
+        key = (r["task"], r["K"], r["recipe"], r["epochs"])
         if key in unique and (unique[key]["accuracy"], unique[key]["worst"]) != (r["accuracy"], r["worst"]):
-            raise SystemExit(f"{r['task']} K={r['K']} at {r['epochs']} epochs differs between "
+            raise SystemExit(f"{r['task']} K={r['K']} at {r['epochs']} epochs ({r['recipe']}) differs between "
                              f"{unique[key]['source']} and {r['source']}: rerun one of them")
         unique.setdefault(key, r)
-    return sorted(unique.values(), key=lambda r: (r["task"], r["K"], r["epochs"]))
+    return sorted(unique.values(), key=lambda r: (r["task"], r["K"], r["epochs"] > 0, r["recipe"] != DEFAULT,
+                                                  r["recipe"], r["epochs"]))
+
+
+DEFAULT = "default"
+
+
+def recipe_text(overrides: dict | None) -> str:
+    """``recovery.py``'s recipe overrides as the command line gives them (``default``: none)."""
+    return " ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+                    for k, v in sorted((overrides or {}).items())) or DEFAULT
 
 
 def _epochs(label: str) -> int | None:
@@ -57,19 +69,22 @@ def _epochs(label: str) -> int | None:
 
 
 def markdown(table: list[dict]) -> str:
-    lines = ["| task | K | epochs | test accuracy | worst seed | original | gap (mean) | gap (worst) |",
-             "|---|---|---|---|---|---|---|---|"]
+    recipes = {r["recipe"] for r in table if r["epochs"]}
+    column = len(recipes) > 1  # one recipe: named in the note instead
+    lines = ["| task | K | " + ("recipe | " if column else "") + "epochs | test accuracy | worst seed | original | "
+             "gap (mean) | gap (worst) |", "|---|---|" + ("---|" if column else "") + "---|---|---|---|---|---|"]
     for r in table:
-        lines.append(f"| {r['task']} | {r['K']} | {r['epochs'] or 'refit'} | {100 * r['accuracy']:.2f}% | "
+        lines.append(f"| {r['task']} | {r['K']} | " + (f"{'' if not r['epochs'] else r['recipe']} | " if column else "")
+                     + f"{r['epochs'] or 'refit'} | {100 * r['accuracy']:.2f}% | "
                      f"{100 * r['worst']:.2f}% | {100 * r['original']:.2f}% | "
                      f"{100 * (r['original'] - r['accuracy']):.2f} | {100 * (r['original'] - r['worst']):.2f} |")
     sources = sorted({r["source"] for r in table})
     seeds = sorted({r["seeds"] for r in table})
-    recipes = sorted({json.dumps(r["recipe"], sort_keys=True) for r in table})
     note = (f"\nGap: points of test accuracy below the original. Mean and worst over {'/'.join(map(str, seeds))} "
-            f"seed(s); `refit` is `--epochs 0`. Recipe: "
-            + ("the default" if recipes == ["{}"] else ", ".join(recipes))
-            + f". From benchmarks/recovery_curve.py over {', '.join(sources)}.\n")
+            f"seed(s); `refit` is `--epochs 0`. "
+            + ("Recipe: `benchmarks/recovery.py`'s options over the default (`passes/recover.py`'s Recipe). "
+               if column else f"Recipe: {next(iter(recipes), DEFAULT)}. ")
+            + f"From benchmarks/recovery_curve.py over {', '.join(sources)}.\n")
     return "\n".join(lines) + "\n" + note
 
 

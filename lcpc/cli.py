@@ -393,13 +393,19 @@ def render_fidelity(result: dict, fmt: str) -> str:
 @click.option("--augment", type=click.Choice(["shift", "shift+flip", "flip", "none"]), default=None,
               help="Distillation augmentation [default: shift]; add flip only where a mirrored input is "
                    "still an input of its class (photos, shapes; not digits or text).")
+@click.option("--views", type=int, default=None,
+              help="Augmented copies of each image per step [default: 1]: more samples seen from few data, "
+                   "at that many times the compute.")
+@click.option("--temperature", type=float, default=None, help="Distillation temperature [default: 4].")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @handles_errors
 def recover(folder: Path, data: Path, labels: Path | None, original: Path | None, epochs: int, refit: str,
-            lr: float | None, augment: str | None, out: Path, force: bool) -> None:
+            lr: float | None, augment: str | None, views: int | None, temperature: float | None, out: Path,
+            force: bool) -> None:
     """Recover the accuracy of a converted FOLDER by refit and distillation; write OUT."""
-    recipe = {k: v for k, v in (("lr", lr), ("augment", augment)) if v is not None}
+    recipe = {k: v for k, v in (("lr", lr), ("augment", augment), ("views", views), ("temperature", temperature))
+              if v is not None}
     if recipe and epochs < 1:
         raise LcpcError(f"--{' and --'.join(recipe)} set(s) the distillation, which --epochs {epochs} does not run; "
                         f"pass --epochs 1 or more, or drop --{' and --'.join(recipe)}")

@@ -107,6 +107,10 @@ def test_recover_recipe_options_need_distillation(tmp_path):
     result = CliRunner().invoke(main, ["recover", str(folder), "--data", str(tmp_path / "x.npy"), "--epochs", "0",
                                        "--lr", "0.01", "--augment", "shift+flip", "-o", str(out)])
     assert_clean_failure(result, out, "--lr and --augment", "--epochs 0")
+    for option, value in (("--views", "0"), ("--temperature", "0")):
+        result = CliRunner().invoke(main, ["recover", str(folder), "--data", str(tmp_path / "x.npy"), "--epochs", "1",
+                                           option, value, "-o", str(out)])
+        assert_clean_failure(result, out, "views >= 1, learning rate and temperature > 0")
 
 
 def test_auto_sync_recover_refuses_raw_uint8_data(tmp_path):

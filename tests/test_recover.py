@@ -266,6 +266,29 @@ def test_labels_add_accuracy_figures(split):
     assert report["epochs_run"] == 0 and "bn_reestimated" in report["stages"]
 
 
+def test_views_copy_the_batch(split):
+    """``views`` puts V augmented copies of every image in its step. Unaugmented copies
+    change nothing (the mean loss, the gradient and BatchNorm's batch statistics of a
+    duplicated batch are those of the batch), so without augmentation 2 views train to the
+    weights 1 view trains to, labels included; with mirroring the copies differ and so does
+    the result. 0 views is refused."""
+    graph, source = frontend.load(EXAMPLE)
+    plan = planner.plan(graph, source, 4, "none")
+    x, y = split[0][:240], split[1][:240]
+
+    def weights(**recipe):
+        new, report = recover.run(plan, x, y, epochs=1, **recipe)
+        assert report["recipe"]["views"] == recipe.get("views", 1)
+        return {name: new.graph.constants[name] for name in sorted(new.graph.constants)}
+
+    one, two = weights(augment="none", views=1), weights(augment="none", views=2)
+    assert all(np.allclose(one[k], two[k], rtol=1e-4, atol=1e-5) for k in one)
+    mirrored = weights(augment="flip", views=2)
+    assert any(not np.allclose(one[k], mirrored[k], rtol=1e-4, atol=1e-5) for k in one)
+    with pytest.raises(LcpcError, match="views >= 1"):
+        recover.run(plan, x, epochs=1, views=0)
+
+
 def test_plan_with_cut_weights_needs_the_original_as_teacher(split):
     """A plan whose cross-branch weights an earlier pass zeroed cannot teach itself."""
     from dataclasses import replace

@@ -16,12 +16,13 @@ def _module():
     return module
 
 
-def _run(path: Path, partial: bool = False) -> Path:
+def _run(path: Path, partial: bool = False, recipe: dict | None = None, distilled=(0.88, 0.86)) -> Path:
     def row(label, acc, worst):
         return {"K": 8, "recovery": label, "accuracy": acc, "worst_accuracy": worst, "original_accuracy": 0.9,
                 "runs": [{}, {}, {}]}
-    rows = [row("cut", 0.1, 0.1), row("distil 4ep", 0.88, 0.87), row("refit", 0.6, 0.5), row("distil 2ep", 0.86, 0.85)]
-    path.write_text(json.dumps({"meta": {"task": "shapes"}, "rows": rows, "partial": partial}))
+    rows = [row("cut", 0.1, 0.1), row("distil 4ep", distilled[0], distilled[0] - 0.01), row("refit", 0.6, 0.5),
+            row("distil 2ep", distilled[1], distilled[1] - 0.01)]
+    path.write_text(json.dumps({"meta": {"task": "shapes", "recipe": recipe or {}}, "rows": rows, "partial": partial}))
     return path
 
 
@@ -43,6 +44,21 @@ def test_curve_keeps_a_point_two_runs_share_once_and_refuses_a_disagreement(tmp_
     b.write_text(json.dumps(data))
     with pytest.raises(SystemExit, match="differs between a.json and b.json"):
         curve.rows([a, b])
+
+
+def test_runs_of_other_recipes_are_rows_of_their_own(tmp_path):
+    """The same points under another recipe are not a disagreement: they get a recipe
+    column; the refit, which distils nothing, stays one row."""
+    curve = _module()
+    table = curve.rows([_run(tmp_path / "a.json"),
+                        _run(tmp_path / "b.json", recipe={"views": 4, "lr": 0.01}, distilled=(0.9, 0.89))])
+    assert [(r["epochs"], r["recipe"]) for r in table] == [(0, "default"), (2, "default"), (4, "default"),
+                                                           (2, "--lr 0.01 --views 4"), (4, "--lr 0.01 --views 4")]
+    text = curve.markdown(table)
+    assert "| shapes | 8 |  | refit | 60.00% |" in text
+    assert "| shapes | 8 | --lr 0.01 --views 4 | 2 | 89.00% | 88.00% | 90.00% | 1.00 | 2.00 |" in text
+    assert "| shapes | 8 | default | 2 | 86.00% |" in text
+    assert "recipe" not in curve.markdown(curve.rows([tmp_path / "b.json"])).splitlines()[0]
 
 
 @pytest.mark.parametrize("text", [None, "not json", '{"rows": []}'])
