@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=None,
                     help="augmented copies of each image per step (default: the Recipe's)")
     ap.add_argument("--temperature", type=float, default=None, help="distillation temperature (default: the Recipe's)")
+    ap.add_argument("--labels", action="store_true",
+                    help="recover with the training labels as well (lcpc recover --labels; default: unlabelled)")
     ap.add_argument("--name", default=None, help="results file stem (default: recovery[_TASK])")
     args = ap.parse_args()
     recipe = overrides(args)
@@ -81,11 +83,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = TASKS[args.task]
     if args.task == "digits":
-        x_train, _, x_test, y_test = load_shipped()
+        x_train, y_train, x_test, y_test = load_shipped()
     else:
         from examples.shapes.data import load_split as load_shapes
 
-        x_train, _, x_test, y_test = load_shapes()
+        x_train, y_train, x_test, y_test = load_shapes()
+    labels = y_train if args.labels else None
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for k in args.branches:
@@ -102,7 +105,7 @@ def main() -> None:
                 for seed in range(args.seeds):
                     out = Path(tmp) / f"k{k}_{label.replace(' ', '_')}_{seed}"
                     start = time.perf_counter()
-                    m = pipeline.recover(cut_folder, x_train, out, epochs=epochs, seed=seed, **recipe)
+                    m = pipeline.recover(cut_folder, x_train, out, labels=labels, epochs=epochs, seed=seed, **recipe)
                     seconds = time.perf_counter() - start
                     figures = m["fidelity"]["recovery"]
                     last = figures.get("distillation", figures.get("refit"))
@@ -130,7 +133,7 @@ def meta(args, model: Path, x_train, y_test, torch) -> dict:
     return {"task": args.task, "model": str(model.relative_to(ROOT)), "test_images": int(len(y_test)),
             "train_images": int(len(x_train)), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "seeds": args.seeds,
-            "recipe": overrides(args),
+            "recipe": overrides(args), "labels": args.labels,
             "stem": args.name or ("recovery" if args.task == "digits" else f"recovery_{args.task}")}
 
 
@@ -171,8 +174,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
                      f"({r['exact_bytes_per_inference']}) | {r['seconds']:.1f} |")
     task = "Digits example" if meta["task"] == "digits" else f"Task {meta['task']} ({meta['model']})"
     note = (f"\n{task}, original test accuracy {100 * rows[0]['original_accuracy']:.2f}% on "
-            f"{meta['test_images']} test images; recovery on the {meta['train_images']} unlabelled training "
-            f"images (10% held out), --sync none; `distil Nep`: `lcpc recover --epochs N` (refit, then N epochs of "
+            f"{meta['test_images']} test images; recovery on the {meta['train_images']} "
+            f"{'labelled' if meta.get('labels') else 'unlabelled'} training images (10% held out), --sync none; `distil Nep`: `lcpc recover --epochs N` (refit, then N epochs of "
             f"distillation). "
             f"Recovery rows: mean over {meta['seeds']} seed(s). "
             + (f"Recipe overrides: {', '.join(f'{k} {v}' for k, v in meta['recipe'].items())}. " if meta.get("recipe")

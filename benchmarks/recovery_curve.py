@@ -42,7 +42,8 @@ def rows(paths: list[Path]) -> list[dict]:
             out.append({"task": task, "K": r["K"], "epochs": epochs, "seeds": len(r["runs"]),
                         "accuracy": r["accuracy"], "worst": r["worst_accuracy"],
                         "original": r["original_accuracy"],
-                        "recipe": recipe_text(meta.get("recipe") if epochs else None), "source": path.name})
+                        "recipe": recipe_text(meta.get("recipe") if epochs else None, epochs and meta.get("labels")),
+                        "source": path.name})
     unique: dict[tuple, dict] = {}
     for r in out:  # the same point from two runs (each run measures the refit): one row, if they agree
         key = (r["task"], r["K"], r["recipe"], r["epochs"])
@@ -57,10 +58,12 @@ def rows(paths: list[Path]) -> list[dict]:
 DEFAULT = "default"
 
 
-def recipe_text(overrides: dict | None) -> str:
-    """``recovery.py``'s recipe overrides as the command line gives them (``default``: none)."""
-    return " ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
-                    for k, v in sorted((overrides or {}).items())) or DEFAULT
+def recipe_text(overrides: dict | None, labels: bool = False) -> str:
+    """``recovery.py``'s recipe overrides as the command line gives them (``default``: none;
+    ``--labels``: the run distilled with the training labels as well)."""
+    options = [f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+               for k, v in sorted((overrides or {}).items())]
+    return " ".join(options + (["--labels"] if labels else [])) or DEFAULT
 
 
 def _epochs(label: str) -> int | None:

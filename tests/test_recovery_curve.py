@@ -16,13 +16,15 @@ def _module():
     return module
 
 
-def _run(path: Path, partial: bool = False, recipe: dict | None = None, distilled=(0.88, 0.86)) -> Path:
+def _run(path: Path, partial: bool = False, recipe: dict | None = None, distilled=(0.88, 0.86),
+         labels: bool = False) -> Path:
     def row(label, acc, worst):
         return {"K": 8, "recovery": label, "accuracy": acc, "worst_accuracy": worst, "original_accuracy": 0.9,
                 "runs": [{}, {}, {}]}
     rows = [row("cut", 0.1, 0.1), row("distil 4ep", distilled[0], distilled[0] - 0.01), row("refit", 0.6, 0.5),
             row("distil 2ep", distilled[1], distilled[1] - 0.01)]
-    path.write_text(json.dumps({"meta": {"task": "shapes", "recipe": recipe or {}}, "rows": rows, "partial": partial}))
+    meta = {"task": "shapes", "recipe": recipe or {}, "labels": labels}
+    path.write_text(json.dumps({"meta": meta, "rows": rows, "partial": partial}))
     return path
 
 
@@ -59,6 +61,8 @@ def test_runs_of_other_recipes_are_rows_of_their_own(tmp_path):
     assert "| shapes | 8 | --lr 0.01 --views 4 | 2 | 89.00% | 88.00% | 90.00% | 1.00 | 2.00 |" in text
     assert "| shapes | 8 | default | 2 | 86.00% |" in text
     assert "recipe" not in curve.markdown(curve.rows([tmp_path / "b.json"])).splitlines()[0]
+    labelled = curve.rows([_run(tmp_path / "c.json", recipe={"views": 4}, labels=True)])
+    assert [r["recipe"] for r in labelled] == ["default", "--views 4 --labels", "--views 4 --labels"]
 
 
 @pytest.mark.parametrize("text", [None, "not json", '{"rows": []}'])
