@@ -125,8 +125,8 @@ def main() -> None:
 
 def overrides(args) -> dict:
     """The distillation settings given on the command line (the rest: the Recipe's defaults)."""
-    return {k: v for k, v in (("lr", args.lr), ("augment", args.augment), ("views", args.views),
-                                            ("temperature", args.temperature)) if v is not None}
+    given = (("lr", args.lr), ("augment", args.augment), ("views", args.views), ("temperature", args.temperature))
+    return {k: v for k, v in given if v is not None}
 
 
 def meta(args, model: Path, x_train, y_test, torch) -> dict:
@@ -175,8 +175,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     task = "Digits example" if meta["task"] == "digits" else f"Task {meta['task']} ({meta['model']})"
     note = (f"\n{task}, original test accuracy {100 * rows[0]['original_accuracy']:.2f}% on "
             f"{meta['test_images']} test images; recovery on the {meta['train_images']} "
-            f"{'labelled' if meta.get('labels') else 'unlabelled'} training images (10% held out), --sync none; `distil Nep`: `lcpc recover --epochs N` (refit, then N epochs of "
-            f"distillation). "
+            f"{'labelled' if meta.get('labels') else 'unlabelled'} training images (10% held out), --sync none; "
+            f"`distil Nep`: `lcpc recover --epochs N` (refit, then N epochs of distillation). "
             f"Recovery rows: mean over {meta['seeds']} seed(s). "
             + (f"Recipe overrides: {', '.join(f'{k} {v}' for k, v in meta['recipe'].items())}. " if meta.get("recipe")
                else "")

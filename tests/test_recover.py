@@ -271,7 +271,8 @@ def test_views_copy_the_batch(split):
     change nothing (the mean loss, the gradient and BatchNorm's batch statistics of a
     duplicated batch are those of the batch), so without augmentation 2 views train to the
     weights 1 view trains to, labels included; with mirroring the copies differ and so does
-    the result. 0 views is refused."""
+    the result, also from 1 mirrored view (so a loop that ignored ``views`` fails here).
+    0 views is refused."""
     graph, source = frontend.load(EXAMPLE)
     plan = planner.plan(graph, source, 4, "none")
     x, y = split[0][:240], split[1][:240]
@@ -283,8 +284,9 @@ def test_views_copy_the_batch(split):
 
     one, two = weights(augment="none", views=1), weights(augment="none", views=2)
     assert all(np.allclose(one[k], two[k], rtol=1e-4, atol=1e-5) for k in one)
-    mirrored = weights(augment="flip", views=2)
+    mirrored, mirrored_once = weights(augment="flip", views=2), weights(augment="flip", views=1)
     assert any(not np.allclose(one[k], mirrored[k], rtol=1e-4, atol=1e-5) for k in one)
+    assert any(not np.allclose(mirrored_once[k], mirrored[k], rtol=1e-4, atol=1e-5) for k in one)
     with pytest.raises(LcpcError, match="views >= 1"):
         recover.run(plan, x, epochs=1, views=0)
 
