@@ -8,7 +8,8 @@ written folder with the local engine (``lcpc verify``: ``pipeline.verify``) on t
 after
 
 - ``cut``: nothing (the block-diagonal weights as they are);
-- ``refit``: ``lcpc recover --epochs 0`` (least squares only: no PyTorch);
+- ``refit``: ``lcpc recover --epochs 0`` (least squares only: no PyTorch; with ``--refit
+  stats``, BatchNorm statistics only);
 - ``distil Nep``: ``lcpc recover --epochs N``;
 
 plus the bytes per inference of the plan (the same at every level: recovery changes
@@ -22,6 +23,7 @@ shapes, a converged VGG with BatchNorm; 8000 unlabelled training images, 2000 te
 
     python benchmarks/recovery.py [--task digits|shapes] [--branches 2 4 8] [--epochs 2 6] [--seeds 3]
                                   [--threads 1] [--lr LR] [--augment MODE] [--views V] [--temperature T]
+                                  [--refit lsq|stats]
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ def main() -> None:
                     help="training augmentation (default: the Recipe's)")
     ap.add_argument("--views", type=int, default=None,
                     help="augmented copies of each image per step (default: the Recipe's)")
+    ap.add_argument("--refit", default=None, choices=["lsq", "stats"],
+                    help="the cheap recovery distillation starts from (lcpc recover --refit; default: lsq)")
     ap.add_argument("--temperature", type=float, default=None, help="distillation temperature (default: the Recipe's)")
     ap.add_argument("--labels", action="store_true",
                     help="recover with the training labels as well (lcpc recover --labels; default: unlabelled)")
@@ -125,7 +129,8 @@ def main() -> None:
 
 def overrides(args) -> dict:
     """The distillation settings given on the command line (the rest: the Recipe's defaults)."""
-    given = (("lr", args.lr), ("augment", args.augment), ("views", args.views), ("temperature", args.temperature))
+    given = (("lr", args.lr), ("augment", args.augment), ("views", args.views), ("temperature", args.temperature),
+             ("refit", args.refit))
     return {k: v for k, v in given if v is not None}
 
 

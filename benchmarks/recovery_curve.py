@@ -6,7 +6,8 @@ worst-seed test accuracy and their gap to the original model, in points. It meas
 nothing itself: every figure is one that ``recovery.py`` measured with ``lcpc verify`` on
 test images recovery never saw. Runs with different recipes (``recovery.py --views 4``,
 ...) are rows of their own, under a recipe column; the refit (epoch 0) runs no
-distillation, so it is one row whatever the recipe.
+distillation, so it is one row whatever the recipe, except for the refit level
+(``--refit stats``).
 
     python benchmarks/recovery_curve.py benchmarks/results/recovery.json \\
         benchmarks/results/recovery_shapes_epochs_k4.json benchmarks/results/recovery_shapes_epochs_k8.json \\
@@ -42,7 +43,8 @@ def rows(paths: list[Path]) -> list[dict]:
             out.append({"task": task, "K": r["K"], "epochs": epochs, "seeds": len(r["runs"]),
                         "accuracy": r["accuracy"], "worst": r["worst_accuracy"],
                         "original": r["original_accuracy"],
-                        "recipe": recipe_text(meta.get("recipe") if epochs else None, epochs and meta.get("labels")),
+                        "recipe": recipe_text(meta.get("recipe") if epochs else _refit_only(meta.get("recipe")),
+                                              epochs and meta.get("labels")),
                         "source": path.name})
     unique: dict[tuple, dict] = {}
     for r in out:  # the same point from two runs (each run measures the refit): one row, if they agree
@@ -66,6 +68,11 @@ def recipe_text(overrides: dict | None, labels: bool = False) -> str:
     return " ".join(options + (["--labels"] if labels else [])) or DEFAULT
 
 
+def _refit_only(overrides: dict | None) -> dict:
+    """Of a run's recipe, what its refit row (no distillation) depends on: the refit level."""
+    return {k: v for k, v in (overrides or {}).items() if k == "refit"}
+
+
 def _epochs(label: str) -> int | None:
     m = re.fullmatch(r"distil (\d+)ep", label)
     return int(m.group(1)) if m else None
@@ -77,7 +84,7 @@ def markdown(table: list[dict]) -> str:
     lines = ["| task | K | " + ("recipe | " if column else "") + "epochs | test accuracy | worst seed | original | "
              "gap (mean) | gap (worst) |", "|---|---|" + ("---|" if column else "") + "---|---|---|---|---|---|"]
     for r in table:
-        lines.append(f"| {r['task']} | {r['K']} | " + (f"{'' if not r['epochs'] else r['recipe']} | " if column else "")
+        lines.append(f"| {r['task']} | {r['K']} | " + (f"{'' if not r['epochs'] and r['recipe'] == DEFAULT else r['recipe']} | " if column else "")
                      + f"{r['epochs'] or 'refit'} | {100 * r['accuracy']:.2f}% | "
                      f"{100 * r['worst']:.2f}% | {100 * r['original']:.2f}% | "
                      f"{100 * (r['original'] - r['accuracy']):.2f} | {100 * (r['original'] - r['worst']):.2f} |")

@@ -65,6 +65,22 @@ def test_runs_of_other_recipes_are_rows_of_their_own(tmp_path):
     assert [r["recipe"] for r in labelled] == ["default", "--views 4 --labels", "--views 4 --labels"]
 
 
+def test_a_run_from_another_refit_level_has_a_refit_row_of_its_own(tmp_path):
+    """``recovery.py --refit stats`` measures another refit: its epoch-0 row is a row of
+    its own (not a disagreement with the least-squares one) and says which level it is."""
+    curve = _module()
+    stats = _run(tmp_path / "b.json", recipe={"views": 4, "refit": "stats"})
+    data = json.loads(stats.read_text())
+    data["rows"][2].update(accuracy=0.2, worst_accuracy=0.19)
+    stats.write_text(json.dumps(data))
+    table = curve.rows([_run(tmp_path / "a.json"), stats])
+    assert [(r["epochs"], r["recipe"]) for r in table][:2] == [(0, "default"), (0, "--refit stats")]
+    text = curve.markdown(table)
+    assert "| shapes | 8 |  | refit | 60.00% |" in text
+    assert "| shapes | 8 | --refit stats | refit | 20.00% | 19.00% |" in text
+    assert "| shapes | 8 | --refit stats --views 4 | 2 | 86.00% |" in text
+
+
 @pytest.mark.parametrize("text", [None, "not json", '{"rows": []}'])
 def test_curve_refuses_what_is_not_a_results_file_in_one_line(tmp_path, text):
     path = tmp_path / "r.json"
