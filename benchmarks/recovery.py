@@ -128,7 +128,8 @@ def main() -> None:
 
 
 def overrides(args) -> dict:
-    """The distillation settings given on the command line (the rest: the Recipe's defaults)."""
+    """The recovery settings given on the command line: the refit level and distillation
+    options (the rest: ``pipeline.recover``'s and the Recipe's defaults)."""
     given = (("lr", args.lr), ("augment", args.augment), ("views", args.views), ("temperature", args.temperature),
              ("refit", args.refit))
     return {k: v for k, v in given if v is not None}
