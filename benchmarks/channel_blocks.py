@@ -5,7 +5,7 @@ Times one 3x3 conv, C -> C channels on a 56x56 map (a ResNet stage-1 conv at abo
 for C around 16, 32 and 64, one thread, minimum of interleaved runs; writes
 ``benchmarks/results/channel_blocks.{md,json}``.
 
-    python benchmarks/channel_blocks.py [--runs 30]
+    python -m benchmarks.channel_blocks [--runs 30]
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from lcpc.targets import bench  # noqa: E402
+from lcpc.targets import bench
 
 RESULTS = ROOT / "benchmarks" / "results"
 CHANNELS = (15, 16, 17, 24, 31, 32, 33, 62, 64, 66)
@@ -54,7 +53,7 @@ def main() -> None:
     lines += [f"| {r['channels']} | {r['min_ms']:.3f} | {r['min_ms'] / (r['flops'] / 1e9):.2f} |" for r in rows]
     text = "\n".join(lines) + (f"\n\nOne 3x3 conv on a {SIDE}x{SIDE} map, 1 onnxruntime thread, minimum of {args.runs} "
                                f"interleaved runs. Machine: {m['cpu']}, {m['cores']} cores, onnxruntime "
-                               f"{m['onnxruntime']}. From one run of `python benchmarks/channel_blocks.py`.\n")
+                               f"{m['onnxruntime']}. From one run of `python -m benchmarks.channel_blocks`.\n")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "channel_blocks.json").write_text(json.dumps({"machine": m, "rows": rows}, indent=1))
     (RESULTS / "channel_blocks.md").write_text(text)

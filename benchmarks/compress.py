@@ -10,7 +10,7 @@ least disturbed by other load on a shared machine), and the plan's compute laten
 slowest device's. Only ratios from this one run are reported:
 speed-up = original time / slowest-device time.
 
-    python benchmarks/compress.py [--branches 4] [--prune 0.3] [--repeat 9] [--size 224]
+    python -m benchmarks.compress [--branches 4] [--prune 0.3] [--repeat 9] [--size 224]
 
 Models: the digits example (each plan recovered by the least-squares refit, fidelity on
 its 450 test images against the original and against the float LCP plan) and ``examples.zoo.resnet50`` (random weights, calibrated on
@@ -29,16 +29,15 @@ import numpy as np
 import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from examples.digits.data import load_split  # noqa: E402
-from examples.zoo import resnet50  # noqa: E402
-from lcpc import compress, frontend, planner  # noqa: E402
-from lcpc.fidelity import compare  # noqa: E402
-from lcpc.calibrate import run_graph  # noqa: E402
-from lcpc.ir import to_onnx  # noqa: E402
-from lcpc.lower import lower  # noqa: E402
-from lcpc.passes import prune, refit  # noqa: E402
+from examples.digits.data import load_split
+from examples.zoo import resnet50
+from lcpc import compress, frontend, planner
+from lcpc.fidelity import compare
+from lcpc.calibrate import run_graph
+from lcpc.ir import to_onnx
+from lcpc.lower import lower
+from lcpc.passes import prune, refit
 
 RESULTS = ROOT / "benchmarks" / "results"
 EXAMPLE = ROOT / "examples" / "digits" / "digits_cnn.onnx"

@@ -8,7 +8,7 @@ Results go to ``benchmarks/results/convert_cost.{json,md}`` with the machine the
 load average before and after the run (the seconds depend on what else runs on the machine; the
 peaks do not).
 
-    python benchmarks/convert_cost.py [--model resnet50 ...] [--zoo] [--branches 4]
+    python -m benchmarks.convert_cost [--model resnet50 ...] [--zoo] [--branches 4]
                                       [--python OTHER_VENV/bin/python --label before]
 
 ``--python`` runs the conversions with another interpreter (another lcpc installed there),
@@ -28,11 +28,10 @@ from pathlib import Path
 import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from benchmarks import models as zoo224  # noqa: E402
-from examples.zoo import ZOO  # noqa: E402
-from lcpc.targets.bench import machine  # noqa: E402
+from benchmarks import models as zoo224
+from examples.zoo import ZOO
+from lcpc.targets.bench import machine
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -95,7 +94,7 @@ def main() -> None:
                 print(r if "error" in r else f"{r['model']} K={k} ({label}): {r['params'] / 1e6:.2f}M params, "
                       f"{r['seconds']:.1f} s, peak {r['peak_rss_bytes'] / 2**20:.0f} MiB = "
                       f"{r['peak_over_file']:.2f}x the file", flush=True)
-    setup = {"machine": machine(), "command": "python benchmarks/convert_cost.py " + " ".join(sys.argv[1:]),
+    setup = {"machine": machine(), "command": "python -m benchmarks.convert_cost " + " ".join(sys.argv[1:]),
              "load_average": {"before": load_before, "after": os.getloadavg()}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))

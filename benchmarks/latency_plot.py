@@ -1,11 +1,11 @@
 """Predicted latency per inference of four setups against link bandwidth, for the README.
 
 Converts the digits example (K=4, pure LCP), times its stage files, the original model
-and the --sync all plan on this machine (``lcpc.latency_report.measure``), and writes
+and the --sync all plan on this machine (``lcpc.perf.latency_report.measure``), and writes
 ``results/latency.png`` (the plot of ``lcpc report --network --plot``) and
 ``results/latency.md`` (the table at the bandwidth of ``devices-100mbit.yaml``).
 
-    python benchmarks/latency_plot.py [--devices benchmarks/devices-100mbit.yaml]
+    python -m benchmarks.latency_plot [--devices benchmarks/devices-100mbit.yaml]
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from lcpc import devices, latency_report  # noqa: E402
-from lcpc.pipeline import convert as convert_model  # noqa: E402
+from lcpc.perf import devices, latency_report
+from lcpc.pipeline import convert as convert_model
 
 RESULTS = ROOT / "benchmarks" / "results"
 

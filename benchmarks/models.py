@@ -12,7 +12,7 @@ Guarantees:
 - deterministic: the same name, width and seed give byte-identical models;
 - only onnx and numpy are needed (no torch): the layers come from ``examples.zoo.NetBuilder``.
 
-    python benchmarks/models.py OUT_DIR [--width 0.25]   # writes every model
+    python -m benchmarks.models OUT_DIR [--width 0.25]   # writes every model
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ import onnx
 from onnx import TensorProto, helper
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from examples.zoo import IR_VERSION, OPSET, NetBuilder  # noqa: E402
+from examples.zoo import IR_VERSION, OPSET, NetBuilder
 
 SIZE = 224
 CLASSES = 1000

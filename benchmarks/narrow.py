@@ -18,7 +18,7 @@ stages at levels where no other device has a stage (the classifier, merged on th
 with the share the slowest device would reach without it. Only ratios measured in this one run.
 Results go to ``benchmarks/results/narrow.{json,md}`` with the machine they ran on.
 
-    python benchmarks/narrow.py [--model resnet50 ...] [--branches 2 4 8 16] [--runs 10]
+    python -m benchmarks.narrow [--model resnet50 ...] [--branches 2 4 8 16] [--runs 10]
                                 [--threads 1] [--engine-threads 2] [--out NAME]
 """
 
@@ -35,13 +35,12 @@ import numpy as np
 import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from benchmarks import models as zoo224  # noqa: E402
-from lcpc import manifest as mf  # noqa: E402
-from lcpc.pipeline import convert as convert_model  # noqa: E402
-from lcpc.targets import bench  # noqa: E402
-from lcpc.targets.local import LocalEngine  # noqa: E402
+from benchmarks import models as zoo224
+from lcpc import manifest as mf
+from lcpc.pipeline import convert as convert_model
+from lcpc.targets import bench
+from lcpc.targets.local import LocalEngine
 
 RESULTS = ROOT / "benchmarks" / "results"
 LINKS = {"100mbit": None, "10gbit": ROOT / "benchmarks" / "devices-10gbit.yaml"}  # None: the default network
@@ -187,7 +186,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             rows += one_model(name, args.branches, args, Path(tmp))
     setup = {"threads": args.threads, "runs": args.runs, "warmup": args.warmup, "engine_threads": args.engine_threads,
-             "machine": bench.machine(), "command": "python benchmarks/narrow.py " + " ".join(sys.argv[1:])}
+             "machine": bench.machine(), "command": "python -m benchmarks.narrow " + " ".join(sys.argv[1:])}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
     text = markdown(rows, setup)

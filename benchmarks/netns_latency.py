@@ -8,7 +8,7 @@ that alternate between the links shaped and unshaped (same cluster, same process
 load other users put on this shared machine hits both alike.
 
 Prediction: ``network.predict`` on the same manifest, stage times measured on this machine
-(``lcpc.timing``), and the engine's own cost per message (devices.yaml ``overhead``)
+(``lcpc.perf.measured``), and the engine's own cost per message (devices.yaml ``overhead``)
 calibrated so that the model gives the latency measured with the shaping off. The
 measured/predicted ratio then tests what the model says the network adds, on top of an engine
 that costs several ms per message here. Both routes are reported: ``direct`` (each message
@@ -17,7 +17,7 @@ owner, the driver on the head's node, so such a message between two branches tak
 hops); ``direct`` is the one compared against the 25% bar, because it is the one the
 measurements follow (see benchmarks/results/netns_latency.md).
 
-    python benchmarks/netns_latency.py [--blocks 8] [--requests 5] [--quick] [--ray-mode compiled-graph]
+    python -m benchmarks.netns_latency [--blocks 8] [--requests 5] [--quick] [--ray-mode compiled-graph]
     (root; ip netns; Ray; results in netns_latency.md, or netns_latency_compiled-graph.md)
 """
 
@@ -36,7 +36,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -133,9 +132,9 @@ def folders(tmp: Path, quick: bool) -> list[tuple[str, str, Path]]:
 
 
 def predict_ms(manifest: dict, times: dict, mbit: float, latency_ms: float, route: str, overhead_s: float) -> float:
-    from lcpc import devices, network
+    from lcpc.perf import network
 
-    net = devices.Network(default_link=devices.Link(mbit * 1e6 / 8, latency_ms / 1e3), overhead=overhead_s, route=route)
+    net = network.Network(default_link=network.Link(mbit * 1e6 / 8, latency_ms / 1e3), overhead=overhead_s, route=route)
     return 1e3 * network.predict(manifest, times, net).latency
 
 
@@ -189,7 +188,8 @@ def run_all(blocks: int, quick: bool, out_dir: Path | None, tolerance: float = 0
     with tempfile.TemporaryDirectory(prefix="lcpc-netns-bench-") as tmp:
         tmp = Path(tmp)
         work = folders(tmp, quick)
-        from lcpc import manifest as mf, timing
+        from lcpc import manifest as mf
+        from lcpc.perf import measured as timing
 
         plans = {folder.name: mf.read(folder) for _, _, folder in work}
         times = {name: timing.stage_times(folder, plans[name]) for name, folder in

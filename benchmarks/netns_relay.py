@@ -11,7 +11,7 @@ unshaped requests can be interleaved). It only ever sees the frames of
 the namespaces ``netns_cluster`` created; it opens no IP socket. It runs with SCHED_FIFO
 (root) so the delay holds on a loaded machine, and exits after ``--max-seconds`` at the latest.
 
-    python benchmarks/netns_relay.py --ports p0,p1,p2,p3 --delay 0.002 --max-seconds 900
+    python -m benchmarks.netns_relay --ports p0,p1,p2,p3 --delay 0.002 --max-seconds 900
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ Everything comes from one run.
   and flips: calibration and recovery crops come from photos 1-8, held-out crops from
   photos 9-12 (so held-out photos are never seen).
 
-    python benchmarks/pareto.py [--models digits lite0] [--branches 4] [--budgets 6] [--epochs 2]
+    python -m benchmarks.pareto [--models digits lite0] [--branches 4] [--budgets 6] [--epochs 2]
 """
 
 from __future__ import annotations
@@ -30,21 +30,20 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # reproducible timings on a shared machine
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from examples.digits.data import load_shipped  # noqa: E402
-from lcpc import frontend, pipeline, planner  # noqa: E402
-from lcpc.passes import cut  # noqa: E402
+from examples.digits.data import load_shipped
+from lcpc import frontend, pipeline, planner
+from lcpc.passes import cut
 
 RESULTS = ROOT / "benchmarks" / "results"
 DIGITS = ROOT / "examples" / "digits" / "digits_cnn.onnx"

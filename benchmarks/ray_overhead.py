@@ -7,7 +7,7 @@ object store add per inference), and the same engine in compiled-graph mode (one
 Compiled Graph for the whole schedule). Ray runs locally (all actors on this node), started
 by the engine; the call mode it reports is recorded.
 
-    python benchmarks/ray_overhead.py [--requests 200] [--resnet-requests 40]
+    python -m benchmarks.ray_overhead [--requests 200] [--resnet-requests 40]
 """
 
 from __future__ import annotations
@@ -23,11 +23,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from examples.zoo import resnet50_like  # noqa: E402
-from lcpc.pipeline import convert as convert_model  # noqa: E402
-from lcpc.deployment import Deployment  # noqa: E402
+from examples.zoo import resnet50_like
+from lcpc.pipeline import convert as convert_model
+from lcpc.deployment import Deployment
 
 RESULTS = ROOT / "benchmarks" / "results"
 

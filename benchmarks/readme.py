@@ -1,7 +1,7 @@
 """Copy the benchmark result tables into the README (between its generated-table markers).
 
-    python benchmarks/readme.py          # rewrite README.md from benchmarks/results/*.md
-    python benchmarks/readme.py --check  # exit 1 when the README differs from the results
+    python -m benchmarks.readme          # rewrite README.md from benchmarks/results/*.md
+    python -m benchmarks.readme --check  # exit 1 when the README differs from the results
 
 The README's recovery and Pareto numbers come only from here, so they are always the
 numbers the scripts last printed.

@@ -21,7 +21,7 @@ seeds (held-out split, shuffling): the table gives the mean and the worst seed.
 ``--task shapes`` runs the harder stand-in task (``examples/shapes``: noisy 32x32
 shapes, a converged VGG with BatchNorm; 8000 unlabelled training images, 2000 test images).
 
-    python benchmarks/recovery.py [--task digits|shapes] [--branches 2 4 8] [--epochs 2 6] [--seeds 3]
+    python -m benchmarks.recovery [--task digits|shapes] [--branches 2 4 8] [--epochs 2 6] [--seeds 3]
                                   [--threads 1] [--lr LR] [--augment MODE] [--views V] [--temperature T]
                                   [--refit lsq|stats]
 """
@@ -33,21 +33,20 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # reproducible timings on a shared machine
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from examples.digits.data import load_shipped  # noqa: E402
-from lcpc import pipeline  # noqa: E402
+from examples.digits.data import load_shipped
+from lcpc import pipeline
 
 RESULTS = ROOT / "benchmarks" / "results"
 TASKS = {"digits": ROOT / "examples" / "digits" / "digits_cnn.onnx",

@@ -9,7 +9,7 @@ test images recovery never saw. Runs with different recipes (``recovery.py --vie
 distillation, so it is one row whatever the recipe, except for the refit level
 (``--refit stats``).
 
-    python benchmarks/recovery_curve.py benchmarks/results/recovery.json \\
+    python -m benchmarks.recovery_curve benchmarks/results/recovery.json \\
         benchmarks/results/recovery_shapes_epochs_k4.json benchmarks/results/recovery_shapes_epochs_k8.json \\
         benchmarks/results/recovery_shapes_epochs10_k8.json [more runs, e.g. with --views 4]
 """

@@ -13,7 +13,7 @@ leaves out the distribution of the input (a camera stream every device receives)
 Bytes per inference include that input distribution. Only ratios measured
 in this one run are reported: speed-up = original time / plan time.
 
-    python benchmarks/speed.py [--model PATH] [--repeat 50] [--bandwidth-mbit 100]
+    python -m benchmarks.speed [--model PATH] [--repeat 50] [--bandwidth-mbit 100]
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ import numpy as np
 import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from lcpc import pipeline  # noqa: E402
+from lcpc import pipeline
 
 RESULTS = ROOT / "benchmarks" / "results"
 

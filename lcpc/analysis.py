@@ -8,7 +8,7 @@ Guarantees:
   *space*: the unit the partitioner balances over K branches;
 - a Dense layer is *terminal* when no other channel-mixing layer is downstream of it
   (the classifier): the planner merges it exactly at the head;
-- ``node_flops`` / ``node_params`` give the cost model used by plan, report and manifest.
+- every node's FLOPs and parameters come from ``lcpc.perf.costs`` (``node_flops``, ``node_params``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 
 from lcpc import ops
 from lcpc.ir import Graph, Node
+from lcpc.perf.costs import node_flops, node_params
 
 
 class UnionFind:
@@ -181,31 +182,3 @@ def _terminal(g: Graph, behaviours: dict[str, ops.Behaviour]) -> set[str]:
             c.name in mixing or feeds_mixing.get(c.name, False)
             for o in node.outputs if o for c in g.consumers(o))
     return {n for n in mixing if isinstance(behaviours[n], ops.Dense) and not feeds_mixing[n]}
-
-
-def node_flops(node: Node, g: Graph) -> int:
-    """Floating-point operations of one node (a multiply-add counts 2)."""
-    out = [o for o in node.outputs if o]
-    if not out:
-        return 0
-    out_elems = int(np.prod(g.info(out[0]).shape, dtype=np.int64))
-    if node.op == "Conv" and len(node.inputs) > 1:
-        w = g.info(node.inputs[1]).shape
-        return 2 * out_elems * int(np.prod(w[1:], dtype=np.int64))
-    if node.op == "ConvTranspose" and len(node.inputs) > 1:
-        w = g.info(node.inputs[1]).shape
-        in_elems = int(np.prod(g.info(node.inputs[0]).shape, dtype=np.int64))
-        return 2 * in_elems * int(np.prod(w[1:], dtype=np.int64))
-    if node.op in ("Gemm", "MatMul"):
-        a = g.info(node.inputs[0]).shape
-        k = a[0] if node.op == "Gemm" and node.attr("transA", 0) else a[-1]
-        return 2 * out_elems * int(k)
-    if node.op in ("MaxPool", "AveragePool", "LpPool"):
-        return out_elems * int(np.prod(node.attr("kernel_shape", [1])))
-    if node.op.startswith("Global") or node.op.startswith("Reduce"):
-        return int(np.prod(g.info(node.inputs[0]).shape, dtype=np.int64))
-    return out_elems
-
-
-def node_params(node: Node, g: Graph) -> int:
-    return sum(int(g.constants[i].size) for i in node.inputs if i in g.constants)

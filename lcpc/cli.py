@@ -2,7 +2,7 @@
 
 Guarantees: the commands parse options and print; the work is done by the library
 (``lcpc.pipeline`` for convert, recover and verify; ``lcpc.deployment`` for
-serve; ``lcpc.latency_report`` for the network prediction; ``targets.bench`` for bench), so the CLI,
+serve; ``lcpc.perf.latency_report`` for the network prediction; ``targets.bench`` for bench), so the CLI,
 the tests and the benchmarks run the same code. Options shared by several commands are
 defined once (stacked click decorators); every command ends with a one-screen summary;
 any ``LcpcError`` is printed as one line ``error: ...`` with exit code 1 and no
@@ -24,9 +24,10 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from lcpc import __version__, frontend, latency_report, pipeline, report, serving
+from lcpc import __version__, frontend, pipeline, report, serving
+from lcpc.perf import latency_report
 from lcpc.deployment import Deployment, requests_from_source
-from lcpc.devices import load as load_devices
+from lcpc.perf.devices import load as load_devices
 from lcpc import manifest as mf
 from lcpc.errors import LcpcError
 from lcpc.frontend import parse_input_shapes

@@ -28,7 +28,7 @@ import numpy as np
 
 from lcpc import wire as wire_format
 from lcpc.calibrate import run_graph
-from lcpc.costs import graph_costs
+from lcpc.perf.costs import graph_costs
 from lcpc.errors import LcpcError
 from lcpc.fidelity import compare as fidelity
 from lcpc.ir import to_onnx

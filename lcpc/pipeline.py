@@ -33,7 +33,7 @@ import numpy as np
 from lcpc import compress, fidelity, frontend, planner, safety, stored_plan
 from lcpc import manifest as mf
 from lcpc.calibrate import run_graph
-from lcpc.devices import load as load_devices
+from lcpc.perf.devices import load as load_devices
 from lcpc.errors import LcpcError
 from lcpc.images import Preprocessing, load_folder
 from lcpc.lower import lower, raw_input

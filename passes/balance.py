@@ -15,7 +15,7 @@ of the CPU kernels' blocks (onnxruntime runs a 17-channel conv almost twice as l
 16-channel one, ``benchmarks/channel_blocks.py``), which costs more than the merge;
 ``passes.merge`` handles the head's extra work instead.
 
-The cost of a node is ``lcpc.node_time``'s model (FLOPs, weight bytes read, a per-node
+The cost of a node is ``lcpc.perf.modelled``'s model (FLOPs, weight bytes read, a per-node
 overhead). A node's work on a device with share ``s`` is
 
 - ``R`` output (replicated): all of it, on every device;
@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from lcpc.node_time import NODE_OVERHEAD, node_seconds, speeds_of, sum_seconds
+from lcpc.perf.modelled import NODE_OVERHEAD, node_seconds, speeds_of, sum_seconds
 from lcpc.passes import merge
 from lcpc.passes.cut import policy_exchanges
 from lcpc.plan import HEAD, Plan, PlanOptions

@@ -12,9 +12,9 @@ its output (pooled features into 1000 logits from K = 4 on), but then the head r
 whole weight matrix after everything else: on a ResNet-50, 8 MB and about 0.7 ms per
 inference on one core, half a branch's compute at K = 16. ``partial`` trades those
 seconds for (K-1) x |output| bytes. The pass picks the way with the earlier predicted
-finish on the head: the merge's compute (``lcpc.node_time``'s model, scaled by the
+finish on the head: the merge's compute (``lcpc.perf.modelled``'s model, scaled by the
 devices' speeds) plus the bytes the head receives over its link
-(``PlanOptions.head_bandwidth``, from ``devices.yaml``; default ``lcpc.devices``'
+(``PlanOptions.head_bandwidth``, from ``devices.yaml``; default ``lcpc.perf.network``'
 100 Mbit/s). Both ways send one message per branch, so per-message latency cancels.
 With the default link the fewest-bytes way wins on every model we ship; a fast link
 (a few Gbit/s) makes ``partial`` the choice for large classifiers.
@@ -28,8 +28,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from lcpc.devices import DEFAULT_BANDWIDTH
-from lcpc.node_time import node_seconds, speeds_of, sum_seconds
+from lcpc.perf.network import DEFAULT_BANDWIDTH
+from lcpc.perf.modelled import node_seconds, speeds_of, sum_seconds
 from lcpc.plan import HEAD, Action, Plan, PlanOptions
 
 

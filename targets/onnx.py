@@ -25,7 +25,7 @@ from typing import Any
 import onnx
 
 from lcpc import __version__
-from lcpc.costs import data_parallel_bytes, graph_costs, pipeline_bytes
+from lcpc.perf.costs import data_parallel_bytes, graph_costs, pipeline_bytes
 from lcpc.errors import LcpcError
 from lcpc.ir import Graph, to_onnx
 from lcpc.lower import Program

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from lcpc import devices as dv
+from lcpc.perf import devices as dv
 from lcpc import manifest as mf
 from lcpc.errors import LcpcError
 from lcpc.schedule import Schedule, Stats, check_feeds, join_batches, planned_batches
@@ -152,7 +152,7 @@ class RayEngine:
         self.folder = Path(folder)
         self.manifest = mf.read(self.folder)
         self.network = dv.load(devices)
-        dv.check_names(self.network, self.manifest)
+        self.network.check_names(d["name"] for d in self.manifest["devices"])
         self.explicit_devices = devices is not None
         self.timeout = float(timeout)
         self.schedule = Schedule(self.manifest)

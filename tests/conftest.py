@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
+from examples.zoo import ZOO
+
 ROOT = Path(__file__).resolve().parents[1]
-# examples/ is part of the repo, not of the installed package, so the checkout root goes on
-# sys.path, but last: it also holds lcpc/, which is not the installed package (that one maps
-# the top-level passes/ and targets/ to lcpc.passes and lcpc.targets). First on sys.path, the
-# bare folder would shadow a regular `pip install .` and every `import lcpc.targets` would
-# fail; `python -m pytest` puts the working directory first, so it is moved to the end too.
-# An editable install resolves lcpc.passes and lcpc.targets through its own import hook and
-# works either way.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT] + [str(ROOT)]
-
-from examples.zoo import ZOO  # noqa: E402
-
 EXAMPLE = ROOT / "examples" / "digits" / "digits_cnn.onnx"
 SHARED = ROOT.parent / "shared"
 

@@ -18,6 +18,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from conftest import reference, rel_err, run_folder
+from corpus import build as corpus
 from onnx import helper, numpy_helper
 
 from lcpc import frontend
@@ -26,11 +27,6 @@ from lcpc.errors import LcpcError
 from lcpc.ir import to_onnx
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
-sys.path.insert(0, str(CORPUS))
-try:
-    import build as corpus
-finally:
-    sys.path.remove(str(CORPUS))
 
 
 def convert(tmp_path: Path, model: onnx.ModelProto, *args) -> Path:

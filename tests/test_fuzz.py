@@ -51,11 +51,7 @@ CORPUS = Path(__file__).resolve().parent / "corpus" / "models"
 
 def _generated_seeds() -> list[bytes]:
     """Small valid models with the ops whose values decide sizes and running times."""
-    sys.path.insert(0, str(CORPUS.parent))
-    try:
-        from build import around, ints, loop
-    finally:
-        sys.path.remove(str(CORPUS.parent))
+    from corpus.build import around, ints, loop
     from onnx import helper
 
     sizes = around([helper.make_node("Range", ["a", "b", "c"], ["r"]),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import EXAMPLE, reference, rel_err, run_folder
-from lcpc import devices, network
+from lcpc.perf import devices, network
 from lcpc.pipeline import convert as convert_model
 
 
@@ -50,7 +50,7 @@ def test_finish_times_even_out(which, request):
     _, spec, manifest = request.getfixturevalue(which)
     net = devices.load(spec)
     flops_time = {s["id"]: s["flops"] * 1e-9 for s in manifest["stages"]}
-    p = network.predict(manifest, flops_time, devices.Network(net.devices, default_link=devices.Link(1e15, 1e-12)))
+    p = network.predict(manifest, flops_time, network.Network(net.devices, default_link=network.Link(1e15, 1e-12)))
     compute = np.array([c for _, c, _ in p.devices])
     assert compute.max() <= 1.15 * compute.min(), compute
 

@@ -22,6 +22,7 @@ import pytest
 from audit import audited, opened, unpickled
 from click.testing import CliRunner
 from conftest import reference, rel_err
+from corpus import build
 
 from lcpc import frontend
 from lcpc import manifest as mf
@@ -72,11 +73,6 @@ def place_model(tmp_path: Path, name: str) -> Path:
 
 # ----------------------------------------------------------------------------- corpus
 def test_corpus_is_reproducible(tmp_path):
-    sys.path.insert(0, str(CORPUS))
-    try:
-        import build
-    finally:
-        sys.path.remove(str(CORPUS))
     built = {path.relative_to(tmp_path) for path in build.build(tmp_path)}
     for rel in built:
         assert (CORPUS / rel).read_bytes() == (tmp_path / rel).read_bytes(), f"{rel}: rerun tests/corpus/build.py"
@@ -145,12 +141,7 @@ def test_external_data_symlink_leaving_the_folder_is_refused(tmp_path):
 
 def test_bounded_loop_loads_and_matches():
     """check_loops refuses unbounded Loops only (the corpus has those); a bounded one loads."""
-    sys.path.insert(0, str(CORPUS))
-    try:
-        from build import loop
-    finally:
-        sys.path.remove(str(CORPUS))
-    model = loop(10).SerializeToString()
+    model = build.loop(10).SerializeToString()
     graph, _ = frontend.load(model)
     x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
     assert rel_err(reference(to_onnx(graph).SerializeToString(), {"x": x})[0], reference(model, {"x": x})[0]) < 1e-6

@@ -1,4 +1,4 @@
-"""The network model (devices.yaml + lcpc.network) against hand-computed latencies, and
+"""The network model (devices.yaml + lcpc.perf.network) against hand-computed latencies, and
 `lcpc report --network --plot` end to end."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import EXAMPLE
-from lcpc import devices, network
+from lcpc.perf import devices, network
 from lcpc.cli import main
 from lcpc.pipeline import convert as convert_model
 from lcpc.errors import LcpcError
@@ -41,7 +41,7 @@ def test_bad_devices_yaml_is_named(bad, message):
 def test_unknown_device_is_named(digits):
     _, manifest = digits
     with pytest.raises(LcpcError, match="dev9"):
-        devices.check_names(devices.parse({"devices": {"dev9": {}}}), manifest)
+        devices.parse({"devices": {"dev9": {}}}).check_names(d["name"] for d in manifest["devices"])
 
 
 def test_prediction_matches_hand_computation(digits):
@@ -49,7 +49,7 @@ def test_prediction_matches_hand_computation(digits):
     branch computes, sends partial logits to dev0 (one after another on dev0's downlink)."""
     _, m = digits
     bw, lat = 1e6, 1e-3
-    net = devices.Network(default_link=devices.Link(bw, lat))
+    net = network.Network(default_link=network.Link(bw, lat))
     times = {s["id"]: 1e-3 * (1 + s["level"]) for s in m["stages"]}
     p = network.predict(m, times, net)
     inputs = [t for t in m["transfers"] if t["kind"] == "input"]
@@ -66,7 +66,7 @@ def test_prediction_matches_hand_computation(digits):
 def test_faster_links_never_slower(digits):
     _, m = digits
     times = {s["id"]: 1e-4 for s in m["stages"]}
-    curve = network.sweep(m, times, m, times, 1e-3, devices.Network())["this plan (--sync none)"]
+    curve = network.sweep(m, times, m, times, 1e-3, network.Network())["this plan (--sync none)"]
     assert all(a >= b for a, b in zip(curve, curve[1:]))
 
 
@@ -88,9 +88,9 @@ def test_ray_route_relays_small_branch_messages_through_the_head(tmp_path):
     m = convert_model(EXAMPLE, tmp_path / "all", 4, "all")
     times = {s["id"]: 0.0 for s in m["stages"]}
     lat = 1e-3
-    fast = devices.Link(1e15, lat)  # latency only, so each message costs exactly its hops
-    direct = network.predict(m, times, devices.Network(default_link=fast))
-    relayed = network.predict(m, times, devices.Network(default_link=fast, route="ray"))
+    fast = network.Link(1e15, lat)  # latency only, so each message costs exactly its hops
+    direct = network.predict(m, times, network.Network(default_link=fast))
+    relayed = network.predict(m, times, network.Network(default_link=fast, route="ray"))
     assert relayed.latency > direct.latency
     assert devices.parse({"route": "ray"}).route == "ray"
     with pytest.raises(LcpcError, match="route"):
@@ -98,5 +98,5 @@ def test_ray_route_relays_small_branch_messages_through_the_head(tmp_path):
     # pure LCP: every message goes to or from the head, so both routes agree
     lcp = convert_model(EXAMPLE, tmp_path / "none", 4, "none")
     lcp_times = {s["id"]: 0.0 for s in lcp["stages"]}
-    assert network.predict(lcp, lcp_times, devices.Network(default_link=fast, route="ray")).latency == \
-        pytest.approx(network.predict(lcp, lcp_times, devices.Network(default_link=fast)).latency, rel=1e-12)
+    assert network.predict(lcp, lcp_times, network.Network(default_link=fast, route="ray")).latency == \
+        pytest.approx(network.predict(lcp, lcp_times, network.Network(default_link=fast)).latency, rel=1e-12)

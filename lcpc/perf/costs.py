@@ -2,7 +2,7 @@
 traffic of the same model under other parallelisations.
 
 Guarantees:
-- ``graph_costs`` counts FLOPs with ``analysis.node_flops`` (the same model the
+- ``graph_costs`` counts FLOPs with ``node_flops`` (the same model the
   planner uses), parameters and weight bytes from the graph's constants, and peak
   activation bytes as the largest sum of live tensors while nodes run in order;
 - ``pipeline_bytes`` splits the original graph into K consecutive stages of about
@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lcpc.analysis import node_flops
-from lcpc.ir import Graph
+from lcpc.ir import Graph, Node
 
 
 @dataclass(frozen=True)
@@ -77,3 +76,31 @@ def pipeline_bytes(g: Graph, k: int) -> int:
 
 def data_parallel_bytes(g: Graph) -> int:
     return sum(g.info(i).nbytes for i in g.inputs) + sum(g.info(o).nbytes for o in g.outputs)
+
+
+def node_flops(node: Node, g: Graph) -> int:
+    """Floating-point operations of one node (a multiply-add counts 2)."""
+    out = [o for o in node.outputs if o]
+    if not out:
+        return 0
+    out_elems = int(np.prod(g.info(out[0]).shape, dtype=np.int64))
+    if node.op == "Conv" and len(node.inputs) > 1:
+        w = g.info(node.inputs[1]).shape
+        return 2 * out_elems * int(np.prod(w[1:], dtype=np.int64))
+    if node.op == "ConvTranspose" and len(node.inputs) > 1:
+        w = g.info(node.inputs[1]).shape
+        in_elems = int(np.prod(g.info(node.inputs[0]).shape, dtype=np.int64))
+        return 2 * in_elems * int(np.prod(w[1:], dtype=np.int64))
+    if node.op in ("Gemm", "MatMul"):
+        a = g.info(node.inputs[0]).shape
+        k = a[0] if node.op == "Gemm" and node.attr("transA", 0) else a[-1]
+        return 2 * out_elems * int(k)
+    if node.op in ("MaxPool", "AveragePool", "LpPool"):
+        return out_elems * int(np.prod(node.attr("kernel_shape", [1])))
+    if node.op.startswith("Global") or node.op.startswith("Reduce"):
+        return int(np.prod(g.info(node.inputs[0]).shape, dtype=np.int64))
+    return out_elems
+
+
+def node_params(node: Node, g: Graph) -> int:
+    return sum(int(g.constants[i].size) for i in node.inputs if i in g.constants)

@@ -1,7 +1,7 @@
 """What ``lcpc report --network`` shows: predicted latency of four setups, per-device
 finish times, how the broadcast is sent, and (``--plot``) latency against bandwidth.
 
-Guarantees: every figure comes from ``lcpc.network`` (the model) fed with stage times
+Guarantees: every figure comes from ``lcpc.perf.network`` (the model) fed with stage times
 measured on this machine; the three formats carry the same rows; the plot is written
 with matplotlib's non-interactive Agg backend, to a temporary file renamed into place
 (no half-written PNG).
@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from lcpc import devices, timing
-from lcpc import network as model
-from lcpc.devices import Network
+from lcpc.perf import measured as timing
+from lcpc.perf import network as model
 from lcpc.errors import LcpcError
 from lcpc.manifest import takes_raw_images
-from lcpc.network import BANDWIDTHS_MBIT, Prediction, broadcast_note
+from lcpc.perf.network import BANDWIDTHS_MBIT, Network, Prediction, broadcast_note
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,7 @@ def measure(folder: Path, manifest: dict, network: Network, original: Path | Non
             convert: Callable[..., dict]) -> Measured:
     """Time the plan's stages, the original model and (via ``convert``, e.g. ``cli.convert_model``) the
     same model planned with ``--sync all``, all on this machine."""
-    devices.check_names(network, manifest)
+    network.check_names(d["name"] for d in manifest["devices"])
     source = Path(original or manifest["source"]["path"])
     if not source.is_file():
         raise LcpcError(f"{source}: the original model is needed to time it and plan --sync all; pass --model")

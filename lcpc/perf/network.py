@@ -3,7 +3,7 @@
 The model, for one inference (times in seconds):
 
 - a stage on device d takes ``stage_time / speed(d)`` (stage times measured on this
-  machine, ``lcpc.timing``); a device runs its stages one after another, in level
+  machine, ``lcpc.perf.measured``); a device runs its stages one after another, in level
   order, each as soon as its inputs are there;
 - each device has its own full-duplex link to a switch (bandwidth ``bw``, one-way
   latency ``lat``); a message from a to b of n bytes starts when its value exists
@@ -33,14 +33,74 @@ setups of ``lcpc report --network`` are compared on equal terms.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Iterable
 
-from lcpc.devices import Network
+from lcpc.errors import LcpcError
+
+from lcpc.safety import printable
 from lcpc.manifest import feeds, takes_raw_images
 from lcpc.schedule import Schedule
 
 RAY_INLINE_BYTES = 100 * 1024
+DEFAULT_BANDWIDTH = 100e6 / 8   # bytes/s: 100 Mbit/s Ethernet
+DEFAULT_LATENCY = 0.5e-3        # seconds per message, one way, per link
+
+
+@dataclass(frozen=True)
+class Link:
+    bandwidth: float = DEFAULT_BANDWIDTH   # bytes per second
+    latency: float = DEFAULT_LATENCY       # seconds
+
+    def scaled(self, bandwidth: float) -> Link:
+        return Link(bandwidth, self.latency)
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    resource: str
+    speed: float = 1.0
+
+
+@dataclass(frozen=True)
+class Network:
+    """The deployment a manifest runs on (see the module docstring)."""
+
+    devices: dict[str, Device] = field(default_factory=dict)
+    links: dict[str, Link] = field(default_factory=dict)
+    default_link: Link = Link()
+    overhead: float = 0.0
+    source: str = "(defaults)"
+    route: str = "direct"
+
+    def device(self, name: str) -> Device:
+        return self.devices.get(name) or Device(name, name)
+
+    def link(self, name: str) -> Link:
+        return self.links.get(name, self.default_link)
+
+    def speeds(self, k: int) -> list[float]:
+        return [self.device(f"dev{d}").speed for d in range(k)]
+
+    def distinct_speeds(self, k: int) -> tuple[float, ...] | None:
+        """The speeds of devices 0..k-1; None when they are all equal."""
+        self.check_names([f"dev{d}" for d in range(k)])
+        speeds = self.speeds(k)
+        return None if len(set(speeds)) == 1 else tuple(speeds)
+
+    def check_names(self, known: Iterable[str]) -> None:
+        """Every device and link the file names is one of ``known`` (the plan's device names)."""
+        known = set(known)
+        for name in list(self.devices) + list(self.links):
+            if name not in known:
+                raise LcpcError(f"{self.source}: device '{printable(name, 80)}' is not in the plan, which has "
+                                f"{', '.join(sorted(known))}")
+
+    def with_bandwidth(self, bandwidth: float) -> Network:
+        """The same network with every link at ``bandwidth`` bytes/s (for the latency plot)."""
+        return Network(self.devices, {k: v.scaled(bandwidth) for k, v in self.links.items()},
+                       self.default_link.scaled(bandwidth), self.overhead, self.source, self.route)
 
 
 @dataclass(frozen=True)

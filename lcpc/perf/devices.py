@@ -7,18 +7,18 @@
       default: {bandwidth: 100Mbit, latency: 1ms}
       dev0: {bandwidth: 1Gbit, latency: 0.2ms}
     overhead: 0.3ms                # optional: engine cost per message (measured by benchmarks/)
-    route: direct                  # optional: direct | ray (how messages travel, see lcpc.network)
+    route: direct                  # optional: direct | ray (how messages travel, see lcpc.perf.network)
 
 Guarantees:
 - ``load`` reads YAML with ``yaml.safe_load`` (no object construction) and returns a
-  frozen ``Network``; every mistake (unknown key, unknown device, speed <= 0, a
+  frozen ``lcpc.perf.network.Network``; every mistake (unknown key, unknown device, speed <= 0, a
   bandwidth or latency that is not a positive number with a known unit) is an
   ``LcpcError`` naming the file and the key;
 - bandwidths are stored in bytes per second, latencies and overheads in seconds;
   plain numbers mean bit/s and seconds; units: bit, kbit, Mbit, Gbit (optionally
   ``/s``), s, ms, us;
 - ``route`` is ``direct`` (default: every message straight from its source to its
-  destination) or ``ray`` (as the Ray engine moves them; ``lcpc.network`` says how);
+  destination) or ``ray`` (as the Ray engine moves them; ``lcpc.perf.network`` says how);
 - a device missing from the file runs on the Ray resource named like the device,
   at speed 1.0, on the default link; with no file at all every device is that.
 """
@@ -26,66 +26,16 @@ Guarantees:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from lcpc.errors import LcpcError
+from lcpc.perf.network import DEFAULT_BANDWIDTH, DEFAULT_LATENCY, Device, Link, Network
 from lcpc.safety import printable
 
-DEFAULT_BANDWIDTH = 100e6 / 8   # bytes/s: 100 Mbit/s Ethernet
-DEFAULT_LATENCY = 0.5e-3        # seconds per message, one way, per link
 ROUTES = ("direct", "ray")
-
-
-@dataclass(frozen=True)
-class Link:
-    bandwidth: float = DEFAULT_BANDWIDTH   # bytes per second
-    latency: float = DEFAULT_LATENCY       # seconds
-
-    def scaled(self, bandwidth: float) -> Link:
-        return Link(bandwidth, self.latency)
-
-
-@dataclass(frozen=True)
-class Device:
-    name: str
-    resource: str
-    speed: float = 1.0
-
-
-@dataclass(frozen=True)
-class Network:
-    """The deployment a manifest runs on (see the module docstring)."""
-
-    devices: dict[str, Device] = field(default_factory=dict)
-    links: dict[str, Link] = field(default_factory=dict)
-    default_link: Link = Link()
-    overhead: float = 0.0
-    source: str = "(defaults)"
-    route: str = "direct"
-
-    def device(self, name: str) -> Device:
-        return self.devices.get(name) or Device(name, name)
-
-    def link(self, name: str) -> Link:
-        return self.links.get(name, self.default_link)
-
-    def speeds(self, k: int) -> list[float]:
-        return [self.device(f"dev{d}").speed for d in range(k)]
-
-    def distinct_speeds(self, k: int) -> tuple[float, ...] | None:
-        """The speeds of devices 0..k-1; None when they are all equal."""
-        check_names(self, k)
-        speeds = self.speeds(k)
-        return None if len(set(speeds)) == 1 else tuple(speeds)
-
-    def with_bandwidth(self, bandwidth: float) -> Network:
-        """The same network with every link at ``bandwidth`` bytes/s (for the latency plot)."""
-        return Network(self.devices, {k: v.scaled(bandwidth) for k, v in self.links.items()},
-                       self.default_link.scaled(bandwidth), self.overhead, self.source, self.route)
 
 
 _BITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
@@ -155,13 +105,3 @@ def load(path: str | Path | None) -> Network:
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise LcpcError(f"{printable(p)}: not valid YAML ({printable(str(exc).splitlines()[0], 200)})") from None
     return parse(data, printable(p))
-
-
-def check_names(network: Network, manifest: dict[str, Any] | int) -> None:
-    """Every device and link the file names exists in the manifest (or among K branches dev0..)."""
-    known = {f"dev{d}" for d in range(manifest)} if isinstance(manifest, int) else \
-        {d["name"] for d in manifest["devices"]}
-    for name in list(network.devices) + list(network.links):
-        if name not in known:
-            raise LcpcError(f"{network.source}: device '{printable(name, 80)}' is not in the plan, which has "
-                            f"{', '.join(sorted(known))}")
