@@ -20,7 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from lcpc.targets import bench
+from lcpc.runtime import bench
+from lcpc.runtime.session import open_session
 
 RESULTS = ROOT / "benchmarks" / "results"
 CHANNELS = (15, 16, 17, 24, 31, 32, 33, 62, 64, 66)
@@ -42,7 +43,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     items = []
     for c in CHANNELS:
-        sess = bench._load(conv(c), 1, f"conv{c}")
+        sess = open_session(conv(c), f"conv{c}")
         x = {"x": rng.standard_normal((1, c, SIDE, SIDE)).astype(np.float32)}
         items.append((str(c), lambda feeds, s=sess: s.run(None, feeds), x))
     times = bench.time_interleaved(items, args.runs, 3, np.random.default_rng(0))

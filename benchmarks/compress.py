@@ -37,18 +37,16 @@ from lcpc.fidelity import compare
 from lcpc.calibrate import run_graph
 from lcpc.ir import to_onnx
 from lcpc.lower import lower
-from lcpc.passes import prune, refit
+from lcpc.passes import prune
+from lcpc.passes.recover import refit
+from lcpc.runtime.session import open_session
 
 RESULTS = ROOT / "benchmarks" / "results"
 EXAMPLE = ROOT / "examples" / "digits" / "digits_cnn.onnx"
 
 
 def session(model: bytes) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    return open_session(model, "model")
 
 
 def variants(model, k: int, ratio: float, calib: np.ndarray, train: np.ndarray | None = None):

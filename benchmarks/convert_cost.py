@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from benchmarks import models as zoo224
 from examples.zoo import ZOO
-from lcpc.targets.bench import machine
+from lcpc.runtime.bench import machine
 
 RESULTS = ROOT / "benchmarks" / "results"
 

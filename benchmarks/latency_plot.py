@@ -1,4 +1,4 @@
-"""Predicted latency per inference of four setups against link bandwidth, for the README.
+"""Predicted latency per inference of four setups against link bandwidth, for docs/results.md.
 
 Converts the digits example (K=4, pure LCP), times its stage files, the original model
 and the --sync all plan on this machine (``lcpc.perf.latency_report.measure``), and writes

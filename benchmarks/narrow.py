@@ -1,6 +1,6 @@
 """How close lcpc's devices come to the limit: the same network built directly at width 1/K.
 
-For every model and K, in one process and one interleaved timing loop (targets.bench's
+For every model and K, in one process and one interleaved timing loop (lcpc.runtime.bench's
 session options, warm-up, median of the runs):
 - the original model;
 - every stage of the lcpc conversion (``--sync none``) for two networks: the default
@@ -37,10 +37,13 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 
 from benchmarks import models as zoo224
-from lcpc import manifest as mf
 from lcpc.pipeline import convert as convert_model
-from lcpc.targets import bench
-from lcpc.targets.local import LocalEngine
+from lcpc.runtime import bench
+from lcpc.runtime import manifest as mf
+from lcpc.runtime.feeds import random_feeds
+from lcpc.runtime.local import LocalEngine
+from lcpc.runtime.manifest import Tensor
+from lcpc.runtime.session import open_session
 
 RESULTS = ROOT / "benchmarks" / "results"
 LINKS = {"100mbit": None, "10gbit": ROOT / "benchmarks" / "devices-10gbit.yaml"}  # None: the default network
@@ -56,7 +59,7 @@ def flops_of(model: onnx.ModelProto) -> int:
 
 
 def session_runner(data, threads: int):
-    sess = bench._load(data, threads, "model")
+    sess = open_session(data, "model", threads)
     return lambda feeds: sess.run(None, feeds)
 
 
@@ -65,7 +68,7 @@ def one_model(name: str, ks: list[int], args, tmp: Path) -> list[dict]:
     original = zoo224.build(name)
     path = tmp / f"{name}.onnx"
     onnx.save(original, path)
-    feeds = bench.random_feeds([{"name": "input", "shape": [1, 3, 224, 224], "dtype": "float32"}], rng)
+    feeds = random_feeds([Tensor("input", (1, 3, 224, 224), "float32")], rng)
     items = [("original", session_runner(str(path), args.threads), feeds)]
     plans, direct_flops, converts = {}, {}, {}
     for k in ks:
@@ -77,9 +80,9 @@ def one_model(name: str, ks: list[int], args, tmp: Path) -> list[dict]:
                 continue  # the same plan: timed once
             converts[k, link] = time.perf_counter() - start
             plans[k, link] = manifest
-            for s in manifest["stages"]:
-                items.append((f"k{k}{link}/{s['id']}", session_runner(mf.read_stage(out, s), args.threads),
-                              bench.random_feeds(s["inputs"], rng)))
+            for s in mf.read(out).stages:
+                items.append((f"k{k}{link}/{s.id}", session_runner(mf.read_stage(out, s), args.threads),
+                              random_feeds(s.inputs, rng)))
         narrow = zoo224.build(name, 1.0 / k)
         direct_flops[k] = flops_of(narrow)
         items.append((f"k{k}/direct", session_runner(narrow.SerializeToString(), args.threads), feeds))

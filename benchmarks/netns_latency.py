@@ -1,4 +1,4 @@
-"""Measured end-to-end latency on 4 Ray nodes over shaped links, against lcpc/network.py's prediction.
+"""Measured end-to-end latency on 4 Ray nodes over shaped links, against lcpc/perf/network.py's prediction.
 
 Four network namespaces on this box (``netns_cluster``), one Ray node each (head in the first),
 every link 100 Mbit/s with 1 ms one-way latency (tbf + the delaying switch ``netns_relay.py``:
@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lcpc.runtime.manifest import Manifest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -43,18 +45,17 @@ RESULTS = ROOT / "benchmarks" / "results"
 def driver(folder: str, address: str, block: int, warmup: int, ray_mode: str = "actor-calls") -> None:
     """Inside the head's namespace: run ``folder`` on the cluster; for every line read from stdin
     (the phase), run ``block`` requests and print their latencies as one JSON line."""
-    from lcpc import manifest as mf
-    from lcpc.pipeline import open_engine
-    from lcpc.schedule import Stats
+    from lcpc.runtime.engine import open_engine
+    from lcpc.runtime.feeds import Stats
 
-    engine = open_engine(folder, "ray", address=address, timeout=120, ray_mode=ray_mode)
+    engine = open_engine(folder, "ray", address=address, timeout=120, mode=ray_mode)
     try:
-        spec = mf.feeds(engine.manifest)[0]
+        spec = engine.manifest.feeds[0]
         rng = np.random.default_rng(0)
-        x = rng.integers(0, 17, spec["shape"]).astype(spec["dtype"]) if spec["dtype"] == "uint8" else \
-            rng.standard_normal(spec["shape"]).astype(spec["dtype"])
+        x = rng.integers(0, 17, spec.shape).astype(spec.dtype) if spec.dtype == "uint8" else \
+            rng.standard_normal(spec.shape).astype(spec.dtype)
         for _ in range(warmup):
-            engine.run({spec["name"]: x})
+            engine.run({spec.name: x})
         print(json.dumps({"ready": True, "mode": engine.describe}), flush=True)
         for line in sys.stdin:
             if not line.strip():
@@ -62,9 +63,9 @@ def driver(folder: str, address: str, block: int, warmup: int, ray_mode: str = "
             times, stats = [], Stats()
             for _ in range(block):
                 start = time.perf_counter()
-                engine.run({spec["name"]: x}, stats)
+                engine.run({spec.name: x}, stats)
                 times.append(time.perf_counter() - start)
-            ok = all(stats.bytes_by_transfer[t["id"]] == block * t["bytes"] for t in engine.manifest["transfers"])
+            ok = all(stats.bytes_by_transfer[t.id] == block * t.bytes for t in engine.manifest.transfers)
             print(json.dumps({"phase": line.strip(), "times": times, "bytes_match_manifest": ok}), flush=True)
     finally:
         engine.close()
@@ -131,14 +132,14 @@ def folders(tmp: Path, quick: bool) -> list[tuple[str, str, Path]]:
     return out
 
 
-def predict_ms(manifest: dict, times: dict, mbit: float, latency_ms: float, route: str, overhead_s: float) -> float:
+def predict_ms(manifest: Manifest, times: dict, mbit: float, latency_ms: float, route: str, overhead_s: float) -> float:
     from lcpc.perf import network
 
     net = network.Network(default_link=network.Link(mbit * 1e6 / 8, latency_ms / 1e3), overhead=overhead_s, route=route)
     return 1e3 * network.predict(manifest, times, net).latency
 
 
-def calibrate_overhead(manifest: dict, times: dict, route: str, measured_ms: float) -> float:
+def calibrate_overhead(manifest: Manifest, times: dict, route: str, measured_ms: float) -> float:
     """The per-message engine cost (devices.yaml ``overhead``, seconds) at which the model predicts
     the latency measured with the shaping off: bisection (the prediction grows with it)."""
     lo, hi = 0.0, measured_ms / 1e3
@@ -188,7 +189,7 @@ def run_all(blocks: int, quick: bool, out_dir: Path | None, tolerance: float = 0
     with tempfile.TemporaryDirectory(prefix="lcpc-netns-bench-") as tmp:
         tmp = Path(tmp)
         work = folders(tmp, quick)
-        from lcpc import manifest as mf
+        from lcpc.runtime import manifest as mf
         from lcpc.perf import measured as timing
 
         plans = {folder.name: mf.read(folder) for _, _, folder in work}
@@ -208,7 +209,7 @@ def run_all(blocks: int, quick: bool, out_dir: Path | None, tolerance: float = 0
             got = measured[folder.name]
             m, t = plans[folder.name], times[folder.name]
             row = {"model": label, "sync": sync, "requests": len(got["shaped"]), "mode": got["mode"],
-                   "bytes_per_inference": m["totals"]["bytes_per_inference"], "messages": len(m["transfers"]),
+                   "bytes_per_inference": m.bytes_per_inference, "messages": len(m.transfers),
                    "bytes_match_manifest": bool(got["bytes_match_manifest"]),
                    "unshaped_median_ms": 1e3 * float(np.median(got["unshaped"])),
                    "measured_median_ms": 1e3 * float(np.median(got["shaped"])),
@@ -249,7 +250,7 @@ def write(result: dict, out_dir: Path, name: str = "netns_latency") -> None:
                   f"driver in the first; links {s['links']}; UDP round trip between two nodes "
                   f"{s['udp_rtt_ms']['shaped']:.2f} ms shaped, {s['udp_rtt_ms']['unshaped']:.2f} ms unshaped; "
                   f"Ray {s['ray']}, engine {result['rows'][0]['mode']}; median of {s['requests']} requests each, "
-                  f"shaped and unshaped interleaved in blocks of {s['block']} on the same cluster, after 5 warm-up. Predicted: lcpc/network.py (route: direct, stage times measured on this box) on the "
+                  f"shaped and unshaped interleaved in blocks of {s['block']} on the same cluster, after 5 warm-up. Predicted: lcpc/perf/network.py (route: direct, stage times measured on this box) on the "
                   f"shaped links, with the engine cost per message (devices.yaml overhead) calibrated so that the "
                   f"model gives the latency measured on the same namespaces with the shaping off (per route). "
                   f"From one run of benchmarks/netns_latency.py."]

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from examples.zoo import resnet50_like
 from lcpc.pipeline import convert as convert_model
-from lcpc.deployment import Deployment
+from lcpc.runtime.deployment import Deployment
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -34,7 +34,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 def compiled_latencies(folder: Path, x: np.ndarray, n: int, warmup: int = 5) -> tuple[list[float] | None, str]:
     """The Ray engine in compiled-graph mode (started by the engine, as above), or (None, why it failed)."""
     from lcpc.errors import LcpcError
-    from lcpc.targets.ray import RayEngine
+    from lcpc.runtime.ray import RayEngine
 
     try:
         engine = RayEngine(folder, timeout=120, mode="compiled-graph")

@@ -93,7 +93,7 @@ def markdown(table: list[dict]) -> str:
     seeds = sorted({r["seeds"] for r in table})
     note = (f"\nGap: points of test accuracy below the original. Mean and worst over {'/'.join(map(str, seeds))} "
             f"seed(s); `refit` is `--epochs 0`. "
-            + ("Recipe: `benchmarks/recovery.py`'s options over the default (`passes/recover.py`'s Recipe). "
+            + ("Recipe: `benchmarks/recovery.py`'s options over the default (`passes/recover/distil.py`'s Recipe). "
                if column else f"Recipe: {next(iter(recipes), DEFAULT)}. ")
             + f"From benchmarks/recovery_curve.py over {', '.join(sources)}.\n")
     return "\n".join(lines) + "\n" + note

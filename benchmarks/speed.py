@@ -22,37 +22,22 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
 
 from lcpc import pipeline
+from lcpc.perf.measured import median_time
+from lcpc.runtime.session import open_session
 
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def session(path_or_bytes) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(path_or_bytes, opts, providers=["CPUExecutionProvider"])
-
-
-def median_time(sess: ort.InferenceSession, feeds: dict, repeat: int) -> float:
-    names = [o.name for o in sess.get_outputs()]
-    sess.run(names, feeds)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        sess.run(names, feeds)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+def session(path_or_bytes):
+    return open_session(path_or_bytes, "model")
 
 
 def plan_time(folder: Path, manifest: dict, repeat: int, bandwidth: float, latency: float) -> dict:

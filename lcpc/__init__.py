@@ -5,10 +5,13 @@ chosen points. Two halves meet at the written folder (``manifest.json`` plus one
 file per stage):
 
 - the compiler: ``frontend.load -> analysis.analyse -> planner.plan (passes) -> lower ->
-  targets.onnx``, strung together by ``lcpc.pipeline`` (convert, recover, verify);
+  [compress ->] targets.onnx``, strung together by ``lcpc.pipeline`` (convert, recover,
+  verify);
 - the runtime (``lcpc.runtime``): reads only a written folder, through the typed
-  ``runtime.manifest`` view, and runs it (``lcpc.Deployment``, the engines, serving,
-  bench); it imports nothing of the compiler.
+  ``runtime.manifest`` view, and runs it in the one run order (``runtime.order``):
+  ``lcpc.Deployment``, the local and Ray engines, serving, bench. It imports nothing of
+  the compiler;
+- ``lcpc.perf``: what a plan costs, counted, modelled and measured, and the network model.
 
 Every public step raises :class:`lcpc.errors.LcpcError` with a message a user can act on
 when the input is bad.
@@ -59,7 +62,7 @@ def __getattr__(name: str):
     """``lcpc.Deployment`` (the Python API for serving a folder), imported on first use so that
     ``import lcpc`` stays light."""
     if name == "Deployment":
-        from lcpc.deployment import Deployment
+        from lcpc.runtime.deployment import Deployment
 
         return Deployment
     raise AttributeError(f"module 'lcpc' has no attribute {name!r}")

@@ -13,10 +13,9 @@ Guarantees:
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
-
 from lcpc.errors import LcpcError
 from lcpc.ir import Graph, to_onnx
+from lcpc.runtime.session import open_session
 
 
 def run_graph(graph: Graph, data: np.ndarray, outputs: list[str] | None = None) -> np.ndarray | list[np.ndarray]:
@@ -47,8 +46,7 @@ class Runner:
 
     def __init__(self, graph: Graph, outputs: list[str]) -> None:
         self.graph, self.outputs = graph, list(outputs)
-        probe = to_onnx(Graph(graph.nodes, graph.inputs, self.outputs, graph.tensors, graph.constants,
-                              graph.opset, dict(graph.extra_opsets), graph.name))
+        probe = to_onnx(graph.copy(outputs=self.outputs))
         self.step = graph.info(graph.inputs[0]).shape[0]
         self.session = _session(probe)
         self.batched = None
@@ -99,11 +97,8 @@ def _rebatched(graph: Graph, outputs: list[str]) -> Graph:
             shape, out = np.asarray(constants[node.inputs[1]]), graph.info(node.outputs[0]).shape
             if shape.ndim == 1 and len(shape) == len(out) and shape[0] == 1 and out and out[0] == 1:
                 constants[node.inputs[1]] = np.array([-1, *out[1:]], dtype=shape.dtype)
-    return Graph(graph.nodes, graph.inputs, outputs, graph.tensors, constants, graph.opset,
-                 dict(graph.extra_opsets), graph.name)
+    return graph.copy(outputs=outputs, constants=constants)
 
 
 def _session(model, quiet: bool = False):
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4 if quiet else 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return open_session(model.SerializeToString(), "the calibration graph", threads=None, quiet=quiet)

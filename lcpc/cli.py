@@ -1,8 +1,8 @@
 """The ``lcpc`` command line: convert, run, serve, report, bench, inspect, verify, recover.
 
 Guarantees: the commands parse options and print; the work is done by the library
-(``lcpc.pipeline`` for convert, recover and verify; ``lcpc.deployment`` for
-serve; ``lcpc.perf.latency_report`` for the network prediction; ``targets.bench`` for bench), so the CLI,
+(``lcpc.pipeline`` for convert, recover and verify; ``lcpc.runtime`` for run, serve and
+bench; ``lcpc.perf.latency_report`` for the network prediction), so the CLI,
 the tests and the benchmarks run the same code. Options shared by several commands are
 defined once (stacked click decorators); every command ends with a one-screen summary;
 any ``LcpcError`` is printed as one line ``error: ...`` with exit code 1 and no
@@ -24,19 +24,20 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from lcpc import __version__, frontend, pipeline, report, serving
-from lcpc.perf import latency_report
-from lcpc.deployment import Deployment, requests_from_source
-from lcpc.perf.devices import load as load_devices
-from lcpc import manifest as mf
+from lcpc import __version__, frontend, pipeline, report
 from lcpc.errors import LcpcError
 from lcpc.frontend import parse_input_shapes
 from lcpc.images import Preprocessing
 from lcpc.inspect import inspect_graph
 from lcpc.inspect import render as inspect_render
+from lcpc.perf import latency_report
+from lcpc.perf.devices import load as load_devices
+from lcpc.runtime import bench, serving
+from lcpc.runtime import manifest as mf
+from lcpc.runtime.deployment import Deployment, requests_from_source
+from lcpc.runtime.engine import ENGINES, open_engine
+from lcpc.runtime.feeds import Stats
 from lcpc.safety import load_array, printable, save_arrays
-from lcpc.schedule import Stats
-from lcpc.targets import bench
 
 
 def _fail(message: str, code: int) -> None:
@@ -205,12 +206,12 @@ def cut_warning(manifest: dict, out: Path, calib: np.ndarray | None) -> str:
 # ----------------------------------------------------------------------------- run
 def engine_options(fn: Callable) -> Callable:
     """--engine, --address, --devices and --timeout, shared by run and serve."""
-    fn = click.option("--timeout", type=float, default=60.0, show_default=True,
-                      help="Seconds a request may take before it is reported as failed (ray).")(fn)
+    fn = click.option("--timeout", type=float, default=None,
+                      help="Seconds a request may take before it is reported as failed (ray) [default: 60].")(fn)
     fn = click.option("--devices", type=click.Path(dir_okay=False, path_type=Path), default=None,
                       help="devices.yaml: Ray resource, speed and link of each device.")(fn)
     fn = click.option("--address", default=None, help="Ray cluster address [default: start Ray here].")(fn)
-    return click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+    return click.option("--engine", type=click.Choice(list(ENGINES)), default="local", show_default=True,
                         help="local: onnxruntime threads here; ray: one Ray actor per device.")(fn)
 
 
@@ -248,32 +249,30 @@ def load_inputs(specs: tuple[str, ...], names: list[str]) -> tuple[dict[str, np.
 @click.option("--stats", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the bytes each transfer actually moved to this JSON file.")
 @engine_options
-@click.option("--ray-mode", type=click.Choice(["auto", "compiled-graph", "actor-calls"]), default="auto",
-              show_default=True, help="ray: one Ray Compiled Graph for the whole schedule (auto: when Ray can "
-                                      "compile it, else actor calls) or one actor call per device per level.")
+@click.option("--ray-mode", type=click.Choice(["auto", "compiled-graph", "actor-calls"]), default=None,
+              help="ray: one Ray Compiled Graph for the whole schedule (auto: when Ray can compile it, else actor "
+                   "calls) or one actor call per device per level [default: auto].")
 @handles_errors
 def run(folder: Path, inputs: tuple[str, ...], output: Path | None, stats: Path | None, engine: str,
-        address: str | None, devices: Path | None, timeout: float, ray_mode: str) -> None:
+        address: str | None, devices: Path | None, timeout: float | None, ray_mode: str | None) -> None:
     """Run a converted FOLDER locally (one onnxruntime session per stage) or on Ray actors."""
-    engine = pipeline.open_engine(folder, engine, address, devices, timeout, ray_mode)
-    try:
-        feeds, files = load_inputs(inputs, [i["name"] for i in engine.inputs])
-        engine.check_inputs(feeds, files)
+    mode = ray_mode or ("auto" if engine == "ray" else None)
+    with open_engine(folder, engine, address=address, devices=devices, timeout=timeout, mode=mode) as runner:
+        feeds, files = load_inputs(inputs, [i.name for i in runner.inputs])
+        runner.check_inputs(feeds, files)
         counter = Stats()
-        outputs = engine.run(feeds, counter)
-    finally:
-        engine.close()
+        outputs = runner.run(feeds, counter)
     if output is not None:
         save_arrays(output, outputs)
     if stats is not None:
-        stats.write_text(json.dumps(counter.as_dict(engine.manifest), indent=1))
+        stats.write_text(json.dumps(counter.as_dict(runner.manifest), indent=1))
     for name, value in outputs.items():
         top = value.reshape(value.shape[0], -1).argmax(axis=1) if value.ndim >= 2 else value
         click.echo(f"{printable(name, 200)}: shape {tuple(value.shape)}, argmax per sample {top[:8].tolist()}"
                    + (" ..." if len(top) > 8 else ""))
-    expected = sum(t["bytes"] for t in engine.manifest["transfers"]) * counter.samples
+    expected = runner.manifest.bytes_per_inference * counter.samples
     click.echo(f"{counter.samples} inference(s), {counter.total()} bytes moved between devices "
-               f"(manifest predicts {expected}); engine {engine.describe}")
+               f"(manifest predicts {expected}); engine {runner.describe}")
 
 
 # ----------------------------------------------------------------------------- report
@@ -290,7 +289,7 @@ def run(folder: Path, inputs: tuple[str, ...], output: Path | None, stats: Path 
 def report_cmd(folder: Path, fmt: str, network: Path | None, plot: Path | None, original: Path | None) -> None:
     """Show the partition report of a converted FOLDER (and, with --network, predicted latency)."""
     manifest = mf.read(folder)
-    click.echo(report.render(manifest, fmt))
+    click.echo(report.render(manifest.json, fmt))
     if network is None and plot is None:
         return
     net = load_devices(network)
@@ -311,7 +310,7 @@ def report_cmd(folder: Path, fmt: str, network: Path | None, plot: Path | None, 
 @format_option
 @handles_errors
 def serve(folder: Path, source: Path, repeat: int, engine: str, address: str | None, devices: Path | None,
-          timeout: float, fmt: str) -> None:
+          timeout: float | None, fmt: str) -> None:
     """Keep FOLDER's stages warm and answer a stream of requests; print latency percentiles."""
     requests, total = requests_from_source(source, mf.read(folder), max(repeat, 1))
     with Deployment(folder, engine, address=address, devices=devices, timeout=timeout) as dep:
@@ -360,7 +359,7 @@ def inspect_cmd(model: Path, input_shapes, fmt: str) -> None:
 def verify(folder: Path, data: Path, labels: Path | None, original: Path | None, batch_size: int, fmt: str) -> None:
     """Compare a converted FOLDER with its original model on the same inputs."""
     manifest = mf.read(folder)
-    x = pipeline.read_data(data, manifest["source"].get("preprocessing"), raw=mf.takes_raw_images(manifest))
+    x = pipeline.read_data(data, manifest.preprocessing, raw=manifest.takes_raw_images)
     y = pipeline.read_array(labels, "labels") if labels is not None else None
     result = pipeline.verify(folder, x, y, original, batch_size)
     click.echo(render_fidelity(result, fmt))
@@ -410,7 +409,7 @@ def recover(folder: Path, data: Path, labels: Path | None, original: Path | None
     if recipe and epochs < 1:
         raise LcpcError(f"--{' and --'.join(recipe)} set(s) the distillation, which --epochs {epochs} does not run; "
                         f"pass --epochs 1 or more, or drop --{' and --'.join(recipe)}")
-    x = pipeline.read_data(data, mf.read(folder)["source"].get("preprocessing"))
+    x = pipeline.read_data(data, mf.read(folder).preprocessing)
     y = pipeline.read_array(labels, "labels") if labels is not None else None
     with _progress_bar() as progress:
         manifest = pipeline.recover(folder, x, out, labels=y, epochs=epochs, refit=refit, model=original,

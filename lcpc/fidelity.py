@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 
 from lcpc.errors import LcpcError
+from lcpc.runtime.manifest import Manifest, Tensor, read_original
+from lcpc.runtime.session import open_session
 
 REL_FLOOR = 1e-12
 
@@ -148,27 +150,6 @@ def padded_chunks(x: np.ndarray, step: int, multiple: int):
         yield chunk, real
 
 
-def _original_bytes(manifest: dict[str, Any], original_model: bytes | str | Path | None) -> tuple[bytes, str]:
-    """The original model's bytes and where they came from (a path, or ``<bytes>``)."""
-    if isinstance(original_model, (bytes, bytearray)):
-        return bytes(original_model), "<bytes>"
-    if original_model is not None:
-        path = Path(original_model)
-        if not path.is_file():
-            raise LcpcError(f"{path}: no such model file")
-        return path.read_bytes(), str(path)
-    source = manifest["source"]
-    path = Path(source["path"])
-    if not path.is_file():
-        raise LcpcError(f"the original model {source['path']} recorded in the manifest is not there; "
-                        f"pass --model PATH to the original ONNX file")
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != source["sha256"]:
-        raise LcpcError(f"{path}: sha256 differs from the model this folder was converted from; "
-                        f"pass --model PATH to the original ONNX file")
-    return data, str(path)
-
-
 def _run_original(session, x: np.ndarray, output: str, batch_size: int) -> np.ndarray:
     spec = session.get_inputs()[0]
     fixed = spec.shape[0] if isinstance(spec.shape[0], int) and spec.shape[0] > 0 else None
@@ -194,13 +175,13 @@ def _check_original(session, where: str, data: np.ndarray, output: str) -> None:
                         f"converted from?")
 
 
-def as_input(data: Any, spec: dict[str, Any]) -> np.ndarray:
+def as_input(data: Any, spec: Tensor) -> np.ndarray:
     x = np.asarray(data)
-    want = tuple(spec["shape"])
+    want = spec.shape
     if x.ndim != len(want) or tuple(x.shape[1:]) != want[1:] or x.shape[0] == 0:
-        raise LcpcError(f"data: shape {tuple(x.shape)}, the model's input '{spec['name']}' takes "
+        raise LcpcError(f"data: shape {tuple(x.shape)}, the model's input '{spec.name}' takes "
                         f"(N, {', '.join(map(str, want[1:]))}) with N >= 1")
-    dtype = np.dtype(spec["dtype"])
+    dtype = np.dtype(spec.dtype)
     if x.dtype != dtype:
         if not (np.issubdtype(x.dtype, np.floating) and np.issubdtype(dtype, np.floating)):
             raise LcpcError(f"data: dtype {x.dtype}, the model takes {dtype} (preprocess the data first)")
@@ -208,24 +189,15 @@ def as_input(data: Any, spec: dict[str, Any]) -> np.ndarray:
     return x
 
 
-def reference_logits(manifest: dict[str, Any], x: np.ndarray, original_model: bytes | str | Path | None,
+def reference_logits(manifest: Manifest, x: np.ndarray, original_model: bytes | str | Path | None,
                      batch_size: int) -> tuple[np.ndarray, dict[str, Any]]:
     """The original model's first output on ``x`` (checked against the folder's input), and
     ``{path, sha256, matches_manifest}`` of the model that produced it."""
-    import onnxruntime as ort
-
-    output = manifest["source"]["outputs"][0]["name"]
-    model, where = _original_bytes(manifest, original_model)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # as LocalEngine: optimizer warnings are noise here
-    try:
-        # from the path when there is one, so external weight files next to it load too
-        session = ort.InferenceSession(model if where == "<bytes>" else where, opts,
-                                       providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise LcpcError(f"{where}: onnxruntime cannot load the original model: "
-                        f"{str(exc).splitlines()[0]}") from None
+    output = manifest.json["source"]["outputs"][0]["name"]
+    model, where = read_original(manifest, original_model)
+    # from the path when there is one, so external weight files next to it load too
+    session = open_session(model if where == "<bytes>" else where, f"{where} (the original model)", threads=None)
     _check_original(session, where, x, output)
     sha = hashlib.sha256(model).hexdigest()
     return _run_original(session, x, output, batch_size), \
-        {"path": where, "sha256": sha, "matches_manifest": sha == manifest["source"]["sha256"]}
+        {"path": where, "sha256": sha, "matches_manifest": sha == manifest.json["source"]["sha256"]}

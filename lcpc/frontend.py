@@ -46,6 +46,7 @@ from onnx import helper, numpy_helper, version_converter
 from lcpc.errors import LcpcError
 from lcpc.ir import Graph, TensorInfo, from_onnx, tensor_infos
 from lcpc.reader import ASIDE_TYPES, Source, read_model_and_weights
+from lcpc.runtime.session import open_session
 from lcpc.safety import (MAX_SHAPE_VALUES, MAX_TENSOR_BYTES, check_tensor_sizes, first_line, infer_shapes, itemsize,
                          nbytes, printable, skeleton_of)
 
@@ -423,7 +424,7 @@ def _shapes_by_running(model: onnx.ModelProto, names: list[str], infos: dict[str
             if nbytes(info.shape, info.dtype.itemsize) > MAX_TENSOR_BYTES or info.dtype.hasobject:
                 raise ValueError(f"input '{inp.name}' cannot be fed: shape {info.shape} {info.dtype}")
             feeds[inp.name] = np.zeros(info.shape, dtype=info.dtype)
-        sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        sess = open_session(probe.SerializeToString(), "the shape probe", threads=None)
         values = sess.run(names, feeds)
     except Exception as exc:
         raise LcpcError(f"{where}: cannot infer the shapes of {printable(', '.join(names[:3]), 300)}: "

@@ -86,10 +86,24 @@ class Graph:
         """The node called ``name`` (KeyError when there is none)."""
         return self._by_name[name]
 
+    def has_node(self, name: str) -> bool:
+        return name in self._by_name
+
+    def copy(self, **changes: Any) -> "Graph":
+        """A new graph with ``changes`` (field=value) applied, e.g. ``g.copy(outputs=[...])``. The
+        other fields' lists and dicts are copied, their items (nodes, arrays) shared, so either graph
+        can be edited without touching the other's structure. The only way lcpc copies a graph."""
+        fields = {"nodes": list(self.nodes), "inputs": list(self.inputs), "outputs": list(self.outputs),
+                  "tensors": dict(self.tensors), "constants": dict(self.constants), "opset": self.opset,
+                  "extra_opsets": dict(self.extra_opsets), "name": self.name}
+        unknown = set(changes) - set(fields)
+        if unknown:
+            raise TypeError(f"Graph has no field {', '.join(sorted(unknown))}")
+        return Graph(**{**fields, **changes})
+
     def with_constants(self, updates: dict[str, np.ndarray]) -> "Graph":
         """The same graph with some constants replaced (the others shared, not copied)."""
-        return Graph(self.nodes, self.inputs, self.outputs, self.tensors, {**self.constants, **updates},
-                     self.opset, dict(self.extra_opsets), self.name)
+        return self.copy(constants={**self.constants, **updates})
 
     def producer(self, tensor: str) -> Node | None:
         return self._producer.get(tensor)

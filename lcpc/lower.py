@@ -64,7 +64,7 @@ class Transfer:
     dst_name: str
     info: TensorInfo
     level: int           # level after which it is sent (inputs: sent before level 0)
-    quant: Any = None    # lcpc.wire.WireQuant when the message travels as int8, else None (float)
+    quant: Any = None    # compress.wire.WireQuant when the message travels as int8, else None (float)
 
     @property
     def nbytes(self) -> int:
@@ -77,7 +77,7 @@ class Stage:
     device: int
     level: int
     graph: Graph
-    format: Any = None   # passes.quantize.Choice when lcpc.compress chose the stage's number format
+    format: Any = None   # compress.quantize.Choice when lcpc.compress chose the stage's number format
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """The library API behind the command line: convert, recover, verify, open an engine.
 
     convert: frontend.load -> planner.plan [-> passes.prune] -> lower [-> compress] -> targets.onnx.write
-    recover: stored_plan.load -> passes.refit -> passes.recover (distillation) -> lower [-> compress] -> write
-    verify:  the original model (onnxruntime) and the folder (targets.local) on the same inputs
+    recover: stored_plan.load -> passes.recover.refit -> passes.recover.distil -> lower [-> compress] -> write
+    verify:  the original model (onnxruntime) and the folder (runtime.local) on the same inputs
     convert_and_recover: convert, then recover; with ``--sync auto`` the cut pass's candidate
              plans are each recovered first (``RecoveredScores``) and the chosen one's recovery is kept
 
@@ -26,24 +26,24 @@ import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from lcpc import compress, fidelity, frontend, planner, safety, stored_plan
-from lcpc import manifest as mf
 from lcpc.calibrate import run_graph
 from lcpc.perf.devices import load as load_devices
 from lcpc.errors import LcpcError
 from lcpc.images import Preprocessing, load_folder
 from lcpc.lower import lower, raw_input
 from lcpc.passes import prune as prune_pass
-from lcpc.passes import quantize as quantize_pass
-from lcpc.passes import recover as recover_pass
-from lcpc.passes import refit as refit_pass
+from lcpc.compress import quantize as quantize_pass
+from lcpc.passes.recover import distil as distil_pass
+from lcpc.passes.recover import refit as refit_pass
 from lcpc.plan import Action
 from lcpc.targets import onnx as onnx_target
-from lcpc.targets.local import LocalEngine
+from lcpc.runtime.local import LocalEngine
+from lcpc.runtime.manifest import Manifest
 from lcpc.weights import masked_graph
 
 
@@ -209,31 +209,36 @@ def recover(folder: str | Path, data: np.ndarray, out: str | Path, *, labels: np
     ``recovered``: (plan, figures) of that plan already recovered on ``data`` (then reused)."""
     onnx_target.check_out(Path(out), force)
     plan, manifest = stored_plan.load(folder, model)
-    pruning = (manifest.get("compression") or {}).get("prune")
+    pruning = (manifest.json.get("compression") or {}).get("prune")
     if pruning and pruning.get("reconstructed"):  # the pruned layers were refit at conversion: again, on data
-        original, _ = frontend.load(plan.source.path, {i["name"]: tuple(i["shape"]) for i in manifest["source"]["inputs"]})
+        original, _ = frontend.load(plan.source.path, {i.name: i.shape for i in manifest.inputs})
         plan = prune_pass.reconstructed(original, plan, prune_pass.Pruning.from_dict(pruning), data)
     if not plan.cut_nodes():
         raise LcpcError(f"{folder}: the plan cuts no layer (--sync all?): it is already exact, nothing to recover")
-    if mf.takes_raw_images(manifest) and np.asarray(data).dtype == np.uint8:  # raw images: train on their normalisation
-        data = Preprocessing.from_dict(manifest["source"]["preprocessing"]).normalize(
-            data, manifest["source"]["inputs"][0]["dtype"])
+    prep = Preprocessing.from_dict(dict(manifest.preprocessing)) if manifest.preprocessing is not None else None
+    if prep is not None and manifest.takes_raw_images and np.asarray(data).dtype == np.uint8:
+        data = prep.normalize(data, manifest.inputs[0].dtype)  # raw images: train on their normalisation
     if recovered is not None and not pruning and stored_plan.same_plan(recovered[0], plan):
         plan, figures = recovered
     else:
         plan, figures = recover_plan(plan, data, labels, epochs=epochs, refit=refit, progress=progress, seed=seed,
                                      holdout=holdout, **recipe)
-    exact = manifest["totals"]["comparison"]["model_parallel"]["bytes_per_inference"]
-    kept = _kept_compression(manifest)
-    raw = raw_input(plan.graph, Preprocessing.from_dict(manifest["source"]["preprocessing"]), "uint8") \
-        if mf.takes_raw_images(manifest) else None
+    exact = manifest.json["totals"]["comparison"]["model_parallel"]["bytes_per_inference"]
+    kept = _kept_compression(manifest.json)
+    raw = raw_input(plan.graph, prep, "uint8") if manifest.takes_raw_images else None
     program = lower(plan, raw)
     if kept:  # the folder's int8 stages and wire again, calibrated on the recovery data
         program = compress.apply(program, kept.get("quantize"), kept.get("wire", "fp32"), data)
     return onnx_target.write(plan, program, out, force=force, exact_bytes=exact,
-                             preprocessing=manifest["source"].get("preprocessing"),
+                             preprocessing=manifest.json["source"].get("preprocessing"),
                              fidelity={"recovery": figures, **({"sync_auto": sync_auto} if sync_auto else {})},
                              speeds=_speeds(manifest), compression=kept)
+
+
+def _speeds(manifest: Manifest) -> list[float] | None:
+    """The device speeds a heterogeneous folder recorded (None for equal devices)."""
+    speeds = [d.speed for d in manifest.devices]
+    return None if None in speeds else speeds  # type: ignore[return-value]
 
 
 def _kept_compression(manifest: dict) -> dict | None:
@@ -247,11 +252,11 @@ def _kept_compression(manifest: dict) -> dict | None:
 def recover_plan(plan, data: np.ndarray, labels: np.ndarray | None = None, *, epochs: int = 2, refit: str = "lsq",
                  progress: Any = None, seed: int = 0, holdout: float = 0.1,
                  **recipe: Any) -> tuple[Any, dict[str, Any]]:
-    """The one recovery pipeline: the least-squares refit (``passes.refit``, numpy), then
-    ``epochs`` of distillation from the original (``passes.recover``, PyTorch), which starts
+    """The one recovery pipeline: the least-squares refit (``passes.recover.refit``, numpy), then
+    ``epochs`` of distillation from the original (``passes.recover.distil``, PyTorch), which starts
     from the refit weights; both split ``data`` with the same seed, so neither trains on
     the held-out samples; ``recipe`` sets other distillation settings
-    (``passes.recover.Recipe``). ``progress`` has ``refit(done, total, agreement)`` and
+    (``passes.recover.distil.Recipe``). ``progress`` has ``refit(done, total, agreement)`` and
     ``distil(epoch, step, steps, loss, agreement)`` (either may be None)."""
     figures: dict[str, Any] = {}
     original = plan.graph  # the teacher: the original weights, before any refit
@@ -259,7 +264,7 @@ def recover_plan(plan, data: np.ndarray, labels: np.ndarray | None = None, *, ep
         plan, figures["refit"] = refit_pass.run(plan, data, refit, labels, seed=seed, holdout=holdout,
                                                 progress=getattr(progress, "refit", None))
     if epochs > 0:
-        plan, figures["distillation"] = recover_pass.run(plan, data, labels, epochs=epochs, seed=seed,
+        plan, figures["distillation"] = distil_pass.run(plan, data, labels, epochs=epochs, seed=seed,
                                                          holdout=holdout, original=original,
                                                          progress=getattr(progress, "distil", None), **recipe)
     return plan, figures
@@ -275,32 +280,29 @@ def verify(folder: str | Path, data: np.ndarray, labels: np.ndarray | None = Non
     """
     if batch_size < 1:
         raise LcpcError(f"batch size {batch_size}: must be at least 1")
-    engine = LocalEngine(folder)
-    try:
+    with LocalEngine(folder) as engine:
         manifest = engine.manifest
-        source = manifest["source"]
-        if len(source["inputs"]) != 1:
-            raise LcpcError(f"{folder}: the model has {len(source['inputs'])} inputs; verify takes "
+        if len(manifest.inputs) != 1:
+            raise LcpcError(f"{folder}: the model has {len(manifest.inputs)} inputs; verify takes "
                             f"single-input models")
-        spec = source["inputs"][0]
-        output = source["outputs"][0]["name"]
-        if mf.takes_raw_images(manifest):  # the folder takes the uint8 image; the original its normalisation
+        spec = manifest.inputs[0]
+        output = manifest.json["source"]["outputs"][0]["name"]
+        if manifest.takes_raw_images:  # the folder takes the uint8 image; the original its normalisation
             if np.asarray(data).dtype != np.uint8:
                 raise LcpcError(f"data: dtype {np.asarray(data).dtype}; {folder} takes the raw image as uint8 and "
                                 f"applies the preprocessing itself: pass an image folder or uint8 pixels")
-            fed = fidelity.as_input(data, mf.feeds(manifest)[0])
-            x = fidelity.as_input(Preprocessing.from_dict(source["preprocessing"]).normalize(fed, spec["dtype"]), spec)
+            fed = fidelity.as_input(data, manifest.feeds[0])
+            prep = Preprocessing.from_dict(dict(manifest.preprocessing or {}))
+            x = fidelity.as_input(prep.normalize(fed, spec.dtype), spec)
         else:
             fed = x = fidelity.as_input(data, spec)
         reference, original = fidelity.reference_logits(manifest, x, original_model, batch_size)
-        planned = spec["shape"][0]
+        planned = spec.shape[0]
         step = max(planned, batch_size // planned * planned)
-        candidate = np.concatenate([engine.run({spec["name"]: chunk})[output][:real]
+        candidate = np.concatenate([engine.run({spec.name: chunk})[output][:real]
                                     for chunk, real in fidelity.padded_chunks(fed, step, planned)])
-    finally:
-        engine.close()
     return {**fidelity.compare(reference, candidate, labels), "output": output,
-            "branches": manifest["branches"], "sync": manifest["sync"]["policy"], "original": original}
+            "branches": manifest.branches, "sync": manifest.sync_policy, "original": original}
 
 
 # ----------------------------------------------------------------------------- data
@@ -314,7 +316,7 @@ def read_array(path: Path, what: str) -> np.ndarray:
     return data
 
 
-def read_data(data: Path, spec: dict | None, raw: bool = False) -> np.ndarray:
+def read_data(data: Path, spec: Mapping[str, Any] | None, raw: bool = False) -> np.ndarray:
     """Model inputs from a .npy batch, or from a folder of images read with the preprocessing
     ``spec`` (a manifest's ``source.preprocessing``; ``raw``: as the uint8 images a folder that
     takes raw images is fed)."""
@@ -322,24 +324,5 @@ def read_data(data: Path, spec: dict | None, raw: bool = False) -> np.ndarray:
         if spec is None:
             raise LcpcError(f"{data} is an image folder, but the manifest has no preprocessing; convert with "
                             f"--preprocess size=...,mean=...,std=... or pass a .npy batch")
-        return load_folder(data, Preprocessing.from_dict(spec), raw=raw)[0]
+        return load_folder(data, Preprocessing.from_dict(dict(spec)), raw=raw)[0]
     return read_array(data, "data")
-
-
-def _speeds(manifest: dict[str, Any]) -> list[float] | None:
-    """The device speeds a heterogeneous folder recorded (None for equal devices)."""
-    speeds = [d.get("speed") for d in manifest["devices"]]
-    return None if None in speeds else speeds
-
-
-def open_engine(folder: str | Path, engine: str = "local", address: str | None = None,
-                devices: str | Path | None = None, timeout: float = 60.0, ray_mode: str = "actor-calls"):
-    """The engine that runs ``folder``: ``local`` (onnxruntime threads) or ``ray`` (one actor per device;
-    ``ray_mode``: actor-calls, compiled-graph or auto, see ``lcpc.targets.ray``)."""
-    if engine == "local":
-        return LocalEngine(folder)
-    if engine == "ray":
-        from lcpc.targets.ray import RayEngine  # optional, and slow to import: only when asked for
-
-        return RayEngine(folder, address=address, devices=devices, timeout=timeout, mode=ray_mode)
-    raise LcpcError(f"unknown engine '{engine}'; choose local or ray")

@@ -97,7 +97,9 @@ class Plan:
     partition_energy: Mapping[str, float] = field(default_factory=dict)
     shares: tuple[float, ...] | None = None   # each branch's fraction of the channels (None: 1/K)
     merges: Mapping[str, str] = field(default_factory=dict)  # classifier -> features | partial
-    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+    # per S tensor, the branch of each channel: derived from the fields above, so never copied by
+    # ``dataclasses.replace`` (init=False): every new plan starts with an empty one
+    _cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def branches(self, tensor: str) -> np.ndarray:
         """Branch of each channel of an ``S`` tensor."""
@@ -123,6 +125,14 @@ class Plan:
 
     def nodes_with(self, action: Action) -> list[str]:
         return [d.node for d in self.decisions.values() if d.action == action]
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What a planning pass returns: the new plan, and what it changed, in words (the planner logs it)."""
+
+    plan: Plan
+    changed: str
 
 
 def check(plan: Plan, after: str) -> Plan:

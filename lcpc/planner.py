@@ -3,14 +3,16 @@
     layouts (passes.layouts) -> balance (passes.balance) -> partition (passes.partition)
     -> merge (passes.merge) -> cut (passes.cut)
 
-Every planning pass has the signature ``run(plan, options) -> plan``; after each one
-``plan.check`` verifies the invariants listed in ``lcpc.plan`` and names the pass that
-broke one. ``with_sync`` re-runs only the cut pass with another policy (the exact
-``--sync all`` plan the report compares with).
+Every planning pass has the signature ``run(plan, options) -> PassResult`` (the new plan
+and what it changed, which is logged at debug level); after each one ``plan.check``
+verifies the invariants listed in ``lcpc.plan`` and names the pass that broke one.
+``with_sync`` re-runs only the cut pass with another policy (the exact ``--sync all``
+plan the report compares with).
 """
 
 from __future__ import annotations
 
+import logging
 
 import numpy as np
 
@@ -22,6 +24,7 @@ from lcpc.passes import balance, cut, layouts, merge, partition
 from lcpc.plan import Plan, PlanOptions, check
 
 MAX_BRANCHES = 64
+log = logging.getLogger(__name__)
 PASSES = (("layouts", layouts.run), ("balance", balance.run), ("partition", partition.run), ("merge", merge.run),
           ("cut", cut.run))
 
@@ -41,10 +44,12 @@ def plan(graph: Graph, source: Source, k: int, sync: str = "none", partition_met
     options = PlanOptions(sync, partition_method, calib, comm_budget, speeds, head_bandwidth, progress, select)
     p = Plan(graph, source, analyse(graph), k, layouts={})
     for name, run in PASSES:
-        p = check(run(p, options), name)
+        result = run(p, options)
+        log.debug("pass %s: %s", name, result.changed)
+        p = check(result.plan, name)
     return p
 
 
 def with_sync(p: Plan, sync: str) -> Plan:
     """The same plan (layouts, partition) with the exchanges of another sync policy."""
-    return check(cut.run(p, PlanOptions(sync, p.partition_method)), "cut")
+    return check(cut.run(p, PlanOptions(sync, p.partition_method)).plan, "cut")

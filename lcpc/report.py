@@ -1,20 +1,22 @@
 """Partition report: per-device compute, memory and traffic, read from a manifest.
 
 Guarantees: every figure comes from the manifest (which the target computed from the
-stage files themselves), so ``lcpc report`` on a copied folder shows the same
-numbers; the three formats (text, markdown, json) carry the same rows.
+stage files themselves), read through its typed view, so ``lcpc report`` on a copied
+folder shows the same numbers; the three formats (text, markdown, json) carry the same
+rows.
 """
 
 from __future__ import annotations
 
 import io
 import json
-from typing import Any
+from typing import Any, Mapping
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from lcpc.runtime.manifest import Manifest
 from lcpc.safety import printable
 
 
@@ -25,37 +27,36 @@ def _fmt(n: float) -> str:
     return f"{int(n)}"
 
 
-def summary(m: dict[str, Any]) -> dict[str, Any]:
-    """The report as plain data."""
-    k = m["branches"]
+def summary(document: Mapping[str, Any]) -> dict[str, Any]:
+    """The report of a validated manifest (its JSON) as plain data."""
+    m = Manifest.parse(document)
+    original = document["totals"]["original"]
     devices = []
-    original = m["totals"]["original"]
-    for d in range(k):
-        stages = [s for s in m["stages"] if s["device"] == d]
-        sent = sum(t["bytes"] for t in m["transfers"] if t["from"]["device"] == d and t["to"]["device"] != d)
-        received = sum(t["bytes"] for t in m["transfers"] if t["to"]["device"] == d and t["from"]["device"] != d)
+    for d in m.devices:
+        stages = m.stages_on(d.id)
+        flops, params = sum(s.flops for s in stages), sum(s.params for s in stages)
         devices.append({
-            "device": d, "role": m["devices"][d]["role"], "stages": len(stages),
-            "flops": sum(s["flops"] for s in stages), "params": sum(s["params"] for s in stages),
-            "weight_bytes": sum(s["weight_bytes"] for s in stages),
-            "peak_activation_bytes": max((s["peak_activation_bytes"] for s in stages), default=0),
-            "bytes_out": sent, "bytes_in": received,
-            "flops_vs_original": sum(s["flops"] for s in stages) / max(original["flops"], 1),
-            "params_vs_original": sum(s["params"] for s in stages) / max(original["params"], 1),
+            "device": d.id, "role": d.role, "stages": len(stages), "flops": flops, "params": params,
+            "weight_bytes": sum(s.weight_bytes for s in stages),
+            "peak_activation_bytes": max((s.peak_activation_bytes for s in stages), default=0),
+            "bytes_out": sum(t.bytes for t in m.transfers if t.src == d.id and t.dst != d.id),
+            "bytes_in": sum(t.bytes for t in m.transfers if t.dst == d.id and t.src != d.id),
+            "flops_vs_original": flops / max(original["flops"], 1),
+            "params_vs_original": params / max(original["params"], 1),
         })
-    syncs = [d for d in m["decisions"] if d["action"] in ("forced-sync", "exchange", "merge")]
+    sync = document["sync"]
     return {
-        "source": m["source"]["path"], "branches": k, "sync": m["sync"]["policy"],
-        "partition": m["sync"].get("partition"),
-        "cuts": len(m["sync"]["cuts"]), "exchanges": len(m["sync"]["exchanges"]),
-        "devices": devices, "totals": m["totals"], "syncs": syncs,
-        "unsupported_ops": m.get("unsupported_ops", []), "fidelity": m.get("fidelity"),
-        "compression": m.get("compression"),
-        "formats": [{"stage": s["id"], **s["format"]} for s in m["stages"] if s.get("format")],
+        "source": document["source"]["path"], "branches": m.branches, "sync": m.sync_policy,
+        "partition": sync.get("partition"), "cuts": len(sync["cuts"]), "exchanges": len(sync["exchanges"]),
+        "devices": devices, "totals": document["totals"],
+        "syncs": [d for d in document["decisions"] if d["action"] in ("forced-sync", "exchange", "merge")],
+        "unsupported_ops": document.get("unsupported_ops", []), "fidelity": document.get("fidelity"),
+        "compression": document.get("compression"),
+        "formats": [{"stage": s["id"], **s["format"]} for s in document["stages"] if s.get("format")],
     }
 
 
-def render(m: dict[str, Any], fmt: str = "text", width: int = 110) -> str:
+def render(m: Mapping[str, Any], fmt: str = "text", width: int = 110) -> str:
     """The report in ``fmt``; names that came from the model are escaped for the terminal."""
     data = summary(m)
     if fmt == "json":

@@ -20,14 +20,15 @@ from pathlib import Path
 from lcpc import frontend
 from lcpc.analysis import analyse
 from lcpc.errors import LcpcError
-from lcpc.manifest import read
+from lcpc.runtime.manifest import Manifest, read
 from lcpc.passes import merge, prune
 from lcpc.plan import Decision, Plan, check
 
 
-def load(folder: str | Path, model: str | Path | None = None) -> tuple[Plan, dict]:
+def load(folder: str | Path, model: str | Path | None = None) -> tuple[Plan, Manifest]:
     """The plan ``folder`` was written from, and its manifest."""
-    manifest = read(folder)
+    typed = read(folder)
+    manifest = typed.json
     src = manifest["source"]
     path = Path(model) if model is not None else Path(src["path"])
     if not path.is_file():
@@ -57,7 +58,7 @@ def load(folder: str | Path, model: str | Path | None = None) -> tuple[Plan, dic
                 sync["policy"], sync.get("partition", "energy"), sync.get("partition_energy", {}),
                 tuple(recorded["shares"]) if "shares" in recorded else None)
     plan = replace(plan, merges=recorded["merges"] if "merges" in recorded else merge.fewest_bytes(plan))
-    return check(plan, f"read from {folder}"), manifest
+    return check(plan, f"read from {folder}"), typed
 
 
 def same_plan(a: Plan, b: Plan) -> bool:

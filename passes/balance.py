@@ -12,7 +12,7 @@ before ``partition`` (which turns the shares into channel counts).
 With equal speeds the shares stay 1/K, even though the head has the merge on top: moving
 channels off the head would leave branches with channel counts that are not multiples
 of the CPU kernels' blocks (onnxruntime runs a 17-channel conv almost twice as long as a
-16-channel one, ``benchmarks/channel_blocks.py``), which costs more than the merge;
+16-channel one, ``benchmarks/results/channel_blocks.md``), which costs more than the merge;
 ``passes.merge`` handles the head's extra work instead.
 
 The cost of a node is ``lcpc.perf.modelled``'s model (FLOPs, weight bytes read, a per-node
@@ -44,7 +44,7 @@ import numpy as np
 from lcpc.perf.modelled import NODE_OVERHEAD, node_seconds, speeds_of, sum_seconds
 from lcpc.passes import merge
 from lcpc.passes.cut import policy_exchanges
-from lcpc.plan import HEAD, Plan, PlanOptions
+from lcpc.plan import HEAD, PassResult, Plan, PlanOptions
 
 MIN_SHARE = 0.5  # no share below this fraction of 1/K
 
@@ -63,13 +63,13 @@ class Work:
                 + (self.head if device == HEAD else 0.0))
 
 
-def run(plan: Plan, options: PlanOptions) -> Plan:
+def run(plan: Plan, options: PlanOptions) -> PassResult:
     """``options.speeds``: each device's relative compute speed (None: all equal)."""
     speeds = speeds_of(plan.k, options.speeds)
     if np.all(speeds == speeds[0]):
-        return replace(plan, shares=None, _cache={})
-    shares = balanced_shares(work(plan, options), speeds)
-    return replace(plan, shares=tuple(float(s) for s in shares), _cache={})
+        return PassResult(replace(plan, shares=None), "equal devices: equal shares")
+    shares = tuple(float(s) for s in balanced_shares(work(plan, options), speeds))
+    return PassResult(replace(plan, shares=shares), "shares " + ", ".join(f"{s:.3f}" for s in shares))
 
 
 def work(plan: Plan, options: PlanOptions) -> Work:

@@ -23,15 +23,17 @@ Policies:
   single exchanges misses) are kept, since each is judged with the others in place.
 - ``auto`` with a selector as well (``PlanOptions.select``, ``passes.cut.Select``; ``lcpc
   convert --sync auto --recover TRAIN`` passes ``pipeline.RecoveredScores``): KL before
-  recovery says little about a plan after it (on the digits example every plan under
-  30 KB agrees 9% with the original before the refit, 97-99% after). The selector
+  recovery says little about a plan after it (on the digits example the plans under
+  30 KB agree 9.56% with the original before the refit, 98.67-99.11% after:
+  ``benchmarks/results/pareto_refit.md``). The selector
   recovers candidate plans and scores them on data they were not trained on. The
   candidates are the path's plans at up to ``CANDIDATES`` byte sizes spread evenly in
   log bytes (``spread``: the same set for every budget). Scanning the affordable ones
   from the fewest bytes up, a costlier plan replaces the kept one only when its
   held-out KL is lower by more than two standard errors, sample by sample (``pick``):
-  on digits every plan recovers to 98.4-99.6% test agreement, differences of a few
-  images a held-out split cannot rank, and spending bytes on them made a larger budget
+  on digits, after distillation, the plans between pure LCP and exact differ by a few
+  test images, differences a held-out split cannot rank (``benchmarks/results/pareto.md``
+  keeps pure LCP for every budget below exact), and spending bytes on them made a larger budget
   look worse as often as better. The exact plan (no cut) needs no test: when
   affordable, it is chosen. A larger budget only scans further, so its plan never
   scores worse.
@@ -48,7 +50,7 @@ from lcpc.calibrate import run_graph
 from lcpc.errors import LcpcError
 from lcpc.fidelity import compare, lower_by_two_se
 from lcpc.lower import lower
-from lcpc.plan import Action, Cause, Decision, Plan, PlanOptions
+from lcpc.plan import Action, Cause, Decision, PassResult, Plan, PlanOptions
 from lcpc.weights import masked_graph
 
 NAMED = ("none", "all", "auto", "every:N", "NODE,NODE,...")
@@ -57,12 +59,13 @@ CANDIDATES = 6    # plans of the path a selector scores after recovery (pure LCP
 Select = Callable[[list[Plan], list[int]], list[dict]]
 
 
-def run(plan: Plan, options: PlanOptions) -> Plan:
+def run(plan: Plan, options: PlanOptions) -> PassResult:
+    layers = plan.cuttable()
     exchanges = policy_exchanges(plan, options.sync)
     if exchanges is None:
-        exchanges = _auto(plan, plan.cuttable(), options.calib, options.comm_budget, options.progress,
-                          options.select)
-    return _decide(plan, plan.cuttable(), exchanges, options.sync)
+        exchanges = _auto(plan, layers, options.calib, options.comm_budget, options.progress, options.select)
+    return PassResult(_decide(plan, layers, exchanges, options.sync),
+                      f"--sync {options.sync}: {len(layers) - len(exchanges)} layers cut, {len(exchanges)} exchanged")
 
 
 def policy_exchanges(plan: Plan, policy: str) -> dict[str, str] | None:
@@ -128,9 +131,9 @@ def auto_path(plan: Plan, calib: np.ndarray, progress=None) -> list[dict]:
     def measure(exchanged: set[str]) -> dict:
         return compare(reference, run_graph(masked_graph(plan, set(layers) - exchanged), calib))
 
-    nodes = {n.name: n for n in plan.graph.nodes}
-    cost = {n: (plan.k - 1) * min(plan.graph.info(nodes[n].inputs[0]).nbytes,
-                                  plan.graph.info(nodes[n].outputs[0]).nbytes) for n in layers}
+    g = plan.graph
+    cost = {n: (plan.k - 1) * min(g.info(g.node(n).inputs[0]).nbytes, g.info(g.node(n).outputs[0]).nbytes)
+            for n in layers}
     kept = list(layers)
     path = [{"exchanges": list(kept), "kl": 0.0, "agreement": 1.0, "bytes": _bytes_of(plan, layers, kept)}]
     total, done = len(layers) * (len(layers) + 1) // 2, 0

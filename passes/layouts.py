@@ -1,6 +1,6 @@
 """Layouts pass: give every tensor its layout (R, S or H) and record the forced syncs.
 
-Rules (the README's "layouts and transitions"):
+Rules (docs/how-it-works.md, "Layouts" and "The cut and the exchanges"):
 - model inputs are ``R``;
 - a Dense layer turns ``R`` or ``S`` into ``S`` (R->S is free; S->S is the cut or an
   exact exchange, decided by ``passes.cut``), except a *terminal* Dense layer (the
@@ -29,15 +29,18 @@ from lcpc import ops
 from lcpc.analysis import Analysis, channel_inputs
 from lcpc.errors import LcpcError
 from lcpc.ir import Graph
-from lcpc.plan import Action, Cause, Decision, Layout, Plan, PlanOptions
+from lcpc.plan import LAYOUTS, Action, Cause, Decision, Layout, PassResult, Plan, PlanOptions
 
 MAX_NARROW_FLOPS = 0.25
 
 
-def run(plan: Plan, options: PlanOptions) -> Plan:
+def run(plan: Plan, options: PlanOptions) -> PassResult:
     layouts, decisions = assign_layouts(plan.graph, plan.analysis, plan.k)
     _refuse_mostly_replicated(plan.graph, plan.analysis, decisions, plan.k)
-    return replace(plan, layouts=layouts, decisions=decisions, _cache={})
+    count = {lay: sum(1 for v in layouts.values() if v == lay) for lay in LAYOUTS}
+    return PassResult(replace(plan, layouts=layouts, decisions=decisions),
+                      f"{count['S']} tensors split, {count['R']} replicated, {count['H']} on the head; "
+                      f"{sum(d.action == Action.FORCED_SYNC for d in decisions.values())} forced syncs")
 
 
 def _refuse_mostly_replicated(graph: Graph, analysis: Analysis, decisions: dict[str, Decision], k: int) -> None:

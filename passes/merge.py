@@ -10,14 +10,16 @@ Both ways are exact:
 ``features`` moves fewer bytes whenever the layer's input is narrower per branch than
 its output (pooled features into 1000 logits from K = 4 on), but then the head reads the
 whole weight matrix after everything else: on a ResNet-50, 8 MB and about 0.7 ms per
-inference on one core, half a branch's compute at K = 16. ``partial`` trades those
+inference on one core, half a branch's compute at K = 16 (``benchmarks/results/narrow.md``,
+"head merge ms"). ``partial`` trades those
 seconds for (K-1) x |output| bytes. The pass picks the way with the earlier predicted
 finish on the head: the merge's compute (``lcpc.perf.modelled``'s model, scaled by the
 devices' speeds) plus the bytes the head receives over its link
 (``PlanOptions.head_bandwidth``, from ``devices.yaml``; default ``lcpc.perf.network``'
 100 Mbit/s). Both ways send one message per branch, so per-message latency cancels.
-With the default link the fewest-bytes way wins on every model we ship; a fast link
-(a few Gbit/s) makes ``partial`` the choice for large classifiers.
+So the choice depends on K and the link: ``benchmarks/results/narrow.md`` lists it per
+model at 100 Mbit/s and 10 Gbit/s (ResNet-50 gathers features from K = 8 on at 100 Mbit/s
+and sums partial outputs at every K at 10 Gbit/s).
 
 Guarantees: the returned plan differs from the input only in ``merges`` (one entry,
 ``features`` or ``partial``, per terminal Dense layer with a split input) and in the
@@ -30,10 +32,10 @@ from dataclasses import replace
 
 from lcpc.perf.network import DEFAULT_BANDWIDTH
 from lcpc.perf.modelled import node_seconds, speeds_of, sum_seconds
-from lcpc.plan import HEAD, Action, Plan, PlanOptions
+from lcpc.plan import HEAD, Action, PassResult, Plan, PlanOptions
 
 
-def run(plan: Plan, options: PlanOptions) -> Plan:
+def run(plan: Plan, options: PlanOptions) -> PassResult:
     speeds = speeds_of(plan.k, options.speeds)
     merges, decisions = {}, dict(plan.decisions)
     for node in merged_layers(plan):
@@ -46,7 +48,8 @@ def run(plan: Plan, options: PlanOptions) -> Plan:
             f"predicted {1e3 * features:.3g} ms gathering {feature_bytes} B of features against "
             f"{1e3 * partial:.3g} ms summing {partial_bytes} B of partial outputs at "
             f"{8 * (options.head_bandwidth or DEFAULT_BANDWIDTH) / 1e6:.4g} Mbit/s"))
-    return replace(plan, merges=merges, decisions=decisions)
+    return PassResult(replace(plan, merges=merges, decisions=decisions),
+                      ", ".join(f"{n}: {m}" for n, m in merges.items()) or "no classifier to merge")
 
 
 def merged_layers(plan: Plan) -> list:

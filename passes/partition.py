@@ -48,14 +48,14 @@ import numpy as np
 from lcpc import weights
 from lcpc.analysis import UnionFind
 from lcpc.errors import LcpcError
-from lcpc.plan import Plan, PlanOptions
+from lcpc.plan import PassResult, Plan, PlanOptions
 
 
 METHODS = ("energy", "contiguous")
 MAX_ROUNDS = 30
 
 
-def run(plan: Plan, options: PlanOptions) -> Plan:
+def run(plan: Plan, options: PlanOptions) -> PassResult:
     """``plan.shares``: each branch's fraction of the channels (``passes.balance``; None: 1/K)."""
     method = options.partition
     if method not in METHODS:
@@ -66,15 +66,18 @@ def run(plan: Plan, options: PlanOptions) -> Plan:
     surplus = np.zeros(plan.k)
     for space, tensors in constraints.items():
         branch_of_class.update(_fill(plan, tensors, weights_, surplus))
-    new = replace(plan, branch_of_class=branch_of_class, partition_method="contiguous", _cache={})
+    new = replace(plan, branch_of_class=branch_of_class, partition_method="contiguous")
     check_balance(new)
     contiguous = energy_kept(new)
     if method == "energy":
         layers = _Layers(_layer_energies(new), sorted(new.branch_of_class))
-        new = replace(new, branch_of_class=_refine(new, constraints, layers), partition_method="energy", _cache={})
+        new = replace(new, branch_of_class=_refine(new, constraints, layers), partition_method="energy")
         del layers
         check_balance(new)
-    return replace(new, partition_energy={"kept": energy_kept(new), "kept_contiguous": contiguous})
+    kept = energy_kept(new)
+    return PassResult(replace(new, partition_energy={"kept": kept, "kept_contiguous": contiguous}),
+                      f"{len(branch_of_class)} channel classes assigned ({method}): {100 * kept:.1f}% of the weight "
+                      f"energy kept ({100 * contiguous:.1f}% contiguous)")
 
 
 def _layer_energies(plan: Plan):

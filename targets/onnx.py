@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from lcpc import __version__
@@ -29,7 +30,7 @@ from lcpc.perf.costs import data_parallel_bytes, graph_costs, pipeline_bytes
 from lcpc.errors import LcpcError
 from lcpc.ir import Graph, to_onnx
 from lcpc.lower import Program
-from lcpc.manifest import MANIFEST, VERSION, tensor_entry, validate
+from lcpc.runtime.manifest import MANIFEST, VERSION, validate
 from lcpc.plan import HEAD, Action, Plan
 
 
@@ -161,6 +162,13 @@ def _write_files(plan: Plan, program: Program, folder: Path, exact_bytes: int | 
     return manifest
 
 
+def tensor_entry(name: str, shape, dtype, source: dict | None = None) -> dict[str, Any]:
+    entry = {"name": name, "shape": [int(d) for d in shape], "dtype": np.dtype(dtype).name}
+    if source is not None:
+        entry["source"] = source
+    return entry
+
+
 def build_manifest(plan: Plan, program: Program, stages: list, transfers: list, exact_bytes: int | None,
                    preprocessing: dict | None, original_graph: Graph | None = None) -> dict[str, Any]:
     g = plan.graph
@@ -183,11 +191,10 @@ def build_manifest(plan: Plan, program: Program, stages: list, transfers: list, 
     }
     split_params = sum(plan.analysis.params[n.name] for n in g.nodes
                        if plan.layouts.get(n.outputs[0]) == "S")
-    nodes = {n.name: n for n in g.nodes}
 
     def cost(node: str) -> int:
         """Bytes per inference of the transfers carrying this node's inputs or outputs."""
-        tensors = set(nodes[node].inputs) | set(nodes[node].outputs)
+        tensors = set(g.node(node).inputs) | set(g.node(node).outputs)
         return sum(t.nbytes for t in program.transfers if t.kind != "input" and t.tensor in tensors)
 
     decisions = [{"node": d.node, "op": d.op, "action": str(d.action), "cause": str(d.cause), "reason": d.reason,

@@ -22,15 +22,13 @@ def reference(model: bytes | Path, feeds: dict[str, np.ndarray]) -> list[np.ndar
 
 
 def run_folder(folder, feeds: dict[str, np.ndarray]):
-    """Run a converted folder with the local engine: (outputs, Stats, manifest)."""
-    from lcpc.targets.local import LocalEngine, Stats
+    """Run a converted folder with the local engine: (outputs, Stats, the manifest's JSON)."""
+    from lcpc.runtime.feeds import Stats
+    from lcpc.runtime.local import LocalEngine
 
-    engine = LocalEngine(folder)
     stats = Stats()
-    try:
-        return engine.run(feeds, stats), stats, engine.manifest
-    finally:
-        engine.close()
+    with LocalEngine(folder) as engine:
+        return engine.run(feeds, stats), stats, engine.manifest.json
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:

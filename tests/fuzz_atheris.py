@@ -14,7 +14,7 @@ import atheris
 
 with atheris.instrument_imports(include=["lcpc"]):
     from lcpc import frontend
-    from lcpc import manifest as mf
+    from lcpc.runtime import manifest as mf
     from lcpc.errors import LcpcError
 
 FOLDER = Path(sys.argv.pop(1))

@@ -39,17 +39,17 @@ def test_equal_devices_and_no_head_work_give_equal_shares():
 def test_equal_speeds_keep_equal_shares(resnet18_half):
     """Moving channels off the head would break the kernels' channel blocks: equal devices stay 1/K."""
     g, src = frontend.load(resnet18_half)
-    plan = layouts.run(Plan(g, src, analyse(g), 8, layouts={}), PlanOptions())
-    assert balance.run(plan, PlanOptions()).shares is None
-    assert balance.run(plan, PlanOptions(speeds=(2.0,) * 8)).shares is None
+    plan = layouts.run(Plan(g, src, analyse(g), 8, layouts={}), PlanOptions()).plan
+    assert balance.run(plan, PlanOptions()).plan.shares is None
+    assert balance.run(plan, PlanOptions(speeds=(2.0,) * 8)).plan.shares is None
 
 
 def test_head_takes_less_when_it_also_merges(resnet18_half):
     """Speeds 1:1:2:2: the head, which also runs the classifier merge, gets fewer channels than
     the other slow device, and the modelled finish times are equal."""
     g, src = frontend.load(resnet18_half)
-    plan = layouts.run(Plan(g, src, analyse(g), 4, layouts={}), PlanOptions())
-    shares = balance.run(plan, PlanOptions(speeds=(1.0, 1.0, 2.0, 2.0))).shares
+    plan = layouts.run(Plan(g, src, analyse(g), 4, layouts={}), PlanOptions()).plan
+    shares = balance.run(plan, PlanOptions(speeds=(1.0, 1.0, 2.0, 2.0))).plan.shares
     assert shares is not None and shares[HEAD] < shares[1] < shares[2] == shares[3]
     w = balance.work(plan, PlanOptions(speeds=(1.0, 1.0, 2.0, 2.0)))
     assert w.head > 0 and w.quadratic > 0

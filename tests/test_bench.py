@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 from conftest import EXAMPLE
 
-from lcpc import manifest as mf
+from lcpc.runtime import manifest as mf
 from lcpc.cli import main
 from lcpc.pipeline import convert as convert_model
-from lcpc.targets import bench
+from lcpc.runtime import bench
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def folder(tmp_path_factory):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_result_matches_manifest(folder, threads):
-    m = mf.read(folder)
+    m = mf.read(folder).json
     r = bench.bench(folder, threads=threads, runs=3, warmup=1)
     assert [s["id"] for s in r["stages"]] == [s["id"] for s in m["stages"]]
     assert [d["device"] for d in r["devices"]] == [d["id"] for d in m["devices"]]
@@ -63,7 +63,7 @@ def test_formats_carry_the_same_rows(folder):
 def test_cli_bench_json(folder):
     result = CliRunner().invoke(main, ["bench", str(folder), "--runs", "2", "--warmup", "0", "--format", "json"])
     assert result.exit_code == 0, result.output
-    assert len(json.loads(result.stdout)["stages"]) == len(mf.read(folder)["stages"])
+    assert len(json.loads(result.stdout)["stages"]) == len(mf.read(folder).stages)
 
 
 def _fails(args, *needles):

@@ -10,7 +10,7 @@ from conftest import reference, rel_err
 
 from lcpc import frontend, planner
 from lcpc import pipeline
-from lcpc.targets.local import LocalEngine
+from lcpc.runtime.local import LocalEngine
 
 MODEL = """
 <ir_version: 8, opset_import: ["" : 17]>

@@ -41,10 +41,10 @@ from hypothesis import strategies as st
 from onnx import numpy_helper
 
 from lcpc import frontend
-from lcpc import manifest as mf
+from lcpc.runtime import manifest as mf
 from lcpc import pipeline
 from lcpc.errors import LcpcError
-from lcpc.targets.local import LocalEngine
+from lcpc.runtime.local import LocalEngine
 
 CORPUS = Path(__file__).resolve().parent / "corpus" / "models"
 
@@ -312,8 +312,8 @@ def _run_engine(folder: Path) -> None:
     engine = LocalEngine(folder)
     try:
         specs = engine.inputs
-        if all(math.prod(s["shape"]) <= 1 << 16 for s in specs):
-            engine.run({s["name"]: np.zeros(s["shape"], s["dtype"]) for s in specs})
+        if all(math.prod(s.shape) <= 1 << 16 for s in specs):
+            engine.run({s.name: np.zeros(s.shape, s.dtype) for s in specs})
     finally:
         engine.close()
 

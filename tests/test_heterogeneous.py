@@ -12,6 +12,7 @@ import pytest
 from conftest import EXAMPLE, reference, rel_err, run_folder
 from lcpc.perf import devices, network
 from lcpc.pipeline import convert as convert_model
+from lcpc.runtime.manifest import Manifest
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +50,9 @@ def test_channel_shares_follow_speed(het):
 def test_finish_times_even_out(which, request):
     _, spec, manifest = request.getfixturevalue(which)
     net = devices.load(spec)
-    flops_time = {s["id"]: s["flops"] * 1e-9 for s in manifest["stages"]}
-    p = network.predict(manifest, flops_time, network.Network(net.devices, default_link=network.Link(1e15, 1e-12)))
+    view = Manifest.parse(manifest)
+    flops_time = {s.id: s.flops * 1e-9 for s in view.stages}
+    p = network.predict(view, flops_time, network.Network(net.devices, default_link=network.Link(1e15, 1e-12)))
     compute = np.array([c for _, c, _ in p.devices])
     assert compute.max() <= 1.15 * compute.min(), compute
 

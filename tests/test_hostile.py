@@ -25,13 +25,13 @@ from conftest import reference, rel_err
 from corpus import build
 
 from lcpc import frontend
-from lcpc import manifest as mf
+from lcpc.runtime import manifest as mf
 from lcpc import pipeline, reader
 from lcpc.cli import main
 from lcpc.errors import LcpcError
 from lcpc.ir import to_onnx
 from lcpc.targets import onnx as onnx_target
-from lcpc.targets.local import LocalEngine
+from lcpc.runtime.local import LocalEngine
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 CASES = json.loads((CORPUS / "cases.json").read_text())
@@ -326,9 +326,9 @@ def test_stage_file_is_loaded_from_the_checked_bytes(good_folder, tmp_path, monk
 
     def swap_after_second_check(f, stage):  # the first check is manifest.read's, the second the engine's
         data = checked(f, stage)
-        calls.append(stage["id"])
-        if calls.count(stage["id"]) == 2:
-            (Path(f) / stage["file"]).write_bytes(b"swapped")
+        calls.append(stage.id)
+        if calls.count(stage.id) == 2:
+            (Path(f) / stage.file).write_bytes(b"swapped")
         return data
 
     monkeypatch.setattr(mf, "read_stage", swap_after_second_check)

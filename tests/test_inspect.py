@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 
 from lcpc import pipeline
 from lcpc.cli import main
-from lcpc.targets.local import LocalEngine
+from lcpc.runtime.local import LocalEngine
 
 
 def model_with_unknown_op() -> bytes:

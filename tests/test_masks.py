@@ -11,7 +11,7 @@ from lcpc import frontend, planner
 from lcpc import pipeline
 from lcpc.ir import Graph, to_onnx
 from lcpc.weights import weight_masks
-from lcpc.targets.local import LocalEngine
+from lcpc.runtime.local import LocalEngine
 
 
 @pytest.mark.parametrize("name", ["resnet_basic", "vgg", "mobilenet_v3", "inception", "densenet"])

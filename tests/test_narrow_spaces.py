@@ -11,7 +11,8 @@ from onnx import helper, numpy_helper
 from lcpc import frontend, planner
 from lcpc import pipeline
 from lcpc.errors import LcpcError
-from lcpc.targets.local import LocalEngine
+from lcpc.plan import Cause
+from lcpc.runtime.local import LocalEngine
 
 
 def build(nodes, weights, out_channels=10) -> bytes:
@@ -47,7 +48,7 @@ def run(data: bytes, folder, k: int, sync: str) -> tuple[dict, np.ndarray, np.nd
 @pytest.mark.parametrize("sync", ["all", "none"])
 def test_narrow_bottleneck_runs_whole_behind_a_sync(sync, tmp_path):
     manifest, got, want = run(se_model(), tmp_path / "out", 8, sync)
-    narrow = [d for d in manifest["decisions"] if "channel groups cannot be split" in d["reason"]]
+    narrow = [d for d in manifest["decisions"] if d["cause"] == Cause.NARROW]
     assert [d["node"] for d in narrow] == ["Conv_3"]  # the 32 -> 4 squeeze and narrow[0]["bytes"] > 0
     if sync == "all":
         assert rel_err(got, want) < 1e-4

@@ -11,12 +11,13 @@ from lcpc.perf import devices, network
 from lcpc.cli import main
 from lcpc.pipeline import convert as convert_model
 from lcpc.errors import LcpcError
+from lcpc.runtime.manifest import Manifest
 
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     out = tmp_path_factory.mktemp("net") / "d"
-    return out, convert_model(EXAMPLE, out, 4, "none")
+    return out, Manifest.parse(convert_model(EXAMPLE, out, 4, "none"))
 
 
 def test_units_and_defaults():
@@ -41,7 +42,7 @@ def test_bad_devices_yaml_is_named(bad, message):
 def test_unknown_device_is_named(digits):
     _, manifest = digits
     with pytest.raises(LcpcError, match="dev9"):
-        devices.parse({"devices": {"dev9": {}}}).check_names(d["name"] for d in manifest["devices"])
+        devices.parse({"devices": {"dev9": {}}}).check_names(d.name for d in manifest.devices)
 
 
 def test_prediction_matches_hand_computation(digits):
@@ -50,10 +51,10 @@ def test_prediction_matches_hand_computation(digits):
     _, m = digits
     bw, lat = 1e6, 1e-3
     net = network.Network(default_link=network.Link(bw, lat))
-    times = {s["id"]: 1e-3 * (1 + s["level"]) for s in m["stages"]}
+    times = {s.id: 1e-3 * (1 + s.level) for s in m.stages}
     p = network.predict(m, times, net)
-    inputs = [t for t in m["transfers"] if t["kind"] == "input"]
-    size, logits = inputs[0]["bytes"], [t for t in m["transfers"] if t["kind"] == "reduce"][0]["bytes"]
+    inputs = [t for t in m.transfers if t.kind == "input"]
+    size, logits = inputs[0].bytes, [t for t in m.transfers if t.kind == "reduce"][0].bytes
     arrive = [(i + 1) * size / bw + 2 * lat for i in range(3)]        # serialised on dev0's uplink
     done = [a + 1e-3 for a in arrive]                                  # level-0 stage on each branch
     down = 0.0
@@ -65,7 +66,7 @@ def test_prediction_matches_hand_computation(digits):
 
 def test_faster_links_never_slower(digits):
     _, m = digits
-    times = {s["id"]: 1e-4 for s in m["stages"]}
+    times = {s.id: 1e-4 for s in m.stages}
     curve = network.sweep(m, times, m, times, 1e-3, network.Network())["this plan (--sync none)"]
     assert all(a >= b for a, b in zip(curve, curve[1:]))
 
@@ -85,8 +86,8 @@ def test_report_network_and_plot(digits, tmp_path):
 def test_ray_route_relays_small_branch_messages_through_the_head(tmp_path):
     """route: ray — a message under Ray's inline limit between two non-head devices costs two hops
     (source -> head -> destination); messages to or from the head and large ones cost one."""
-    m = convert_model(EXAMPLE, tmp_path / "all", 4, "all")
-    times = {s["id"]: 0.0 for s in m["stages"]}
+    m = Manifest.parse(convert_model(EXAMPLE, tmp_path / "all", 4, "all"))
+    times = {s.id: 0.0 for s in m.stages}
     lat = 1e-3
     fast = network.Link(1e15, lat)  # latency only, so each message costs exactly its hops
     direct = network.predict(m, times, network.Network(default_link=fast))
@@ -96,7 +97,7 @@ def test_ray_route_relays_small_branch_messages_through_the_head(tmp_path):
     with pytest.raises(LcpcError, match="route"):
         devices.parse({"route": "carrier-pigeon"})
     # pure LCP: every message goes to or from the head, so both routes agree
-    lcp = convert_model(EXAMPLE, tmp_path / "none", 4, "none")
-    lcp_times = {s["id"]: 0.0 for s in lcp["stages"]}
+    lcp = Manifest.parse(convert_model(EXAMPLE, tmp_path / "none", 4, "none"))
+    lcp_times = {s.id: 0.0 for s in lcp.stages}
     assert network.predict(lcp, lcp_times, network.Network(default_link=fast, route="ray")).latency == \
         pytest.approx(network.predict(lcp, lcp_times, network.Network(default_link=fast)).latency, rel=1e-12)

@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 from lcpc import frontend, planner
 from lcpc import pipeline
 from lcpc.errors import LcpcError
-from lcpc.targets.local import Stats
+from lcpc.plan import Cause
+from lcpc.runtime.feeds import Stats
 
 EXAMPLES = 60
 TOO_NARROW = "larger than the channel space"
@@ -126,14 +127,14 @@ def check_partition(gen, k: int) -> None:
         except LcpcError as exc:
             assert TOO_NARROW in str(exc), exc
             return
-        narrow = [d for d in p.decisions.values() if "channel groups cannot be split" in d.reason]
+        narrow = [d for d in p.decisions.values() if d.cause == Cause.NARROW]
         assert narrow, "K above the narrowest space must replicate something"
         for d in narrow:
             node = next(n for n in graph.nodes if n.name == d.node)
             assert all(p.layouts[o] == "R" for o in node.outputs if o)
     else:
         p = planner.plan(graph, source, k, "none")
-        assert not [d for d in p.decisions.values() if "channel groups cannot be split" in d.reason]
+        assert not [d for d in p.decisions.values() if d.cause == Cause.NARROW]
     assert_balanced(p)
 
 

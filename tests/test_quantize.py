@@ -10,7 +10,7 @@ import pytest
 from conftest import EXAMPLE, run_folder
 from lcpc.pipeline import convert as convert_model
 from lcpc.ir import Graph, Node, TensorInfo
-from lcpc.passes import quantize as quant
+from lcpc.compress import quantize as quant
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from lcpc import pipeline
 from lcpc.cli import main
 from lcpc.errors import LcpcError
 from lcpc.images import Preprocessing, load_folder
-from lcpc.manifest import read
+from lcpc.runtime.manifest import read
 
 # sklearn's digits are integers 0..16; the example model takes them divided by 16
 DIGITS = Preprocessing(size=(8, 8), channels="L", scale=1 / 16, mean=(0.0,), std=(1.0,))
@@ -112,7 +112,7 @@ def test_float_feed_to_a_raw_folder_says_what_to_do(tmp_path):
 
 def test_manifest_feeds_are_validated(tmp_path):
     (raw_dir, m), _ = convert_pair(EXAMPLE, tmp_path, 2, "none", DIGITS)
-    from lcpc.manifest import validate
+    from lcpc.runtime.manifest import validate
 
     validate(m)
     bad = json.loads(json.dumps(m))
@@ -127,7 +127,7 @@ def test_manifest_feeds_are_validated(tmp_path):
     bad["source"]["feeds"][0]["colour"] = "RGB"
     with pytest.raises(LcpcError, match="invalid manifest"):
         validate(bad)
-    assert read(raw_dir)["source"]["feeds"] == m["source"]["feeds"]
+    assert read(raw_dir).json["source"]["feeds"] == m["source"]["feeds"]
 
 
 @pytest.mark.parametrize("prep", [

@@ -7,12 +7,12 @@ import pytest
 
 from conftest import EXAMPLE, run_folder
 from lcpc.pipeline import convert as convert_model
-from lcpc.schedule import Stats
+from lcpc.runtime.feeds import Stats
 from ray_fixture import local_ray  # noqa: F401 - the module-scoped fixture
 
 pytest.importorskip("ray", reason="Ray is not installed (pip install 'lcpc[ray]')")
 
-from lcpc.targets.ray import RayEngine  # noqa: E402
+from lcpc.runtime.ray import RayEngine  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +29,12 @@ def test_ray_equals_local(local_ray, folders, key):  # noqa: F811
     engine = RayEngine(folder, timeout=60)
     try:
         spec = engine.inputs[0]
-        x = np.random.default_rng(0).standard_normal([2 * spec["shape"][0]] + spec["shape"][1:]).astype(np.float32)
+        x = np.random.default_rng(0).standard_normal((2 * spec.shape[0], *spec.shape[1:])).astype(np.float32)
         stats = Stats()
-        got = engine.run({spec["name"]: x}, stats)
+        got = engine.run({spec.name: x}, stats)
     finally:
         engine.close()
-    want, local_stats, manifest = run_folder(folder, {spec["name"]: x})
+    want, local_stats, manifest = run_folder(folder, {spec.name: x})
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
     assert dict(stats.bytes_by_transfer) == dict(local_stats.bytes_by_transfer)
@@ -96,15 +96,15 @@ def test_compiled_graph_equals_local(local_ray, folders, key):  # noqa: F811
     engine = RayEngine(folder, timeout=60, mode="auto")
     try:
         spec = engine.inputs[0]
-        x = np.random.default_rng(1).standard_normal([3] + spec["shape"][1:]).astype(np.float32)
+        x = np.random.default_rng(1).standard_normal((3, *spec.shape[1:])).astype(np.float32)
         stats = Stats()
-        got = engine.run({spec["name"]: x}, stats)
-        again = engine.run({spec["name"]: x[:1]})
+        got = engine.run({spec.name: x}, stats)
+        again = engine.run({spec.name: x[:1]})
         mode = engine.describe
     finally:
         engine.close()
     assert mode == "ray (compiled-graph)", mode
-    want, local_stats, manifest = run_folder(folder, {spec["name"]: x})
+    want, local_stats, manifest = run_folder(folder, {spec.name: x})
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(again[name], want[name][:1], rtol=1e-5, atol=1e-5)

@@ -10,7 +10,7 @@ from lcpc.pipeline import convert as convert_model
 
 
 def test_engine_ray_without_ray_says_how_to_install(tmp_path, monkeypatch):
-    from lcpc.targets import ray as ray_target
+    from lcpc.runtime import ray as ray_target
 
     monkeypatch.setattr(ray_target, "ray", None)
     convert_model(EXAMPLE, tmp_path / "out", 2, "none")

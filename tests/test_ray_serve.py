@@ -15,7 +15,7 @@ from ray_fixture import local_ray  # noqa: F401 - the module-scoped fixture
 
 pytest.importorskip("ray", reason="Ray is not installed (pip install 'lcpc[ray]')")
 
-from lcpc.deployment import Deployment, Request  # noqa: E402
+from lcpc.runtime.deployment import Deployment, Request  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -15,16 +15,16 @@ from lcpc import frontend, planner
 from lcpc.errors import LcpcError
 from lcpc.ir import to_onnx
 from lcpc.lower import lower
-from lcpc.passes import recover
+from lcpc.passes.recover import distil as recover
 from lcpc.weights import weight_masks
 from lcpc.targets import onnx as onnx_target
 
 torch = pytest.importorskip("torch")
 digits = pytest.importorskip("examples.digits.data")
 from lcpc.pipeline import recover_plan  # noqa: E402
-from lcpc.passes.recover_norms import channel_stats  # noqa: E402
-from lcpc.passes.recover_student import Student, normable  # noqa: E402
-from lcpc.torch_graph import GraphModule  # noqa: E402
+from lcpc.passes.recover.norms import channel_stats  # noqa: E402
+from lcpc.passes.recover.student import Student, normable  # noqa: E402
+from lcpc.passes.recover.torch_graph import GraphModule  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)

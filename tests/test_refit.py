@@ -16,9 +16,9 @@ from lcpc import pipeline
 from lcpc.cli import main
 from lcpc.fidelity import compare
 from lcpc.lower import lower
-from lcpc.passes import refit
+from lcpc.passes.recover import refit
 from lcpc.targets import onnx as onnx_target
-from lcpc.targets.local import LocalEngine
+from lcpc.runtime.local import LocalEngine
 
 data = pytest.importorskip("examples.digits.data")
 

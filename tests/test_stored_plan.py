@@ -18,7 +18,8 @@ from lcpc import frontend, pipeline, planner, stored_plan
 from lcpc.errors import LcpcError
 from lcpc.lower import lower
 from lcpc.calibrate import run_graph
-from lcpc.passes import cut, layouts, partition, refit
+from lcpc.passes import cut, layouts, partition
+from lcpc.passes.recover import refit
 from lcpc.plan import Action, Cause
 from lcpc.weights import masked_graph
 
@@ -41,7 +42,8 @@ def test_plan_read_back_equals_the_plan_written(contiguous):
     assert {d.action for d in read.decisions.values()} >= {Action.CUT, Action.EXCHANGE, Action.MERGE}
     assert read.decisions[read.nodes_with(Action.EXCHANGE)[0]].cause == Cause.POLICY
     # the same stages and bytes as the folder
-    assert lower(read).bytes_per_inference() == manifest["totals"]["bytes_per_inference"]
+    assert lower(read).bytes_per_inference() == manifest.bytes_per_inference == \
+        manifest.json["totals"]["bytes_per_inference"]
 
 
 def test_recover_does_not_plan_again(contiguous, tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from lcpc import frontend, pipeline, planner, report
 from lcpc.lower import lower
 from lcpc.passes import cut
 from lcpc.plan import Action
-from lcpc.targets.local import LocalEngine
+from lcpc.runtime.local import LocalEngine
 
 data = pytest.importorskip("examples.digits.data")
 

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import EXAMPLE, run_folder
 from lcpc.pipeline import convert as convert_model
-from lcpc.wire import WireQuant
+from lcpc.compress.wire import WireQuant
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +37,9 @@ def test_int8_wire_moves_4x_fewer_bytes_and_counts_them(folders, digits_calib):
 
 
 def test_quantize_dequantize_live_in_the_stage_files(folders):
-    from lcpc import manifest as mf
+    from lcpc.runtime import manifest as mf
 
-    manifest = mf.read(folders["int8"])
+    manifest = mf.read(folders["int8"]).json
     ops = {s["id"]: {n.op_type for n in onnx.load(folders["int8"] / s["file"]).graph.node}
            for s in manifest["stages"]}
     senders = {t["from"]["stage"] for t in manifest["transfers"]}

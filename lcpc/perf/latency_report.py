@@ -16,20 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from lcpc.errors import LcpcError
 from lcpc.perf import measured as timing
 from lcpc.perf import network as model
-from lcpc.errors import LcpcError
-from lcpc.manifest import takes_raw_images
 from lcpc.perf.network import BANDWIDTHS_MBIT, Network, Prediction, broadcast_note
+from lcpc.runtime import manifest as mf
+from lcpc.runtime.manifest import Manifest
 
 
 @dataclass(frozen=True)
 class Measured:
     """Everything the network model needs, measured on this machine."""
 
-    plan: dict[str, Any]
+    plan: Manifest
     plan_times: dict[str, float]
-    exact: dict[str, Any]
+    exact: Manifest
     exact_times: dict[str, float]
     original_time: float
     network: Network
@@ -44,24 +45,25 @@ class Measured:
         return model.sweep(*self._args())
 
 
-def measure(folder: Path, manifest: dict, network: Network, original: Path | None,
-            convert: Callable[..., dict]) -> Measured:
-    """Time the plan's stages, the original model and (via ``convert``, e.g. ``cli.convert_model``) the
+def measure(folder: Path, manifest: Manifest, network: Network, original: Path | None,
+            convert: Callable[..., Any]) -> Measured:
+    """Time the plan's stages, the original model and (via ``convert``: ``lcpc.pipeline.convert``) the
     same model planned with ``--sync all``, all on this machine."""
-    network.check_names(d["name"] for d in manifest["devices"])
-    source = Path(original or manifest["source"]["path"])
+    network.check_names(d.name for d in manifest.devices)
+    source = Path(original or manifest.json["source"]["path"])
     if not source.is_file():
         raise LcpcError(f"{source}: the original model is needed to time it and plan --sync all; pass --model")
     times = timing.stage_times(folder, manifest)
-    if manifest["sync"]["policy"] == "all":
+    if manifest.sync_policy == "all":
         exact, exact_times = manifest, times
     else:
         with tempfile.TemporaryDirectory(prefix="lcpc-report-") as tmp:
-            exact = convert(source, Path(tmp) / "all", manifest["branches"], "all",
-                            partition=manifest["sync"].get("partition") or "energy",
-                            input_shapes={i["name"]: tuple(i["shape"]) for i in manifest["source"]["inputs"]},
-                            preprocessing=manifest["source"]["preprocessing"],
-                            input_wire="uint8" if takes_raw_images(manifest) else "float")
+            convert(source, Path(tmp) / "all", manifest.branches, "all",
+                    partition=manifest.json["sync"].get("partition") or "energy",
+                    input_shapes={i.name: i.shape for i in manifest.inputs},
+                    preprocessing=manifest.preprocessing,
+                    input_wire="uint8" if manifest.takes_raw_images else "float")
+            exact = mf.read(Path(tmp) / "all")
             exact_times = timing.stage_times(Path(tmp) / "all", exact)
     return Measured(manifest, times, exact, exact_times, timing.model_time(source), network)
 
@@ -75,7 +77,7 @@ def rows(predictions: list[Prediction]) -> list[list[str]]:
 HEADER = ["setup", "latency ms", "busiest compute ms", "network/wait ms", "bytes", "speed-up"]
 
 
-def render(predictions: list[Prediction], network: Network, manifest: dict, fmt: str = "text") -> str:
+def render(predictions: list[Prediction], network: Network, manifest: Manifest, fmt: str = "text") -> str:
     plan = predictions[1]
     note = broadcast_note(manifest)
     if fmt == "json":

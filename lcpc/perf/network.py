@@ -25,7 +25,8 @@ values sit in the source node's object store and the destination pulls them dire
 (one hop). ``direct`` (the default) is what the network itself costs.
 
 Guarantees: ``predict`` is a pure function of the manifest, the stage times and the
-network (no timing, no I/O); it replays the manifest in ``lcpc.schedule`` order;
+network (no timing, no I/O); it replays the manifest in the one run order
+(``Manifest.order.walk``);
 ``pipeline`` and ``single_device`` use the same link and speed model, so the four
 setups of ``lcpc report --network`` are compared on equal terms.
 """
@@ -34,13 +35,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Iterable
 
 from lcpc.errors import LcpcError
-
+from lcpc.runtime.manifest import Manifest, Stage, Transfer
 from lcpc.safety import printable
-from lcpc.manifest import feeds, takes_raw_images
-from lcpc.schedule import Schedule
 
 RAY_INLINE_BYTES = 100 * 1024
 DEFAULT_BANDWIDTH = 100e6 / 8   # bytes/s: 100 Mbit/s Ethernet
@@ -118,17 +117,13 @@ class Prediction:
         return max(self.latency - self.compute, 0.0)
 
 
-def _names(manifest: dict[str, Any]) -> dict[int, str]:
-    return {d["id"]: d["name"] for d in manifest["devices"]}
-
-
-def predict(manifest: dict[str, Any], stage_times: dict[str, float], network: Network,
+def predict(manifest: Manifest, stage_times: dict[str, float], network: Network,
             setup: str = "this plan") -> Prediction:
     """Replay the manifest on ``network`` (see the module docstring)."""
-    names = _names(manifest)
+    names = manifest.names
     speed = {d: network.device(n).speed for d, n in names.items()}
     link = {d: network.link(n) for d, n in names.items()}
-    ready: dict[tuple[int, str], float] = {(0, i["name"]): 0.0 for i in feeds(manifest)}
+    ready: dict[tuple[int, str], float] = {(0, i.name): 0.0 for i in manifest.feeds}
     busy_until = defaultdict(float)
     compute = defaultdict(float)
     up, down = defaultdict(float), defaultdict(float)
@@ -139,49 +134,46 @@ def predict(manifest: dict[str, Any], stage_times: dict[str, float], network: Ne
         up[a] = down[b] = start + wire
         return start + wire + link[a].latency + link[b].latency + network.overhead
 
-    def send(t: dict) -> None:
-        a, b = t["from"]["device"], t["to"]["device"]
-        at = ready[(a, t["from"]["name"])]
-        if network.route == "ray" and 0 not in (a, b) and t["bytes"] < RAY_INLINE_BYTES:
-            at = hop(a, 0, t["bytes"], at)
+    def send(t: Transfer) -> None:
+        a, b = t.src, t.dst
+        at = ready[(a, t.src_name)]
+        if network.route == "ray" and 0 not in (a, b) and t.bytes < RAY_INLINE_BYTES:
+            at = hop(a, 0, t.bytes, at)
             a = 0
-        ready[(b, t["to"]["name"])] = hop(a, b, t["bytes"], at)
+        ready[(b, t.dst_name)] = hop(a, b, t.bytes, at)
 
-    schedule = Schedule(manifest)
-    for t in schedule.input_transfers:
-        send(t)
-    for level in schedule.levels:
-        for s in level.stages:
-            d = s["device"]
-            start = max([busy_until[d]] + [ready[(d, i["name"])] for i in s["inputs"]])
-            took = stage_times[s["id"]] / speed[d]
+    def run_level(stages: tuple[Stage, ...]) -> None:
+        for s in stages:
+            d = s.device
+            start = max([busy_until[d]] + [ready[(d, i.name)] for i in s.inputs])
+            took = stage_times[s.id] / speed[d]
             compute[d] += took
             busy_until[d] = start + took
-            for o in s["outputs"]:
-                ready[(d, o["name"])] = busy_until[d]
-        for t in level.transfers:
-            send(t)
-    latency = max(ready[(o["device"], o["local_name"])] for o in manifest["outputs"])
+            for o in s.outputs:
+                ready[(d, o.name)] = busy_until[d]
+
+    manifest.order.walk(run_level, send)
+    latency = max(ready[(o.device, o.local_name)] for o in manifest.outputs)
     finish = {d: max([busy_until[d], up[d], down[d]]) for d in names}
     return Prediction(setup, latency, max(compute.values(), default=0.0),
                       tuple((names[d], compute[d], finish[d]) for d in sorted(names)),
-                      len(manifest["transfers"]), sum(t["bytes"] for t in manifest["transfers"]))
+                      len(manifest.transfers), manifest.bytes_per_inference)
 
 
-def single_device(manifest: dict[str, Any], original_time: float, network: Network) -> Prediction:
+def single_device(manifest: Manifest, original_time: float, network: Network) -> Prediction:
     """The original model on the head device (dev0): no network at all."""
-    head = _names(manifest)[0]
+    head = manifest.names[0]
     took = original_time / network.device(head).speed
     return Prediction("original, one device", took, took, ((head, took, took),))
 
 
-def pipeline(manifest: dict[str, Any], original_time: float, network: Network) -> Prediction:
+def pipeline(manifest: Manifest, original_time: float, network: Network) -> Prediction:
     """Layer-wise pipeline: device i runs the i-th of K consecutive chunks of equal FLOPs; the
     boundary tensors (the manifest's pipeline bytes, split evenly over the K-1 boundaries and
     the return to the head) cross one after another."""
-    names = _names(manifest)
+    names = manifest.names
     k = len(names)
-    total = manifest["totals"]["comparison"]["pipeline"]["bytes_per_inference"]
+    total = manifest.json["totals"]["comparison"]["pipeline"]["bytes_per_inference"]
     hops = [(d, (d + 1) % k) for d in range(k)] if k > 1 else []
     per_hop = total / max(len(hops), 1)
     clock, rows, comp = 0.0, [], []
@@ -196,27 +188,27 @@ def pipeline(manifest: dict[str, Any], original_time: float, network: Network) -
     return Prediction(f"layer-wise pipeline over {k} devices", clock, max(comp), tuple(rows), len(hops), int(total))
 
 
-def compare(plan: dict, plan_times: dict, exact: dict | None, exact_times: dict | None,
+def compare(plan: Manifest, plan_times: dict, exact: Manifest | None, exact_times: dict | None,
             original_time: float, network: Network) -> list[Prediction]:
     """The four setups of ``lcpc report --network``, in a fixed order (``exact``: the --sync all plan)."""
     rows = [single_device(plan, original_time, network),
-            predict(plan, plan_times, network, f"this plan (--sync {plan['sync']['policy']})")]
+            predict(plan, plan_times, network, f"this plan (--sync {plan.sync_policy})")]
     if exact is not None and exact_times is not None:
         rows.append(predict(exact, exact_times, network, "channel-wise model parallel (--sync all)"))
     rows.append(pipeline(plan, original_time, network))
     return rows
 
 
-def broadcast_note(manifest: dict[str, Any]) -> str | None:
+def broadcast_note(manifest: Manifest) -> str | None:
     """How a message that goes to every device is sent, for the report."""
-    inputs = [t for t in manifest["transfers"] if t["kind"] == "input"]
+    inputs = manifest.order.inputs
     if not inputs:
         return None
-    receivers = sorted({t["to"]["device"] for t in inputs})
-    size = inputs[0]["bytes"]
-    what = "the raw uint8 image; each device applies the preprocessing" if takes_raw_images(manifest) \
-        else inputs[0]["dtype"]
-    total = sum(t["bytes"] for t in inputs if t["to"]["device"] == receivers[0])  # one device's message
+    receivers = sorted({t.dst for t in inputs})
+    size = inputs[0].bytes
+    what = "the raw uint8 image; each device applies the preprocessing" if manifest.takes_raw_images \
+        else inputs[0].dtype
+    total = sum(t.bytes for t in inputs if t.dst == receivers[0])  # one device's message
     ray = ("inlined by value in each receiving device's call, sent from the driver on dev0's node"
            if total < RAY_INLINE_BYTES else "one object put once in dev0's object store, pulled by each device's node")
     return (f"the input ({size} bytes, {what}) goes from dev0 to {len(receivers)} devices as "
@@ -227,7 +219,7 @@ def broadcast_note(manifest: dict[str, Any]) -> str | None:
 BANDWIDTHS_MBIT = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 
-def sweep(plan: dict, plan_times: dict, exact: dict | None, exact_times: dict | None, original_time: float,
+def sweep(plan: Manifest, plan_times: dict, exact: Manifest | None, exact_times: dict | None, original_time: float,
           network: Network, bandwidths_mbit=BANDWIDTHS_MBIT) -> dict[str, list[float]]:
     """Predicted latency of each setup at each bandwidth (every link set to it), by setup name."""
     curves: dict[str, list[float]] = defaultdict(list)

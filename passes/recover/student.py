@@ -2,7 +2,7 @@
 BatchNorm re-inserted after dense layers.
 
 Guarantees:
-- ``Student(graph, masks, norms)`` is ``lcpc.torch_graph.GraphModule(graph)`` with
+- ``Student(graph, masks, norms)`` is ``passes.recover.torch_graph.GraphModule(graph)`` with
   ``masks[node]`` (0/1, broadcastable against the node's weight) applied as
   ``W * mask`` on every forward, so masked entries get no gradient and export as 0;
 - ``norms`` names Conv/Gemm nodes (see :func:`normable`) that get a BatchNorm after
@@ -26,7 +26,7 @@ from torch import nn
 
 from lcpc.errors import LcpcError
 from lcpc.ir import Graph, Node
-from lcpc.torch_graph import TRAINABLE_OPS, GraphModule
+from lcpc.passes.recover.torch_graph import TRAINABLE_OPS, GraphModule
 
 
 def normable(graph: Graph) -> list[str]:
@@ -63,12 +63,11 @@ class Student(GraphModule):
             self.register_buffer(f"mask{i}", torch.from_numpy(np.asarray(mask, np.float32)))
             self._key["mask:" + node_name] = f"mask{i}"
         self._check_masks()
-        by_name = {n.name: n for n in graph.nodes}
         allowed = set(normable(graph))
         for i, node_name in enumerate(norms):
             if node_name not in allowed:
                 raise LcpcError(f"internal: node '{node_name}' cannot take a BatchNorm (not a Conv/Gemm with bias)")
-            info = graph.info(by_name[node_name].outputs[0])
+            info = graph.info(graph.node(node_name).outputs[0])
             rank = len(info.shape)
             cls = nn.BatchNorm1d if rank <= 3 else nn.BatchNorm2d if rank == 4 else nn.BatchNorm3d
             self.norms[f"n{i}"] = cls(info.shape[1])
@@ -79,9 +78,8 @@ class Student(GraphModule):
         for n in self.graph.nodes:
             for i in n.inputs:
                 users[i] = users.get(i, 0) + 1
-        by_name = {n.name: n for n in self.graph.nodes}
         for node_name in self.masks:
-            node = by_name.get(node_name)
+            node = self.graph.node(node_name) if self.graph.has_node(node_name) else None
             if node is None or node.op not in TRAINABLE_OPS:
                 raise LcpcError(f"internal: mask for '{node_name}', which is not a Conv/Gemm/MatMul node")
             if users[node.inputs[1]] > 1:

@@ -88,7 +88,7 @@ def quantize(program: Program, params: dict[tuple[int, str], WireQuant]) -> Prog
     if not program.transfers:
         return program
     shift = 1 if any(t.kind == "input" for t in program.transfers) else 0
-    stages = [replace(s, id=f"d{s.device}_l{s.level + shift}", level=s.level + shift, graph=_copy(s.graph))
+    stages = [replace(s, id=f"d{s.device}_l{s.level + shift}", level=s.level + shift, graph=s.graph.copy())
               for s in program.stages]
     producer = {(s.device, o): s for s in stages for o in s.graph.outputs}
     if shift:
@@ -123,11 +123,6 @@ def quantize(program: Program, params: dict[tuple[int, str], WireQuant]) -> Prog
         s.graph.reindex()
     return Program(sorted(stages, key=lambda s: (s.level, s.device)), transfers, dict(program.outputs),
                    dict(program.inputs))
-
-
-def _copy(g: Graph) -> Graph:
-    return Graph(list(g.nodes), list(g.inputs), list(g.outputs), dict(g.tensors), dict(g.constants), g.opset,
-                 dict(g.extra_opsets), g.name)
 
 
 def _fresh(g: Graph, base: str) -> str:

@@ -12,7 +12,7 @@ import sys
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from lcpc.deployment import Failure, ServeReport
+from lcpc.runtime.deployment import Failure, ServeReport
 from lcpc.safety import printable
 
 

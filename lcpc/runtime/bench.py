@@ -5,11 +5,10 @@ Guarantees:
   original model from the manifest's source path or ``model``; the original's sha256 must
   equal the manifest's, so the comparison is with the model that was converted. Nothing
   is written, the plan and folder are never changed;
-- every session, the original's and each stage's, gets the same options (``threads``
-  intra-op threads, one inter-op thread, onnxruntime's defaults otherwise: sequential
-  execution, full graph optimisation, the CPU provider), so the ratios compare like with
-  like; stages are opened by ``stage_session.open_stage`` (checked bytes and signature),
-  as the engines open them;
+- every session, the original's and each stage's, is opened by ``runtime.session`` with
+  ``threads`` intra-op threads (the same options for all), so the ratios compare like
+  with like; stages are opened by ``session.open_stage`` (checked bytes and signature), as
+  the engines open them;
 - timing is interleaved: each round runs the original once and every stage once, in an
   order shuffled per round (seeded), after ``warmup`` untimed rounds; every item reports
   the median, min, max and interquartile range over ``runs`` rounds;
@@ -38,32 +37,12 @@ from typing import Any, Callable
 import numpy as np
 import onnxruntime as ort
 
-from lcpc import manifest as mf
 from lcpc.errors import LcpcError
+from lcpc.runtime import manifest as mf
+from lcpc.runtime.feeds import random_feeds
+from lcpc.runtime.manifest import Manifest
+from lcpc.runtime.session import open_session, open_stage
 from lcpc.safety import first_line, printable
-from lcpc.stage_session import open_stage
-
-
-def session_options(threads: int) -> ort.SessionOptions:
-    """The options of the original's session: those ``stage_session.open_stage`` gives a stage."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    return opts
-
-
-def random_feeds(specs: list[dict[str, Any]], rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Inputs of the declared shapes and dtypes: normal floats, small integers, False."""
-    feeds = {}
-    for spec in specs:
-        dtype = np.dtype(spec["dtype"])
-        if np.issubdtype(dtype, np.floating):
-            feeds[spec["name"]] = rng.standard_normal(spec["shape"]).astype(dtype)
-        elif np.issubdtype(dtype, np.integer):
-            feeds[spec["name"]] = rng.integers(0, 2, spec["shape"]).astype(dtype)
-        else:
-            feeds[spec["name"]] = np.zeros(spec["shape"], dtype)
-    return feeds
 
 
 def machine() -> dict[str, Any]:
@@ -86,24 +65,13 @@ def _stats(times: list[float]) -> dict[str, float]:
     return {"median_ms": float(med), "min_ms": float(t.min()), "max_ms": float(t.max()), "iqr_ms": float(q3 - q1)}
 
 
-def _load(data: bytes | str, threads: int, what: str) -> ort.InferenceSession:
-    try:
-        return ort.InferenceSession(data, session_options(threads), providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise LcpcError(f"{what}: onnxruntime cannot load it: {first_line(exc)}") from None
-
-
-def original_model(manifest: dict[str, Any], model: str | Path | None) -> bytes:
-    """The converted model's bytes, checked against the manifest's sha256."""
-    path = Path(model) if model is not None else Path(manifest["source"].get("path") or "")
-    if model is None and not manifest["source"].get("path"):
-        raise LcpcError("the manifest names no source model file (converted from bytes); pass --model ORIGINAL.onnx")
-    if not path.is_file():
-        raise LcpcError(f"{printable(path)}: the original model is not there; pass --model ORIGINAL.onnx")
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != manifest["source"]["sha256"]:
-        raise LcpcError(f"{printable(path)}: not the model this folder was converted from (sha256 differs from the "
-                        f"manifest's); pass the original with --model")
+def original_model(manifest: Manifest, model: str | Path | None) -> bytes:
+    """The converted model's bytes (``manifest.read_original``); a ``model`` given must match the
+    recorded sha256 too, so the comparison is with the model that was converted."""
+    data, where = mf.read_original(manifest, model)
+    if hashlib.sha256(data).hexdigest() != manifest.json["source"]["sha256"]:
+        raise LcpcError(f"{printable(where)}: not the model this folder was converted from (sha256 differs from "
+                        f"the manifest's); pass the original with --model")
     return data
 
 
@@ -116,11 +84,11 @@ def bench(folder: str | Path, model: str | Path | None = None, threads: int = 1,
     folder = Path(folder)
     manifest = mf.read(folder)
     rng = np.random.default_rng(seed)
-    sessions = [("original", _load(original_model(manifest, model), threads, "the original model"),
-                 random_feeds(manifest["source"]["inputs"], rng))]
-    for s in manifest["stages"]:
-        sessions.append((s["id"], open_stage(mf.read_stage(folder, s), s, folder / s["file"], threads),
-                         random_feeds(s["inputs"], rng)))
+    sessions = [("original", open_session(original_model(manifest, model), "the original model", threads),
+                 random_feeds(manifest.inputs, rng))]
+    for s in manifest.stages:
+        sessions.append((s.id, open_stage(mf.read_stage(folder, s), s, folder / s.file, threads),
+                         random_feeds(s.inputs, rng)))
     times = time_interleaved([(name, functools.partial(sess.run, None), feeds) for name, sess, feeds in sessions],
                              runs, warmup, rng)
     return summarise(manifest, {name: _stats(t) for name, t in times.items()},
@@ -140,23 +108,23 @@ def time_interleaved(items: list[tuple[str, Callable, dict]], runs: int, warmup:
             start = time.perf_counter()
             try:
                 run(feeds)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
                 raise LcpcError(f"bench: {name} failed in onnxruntime: {first_line(exc)}") from None
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
     return times
 
 
-def summarise(manifest: dict[str, Any], stats: dict[str, dict[str, float]], setup: dict[str, Any]) -> dict[str, Any]:
+def summarise(manifest: Manifest, stats: dict[str, dict[str, float]], setup: dict[str, Any]) -> dict[str, Any]:
     """Per-stage, per-device and whole-plan figures from the stage timings (``stats[stage id]``)."""
-    original = dict(stats["original"], flops=int(manifest["totals"]["original"]["flops"]))
-    stages = [dict(stats[s["id"]], id=s["id"], device=s["device"], level=s["level"], flops=int(s["flops"]))
-              for s in manifest["stages"]]
+    original = dict(stats["original"], flops=int(manifest.json["totals"]["original"]["flops"]))
+    stages = [dict(stats[s.id], id=s.id, device=s.device, level=s.level, flops=int(s.flops))
+              for s in manifest.stages]
     devices = []
-    for d in manifest["devices"]:
-        mine = [s for s in stages if s["device"] == d["id"]]
+    for d in manifest.devices:
+        mine = [s for s in stages if s["device"] == d.id]
         ms, flops = sum(s["median_ms"] for s in mine), sum(s["flops"] for s in mine)
-        devices.append({"device": d["id"], "name": d["name"], "role": d["role"], "stages": [s["id"] for s in mine],
+        devices.append({"device": d.id, "name": d.name, "role": d.role, "stages": [s["id"] for s in mine],
                         "ms": ms, "flops": flops, "speedup": original["median_ms"] / ms if ms else None,
                         "flop_ratio": original["flops"] / flops if flops else None})
     for d in devices:
@@ -167,8 +135,7 @@ def summarise(manifest: dict[str, Any], stats: dict[str, dict[str, float]], setu
     busiest = max(d["flops"] for d in devices)
     speedup = original["median_ms"] / slowest["ms"]
     flop_ratio = original["flops"] / busiest if busiest else None
-    sync = manifest["sync"]["policy"] if isinstance(manifest["sync"], dict) else manifest["sync"]
-    return {**setup, "branches": manifest["branches"], "sync": sync, "original": original,
+    return {**setup, "branches": manifest.branches, "sync": manifest.sync_policy, "original": original,
             "stages": stages, "devices": devices, "critical_path_ms": critical,
             "slowest_device": slowest["device"], "slowest_device_ms": slowest["ms"], "speedup": speedup,
             "speedup_critical_path": original["median_ms"] / critical, "flop_ratio": flop_ratio,

@@ -37,6 +37,7 @@ import onnx
 
 from lcpc.errors import LcpcError
 from lcpc.ir import Graph, from_onnx, tensor_infos, to_onnx
+from lcpc.runtime.session import open_session
 
 FORMATS = ("float", "int8", "int8-s8s8", "dynamic")
 QUANTIZABLE = ("Conv", "Gemm", "MatMul", "ConvTranspose")
@@ -128,14 +129,7 @@ def choose(graph: Graph, candidates: list[str], calib: list[dict[str, np.ndarray
 def measure(variants: dict[str, Graph], feeds: dict[str, np.ndarray], repeat: int | None = None) -> dict[str, float]:
     """Seconds per run of each variant: one thread, runs interleaved in one loop, the fastest
     run of each (the one least disturbed by other load on the machine)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    sessions = {k: ort.InferenceSession(to_onnx(g).SerializeToString(), opts, providers=["CPUExecutionProvider"])
-                for k, g in variants.items()}
+    sessions = {k: open_session(to_onnx(g).SerializeToString(), f"the {k} variant") for k, g in variants.items()}
     for s in sessions.values():  # warm-up, and a first estimate of the run time
         start = time.perf_counter()
         s.run(None, feeds)
@@ -190,4 +184,4 @@ def _short_names(g: Graph) -> Graph:
     used = {x for n in g.nodes for x in n.inputs + n.outputs if x} | keep
     tensors = {rename(t): info for t, info in g.tensors.items() if t in used and t not in g.constants}
     constants = {rename(c): v for c, v in g.constants.items()}
-    return Graph(nodes, list(g.inputs), list(g.outputs), tensors, constants, g.opset, dict(g.extra_opsets), g.name)
+    return g.copy(nodes=nodes, tensors=tensors, constants=constants)

@@ -4,40 +4,42 @@ Guarantees:
 - the returned plan differs from the input only in its graph's constants: nodes,
   tensors, layouts, partition and decisions are unchanged, so lowering it yields the
   same stages and the same bytes per inference;
-- cut layers stay cut: the student (``recover_student.Student``) trains ``W * mask``
+- cut layers stay cut: the student (``student.Student``) trains ``W * mask``
   (``lcpc.weights.weight_masks``), exported weights are exactly zero outside the blocks,
   so the lowered plan computes what the trained student computes (in eval mode);
-- the student starts from the plan's weights as they are (after ``passes.refit``, the
+- the student starts from the plan's weights as they are (after ``passes.recover.refit``, the
   one refit, when the pipeline ran it); the teacher is ``original`` (the weights before
   any refit) or, when not given, the plan's own graph;
 - ``data`` is split with ``lcpc.fidelity.holdout_split`` (the refit's split for the
   same seed); the report gives top-1 agreement with the original (and accuracy with
   labels) on both parts, before and after, and warns when the held-out figure trails
-  the training figure (overfitting) or the data set is small (``recover_judge``).
+  the training figure (overfitting) or the data set is small (``judge``).
 
 Recipe (``benchmarks/recovery.py`` measures it on the digits and shapes examples):
-1. *BatchNorm re-insertion* (``recover_norms``): a BatchNorm after every
+1. *BatchNorm re-insertion* (``norms``): a BatchNorm after every
    non-classifier Conv/Gemm with a bias, initialised to the identity, then
    re-estimated toward the original's output statistics.
 2. *Distillation*: KL(softmax(t/T) || softmax(s/T)) * T^2 with T = 4 on the same
    (optionally shifted/flipped) batch for teacher and student, plus cross-entropy on
    labels when given; AdamW (learning rate 2e-3) on batches of 8 (recovery data are
    few: small batches give more steps in the same epochs), a linear warm-up over 5% of
-   the steps then cosine decay (on shapes at K=8 these settings give 86.9% against
-   81.9% with batches of 32, learning rate 1e-3, T = 2 and 20% warm-up); BatchNorm trains on
+   the steps then cosine decay (chosen on shapes at K=8 over batches of 32, learning rate
+   1e-3, T = 2 and 20% warm-up: docs/results.md); BatchNorm trains on
    batch statistics with momentum-updated running statistics, re-measured over the
    calibration images before every evaluation.
    *Batch augmentation* (Hoffer et al. 2019): each step holds ``views`` independently
    augmented copies of each of its images, so the same steps over the same data see
    ``views`` times the samples, at ``views`` times the compute. Where recovery data are few,
    the student is bound by the samples it sees, not by its steps: on shapes at K=8 it
-   underfits (training agreement only 1 to 2 points above held-out at every epoch, and
-   batches of 4, twice the steps, do not help), and 4 views there (with learning rate 1e-2
+   underfits (training agreement stays close to held-out at every epoch, and batches of
+   4, twice the steps, do not help), and 4 views there (with learning rate 1e-2
    and mirroring) reach in 2 epochs about what one view reaches in 8 to 10. One view is the
-   default: on digits, 4 views at T = 4 gain nothing (``benchmarks/results/recovery_*.md``).
+   default: on digits, 4 views at T = 4 gain nothing (``benchmarks/results/recovery_curve.md``
+   has the 3-seed runs).
    The start matters as well: on shapes at K=8 with 4 views, distilling from the ``stats``
    refit (the kept blocks of the original, output statistics matched) instead of the
-   least-squares one ends 0.1 point higher on average and 0.4 on the worst of 3 seeds.
+   least-squares one ends 0.1 point higher on average and 0.4 on the worst of 3 seeds
+   (``benchmarks/results/recovery_curve.md``).
 3. *Model selection*: after each epoch the held-out KL is compared, sample by sample,
    with the best epoch's; the latest epoch is kept unless it is worse by more than
    two standard errors (then the best is restored); two such epochs in a row stop
@@ -56,7 +58,7 @@ import numpy as np
 from lcpc.errors import LcpcError
 from lcpc.fidelity import holdout_split, lower_by_two_se
 from lcpc.ir import Graph
-from lcpc.passes.recover_judge import (Judge, already_cut, check_data, data_warnings, headline, logits_tensor,
+from lcpc.passes.recover.judge import (Judge, already_cut, check_data, data_warnings, headline, logits_tensor,
                                        result_warnings, same_structure)
 from lcpc.plan import Plan
 from lcpc.weights import dense_nodes, weight_masks
@@ -118,9 +120,9 @@ def run(plan: Plan, data: np.ndarray, labels: np.ndarray | None = None, *, epoch
     except TypeError as exc:
         raise LcpcError(f"recovery: {exc} (settings: {', '.join(Recipe.__dataclass_fields__)})") from None
     torch = _torch()
-    from lcpc.passes.recover_norms import initialise
-    from lcpc.passes.recover_student import Student, normable
-    from lcpc.torch_graph import GraphModule
+    from lcpc.passes.recover.norms import initialise
+    from lcpc.passes.recover.student import Student, normable
+    from lcpc.passes.recover.torch_graph import GraphModule
 
     start = time.perf_counter()
     g = plan.graph
@@ -159,7 +161,7 @@ def run(plan: Plan, data: np.ndarray, labels: np.ndarray | None = None, *, epoch
                                                               train_idx, calib, name, dev, gen, progress)
         student.eval()
         stages["recovered"] = judge.figures(student)
-        g = replace(g, constants=student.export_constants())
+        g = g.copy(constants=student.export_constants())
     else:
         stages["recovered"] = stages["start"]
     warnings += result_warnings(stages["recovered"])
@@ -181,7 +183,7 @@ def _distil(student, teacher, judge, recipe: Recipe, x_all, y_all, train_idx, ca
     import torch
     import torch.nn.functional as F
 
-    from lcpc.passes.recover_norms import recalibrate
+    from lcpc.passes.recover.norms import recalibrate
 
     for node in student.normed():
         student.norm(node).momentum = recipe.bn_momentum

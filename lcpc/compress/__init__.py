@@ -1,4 +1,4 @@
-"""Compress a lowered program: int8 stages (``passes.quantize``) and int8 on the wire (``lcpc.wire``).
+"""Compress a lowered program: int8 stages (``compress.quantize``) and int8 on the wire (``compress.wire``).
 
 Both act after lowering, on the ``Program`` a target is about to write (layers:
 ... -> lower -> compress -> targets; nothing here imports a target).
@@ -6,14 +6,15 @@ Both act after lowering, on the ``Program`` a target is about to write (layers:
 Guarantees:
 - ``check_calib`` refuses calibration data whose shape does not fit the model input
   (one ``LcpcError`` naming both shapes), before anything is written;
-- ``run_program`` executes a program in-process, stage by stage in level order, as the
-  engines do, and returns the model output and any values asked for — so
+- ``run_program`` executes a program in-process in the one run order
+  (``lcpc.runtime.order``, which the engines follow), and returns the model output and
+  any values asked for — so
   calibration sees exactly the values the stages and the wire will carry;
 - ``apply`` with ``quantize="int8"`` gives every stage the faster of float and int8
-  (static U8S8 with data, dynamic without), measured (``passes.quantize.choose``);
+  (static U8S8 with data, dynamic without), measured (``compress.quantize.choose``);
   ``"int8-all"`` quantizes every stage that has weights, unmeasured; the stage's
   ``format`` records the choice and its reason; ``wire="int8"`` then puts every
-  transfer in int8 (``lcpc.wire``), ranges calibrated on the data or, without data, on
+  transfer in int8 (``compress.wire``), ranges calibrated on the data or, without data, on
   ``wire.DEFAULT_SAMPLES`` N(0, 1) inputs;
 - ``compare`` gives the report's comparison rows: FLOPs, busiest device, weight bytes,
   stage-file bytes, wire bytes, and top-1 agreement / KL with the original on the data.
@@ -26,14 +27,16 @@ from dataclasses import replace
 
 import numpy as np
 
-from lcpc import wire as wire_format
+from lcpc.compress import wire as wire_format
 from lcpc.calibrate import run_graph
 from lcpc.perf.costs import graph_costs
 from lcpc.errors import LcpcError
 from lcpc.fidelity import compare as fidelity
 from lcpc.ir import to_onnx
-from lcpc.lower import Program
-from lcpc.passes import quantize as quant
+from lcpc.lower import Program, Stage, Transfer
+from lcpc.compress import quantize as quant
+from lcpc.runtime.order import RunOrder
+from lcpc.runtime.session import open_session
 
 QUANTIZE = ("int8", "int8-all")
 CALIB_SAMPLES = 64   # planned batches that calibrate the int8 stages
@@ -61,35 +64,30 @@ def check_calib(inputs: dict, data: np.ndarray | None) -> None:
 def run_program(program: Program, data: np.ndarray, keep: set[tuple[int, str]] | None = None
                 ) -> tuple[np.ndarray, dict[tuple[int, str], list[np.ndarray]]]:
     """Run ``program`` on every planned batch of ``data``: (first model output, values of ``keep``)."""
-    import onnxruntime as ort
-
     check_calib(program.inputs, data)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    sessions = {s.id: ort.InferenceSession(to_onnx(s.graph).SerializeToString(), opts,
-                                           providers=["CPUExecutionProvider"]) for s in program.stages}
+    sessions = {s.id: open_session(to_onnx(s.graph).SerializeToString(), f"stage {s.id}") for s in program.stages}
     name, spec = next(iter(program.inputs.items()))
     x = data.astype(spec.dtype, copy=False)
     step = spec.shape[0]
     kept: dict[tuple[int, str], list[np.ndarray]] = defaultdict(list)
     outputs = []
-    levels = sorted({s.level for s in program.stages} | {t.level for t in program.transfers})
     first_output = next(iter(program.outputs.values()))
+    values: dict[tuple[int, str], np.ndarray] = {}
+
+    def run_level(stages: tuple[Stage, ...]) -> None:
+        for s in stages:
+            feeds = {i: values[(s.device, i)] for i in s.graph.inputs}
+            values.update({(s.device, o): v for o, v in zip(s.graph.outputs, sessions[s.id].run(s.graph.outputs,
+                                                                                                 feeds))})
+
+    def move(t: Transfer) -> None:
+        values[(t.dst, t.dst_name)] = values[(t.src, t.src_name)]
+
+    order = RunOrder(program.stages, program.transfers)
     for start in range(0, len(x), step):
-        values = {(0, name): x[start:start + step]}
-        for t in program.transfers:
-            if t.kind == "input":
-                values[(t.dst, t.dst_name)] = values[(t.src, t.src_name)]
-        for level in levels:
-            for s in (s for s in program.stages if s.level == level):
-                feeds = {i: values[(s.device, i)] for i in s.graph.inputs}
-                for o, v in zip(s.graph.outputs, sessions[s.id].run(s.graph.outputs, feeds)):
-                    values[(s.device, o)] = v
-            for t in program.transfers:
-                if t.kind != "input" and t.level == level:
-                    values[(t.dst, t.dst_name)] = values[(t.src, t.src_name)]
+        values.clear()
+        values[(0, name)] = x[start:start + step]
+        order.walk(run_level, move)
         for key in keep or ():
             kept[key].append(values[key])
         outputs.append(values[(0, first_output)])

@@ -9,7 +9,7 @@ Guarantees:
   ``nn.Parameter``s; every other constant is a buffer;
 - a subclass changes what a layer computes through two hooks only: ``weight(node)``
   (the weight a dense layer uses) and ``after(node, outputs)`` (applied to a node's
-  outputs), which is how the recovery student (``passes/recover_student.py``) masks
+  outputs), which is how the recovery student (``passes/recover/student.py``) masks
   cut weights and inserts BatchNorms;
 - an op it does not implement raises ``LcpcError`` at construction, naming the node.
 """

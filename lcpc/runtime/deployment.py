@@ -5,7 +5,7 @@
         report = dep.serve(requests_from_npy(batch))   # a stream: latency percentiles
 
 Guarantees:
-- one engine (``local`` or ``ray``, opened by ``pipeline.open_engine``) is opened once
+- one engine (``local`` or ``ray``, opened by ``engine.open_engine``) is opened once
   and reused for every request;
 - every request has an id; a request that fails (an actor died, a node left, a
   timeout) is recorded as a ``Failure`` with its id and the engine's one-line message
@@ -26,12 +26,12 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from lcpc import manifest as mf
 from lcpc import safety
 from lcpc.errors import LcpcError
 from lcpc.images import Preprocessing, load_folder
-from lcpc.pipeline import open_engine
-from lcpc.schedule import Stats
+from lcpc.runtime.engine import open_engine
+from lcpc.runtime.feeds import Stats
+from lcpc.runtime.manifest import Manifest
 
 
 @dataclass(frozen=True)
@@ -78,14 +78,14 @@ class Deployment:
     """A warm engine for one converted folder (see the module docstring)."""
 
     def __init__(self, folder: str | Path, engine: str = "local", *, address: str | None = None,
-                 devices: str | Path | None = None, timeout: float = 60.0) -> None:
+                 devices: str | Path | None = None, timeout: float | None = None) -> None:
         self.folder = Path(folder)
-        self.engine = open_engine(self.folder, engine, address, devices, timeout)
+        self.engine = open_engine(self.folder, engine, address=address, devices=devices, timeout=timeout)
         self.stats = Stats()
         self._next = 0
 
     @property
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self) -> Manifest:
         return self.engine.manifest
 
     @property
@@ -95,7 +95,7 @@ class Deployment:
     def feeds(self, x: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if isinstance(x, dict):
             return x
-        names = [i["name"] for i in self.engine.inputs]
+        names = [i.name for i in self.engine.inputs]
         if len(names) != 1:
             raise LcpcError(f"the model takes inputs {', '.join(names)}; pass a dict of arrays")
         return {names[0]: x}
@@ -159,21 +159,21 @@ def requests_from_array(x: np.ndarray, name: str, planned_batch: int = 1) -> Ite
         yield Request(i // planned_batch, {name: x[i:i + planned_batch]})
 
 
-def requests_from_source(source: str | Path, manifest: dict[str, Any], repeat: int = 1) -> tuple[list, int]:
+def requests_from_source(source: str | Path, manifest: Manifest, repeat: int = 1) -> tuple[list, int]:
     """Requests from a .npy batch or a folder of images (ids: file names for images);
     returns (requests, count). Images are read with the manifest's preprocessing."""
     source = Path(source)
-    spec = mf.feeds(manifest)
+    spec = manifest.feeds
     if len(spec) != 1:
         raise LcpcError(f"{source}: serve streams single-input models; this one takes "
-                        f"{', '.join(i['name'] for i in spec)}")
-    name, batch = spec[0]["name"], spec[0]["shape"][0]
+                        f"{', '.join(i.name for i in spec)}")
+    name, batch = spec[0].name, spec[0].shape[0]
     if source.is_dir():
-        prep = manifest["source"].get("preprocessing")
-        if prep is None:
+        if manifest.preprocessing is None:
             raise LcpcError(f"{source}: an image folder needs the preprocessing, which the manifest does not "
                             f"record; convert with --preprocess")
-        x, files = load_folder(source, Preprocessing.from_dict(prep), raw=mf.takes_raw_images(manifest))
+        x, files = load_folder(source, Preprocessing.from_dict(dict(manifest.preprocessing)),
+                               raw=manifest.takes_raw_images)
         ids = [Path(f).name for f in files]
     elif source.is_file():
         x = safety.load_array(source)

@@ -99,10 +99,9 @@ def _row_norms(student, node_name: str):
 def _rescale_rows(student, reference: dict) -> None:
     """Scale each normed layer's output rows back to their norms in ``reference``; its
     BatchNorm's running statistics scale along, so the function does not change."""
-    by_name = {n.name: n for n in student.graph.nodes}
     with torch.no_grad():
         for node_name, ref in reference.items():
-            node = by_name[node_name]
+            node = student.graph.node(node_name)
             now = _row_norms(student, node_name)
             s = torch.where(now > 0, ref / now.clamp_min(1e-12), torch.ones_like(now))
             w = student.const(node.inputs[1])

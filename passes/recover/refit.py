@@ -103,7 +103,7 @@ def run(plan: Plan, data: np.ndarray, level: str = "lsq", labels: np.ndarray | N
               "holdout": holdout, "seed": seed, "ridge": ridge,
               "before": stages["cut"][headline], "after": stages["refit"][headline], "stages": stages,
               "seconds": round(time.perf_counter() - start, 2)}
-    return replace(plan, graph=current, _cache={}), report
+    return replace(plan, graph=current), report
 
 
 def refit_layers(plan: Plan) -> list:

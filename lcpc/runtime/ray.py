@@ -9,9 +9,9 @@ Guarantees:
   ``LcpcError`` naming the device and the resource;
 - actors get the stage files' checked bytes (``manifest.read_stage``) from the driver,
   so remote nodes need no copy of the folder; each builds its sessions with
-  ``lcpc.stage_session.open_stage`` (same checks as the local engine);
-- execution follows ``lcpc.schedule`` (the order the local engine uses): one actor
-  call per device per level; a value sent to another device is the return value of
+  ``lcpc.runtime.session.open_stage`` (same checks as the local engine);
+- execution follows the one run order (``Manifest.order.steps()``, the order the local
+  engine walks): one actor call per device per level; a value sent to another device is the return value of
   the sender's call, passed as an ``ObjectRef`` argument to the receiver's next call,
   so Ray moves every byte; lcpc opens no socket. The model input goes by value when it
   is smaller than Ray's inline limit (``INLINE_BYTES``, 100 KiB: Ray inlines it in each
@@ -27,11 +27,13 @@ Guarantees:
   (dead, or not answering); ``rebuild`` replaces dead actors so later requests run;
 - ``close`` kills the actors and shuts Ray down when this engine started it.
 
-Modes (``mode``, printed by ``describe``): ``actor-calls`` (default: the calls above) or
+Modes (``mode``, printed by ``describe``): ``actor-calls`` (the calls above; the default of this class
+and of ``lcpc serve``, whose ``rebuild`` after a fault needs them) or
 ``compiled-graph``: the same schedule as one Ray Compiled Graph (``ray.dag``,
 ``experimental_compile``; ``compiled_graph``), messages through compiled-graph channels,
 bytes still counted by the receiving actor per transfer id, every wait bounded by the timeout.
-``auto`` compiles and falls back to actor calls (saying why) when Ray cannot compile it. A
+``auto`` (the default of ``lcpc run``) compiles and falls back to actor calls (saying why) when Ray
+cannot compile it. A
 compiled graph that fails on a request (dead actor, timeout) is torn down and the engine
 refuses further requests with a message to start it again (``rebuild`` after a fault is
 for actor calls, which ``lcpc serve`` uses). benchmarks/ray_overhead.py measures both.
@@ -44,16 +46,18 @@ import os
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from lcpc.perf import devices as dv
-from lcpc import manifest as mf
 from lcpc.errors import LcpcError
-from lcpc.schedule import Schedule, Stats, check_feeds, join_batches, planned_batches
+from lcpc.perf import devices as dv
+from lcpc.runtime import manifest as mf
+from lcpc.runtime.engine import Engine
+from lcpc.runtime.feeds import Stats
+from lcpc.runtime.manifest import Manifest, Stage, Transfer
+from lcpc.runtime.session import open_stage
 from lcpc.safety import first_line
-from lcpc.stage_session import open_stage
 
 INSTALL_HINT = "the ray engine needs Ray: pip install 'lcpc[ray]'"
 INLINE_BYTES = 100 * 1024  # Ray's max_direct_call_object_size default: smaller values travel inline
@@ -75,10 +79,10 @@ def require_ray() -> None:
 class DeviceWorker:
     """The per-device actor body: sessions for the device's stages, a value store per request."""
 
-    def __init__(self, device: int, stages: list[dict], blobs: dict[str, bytes], folder: str) -> None:
+    def __init__(self, device: int, stages: list[Stage], blobs: dict[str, bytes], folder: str) -> None:
         self.device = device
-        self.stages = {s["id"]: s for s in stages}
-        self.sessions = {s["id"]: open_stage(blobs[s["id"]], s, f"{folder}/{s['file']}") for s in stages}
+        self.stages = {s.id: s for s in stages}
+        self.sessions = {s.id: open_stage(blobs[s.id], s, f"{folder}/{s.file}") for s in stages}
         self.folder = folder
         self.store: dict[Any, dict[str, np.ndarray]] = {}
         self.counts: dict[Any, dict[int, int]] = {}
@@ -103,13 +107,13 @@ class DeviceWorker:
         values = self._receive(rid, maps, refs)
         for sid in stage_ids:
             stage = self.stages[sid]
-            feeds = {i["name"]: values[i["name"]] for i in stage["inputs"]}
+            feeds = {i.name: values[i.name] for i in stage.inputs}
             try:
-                outs = self.sessions[sid].run([o["name"] for o in stage["outputs"]], feeds)
-            except Exception as exc:
-                raise LcpcError(f"{self.folder}/{stage['file']}: stage {sid} failed in onnxruntime: "
+                outs = self.sessions[sid].run([o.name for o in stage.outputs], feeds)
+            except Exception as exc:  # noqa: BLE001 - e.g. an op failing on these values
+                raise LcpcError(f"{self.folder}/{stage.file}: stage {sid} failed in onnxruntime: "
                                 f"{first_line(exc)}") from None
-            values.update(zip((o["name"] for o in stage["outputs"]), outs))
+            values.update(zip((o.name for o in stage.outputs), outs))
         messages = [{name: values[name] for name in names} for names in sends]
         return messages[0] if len(messages) == 1 else tuple(messages) if messages else None
 
@@ -134,9 +138,10 @@ class DeviceWorker:
 
 
 MODES = ("actor-calls", "compiled-graph", "auto")
+RID_COMPILED = "compiled"  # one request at a time flows through a compiled graph
 
 
-class RayEngine:
+class RayEngine(Engine):
     """Runs a manifest on Ray actors; reuse one engine for many requests."""
 
     @property
@@ -149,15 +154,13 @@ class RayEngine:
         if mode not in MODES:
             raise LcpcError(f"ray mode '{mode}': choose {', '.join(MODES)}")
         require_ray()
-        self.folder = Path(folder)
-        self.manifest = mf.read(self.folder)
+        super().__init__(folder)
         self.network = dv.load(devices)
-        self.network.check_names(d["name"] for d in self.manifest["devices"])
+        self.network.check_names(d.name for d in self.manifest.devices)
         self.explicit_devices = devices is not None
         self.timeout = float(timeout)
-        self.schedule = Schedule(self.manifest)
-        self.blobs = {s["id"]: mf.read_stage(self.folder, s) for s in self.manifest["stages"]}
-        self.names = {d["id"]: d["name"] for d in self.manifest["devices"]}
+        self.blobs = {s.id: mf.read_stage(self.folder, s) for s in self.manifest.stages}
+        self.names = self.manifest.names
         self.owns_ray = False
         self._ids = itertools.count()
         self._start_ray(address)
@@ -167,7 +170,7 @@ class RayEngine:
         try:
             for d in self.names:
                 self.actors[d] = self._spawn(d)
-            self._wait({d: a.ping.remote() for d, a in self.actors.items()}, "starting the actors")
+            self._wait([(d, a.ping.remote()) for d, a in self.actors.items()], "starting the actors")
             if mode != "actor-calls":
                 self._compile(required=mode == "compiled-graph")
         except BaseException:
@@ -175,10 +178,6 @@ class RayEngine:
             raise
 
     # ------------------------------------------------------------------ setup
-    @property
-    def inputs(self) -> list[dict[str, Any]]:
-        return mf.feeds(self.manifest)
-
     def _resource(self, d: int) -> str:
         return self.network.device(self.names[d]).resource
 
@@ -190,7 +189,7 @@ class RayEngine:
                 kwargs["resources"] = {self._resource(d): float(len(self.names)) for d in self.names}
             try:
                 ray.init(address=address, **kwargs)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever Ray says, in one line
                 raise LcpcError(f"cannot start or reach Ray{f' at {address}' if address else ''}: "
                                 f"{first_line(exc)}") from None
             self.owns_ray = True
@@ -203,26 +202,19 @@ class RayEngine:
         self.pin_local = bool(missing)
 
     def _spawn(self, d: int):
-        stages = [s for s in self.manifest["stages"] if s["device"] == d]
+        stages = list(self.manifest.stages_on(d))
         if self.pin_local:
             options = {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
                                                                              soft=False)}
         else:
             options = {"resources": {self._resource(d): 0.001}}
         return self._worker_cls.options(name=None, **options).remote(
-            d, stages, {s["id"]: self.blobs[s["id"]] for s in stages}, str(self.folder))
+            d, stages, {s.id: self.blobs[s.id] for s in stages}, str(self.folder))
 
     # ------------------------------------------------------------------ running
-    def check_inputs(self, feeds: dict[str, np.ndarray], files: dict[str, str] | None = None) -> int:
-        return check_feeds(self.inputs, feeds, files)
-
     def run(self, feeds: dict[str, np.ndarray], stats: Stats | None = None, request: Any = None,
             ) -> dict[str, np.ndarray]:
-        """Outputs under the model's original names, for a batch of any multiple of the plan's."""
-        self.check_inputs(feeds)
-        request = next(self._ids) if request is None else request
-        results = [self._run_once(part, stats, request) for part in planned_batches(self.inputs, feeds)]
-        return join_batches(self.manifest, results)
+        return super().run(feeds, stats, next(self._ids) if request is None else request)
 
     def _run_once(self, feeds: dict[str, np.ndarray], stats: Stats | None, rid: Any) -> dict[str, np.ndarray]:
         if self.graph is not None:
@@ -230,47 +222,28 @@ class RayEngine:
         if self.fallback == "it failed on a request":
             raise LcpcError(f"request {rid}: the compiled graph failed on an earlier request; start the engine "
                             f"again")
-        pending: dict[int, list[tuple[Any, list[tuple]]]] = defaultdict(list)
         # small: by value, inlined in each receiving device's call; large: one object put once, pulled by each
         message = feeds if sum(v.nbytes for v in feeds.values()) < INLINE_BYTES else ray.put(feeds)
-        pending[0].append((message, [(n, n, None) for n in feeds]))
-        by_dst: dict[int, list[tuple]] = defaultdict(list)
-        for t in self.schedule.input_transfers:
-            by_dst[t["to"]["device"]].append((t["from"]["name"], t["to"]["name"], t["id"]))
-        for dst, mapping in by_dst.items():
-            pending[dst].append((message, mapping))
-        for level in self.schedule.steps():
-            arrived: dict[int, list] = defaultdict(list)
-            for step in level:
-                given = pending.pop(step.device, [])
-                dests = step.destinations
-                sends = [[t["from"]["name"] for t in step.sends[dst]] for dst in dests]
-                out = self.actors[step.device].step.options(num_returns=max(1, len(dests))).remote(
-                    rid, [s["id"] for s in step.stages], sends, [m for _, m in given], *[r for r, _ in given])
-                outs = [out] if len(dests) <= 1 else out
-                for dst, ref in zip(dests, outs):
-                    arrived[dst].append((ref, [(t["from"]["name"], t["to"]["name"], t["id"])
-                                               for t in step.sends[dst]]))
-            for d, items in arrived.items():
-                pending[d].extend(items)
-        outputs = defaultdict(list)
-        for o in self.manifest["outputs"]:
-            outputs[o["device"]].append(o["local_name"])
-        finals = {d: a.finish.remote(rid, outputs.get(d, []), [m for _, m in pending.get(d, [])],
-                                     *[r for r, _ in pending.get(d, [])]) for d, a in self.actors.items()}
-        done = self._wait(finals, f"request {rid}", rid)
+        results, leaves = issue(self.manifest, self.actors, rid, message, _remote)
+        done = self._wait(list(results.items()) + leaves, f"request {rid}", rid)[:len(results)]
+        return self._collect(dict(zip(results, done)), stats)
+
+    def _collect(self, done: dict[int, tuple[dict, dict]], stats: Stats | None) -> dict[str, np.ndarray]:
+        """The model outputs from each device's (outputs held there, bytes received by transfer id)."""
         if stats is not None:
+            received: dict[int, int] = defaultdict(int)
             for _, counts in done.values():
                 for tid, n in counts.items():
-                    stats.bytes_by_transfer[tid] += n
-            stats.samples += 1
-        return {o["name"]: done[o["device"]][0][o["local_name"]] for o in self.manifest["outputs"]}
+                    received[tid] += n
+            stats.add(received)
+        # a copy: a compiled-graph channel hands out views of its buffer
+        return {o.name: np.array(done[o.device][0][o.local_name], copy=True) for o in self.manifest.outputs}
 
     # ------------------------------------------------------------------ compiled graph
     def _compile(self, required: bool) -> None:
         """Build the schedule as one Ray Compiled Graph; on failure, actor calls (or an error if ``required``)."""
         try:
-            self.graph = compiled_graph(self.schedule, self.actors, self.manifest)
+            self.graph = compiled_graph(self.manifest, self.actors)
             self.mode = "compiled-graph"
         except Exception as exc:  # noqa: BLE001 - any reason Ray gives: fall back and say why
             self.graph = None
@@ -306,13 +279,7 @@ class RayEngine:
             self._break()
             raise LcpcError(f"request {rid}: the compiled graph did not finish within {self.timeout:g} s "
                             f"({type(exc).__name__}); start the engine again") from None
-        if stats is not None:
-            for _, counts in done.values():
-                for tid, n in counts.items():
-                    stats.bytes_by_transfer[tid] += n
-            stats.samples += 1
-        return {o["name"]: np.array(done[o["device"]][0][o["local_name"]], copy=True)
-                for o in self.manifest["outputs"]}
+        return self._collect(done, stats)
 
     def _break(self) -> None:
         """Tear down a compiled graph that failed (bounded by Ray's teardown timeout); later calls refuse."""
@@ -328,14 +295,13 @@ class RayEngine:
                 pass
 
     # ------------------------------------------------------------------ faults
-    def _wait(self, refs: dict[int, Any], what: str, rid: Any = None) -> dict[int, Any]:
-        """``ray.get`` of one ref per device, bounded by the timeout; failures name the device."""
+    def _wait(self, refs: list[tuple[int, Any]], what: str, rid: Any = None) -> list[Any]:
+        """``ray.get`` of refs, each from one device, bounded by the timeout; failures name the device."""
         try:
-            values = ray.get(list(refs.values()), timeout=self.timeout)
-            return dict(zip(refs, values))
+            return ray.get([r for _, r in refs], timeout=self.timeout)
         except GetTimeoutError:
-            ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=0)
-            late = [self.names[d] for d, r in refs.items() if r not in ready]
+            ready, _ = ray.wait([r for _, r in refs], num_returns=len(refs), timeout=0)
+            late = sorted({self.names[d] for d, r in refs if r not in ready})
             self._forget(rid)
             raise LcpcError(f"{what}: no answer within {self.timeout:g} s from {', '.join(late)} "
                             f"(waited on {'their' if len(late) > 1 else 'its'} actor; raise --timeout or check "
@@ -387,11 +353,11 @@ class RayEngine:
                 pass
             self.actors[d] = self._spawn(d)
         if dead:
-            self._wait({d: self.actors[d].ping.remote() for d in dead}, "rebuilding the actors")
+            self._wait([(d, self.actors[d].ping.remote()) for d in dead], "rebuilding the actors")
         return [self.names[d] for d in dead]
 
     def actor_pid(self, device: int) -> int:
-        return self._wait({device: self.actors[device].ping.remote()}, "ping")[device]
+        return self._wait([(device, self.actors[device].ping.remote())], "ping")[0]
 
     def close(self) -> None:
         self._teardown()
@@ -406,67 +372,86 @@ class RayEngine:
         self.owns_ray = False
 
 
-def compiled_graph(schedule: Schedule, actors: dict[int, Any], manifest: dict[str, Any]):
-    """The schedule as one Ray Compiled Graph over ``actors``: a bound ``step`` per device per level,
-    messages as edges; each device's last call returns (outputs held there, bytes received by
-    transfer id): its ``last_step``, or ``finish`` when messages reach it after its last step. Steps
-    that send nothing are graph outputs too (compiled graphs allow no leaves). The graph's outputs
-    are the devices' results in device order, then those steps."""
-    outputs = defaultdict(list)
-    for o in manifest["outputs"]:
-        outputs[o["device"]].append(o["local_name"])
-    steps = schedule.steps()
-    arrives_late = set()
-    last = {}
-    for level in steps:
-        for st in level:
-            last[st.device] = st.level
-    for t in schedule.manifest["transfers"]:
-        if t["kind"] != "input" and t["level"] >= last.get(t["to"]["device"], -1):
-            arrives_late.add(t["to"]["device"])
+# ---------------------------------------------------------------------- the calls of one request
+Call = Callable[..., list]  # (actor method, number of returns, *args) -> one handle per return
+
+
+def _remote(method, n: int, *args) -> list:
+    out = method.options(num_returns=n).remote(*args) if n > 1 else method.remote(*args)
+    return list(out) if n > 1 else [out]
+
+
+def _bind(method, n: int, *args) -> list:
+    node = method.options(num_returns=n).bind(*args) if n > 1 else method.bind(*args)
+    return [node[i] for i in range(n)] if n > 1 else [node]
+
+
+def _mapping(transfers) -> list[tuple[str, str, int | None]]:
+    """(sender's name, receiver's name, transfer id) of each value in one message."""
+    return [(t.src_name, t.dst_name, t.id) for t in transfers]
+
+
+def issue(manifest: Manifest, actors: dict[int, Any], rid: Any, first: Any, call: Call,
+          needs_message: bool = False) -> tuple[dict[int, Any], list[tuple[int, Any]]]:
+    """Issue one request as one call per device per level, in the run order (``Manifest.order.steps``).
+
+    ``first`` is the model input as a message (a value, an object ref, or a compiled graph's input
+    node); each message a step sends is the handle ``call`` returns for it, passed to the receiver's
+    next call. A device's last call returns (model outputs held there, bytes received by transfer id):
+    its last ``step`` as ``last_step`` when nothing reaches it afterwards, else a ``finish`` call.
+    Returns those results by device, and (device, handle) of the steps that send nothing otherwise
+    (``needs_message``: a compiled graph, in which every call must wait on a message)."""
+    order = manifest.order
+    outputs: dict[int, list[str]] = defaultdict(list)
+    for o in manifest.outputs:
+        outputs[o.device].append(o.local_name)
+    last = order.last_level()
+    late = {t.dst for t in manifest.transfers if t.kind != "input" and t.level >= last.get(t.dst, -1)}
+    pending: dict[int, list[tuple[Any, list]]] = defaultdict(list)
+    pending[0].append((first, [(f.name, f.name, None) for f in manifest.feeds]))
+    inputs: dict[int, list[Transfer]] = defaultdict(list)
+    for t in order.inputs:
+        inputs[t.dst].append(t)
+    for dst, ts in inputs.items():
+        pending[dst].append((first, _mapping(ts)))
+
+    def given(d: int, what: str) -> tuple[list, list]:
+        messages = pending.pop(d, [])
+        if needs_message and not messages:
+            raise LcpcError(f"device {d}'s {what} waits on no message")
+        return [m for _, m in messages], [r for r, _ in messages]
+
+    results, leaves = {}, []
+    for level in order.steps():
+        arrived: dict[int, list] = defaultdict(list)
+        for step in level:
+            d, dests = step.device, step.destinations
+            maps, refs = given(d, f"call at level {step.level}")
+            sends = [[t.src_name for t in step.sends[dst]] for dst in dests]
+            stages = [s.id for s in step.stages]
+            if last[d] == step.level and d not in late:
+                outs = call(actors[d].last_step, len(sends) + 1, rid, stages, sends, outputs[d], maps, *refs)
+                results[d] = outs.pop()
+            else:
+                outs = call(actors[d].step, max(len(sends), 1), rid, stages, sends, maps, *refs)
+                if not dests:
+                    leaves.append((d, outs[0]))
+            for dst, out in zip(dests, outs):
+                arrived[dst].append((out, _mapping(step.sends[dst])))
+        for d, items in arrived.items():
+            pending[d].extend(items)
+    for d in sorted(actors):
+        if d not in results:
+            maps, refs = given(d, "last call")
+            results[d] = call(actors[d].finish, 1, rid, outputs[d], maps, *refs)[0]
+    return results, leaves
+
+
+def compiled_graph(manifest: Manifest, actors: dict[int, Any]):
+    """The calls of one request (``issue``) as one Ray Compiled Graph over ``actors``, messages as its
+    edges. Its outputs are the devices' results in device order, then the steps that send nothing
+    (compiled graphs allow no leaves)."""
     with InputNode() as inp:
-        feeds = [f["name"] for f in mf.feeds(manifest)]
-        pending: dict[int, list] = defaultdict(list)
-        pending[0].append((inp, [(n, n, None) for n in feeds]))
-        by_dst: dict[int, list] = defaultdict(list)
-        for t in schedule.input_transfers:
-            by_dst[t["to"]["device"]].append((t["from"]["name"], t["to"]["name"], t["id"]))
-        for dst, mapping in by_dst.items():
-            pending[dst].append((inp, mapping))
-        results, leaves = {}, []
-        for level in steps:
-            arrived: dict[int, list] = defaultdict(list)
-            for step in level:
-                d = step.device
-                given = pending.pop(d, [])
-                if not given:
-                    raise LcpcError(f"device {d} has a call at level {step.level} that waits on no message")
-                dests = step.destinations
-                sends = [[t["from"]["name"] for t in step.sends[dst]] for dst in dests]
-                final = last[d] == step.level and d not in arrives_late
-                n = len(sends) + (1 if final else 0)
-                method = actors[d].last_step if final else actors[d].step
-                method = method.options(num_returns=n) if n > 1 else method
-                args = ([sends, outputs.get(d, [])] if final else [sends]) + [[m for _, m in given]]
-                node = method.bind(RID_COMPILED, [s["id"] for s in step.stages], *args, *[r for r, _ in given])
-                outs = [node] if n <= 1 else [node[i] for i in range(n)]
-                if final:
-                    results[d] = outs.pop()
-                elif not dests:
-                    leaves.append(node)
-                for dst, out in zip(dests, outs):
-                    arrived[dst].append((out, [(t["from"]["name"], t["to"]["name"], t["id"]) for t in step.sends[dst]]))
-            for d, items in arrived.items():
-                pending[d].extend(items)
-        for d in sorted(actors):
-            if d not in results:
-                given = pending.pop(d, [])
-                if not given:
-                    raise LcpcError(f"device {d}'s last call waits on no message")
-                results[d] = actors[d].finish.bind(RID_COMPILED, outputs.get(d, []), [m for _, m in given],
-                                                   *[r for r, _ in given])
-        dag = MultiOutputNode([results[d] for d in sorted(actors)] + leaves)
+        results, leaves = issue(manifest, actors, RID_COMPILED, inp, _bind, needs_message=True)
+        dag = MultiOutputNode([results[d] for d in sorted(actors)] + [ref for _, ref in leaves])
     return dag.experimental_compile()
-
-
-RID_COMPILED = "compiled"  # one request at a time flows through a compiled graph

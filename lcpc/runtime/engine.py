@@ -1,0 +1,98 @@
+"""``Engine``: what every engine that runs a written folder does, and ``open_engine`` to get one.
+
+Guarantees:
+- an engine reads its folder once (``manifest.read``: schema, dataflow, containment,
+  sha256 of every stage) and holds the typed view as ``manifest``;
+- ``inputs`` is what it is fed (``Manifest.feeds``); ``check_inputs`` refuses bad feeds
+  with an ``LcpcError`` naming the input and its file; ``run`` checks the feeds, runs a
+  batch of any multiple of the planned batch in planned slices, in order, and returns
+  the outputs under the model's names, counting every transfer's bytes into ``Stats``;
+- ``rebuild`` replaces what died (nothing, for an engine whose sessions live in this
+  process) and returns the names of the devices rebuilt; ``close`` frees everything the
+  engine started and may be called twice; an engine is a context manager;
+- ``describe`` says which engine (and mode) ran, for the user;
+- ``open_engine`` opens the engine by name and imports Ray only when asked for it.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import inspect
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lcpc.errors import LcpcError
+from lcpc.runtime import manifest as mf
+from lcpc.runtime.feeds import Stats, check_feeds, join_batches, planned_batches
+from lcpc.runtime.manifest import Tensor
+
+# engine name -> the module and class that implement it, imported when asked for (Ray is optional and slow
+# to import)
+ENGINES = {"local": ("lcpc.runtime.local", "LocalEngine"), "ray": ("lcpc.runtime.ray", "RayEngine")}
+
+
+class Engine(abc.ABC):
+    """Runs one written folder; reuse one engine for many requests (see the module docstring)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.manifest = mf.read(self.folder)
+
+    @property
+    def inputs(self) -> tuple[Tensor, ...]:
+        return self.manifest.feeds
+
+    @property
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """Which engine runs the folder, in words."""
+
+    def check_inputs(self, feeds: dict[str, np.ndarray], files: dict[str, str] | None = None) -> int:
+        """Validate feeds against the folder's inputs; returns the number of planned batches."""
+        return check_feeds(self.inputs, feeds, files)
+
+    def run(self, feeds: dict[str, np.ndarray], stats: Stats | None = None, request: Any = None
+            ) -> dict[str, np.ndarray]:
+        """Outputs under the model's original names, for a batch of any multiple of the plan's
+        (``request`` names the request in the errors of distributed engines)."""
+        self.check_inputs(feeds)
+        results = [self._run_once(part, stats, request) for part in planned_batches(self.inputs, feeds)]
+        return join_batches(self.manifest, results)
+
+    @abc.abstractmethod
+    def _run_once(self, feeds: dict[str, np.ndarray], stats: Stats | None, request: Any) -> dict[str, np.ndarray]:
+        """One planned batch: the model outputs by name; the bytes moved counted into ``stats``."""
+
+    def rebuild(self) -> list[str]:
+        """Replace what died; returns the names of the devices rebuilt."""
+        return []
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Free what the engine started (idempotent)."""
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_engine(folder: str | Path, engine: str = "local", **options: Any) -> Engine:
+    """The engine called ``engine`` (``ENGINES``) on ``folder``. ``options`` go to its constructor
+    (``ray``: address, devices, timeout, mode; see ``lcpc.runtime.ray``); those given as None are left
+    to the engine's defaults, and one the engine does not take is refused, never ignored."""
+    if engine not in ENGINES:
+        raise LcpcError(f"unknown engine '{engine}'; choose {' or '.join(ENGINES)}")
+    module, name = ENGINES[engine]
+    cls = getattr(importlib.import_module(module), name)
+    given = {k: v for k, v in options.items() if v is not None}
+    takes = inspect.signature(cls).parameters
+    for key in given:
+        if key not in takes:
+            raise LcpcError(f"--{key.replace('_', '-')} does not apply to the {engine} engine, which runs every "
+                            f"device in this process: drop it, or choose an engine that uses it")
+    return cls(folder, **given)
