@@ -13,6 +13,7 @@ Guarantees:
 from __future__ import annotations
 
 import numpy as np
+
 from lcpc.errors import LcpcError
 from lcpc.ir import Graph, to_onnx
 from lcpc.runtime.session import open_session

@@ -47,8 +47,17 @@ from lcpc.errors import LcpcError
 from lcpc.ir import Graph, TensorInfo, from_onnx, tensor_infos
 from lcpc.reader import ASIDE_TYPES, Source, read_model_and_weights
 from lcpc.runtime.session import open_session
-from lcpc.safety import (MAX_SHAPE_VALUES, MAX_TENSOR_BYTES, check_tensor_sizes, first_line, infer_shapes, itemsize,
-                         nbytes, printable, skeleton_of)
+from lcpc.safety import (
+    MAX_SHAPE_VALUES,
+    MAX_TENSOR_BYTES,
+    check_tensor_sizes,
+    first_line,
+    infer_shapes,
+    itemsize,
+    nbytes,
+    printable,
+    skeleton_of,
+)
 
 TARGET_OPSET = 17
 MAX_DIM = 1 << 24
@@ -440,4 +449,4 @@ def _check_static(graph: Graph, where: str) -> None:
                                 f"pin input dims with --input-shape")
 
 
-__all__ = ["Source", "TARGET_OPSET", "load", "parse_input_shapes"]
+__all__ = ["TARGET_OPSET", "Source", "load", "parse_input_shapes"]

@@ -14,9 +14,9 @@ Guarantees:
   cast to ``dtype``. ``raw`` stops before the normalisation (uint8 pixels, already
   resized, reordered and laid out) and ``normalize`` does the rest, so
   ``apply == normalize(raw)`` exactly; that split is what lets a folder take raw uint8
-  images on the wire and apply the normalisation in its stages. An image already at the target size is not resampled, and the
-  centre crop starts at ``excess // 2`` on each axis, so small cases can be checked
-  by hand.
+  images on the wire and apply the normalisation in its stages. An image already at the
+  target size is not resampled, and the centre crop starts at ``excess // 2`` on each
+  axis, so small cases can be checked by hand.
 - ``load_folder`` reads the ``.jpg``/``.jpeg``/``.png`` files (any case) directly in a
   folder, sorted by file name, ignores everything else, and ends in an ``LcpcError``
   naming the folder when it holds no image, or the file when one cannot be decoded.

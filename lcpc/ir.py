@@ -32,7 +32,7 @@ class TensorInfo:
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
-    def with_dim(self, axis: int, size: int) -> "TensorInfo":
+    def with_dim(self, axis: int, size: int) -> TensorInfo:
         shape = list(self.shape)
         shape[axis] = size
         return TensorInfo(tuple(shape), self.dtype)
@@ -89,7 +89,7 @@ class Graph:
     def has_node(self, name: str) -> bool:
         return name in self._by_name
 
-    def copy(self, **changes: Any) -> "Graph":
+    def copy(self, **changes: Any) -> Graph:
         """A new graph with ``changes`` (field=value) applied, e.g. ``g.copy(outputs=[...])``. The
         other fields' lists and dicts are copied, their items (nodes, arrays) shared, so either graph
         can be edited without touching the other's structure. The only way lcpc copies a graph."""
@@ -101,7 +101,7 @@ class Graph:
             raise TypeError(f"Graph has no field {', '.join(sorted(unknown))}")
         return Graph(**{**fields, **changes})
 
-    def with_constants(self, updates: dict[str, np.ndarray]) -> "Graph":
+    def with_constants(self, updates: dict[str, np.ndarray]) -> Graph:
         """The same graph with some constants replaced (the others shared, not copied)."""
         return self.copy(constants={**self.constants, **updates})
 

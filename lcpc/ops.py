@@ -23,8 +23,8 @@ Adding an op means one entry in ``RULES`` and one test.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

@@ -24,26 +24,27 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
 from lcpc import compress, fidelity, frontend, planner, safety, stored_plan
 from lcpc.calibrate import run_graph
-from lcpc.perf.devices import load as load_devices
+from lcpc.compress import quantize as quantize_pass
 from lcpc.errors import LcpcError
 from lcpc.images import Preprocessing, load_folder
 from lcpc.lower import lower, raw_input
 from lcpc.passes import prune as prune_pass
-from lcpc.compress import quantize as quantize_pass
 from lcpc.passes.recover import distil as distil_pass
 from lcpc.passes.recover import refit as refit_pass
+from lcpc.perf.devices import load as load_devices
 from lcpc.plan import Action
-from lcpc.targets import onnx as onnx_target
 from lcpc.runtime.local import LocalEngine
 from lcpc.runtime.manifest import Manifest
+from lcpc.targets import onnx as onnx_target
 from lcpc.weights import masked_graph
 
 
@@ -111,7 +112,7 @@ def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str
 
 def convert_and_recover(model: str | Path | bytes, out: str | Path, data: Path | np.ndarray, *,
                         labels: np.ndarray | None = None, epochs: int = 2, force: bool = False,
-                        progress: Any = None, scores: "RecoveredScores | None" = None,
+                        progress: Any = None, scores: RecoveredScores | None = None,
                         **convert_options) -> dict[str, Any]:
     """``convert`` then ``recover`` on ``data`` (an array, or a path ``read_data`` reads with the
     preprocessing asked for); only the recovered folder is left at ``out``. With ``--sync auto``

@@ -17,9 +17,10 @@ every planning pass (``lcpc.planner``):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Callable, Literal, Mapping
+from typing import Literal
 
 import numpy as np
 

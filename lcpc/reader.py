@@ -34,8 +34,16 @@ import onnx
 from onnx import helper, numpy_helper
 
 from lcpc.errors import LcpcError
-from lcpc.safety import (MAX_MODEL_BYTES, MAX_SHAPE_VALUES, MAX_TENSOR_BYTES, check_loops, first_line, inside,
-                         nbytes, printable)
+from lcpc.safety import (
+    MAX_MODEL_BYTES,
+    MAX_SHAPE_VALUES,
+    MAX_TENSOR_BYTES,
+    check_loops,
+    first_line,
+    inside,
+    nbytes,
+    printable,
+)
 
 MIN_OPSET = 9
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -72,7 +73,8 @@ def render(m: Mapping[str, Any], fmt: str = "text", width: int = 110) -> str:
 def _device_rows(data: dict[str, Any]) -> list[list[str]]:
     rows = []
     for d in data["devices"]:
-        rows.append([f"dev{d['device']}" + (" (head)" if d["role"] == "head" else ""), str(d["stages"]), _fmt(d["flops"]),
+        rows.append([f"dev{d['device']}" + (" (head)" if d["role"] == "head" else ""), str(d["stages"]),
+                     _fmt(d["flops"]),
                      f"{100 * d['flops_vs_original']:.1f}%", _fmt(d["params"]),
                      f"{100 * d['params_vs_original']:.1f}%", _fmt(d["weight_bytes"]) + "B",
                      _fmt(d["peak_activation_bytes"]) + "B", _fmt(d["bytes_in"]) + "B",
@@ -149,8 +151,9 @@ def _compression_tables(data: dict[str, Any]) -> list[tuple[str, list[str], list
     comp = data.get("compression")
     if comp and comp.get("variants"):
         pruned = comp.get("prune")
-        title = (f"Compression (--prune {pruned['ratio'] if pruned else '-'}, --quantize {comp.get('quantize') or '-'}, "
-                 f"--wire {comp.get('wire')}; fidelity against the original on the calibration data)")
+        title = (f"Compression (--prune {pruned['ratio'] if pruned else '-'}, "
+                 f"--quantize {comp.get('quantize') or '-'}, --wire {comp.get('wire')}; "
+                 f"fidelity against the original on the calibration data)")
         tables.append((title, COMPRESSION_HEADER, _compression_rows(data)))
     if data.get("formats"):
         tables.append(("Stage number formats", ["stage", "format", "why"], _format_rows(data)))

@@ -24,8 +24,8 @@ from __future__ import annotations
 import math
 import os
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -235,8 +235,9 @@ def _check_header(f, where: str) -> None:
                         f"{MAX_TENSOR_BYTES >> 30} GiB")
 
 
-def printable(text: str, limit: int = 2000) -> str:
-    """``text`` on one line, control characters escaped, at most ``limit`` characters."""
+def printable(text: object, limit: int = 2000) -> str:
+    """``text`` (any object, as ``str`` gives it) on one line, control characters escaped, at most
+    ``limit`` characters."""
     out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text).replace("\n", " "))
     return out if len(out) <= limit else out[:limit] + "..."
 

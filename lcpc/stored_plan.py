@@ -20,9 +20,9 @@ from pathlib import Path
 from lcpc import frontend
 from lcpc.analysis import analyse
 from lcpc.errors import LcpcError
-from lcpc.runtime.manifest import Manifest, read
 from lcpc.passes import merge, prune
 from lcpc.plan import Decision, Plan, check
+from lcpc.runtime.manifest import Manifest, read
 
 
 def load(folder: str | Path, model: str | Path | None = None) -> tuple[Plan, Manifest]:

@@ -46,7 +46,7 @@ class DenseWeight:
     in_axis: int
 
     @staticmethod
-    def of(node: Node, behaviour: ops.Dense) -> "DenseWeight":
+    def of(node: Node, behaviour: ops.Dense) -> DenseWeight:
         bias = node.inputs[behaviour.bias] if behaviour.bias is not None else None
         return DenseWeight(node.name, node.inputs[behaviour.weight], bias or None, behaviour.out_axis,
                            behaviour.in_axis)
@@ -180,5 +180,6 @@ def im2col(x: np.ndarray, kernel: tuple[int, int], strides=(1, 1), dilations=(1,
     cols = np.empty((n, oh, ow, c, kh, kw), dtype=x.dtype)
     for i in range(kh):
         for j in range(kw):
-            cols[:, :, :, :, i, j] = xp[:, :, i * dh:i * dh + sh * oh:sh, j * dw:j * dw + sw * ow:sw].transpose(0, 2, 3, 1)
+            window = xp[:, :, i * dh:i * dh + sh * oh:sh, j * dw:j * dw + sw * ow:sw]
+            cols[:, :, :, :, i, j] = window.transpose(0, 2, 3, 1)
     return cols.reshape(n * oh * ow, c * kh * kw)

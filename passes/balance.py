@@ -41,9 +41,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from lcpc.perf.modelled import NODE_OVERHEAD, node_seconds, speeds_of, sum_seconds
 from lcpc.passes import merge
 from lcpc.passes.cut import policy_exchanges
+from lcpc.perf.modelled import NODE_OVERHEAD, node_seconds, speeds_of, sum_seconds
 from lcpc.plan import HEAD, PassResult, Plan, PlanOptions
 
 MIN_SHARE = 0.5  # no share below this fraction of 1/K
@@ -112,7 +112,7 @@ def balanced_shares(w: Work, speeds: np.ndarray) -> np.ndarray:
     k = len(speeds)
     floor = MIN_SHARE / k
     scale = max(w.quadratic, w.linear, w.everywhere, w.head)
-    if w.quadratic <= 0 and w.linear <= 0 or scale <= 0:
+    if (w.quadratic <= 0 and w.linear <= 0) or scale <= 0:
         return np.full(k, 1.0 / k)
     w = Work(w.quadratic / scale, w.linear / scale, w.everywhere / scale, w.head / scale)  # only ratios matter
 

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from lcpc.perf.network import DEFAULT_BANDWIDTH
 from lcpc.perf.modelled import node_seconds, speeds_of, sum_seconds
+from lcpc.perf.network import DEFAULT_BANDWIDTH
 from lcpc.plan import HEAD, Action, PassResult, Plan, PlanOptions
 
 

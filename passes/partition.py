@@ -50,7 +50,6 @@ from lcpc.analysis import UnionFind
 from lcpc.errors import LcpcError
 from lcpc.plan import PassResult, Plan, PlanOptions
 
-
 METHODS = ("energy", "contiguous")
 MAX_ROUNDS = 30
 
@@ -64,7 +63,7 @@ def run(plan: Plan, options: PlanOptions) -> PassResult:
     constraints = split_constraints(plan)
     branch_of_class: dict[int, int] = {}
     surplus = np.zeros(plan.k)
-    for space, tensors in constraints.items():
+    for tensors in constraints.values():
         branch_of_class.update(_fill(plan, tensors, weights_, surplus))
     new = replace(plan, branch_of_class=branch_of_class, partition_method="contiguous")
     check_balance(new)

@@ -49,9 +49,9 @@ import numpy as np
 
 from lcpc import ops
 from lcpc.analysis import analyse, channel_inputs
+from lcpc.calibrate import run_graph
 from lcpc.errors import LcpcError
 from lcpc.ir import Graph, Node
-from lcpc.calibrate import run_graph
 from lcpc.passes.layouts import assign_layouts
 from lcpc.plan import Action, Plan, check
 from lcpc.weights import DenseWeight, im2col, masked_graph
@@ -75,7 +75,7 @@ class Pruning:
                 "reconstructed": self.reconstructed}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Pruning":
+    def from_dict(cls, d: dict) -> Pruning:
         return cls(float(d["ratio"]), str(d["importance"]), {k: [int(i) for i in v] for k, v in d["removed"].items()},
                    bool(d.get("reconstructed", False)))
 

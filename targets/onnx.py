@@ -26,12 +26,12 @@ import numpy as np
 import onnx
 
 from lcpc import __version__
-from lcpc.perf.costs import data_parallel_bytes, graph_costs, pipeline_bytes
 from lcpc.errors import LcpcError
 from lcpc.ir import Graph, to_onnx
 from lcpc.lower import Program
-from lcpc.runtime.manifest import MANIFEST, VERSION, validate
+from lcpc.perf.costs import data_parallel_bytes, graph_costs, pipeline_bytes
 from lcpc.plan import HEAD, Action, Plan
+from lcpc.runtime.manifest import MANIFEST, VERSION, validate
 
 
 def write(plan: Plan, program: Program, out: str | Path, *, force: bool = False,

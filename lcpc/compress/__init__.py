@@ -27,14 +27,14 @@ from dataclasses import replace
 
 import numpy as np
 
-from lcpc.compress import wire as wire_format
 from lcpc.calibrate import run_graph
-from lcpc.perf.costs import graph_costs
+from lcpc.compress import quantize as quant
+from lcpc.compress import wire as wire_format
 from lcpc.errors import LcpcError
 from lcpc.fidelity import compare as fidelity
 from lcpc.ir import to_onnx
 from lcpc.lower import Program, Stage, Transfer
-from lcpc.compress import quantize as quant
+from lcpc.perf.costs import graph_costs
 from lcpc.runtime.order import RunOrder
 from lcpc.runtime.session import open_session
 

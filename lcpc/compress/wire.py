@@ -54,7 +54,7 @@ class WireQuant:
                              f"for {self.dtype}")
 
     @classmethod
-    def from_range(cls, lo: float, hi: float, source: str) -> "WireQuant":
+    def from_range(cls, lo: float, hi: float, source: str) -> WireQuant:
         lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
         dtype = "uint8" if lo >= 0 else "int8"
         qmin, qmax = (0, 255) if dtype == "uint8" else (-128, 127)

@@ -34,8 +34,8 @@ setups of ``lcpc report --network`` are compared on equal terms.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from lcpc.errors import LcpcError
 from lcpc.runtime.manifest import Manifest, Stage, Transfer

@@ -31,8 +31,9 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -108,7 +109,7 @@ def time_interleaved(items: list[tuple[str, Callable, dict]], runs: int, warmup:
             start = time.perf_counter()
             try:
                 run(feeds)
-            except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
+            except Exception as exc:
                 raise LcpcError(f"bench: {name} failed in onnxruntime: {first_line(exc)}") from None
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)

@@ -68,7 +68,7 @@ class LocalEngine(Engine):
         feeds = {i.name: values[(stage.device, i.name)] for i in stage.inputs}
         try:
             return self.sessions[stage.id].run([o.name for o in stage.outputs], feeds)
-        except Exception as exc:  # noqa: BLE001 - e.g. an op failing on these values
+        except Exception as exc:
             raise LcpcError(f"{self.folder / stage.file}: stage {stage.id} failed in onnxruntime: "
                             f"{first_line(exc)}") from None
 

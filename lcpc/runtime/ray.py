@@ -45,8 +45,9 @@ import itertools
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -64,8 +65,8 @@ INLINE_BYTES = 100 * 1024  # Ray's max_direct_call_object_size default: smaller 
 
 try:
     import ray
-    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
     from ray.dag import InputNode, MultiOutputNode
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 except ImportError:  # optional extra
     ray = None
@@ -110,7 +111,7 @@ class DeviceWorker:
             feeds = {i.name: values[i.name] for i in stage.inputs}
             try:
                 outs = self.sessions[sid].run([o.name for o in stage.outputs], feeds)
-            except Exception as exc:  # noqa: BLE001 - e.g. an op failing on these values
+            except Exception as exc:
                 raise LcpcError(f"{self.folder}/{stage.file}: stage {sid} failed in onnxruntime: "
                                 f"{first_line(exc)}") from None
             values.update(zip((o.name for o in stage.outputs), outs))
@@ -189,7 +190,7 @@ class RayEngine(Engine):
                 kwargs["resources"] = {self._resource(d): float(len(self.names)) for d in self.names}
             try:
                 ray.init(address=address, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - whatever Ray says, in one line
+            except Exception as exc:
                 raise LcpcError(f"cannot start or reach Ray{f' at {address}' if address else ''}: "
                                 f"{first_line(exc)}") from None
             self.owns_ray = True
@@ -245,7 +246,7 @@ class RayEngine(Engine):
         try:
             self.graph = compiled_graph(self.manifest, self.actors)
             self.mode = "compiled-graph"
-        except Exception as exc:  # noqa: BLE001 - any reason Ray gives: fall back and say why
+        except Exception as exc:
             self.graph = None
             self.fallback = first_line(exc)
             if required:
@@ -256,7 +257,7 @@ class RayEngine(Engine):
         devices = sorted(self.names)
         try:
             refs = self.graph.execute(feeds)
-        except Exception as exc:  # noqa: BLE001 - a broken graph: say so, never hang
+        except Exception as exc:
             self._break()
             raise LcpcError(f"request {rid}: the compiled graph cannot take it ({first_line(exc)}); "
                             f"start the engine again") from None
@@ -264,7 +265,7 @@ class RayEngine(Engine):
         for d, ref in zip(devices, refs):
             try:
                 done[d] = ray.get(ref, timeout=max(deadline - time.monotonic(), 0.001))
-            except Exception as exc:  # noqa: BLE001 - timeout, dead actor, failed stage
+            except Exception as exc:
                 self._break()
                 cause = getattr(exc, "cause", None)
                 if isinstance(cause, LcpcError):
@@ -275,7 +276,7 @@ class RayEngine(Engine):
         try:
             for ref in refs[len(devices):]:  # the steps that send nothing: read so the next request can run
                 ray.get(ref, timeout=max(deadline - time.monotonic(), 0.001))
-        except Exception as exc:  # noqa: BLE001 - as above
+        except Exception as exc:
             self._break()
             raise LcpcError(f"request {rid}: the compiled graph did not finish within {self.timeout:g} s "
                             f"({type(exc).__name__}); start the engine again") from None
@@ -291,7 +292,7 @@ class RayEngine(Engine):
         if graph is not None:
             try:
                 graph.teardown()
-            except Exception:  # noqa: BLE001 - already broken
+            except Exception:
                 pass
 
     # ------------------------------------------------------------------ faults
@@ -340,7 +341,7 @@ class RayEngine(Engine):
         for a in self.actors.values():
             try:
                 a.drop.remote(rid)
-            except Exception:  # noqa: BLE001 - the actor may be gone; nothing to free then
+            except Exception:
                 pass
 
     def rebuild(self) -> list[str]:
@@ -349,7 +350,7 @@ class RayEngine(Engine):
         for d in dead:
             try:
                 ray.kill(self.actors[d], no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone
+            except Exception:
                 pass
             self.actors[d] = self._spawn(d)
         if dead:
@@ -364,7 +365,7 @@ class RayEngine(Engine):
         for a in self.actors.values():
             try:
                 ray.kill(a, no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone
+            except Exception:
                 pass
         self.actors = {}
         if self.owns_ray and ray.is_initialized():

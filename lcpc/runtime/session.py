@@ -34,7 +34,7 @@ def open_session(model: bytes | str | Path, where: str | Path, threads: int | No
     try:
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts,
                                     providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+    except Exception as exc:
         raise LcpcError(f"{where}: onnxruntime cannot load it: {first_line(exc)}") from None
 
 

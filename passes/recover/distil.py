@@ -50,16 +50,24 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Callable
 
 import numpy as np
 
 from lcpc.errors import LcpcError
 from lcpc.fidelity import holdout_split, lower_by_two_se
 from lcpc.ir import Graph
-from lcpc.passes.recover.judge import (Judge, already_cut, check_data, data_warnings, headline, logits_tensor,
-                                       result_warnings, same_structure)
+from lcpc.passes.recover.judge import (
+    Judge,
+    already_cut,
+    check_data,
+    data_warnings,
+    headline,
+    logits_tensor,
+    result_warnings,
+    same_structure,
+)
 from lcpc.plan import Plan
 from lcpc.weights import dense_nodes, weight_masks
 

@@ -30,8 +30,8 @@ a Gemm with alpha/beta != 1, inputs of rank != 2 for Gemm/MatMul) or too wide
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import numpy as np
 
@@ -134,7 +134,7 @@ class _Linear:
     conv: dict | None = None      # kernel, strides, dilations, pads of a 2-D Conv
 
     @staticmethod
-    def of(plan: Plan, node, g: Graph) -> "_Linear | None":
+    def of(plan: Plan, node, g: Graph) -> _Linear | None:
         view = of_plan(plan, node)
         w = g.constants.get(view.weight)
         if w is None or not np.issubdtype(w.dtype, np.floating):

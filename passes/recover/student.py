@@ -17,8 +17,8 @@ Guarantees:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
