@@ -169,10 +169,11 @@ def convert(model: Path, branches: int, sync: str, partition: str, calib: Path |
             devices: Path | None, input_shapes) -> None:
     """Partition MODEL into K branches; write per-device ONNX files and manifest.json."""
     out = out or model.with_suffix(".lcp")
-    options = dict(sync=sync, input_shapes=parse_input_shapes(input_shapes), partition=partition,
-                   preprocessing=parse_preprocessing(preprocess), comm_budget=comm_budget, devices=devices,
-                   prune=prune, quantize=quantize, wire=wire, input_wire=input_wire,
-                   calib=pipeline.read_array(calib, "calibration") if calib is not None else None)
+    calibration = pipeline.read_array(calib, "calibration") if calib is not None else None
+    options: dict[str, Any] = dict(sync=sync, input_shapes=parse_input_shapes(input_shapes), partition=partition,
+                                   preprocessing=parse_preprocessing(preprocess), comm_budget=comm_budget,
+                                   devices=devices, prune=prune, quantize=quantize, wire=wire, input_wire=input_wire,
+                                   calib=calibration)
     if recover_data is None:
         if recover_labels is not None:
             raise LcpcError("--labels labels the --recover inputs; pass --recover TRAIN.npy too")
@@ -186,7 +187,7 @@ def convert(model: Path, branches: int, sync: str, partition: str, calib: Path |
     click.echo(report.render(manifest, "text"))  # with --recover, it shows the recovery figures too
     click.echo(f"wrote {len(manifest['stages'])} stage files and manifest.json to {out}")
     if recover_data is None and manifest["sync"]["cuts"]:
-        click.echo(cut_warning(manifest, out, options["calib"]))
+        click.echo(cut_warning(manifest, out, calibration))
 
 
 def cut_warning(manifest: dict, out: Path, calib: np.ndarray | None) -> str:
@@ -226,8 +227,9 @@ def load_inputs(specs: tuple[str, ...], names: list[str]) -> tuple[dict[str, np.
         if not p.is_file():
             raise LcpcError(f"{p}: no such input file")
         data = load_array(p)
-        arrays = data if isinstance(data, dict) else None
-        if arrays is None:
+        if isinstance(data, dict):
+            arrays = data
+        else:
             if not name:
                 if len(names) != 1:
                     raise LcpcError(f"{p}: the model has inputs {', '.join(names)}; pass --input NAME={p}")
@@ -404,8 +406,8 @@ def recover(folder: Path, data: Path, labels: Path | None, original: Path | None
             lr: float | None, augment: str | None, views: int | None, temperature: float | None, out: Path,
             force: bool) -> None:
     """Recover the accuracy of a converted FOLDER by refit and distillation; write OUT."""
-    recipe = {k: v for k, v in (("lr", lr), ("augment", augment), ("views", views), ("temperature", temperature))
-              if v is not None}
+    recipe: dict[str, Any] = {k: v for k, v in (("lr", lr), ("augment", augment), ("views", views),
+                                                 ("temperature", temperature)) if v is not None}
     if recipe and epochs < 1:
         raise LcpcError(f"--{' and --'.join(recipe)} set(s) the distillation, which --epochs {epochs} does not run; "
                         f"pass --epochs 1 or more, or drop --{' and --'.join(recipe)}")

@@ -30,6 +30,7 @@ branch; ``name:full`` is a gathered copy, ``name:take<n>`` a local channel selec
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -241,9 +242,11 @@ class _Lowering:
 
     def prologue(self, d: int, x: str) -> str:
         """The preprocessing on the uint8 image ``x``: exactly ``Preprocessing.normalize`` (float64)."""
-        info = self.g.info(self.raw.name)
+        raw = self.raw
+        assert raw is not None, "the prologue is emitted only for a raw input"
+        info = self.g.info(raw.name)
         wide = TensorInfo(info.shape, np.dtype(np.float64))
-        scale, mean, std = self.raw.prep.constants()
+        scale, mean, std = raw.prep.constants()
         y = self.emit(d, "Cast", [x], [(f"{x}:f64", wide)], {"to": 11})[0]
         if scale != 1.0:
             y = self.emit(d, "Mul", [y, self.const(d, np.array(scale, np.float64), "prep.scale")],
@@ -284,18 +287,19 @@ class _Lowering:
         outs = [o for o in node.outputs if o]
         layout = self.plan.layouts[outs[0]]
         decision = self.plan.decisions.get(node.name)
-        if layout == "S" and b.kind == "dense" and decision is not None and decision.action == Action.EXCHANGE:
+        if layout == "S" and isinstance(b, ops.Dense) and decision is not None and decision.action == Action.EXCHANGE:
             self.exchange(node, b)
         elif layout == "S":
-            handler = {
+            handlers: dict[str, Callable[[Node, Any, int], None]] = {
                 "channelwise": self.split_channelwise, "dense": self.split_dense,
                 "grouped": self.split_grouped, "concat": self.split_concat,
                 "slice": self.split_slice, "reshape": self.split_reshape,
-            }[b.kind]
+            }
+            handler = handlers[b.kind]
             for k in range(self.k):
                 handler(node, b, k)
-        elif layout == "H" and decision is not None and decision.action == Action.MERGE \
-                and self.plan.layouts.get(node.inputs[0]) == "S":
+        elif layout == "H" and isinstance(b, ops.Dense) and decision is not None \
+                and decision.action == Action.MERGE and self.plan.layouts.get(node.inputs[0]) == "S":
             self.merge(node, b)
         else:
             devices = [HEAD] if layout == "H" else range(self.k)
@@ -320,7 +324,7 @@ class _Lowering:
         idx = self.plan.own(outs[0], k)
         out_rank = len(self.g.info(outs[0]).shape)
         aligned = dict(channel_inputs(node, self.g, b))
-        ins = []
+        ins: list[str] = []
         for i, (name, role) in enumerate(zip(node.inputs, b.roles)):
             if not name:
                 ins.append(name)

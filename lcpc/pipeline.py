@@ -134,6 +134,7 @@ def convert_and_recover(model: str | Path | bytes, out: str | Path, data: Path |
             return recover(staging / "cut", x, out, labels=labels, epochs=epochs, force=force, progress=progress)
         if not manifest["sync"]["cuts"]:  # auto chose the exact plan: written as it is
             return onnx_target.move(staging / "cut", out, force=force)
+        assert scores is not None  # set above for --sync auto
         return recover(staging / "cut", x, out, labels=labels, epochs=epochs, force=force, progress=progress,
                        sync_auto=scores.record(manifest, convert_options.get("comm_budget"),
                                                pruned=bool(convert_options.get("prune"))),
@@ -242,7 +243,7 @@ def _speeds(manifest: Manifest) -> list[float] | None:
     return None if None in speeds else speeds  # type: ignore[return-value]
 
 
-def _kept_compression(manifest: dict) -> dict | None:
+def _kept_compression(manifest: Mapping[str, Any]) -> dict | None:
     """What a recovered folder keeps of its source's compression: the pruning record (``stored_plan``
     replays it), the stage and wire formats asked for (re-applied after recovery)."""
     comp = manifest.get("compression") or {}

@@ -173,7 +173,7 @@ def build_manifest(plan: Plan, program: Program, stages: list, transfers: list, 
                    preprocessing: dict | None, original_graph: Graph | None = None) -> dict[str, Any]:
     g = plan.graph
     original = graph_costs(original_graph if original_graph is not None else g)
-    per_device = {}
+    per_device: dict[int, dict[str, int]] = {}
     for s in stages:
         d = per_device.setdefault(s["device"], {"flops": 0, "params": 0})
         d["flops"] += s["flops"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
@@ -172,8 +173,9 @@ def figures(program: Program) -> dict:
 def compare(variants: dict[str, Program], original, calib: np.ndarray | None) -> dict:
     """The comparison table: the original graph next to each variant, fidelity on ``calib``."""
     c = graph_costs(original)
-    rows = {"original": {"flops": int(c.flops), "max_device_flops": int(c.flops), "weight_bytes": int(c.weight_bytes),
-                         "file_bytes": len(to_onnx(original).SerializeToString()), "wire_bytes": 0}}
+    rows: dict[str, dict[str, Any]] = {"original": {
+        "flops": int(c.flops), "max_device_flops": int(c.flops), "weight_bytes": int(c.weight_bytes),
+        "file_bytes": len(to_onnx(original).SerializeToString()), "wire_bytes": 0}}
     reference = None
     if calib is not None:
         step = next(iter(original.info(i) for i in original.inputs)).shape[0]
@@ -182,7 +184,7 @@ def compare(variants: dict[str, Program], original, calib: np.ndarray | None) ->
         rows["original"]["top1_agreement"] = 1.0
     for name, program in variants.items():
         rows[name] = figures(program)
-        if reference is not None:
+        if reference is not None and calib is not None:
             out, _ = run_program(program, calib)
             f = fidelity(reference, out)
             rows[name]["top1_agreement"] = f["top1_agreement"]

@@ -124,9 +124,10 @@ def predict(manifest: Manifest, stage_times: dict[str, float], network: Network,
     speed = {d: network.device(n).speed for d, n in names.items()}
     link = {d: network.link(n) for d, n in names.items()}
     ready: dict[tuple[int, str], float] = {(0, i.name): 0.0 for i in manifest.feeds}
-    busy_until = defaultdict(float)
-    compute = defaultdict(float)
-    up, down = defaultdict(float), defaultdict(float)
+    busy_until: dict[int, float] = defaultdict(float)
+    compute: dict[int, float] = defaultdict(float)
+    up: dict[int, float] = defaultdict(float)
+    down: dict[int, float] = defaultdict(float)
 
     def hop(a: int, b: int, n: int, at: float) -> float:
         start = max(at, up[a], down[b])

@@ -177,10 +177,10 @@ def requests_from_source(source: str | Path, manifest: Manifest, repeat: int = 1
                                raw=manifest.takes_raw_images)
         ids = [Path(f).name for f in files]
     elif source.is_file():
-        x = safety.load_array(source)
-        if not isinstance(x, np.ndarray):
+        loaded = safety.load_array(source)
+        if not isinstance(loaded, np.ndarray):
             raise LcpcError(f"{source}: expected one array in a .npy file")
-        ids = None
+        x, ids = loaded, None
     else:
         raise LcpcError(f"{source}: no such file or folder")
     base = list(requests_from_array(x, name, batch))

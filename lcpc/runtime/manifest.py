@@ -33,12 +33,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import jsonschema
 import numpy as np
@@ -201,7 +201,7 @@ def validate(document: Any, where: str = MANIFEST) -> Manifest:
         raise LcpcError(f"{where}: invalid manifest at {printable(path, 200)}: {printable(error.message, 200)}")
     m = Manifest.parse(document)
 
-    def fail(what: str) -> None:
+    def fail(what: str) -> NoReturn:
         raise LcpcError(f"{where}: invalid manifest: {what}")
 
     k = m.branches
@@ -230,7 +230,7 @@ def validate(document: Any, where: str = MANIFEST) -> Manifest:
     return m
 
 
-def _check_feeds(m: Manifest, fail) -> None:
+def _check_feeds(m: Manifest, fail: Callable[[str], NoReturn]) -> None:
     if not m.takes_raw_images:
         return
     if m.preprocessing is None:
@@ -244,7 +244,7 @@ def _check_feeds(m: Manifest, fail) -> None:
                  f"{list(inputs[f.name].shape)}")
 
 
-def _check_dataflow(m: Manifest, fail) -> None:
+def _check_dataflow(m: Manifest, fail: Callable[[str], NoReturn]) -> None:
     """Replay the run order, checking that every value is given once before it is needed."""
     values: dict[tuple[int, str], tuple] = {}
 

@@ -69,7 +69,7 @@ try:
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 except ImportError:  # optional extra
-    ray = None
+    ray = None  # type: ignore[assignment]
 
 
 def require_ray() -> None:
@@ -167,7 +167,9 @@ class RayEngine(Engine):
         self._start_ray(address)
         self._worker_cls = ray.remote(num_cpus=0, max_restarts=0)(DeviceWorker)
         self.actors: dict[int, Any] = {}
-        self.mode, self.fallback, self.graph = "actor-calls", None, None
+        self.mode = "actor-calls"
+        self.fallback: str | None = None   # why the compiled graph is not used, when asked for
+        self.graph: Any = None             # the compiled graph, when used
         try:
             for d in self.names:
                 self.actors[d] = self._spawn(d)
@@ -204,6 +206,7 @@ class RayEngine(Engine):
 
     def _spawn(self, d: int):
         stages = list(self.manifest.stages_on(d))
+        options: dict[str, Any]
         if self.pin_local:
             options = {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
                                                                              soft=False)}

@@ -79,7 +79,7 @@ class Judge:
         self.x = {p: torch.from_numpy(x_all[idx]) for p, idx in self.parts.items()}
         self.y = {p: (y_all[idx] if y_all is not None else None) for p, idx in self.parts.items()}
         self.t = {p: predict(teacher, x, name, dev).double().numpy() for p, x in self.x.items()}
-        self.heldout_kl = None
+        self.heldout_kl: np.ndarray | None = None
 
     def figures(self, student) -> dict:
         out = {}

@@ -111,7 +111,16 @@ class Student(GraphModule):
         return self.out_axes.get(node_name, 0)
 
     def norm(self, node_name: str) -> nn.modules.batchnorm._BatchNorm:
-        return self.norms[self._norm_key[node_name]]
+        bn = self.norms[self._norm_key[node_name]]
+        assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
+        return bn
+
+    def norm_stats(self, node_name: str) -> tuple[nn.modules.batchnorm._BatchNorm, torch.Tensor, torch.Tensor]:
+        """The BatchNorm after ``node_name`` with its running mean and variance (always tracked here)."""
+        bn = self.norm(node_name)
+        mean, var = bn.running_mean, bn.running_var
+        assert mean is not None and var is not None
+        return bn, mean, var
 
     def normed(self) -> list[str]:
         return list(self._norm_key)
@@ -120,10 +129,10 @@ class Student(GraphModule):
     def init_norms_identity(self, stats: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Per normed node, ``stats[node] = (mean, var)`` of its output: identity in eval mode."""
         for node_name in self._norm_key:
-            bn = self.norm(node_name)
+            bn, running_mean, running_var = self.norm_stats(node_name)
             mean, var = stats[node_name]
-            bn.running_mean.copy_(mean)
-            bn.running_var.copy_(var)
+            running_mean.copy_(mean)
+            running_var.copy_(var)
             bn.weight.copy_(torch.sqrt(var + bn.eps))
             bn.bias.copy_(mean)
 
@@ -140,9 +149,9 @@ class Student(GraphModule):
             if node.name in self.masks:
                 out[node.inputs[1]] = out[node.inputs[1]] * self.masks[node.name]
             if node.name in self._norm_key:
-                bn = self.norm(node.name)
-                scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).double().cpu().numpy()
-                shift = bn.bias.double().cpu().numpy() - bn.running_mean.double().cpu().numpy() * scale
+                bn, running_mean, running_var = self.norm_stats(node.name)
+                scale = (bn.weight / torch.sqrt(running_var + bn.eps)).double().cpu().numpy()
+                shift = bn.bias.double().cpu().numpy() - running_mean.double().cpu().numpy() * scale
                 w = out[node.inputs[1]]
                 shape = [1] * w.ndim
                 shape[self.out_axis(node.name)] = -1
