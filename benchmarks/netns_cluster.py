@@ -110,6 +110,10 @@ class Cluster:
         self.relay.send_signal(signal.SIGUSR2 if on else signal.SIGUSR1)
         time.sleep(0.05)
 
+    def kill(self, node: int) -> None:
+        """Kill every process of node ``node`` (its Ray node and whatever runs there): a lost device."""
+        _kill_namespace_processes(self.namespaces[node])
+
     def exec_prefix(self, node: int = 0) -> list[str]:
         return ["ip", "netns", "exec", self.namespaces[node]]
 

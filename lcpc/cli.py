@@ -216,6 +216,13 @@ def engine_options(fn: Callable) -> Callable:
                         help="local: onnxruntime threads here; ray: one Ray actor per device.")(fn)
 
 
+def without_option(fn: Callable) -> Callable:
+    """--without, shared by run, serve and verify."""
+    return click.option("--without", multiple=True, metavar="DEVICE",
+                        help="Leave this device out (repeatable, e.g. dev2): the head answers from the branches "
+                             "that are left, for a plan whose branches meet only at the classifier.")(fn)
+
+
 def load_inputs(specs: tuple[str, ...], names: list[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """``X.npy`` (single-input models), ``NAME=X.npy`` or an ``.npz`` keyed by input names; returns
     the arrays and, per input name, the file it came from. Nothing is unpickled (``safety.load_array``)."""
@@ -253,17 +260,19 @@ def load_inputs(specs: tuple[str, ...], names: list[str]) -> tuple[dict[str, np.
 @engine_options
 @click.option("--ray-mode", type=click.Choice(["auto", "compiled-graph", "actor-calls"]), default=None,
               help="ray: one Ray Compiled Graph for the whole schedule (auto: when Ray can compile it, else actor "
-                   "calls) or one actor call per device per level [default: auto].")
+                   "calls) or one actor call per device per level [default: auto; actor-calls with --without].")
+@without_option
 @handles_errors
 def run(folder: Path, inputs: tuple[str, ...], output: Path | None, stats: Path | None, engine: str,
-        address: str | None, devices: Path | None, timeout: float | None, ray_mode: str | None) -> None:
+        address: str | None, devices: Path | None, timeout: float | None, ray_mode: str | None,
+        without: tuple[str, ...]) -> None:
     """Run a converted FOLDER locally (one onnxruntime session per stage) or on Ray actors."""
-    mode = ray_mode or ("auto" if engine == "ray" else None)
+    mode = ray_mode or (("actor-calls" if without else "auto") if engine == "ray" else None)
     with open_engine(folder, engine, address=address, devices=devices, timeout=timeout, mode=mode) as runner:
         feeds, files = load_inputs(inputs, [i.name for i in runner.inputs])
         runner.check_inputs(feeds, files)
         counter = Stats()
-        outputs = runner.run(feeds, counter)
+        outputs = runner.run(feeds, counter, request="run", without=without)
     if output is not None:
         save_arrays(output, outputs)
     if stats is not None:
@@ -272,6 +281,11 @@ def run(folder: Path, inputs: tuple[str, ...], output: Path | None, stats: Path 
         top = value.reshape(value.shape[0], -1).argmax(axis=1) if value.ndim >= 2 else value
         click.echo(f"{printable(name, 200)}: shape {tuple(value.shape)}, argmax per sample {top[:8].tolist()}"
                    + (" ..." if len(top) > 8 else ""))
+    if without:
+        click.echo(f"degraded: answered without {', '.join(without)} (the head merged the branches that were left)")
+        click.echo(f"{counter.samples} inference(s), {counter.total()} bytes moved between devices (the manifest's "
+                   f"transfers to and from {', '.join(without)} left out); engine {runner.describe}")
+        return
     expected = runner.manifest.bytes_per_inference * counter.samples
     click.echo(f"{counter.samples} inference(s), {counter.total()} bytes moved between devices "
                f"(manifest predicts {expected}); engine {runner.describe}")
@@ -309,13 +323,20 @@ def report_cmd(folder: Path, fmt: str, network: Path | None, plot: Path | None, 
               help="Requests: a .npy batch (one request per planned batch) or a folder of images.")
 @click.option("--repeat", type=int, default=1, show_default=True, help="Send the requests this many times.")
 @engine_options
+@click.option("--deadline", type=float, default=None, metavar="MS",
+              help="ray: a request's branches may take this long; a late or dead one is left out and the head "
+                   "answers from the others (flagged degraded), a dead one rebuilt in the background.")
+@without_option
 @format_option
 @handles_errors
 def serve(folder: Path, source: Path, repeat: int, engine: str, address: str | None, devices: Path | None,
-          timeout: float | None, fmt: str) -> None:
+          timeout: float | None, deadline: float | None, without: tuple[str, ...], fmt: str) -> None:
     """Keep FOLDER's stages warm and answer a stream of requests; print latency percentiles."""
+    if deadline is not None and not 0 < deadline < float("inf"):
+        raise LcpcError(f"--deadline {deadline}: a positive number of milliseconds")
     requests, total = requests_from_source(source, mf.read(folder), max(repeat, 1))
-    with Deployment(folder, engine, address=address, devices=devices, timeout=timeout) as dep:
+    with Deployment(folder, engine, address=address, devices=devices, timeout=timeout, without=without,
+                    deadline=None if deadline is None else deadline / 1e3) as dep:
         with serving.ServeProgress(total) as progress:
             result = dep.serve(requests, on_result=progress)
         click.echo(serving.render(result, dep.describe, fmt))
@@ -356,14 +377,16 @@ def inspect_cmd(model: Path, input_shapes, fmt: str) -> None:
 @click.argument("folder", type=click.Path(path_type=Path))
 @data_options("Inputs")
 @click.option("--batch-size", type=int, default=64, show_default=True)
+@without_option
 @format_option
 @handles_errors
-def verify(folder: Path, data: Path, labels: Path | None, original: Path | None, batch_size: int, fmt: str) -> None:
+def verify(folder: Path, data: Path, labels: Path | None, original: Path | None, batch_size: int,
+           without: tuple[str, ...], fmt: str) -> None:
     """Compare a converted FOLDER with its original model on the same inputs."""
     manifest = mf.read(folder)
     x = pipeline.read_data(data, manifest.preprocessing, raw=manifest.takes_raw_images)
     y = pipeline.read_array(labels, "labels") if labels is not None else None
-    result = pipeline.verify(folder, x, y, original, batch_size)
+    result = pipeline.verify(folder, x, y, original, batch_size, without)
     click.echo(render_fidelity(result, fmt))
 
 
@@ -374,6 +397,8 @@ def render_fidelity(result: dict, fmt: str) -> str:
             (f"top-{result['top5_k']} overlap", f"{100 * result['top5_overlap']:.2f}%"),
             ("KL(original || lcp)", f"{result['kl_divergence']:.4g}"),
             ("max relative logit error", f"{result['max_rel_logit_error']:.3g}")]
+    if result.get("without"):
+        rows.append(("left out", ", ".join(result["without"]) + " (answered from the other branches)"))
     if result.get("reference_accuracy") is not None:
         rows += [("original accuracy", f"{100 * result['reference_accuracy']:.2f}%"),
                  ("lcp accuracy", f"{100 * result['candidate_accuracy']:.2f}%")]

@@ -81,6 +81,18 @@ class Stage:
     format: Any = None   # compress.quantize.Choice when lcpc.compress chose the stage's number format
 
 
+@dataclass(frozen=True)
+class Contribution:
+    """What one branch contributes to a layer merged at the head: its partial outputs or its slice
+    of the layer's input, as the head-local value ``name`` (a merge the runtime can answer without
+    some branches: ``lcpc.runtime.degrade``)."""
+
+    layer: str       # the merged layer (the classifier node)
+    branch: int
+    name: str        # local name on the head
+    share: float     # the branch's fraction of the layer's input channels
+
+
 @dataclass
 class Program:
     stages: list[Stage]
@@ -88,6 +100,7 @@ class Program:
     outputs: dict[str, str]            # model output -> local name on the head device
     inputs: dict[str, TensorInfo] = field(default_factory=dict)  # model inputs (all on the head)
     raw: RawInput | None = None        # the model input that is fed and sent as the uint8 image
+    contributions: list[Contribution] = field(default_factory=list)  # of every layer merged at the head
 
     def bytes_per_inference(self) -> int:
         return sum(t.nbytes for t in self.transfers)
@@ -140,6 +153,7 @@ class _Lowering:
         self.devices = [_Device() for _ in range(self.k)]
         self.transfers: list[Transfer] = []
         self.cache: dict[tuple, str] = {}
+        self.contributions: list[Contribution] = []
 
     # ----------------------------------------------------------------- building blocks
     def _unique(self, d: int, base: str) -> str:
@@ -280,7 +294,7 @@ class _Lowering:
         outputs = {o: self.full(o, HEAD) for o in self.g.outputs}
         self._dead_code(outputs)
         return Program(self._stages(outputs), self.transfers, outputs, {i: self.g.info(i) for i in self.g.inputs},
-                       self.raw)
+                       self.raw, self.contributions)
 
     def lower_node(self, node: Node) -> None:
         b = self.plan.analysis.behaviours[node.name]
@@ -435,9 +449,15 @@ class _Lowering:
         as ``plan.merges`` says (``passes.merge``)."""
         x, out = node.inputs[0], node.outputs[0]
         view, w_all = self._weight(node, b)
+        share = [len(self.plan.own(x, k)) / self.g.info(x).shape[self.axis(x)] for k in range(self.k)]
         if self.plan.merges[node.name] == "features":
             y = self._emit_dense(HEAD, node, b, self.full(x, HEAD), w_all,
                                  self._bias(node, b), out, self.g.info(out))
+            gathered = {t.src: t.dst_name for t in self.transfers if t.tensor == x and t.kind == "gather"
+                        and t.dst == HEAD}
+            for k in range(self.k):
+                piece = self.cache[(x, k, "S")] if k == HEAD else gathered[k]
+                self.contributions.append(Contribution(node.name, k, piece, share[k]))
         else:
             parts = []
             for k in range(self.k):
@@ -445,6 +465,7 @@ class _Lowering:
                 p = self._emit_dense(k, node, b, self.cache[(x, k, "S")], w, None, f"{out}:partial",
                                      self.g.info(out))
                 parts.append(p if k == HEAD else self.send(out, "reduce", k, p, HEAD, f"{out}@{k}"))
+                self.contributions.append(Contribution(node.name, k, parts[-1], share[k]))
             bias = self._bias(node, b)
             if bias is not None and node.op == "Gemm":
                 bias = bias * float(node.attr("beta", 1.0))

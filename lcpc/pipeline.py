@@ -273,17 +273,20 @@ def recover_plan(plan, data: np.ndarray, labels: np.ndarray | None = None, *, ep
 
 
 def verify(folder: str | Path, data: np.ndarray, labels: np.ndarray | None = None,
-           original_model: bytes | str | Path | None = None, batch_size: int = 64) -> dict[str, Any]:
+           original_model: bytes | str | Path | None = None, batch_size: int = 64,
+           without: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run the original model and the converted ``folder`` on ``data``; ``fidelity.compare`` them.
 
     Returns ``compare``'s dict (reference = original, candidate = converted) plus
     ``output`` (the logits tensor's name), ``branches``, ``sync`` (the policy) and
-    ``original`` = {``path``, ``sha256``, ``matches_manifest``}.
+    ``original`` = {``path``, ``sha256``, ``matches_manifest``}, and ``without``: the devices left
+    out (the folder answering from the branches that are left, ``runtime.degrade``).
     """
     if batch_size < 1:
         raise LcpcError(f"batch size {batch_size}: must be at least 1")
     with LocalEngine(folder) as engine:
         manifest = engine.manifest
+        engine.device_ids(without)  # refused before any work
         if len(manifest.inputs) != 1:
             raise LcpcError(f"{folder}: the model has {len(manifest.inputs)} inputs; verify takes "
                             f"single-input models")
@@ -301,10 +304,11 @@ def verify(folder: str | Path, data: np.ndarray, labels: np.ndarray | None = Non
         reference, original = fidelity.reference_logits(manifest, x, original_model, batch_size)
         planned = spec.shape[0]
         step = max(planned, batch_size // planned * planned)
-        candidate = np.concatenate([engine.run({spec.name: chunk})[output][:real]
+        candidate = np.concatenate([engine.run({spec.name: chunk}, without=without)[output][:real]
                                     for chunk, real in fidelity.padded_chunks(fed, step, planned)])
     return {**fidelity.compare(reference, candidate, labels), "output": output,
-            "branches": manifest.branches, "sync": manifest.sync_policy, "original": original}
+            "branches": manifest.branches, "sync": manifest.sync_policy, "original": original,
+            "without": list(without)}
 
 
 # ----------------------------------------------------------------------------- data

@@ -152,6 +152,7 @@ def _write_files(plan: Plan, program: Program, folder: Path, exact_bytes: int | 
         **({"quantization": t.quant.as_dict()} if t.quant is not None else {}),
     } for n, t in enumerate(program.transfers)]
     manifest = build_manifest(plan, program, stages, transfers, exact_bytes, preprocessing, original)
+    manifest["degrade"] = degrade_section(program, plan.k)
     manifest["fidelity"] = fidelity
     for device, speed in zip(manifest["devices"], speeds or []):
         device["speed"] = float(speed)
@@ -160,6 +161,32 @@ def _write_files(plan: Plan, program: Program, folder: Path, exact_bytes: int | 
     validate(manifest)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def degrade_section(program: Program, k: int) -> dict[str, Any]:
+    """The manifest's ``degrade``: the head stage that merges the branches and every branch's
+    contribution to it, when each non-head device receives only the model input and sends only
+    its contributions (``lcpc.runtime.degrade`` answers without it then); else why not."""
+    def refuse(why: str) -> dict[str, Any]:
+        return {"stage": None, "why": why}
+
+    names = {c.name for c in program.contributions}
+    if not names:
+        return refuse("no layer is merged at the head (the model has no classifier on split channels)")
+    if any(t.quant is not None for t in program.transfers):
+        return refuse("the contributions travel as int8 (--wire int8); convert with --wire fp32")
+    merging = [s for s in program.stages if s.device == HEAD and names & set(s.graph.inputs)]
+    if len(merging) != 1 or not names <= set(merging[0].graph.inputs):
+        return refuse("the merged layers' contributions feed more than one stage of the head")
+    for t in program.transfers:
+        if t.kind != "input" and not (t.dst == HEAD and t.dst_name in names):
+            return refuse(f"the branches exchange '{t.tensor}' (dev{t.src} -> dev{t.dst}, {t.kind}) before the "
+                          f"classifier merge; only branches that meet nowhere else (--sync none) can answer with "
+                          f"one missing")
+    if any(not any(s.device == d for s in program.stages) for d in range(1, k)):
+        return refuse("a device runs no stage")
+    return {"stage": merging[0].id, "inputs": [{"name": c.name, "device": c.branch, "layer": c.layer,
+                                                 "share": c.share} for c in program.contributions]}
 
 
 def tensor_entry(name: str, shape, dtype, source: dict | None = None) -> dict[str, Any]:

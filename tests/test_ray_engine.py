@@ -127,3 +127,36 @@ def test_compiled_graph_dead_actor_is_one_clear_error(local_ray, folders):  # no
             engine.run({"input": x})
     finally:
         engine.close()
+
+
+def test_deadline_answers_without_a_dead_actor_and_rebuilds_it(local_ray, folders):  # noqa: F811
+    """--deadline: a branch actor killed mid-stream is left out at once (the answer equals the local
+    engine's without that device), rebuilt in the background, and the answers are exact again."""
+    import time
+
+    from lcpc.runtime.local import LocalEngine
+
+    folder = folders[("digits", "none")]
+    x = np.random.default_rng(2).standard_normal((4, 1, 8, 8)).astype(np.float32)
+    with LocalEngine(folder) as local:
+        want = local.run({"input": x})["logits"]
+        without = {d: local.run({"input": x}, without=[d])["logits"] for d in ("dev1", "dev2")}
+    engine = RayEngine(folder, timeout=60, deadline=5.0)
+    try:
+        stats = Stats()
+        np.testing.assert_allclose(engine.run({"input": x}, stats, request="a")["logits"], want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(engine.run({"input": x}, stats, request="b", without=["dev1"])["logits"],
+                                   without["dev1"], rtol=1e-5, atol=1e-5)
+        local_ray.kill(engine.actors[2], no_restart=True)
+        got = engine.run({"input": x}, stats, request="c")["logits"]
+        np.testing.assert_allclose(got, without["dev2"], rtol=1e-5, atol=1e-5)
+        assert stats.degraded == {"b": ("dev1",), "c": ("dev2",)}
+        for i in range(100):  # the new actor answers within seconds; until then requests leave dev2 out
+            got = engine.run({"input": x[:1]}, stats, request=f"d{i}")["logits"]
+            if f"d{i}" not in stats.degraded:
+                break
+            time.sleep(0.1)
+        np.testing.assert_allclose(got, want[:1], rtol=1e-5, atol=1e-5)
+        assert engine.rebuilt == ["dev2"]
+    finally:
+        engine.close()

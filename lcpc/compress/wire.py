@@ -121,8 +121,8 @@ def quantize(program: Program, params: dict[tuple[int, str], WireQuant]) -> Prog
                                  dst_name=dst, info=info, quant=q))
     for s in stages:
         s.graph.reindex()
-    return Program(sorted(stages, key=lambda s: (s.level, s.device)), transfers, dict(program.outputs),
-                   dict(program.inputs))
+    return replace(program, stages=sorted(stages, key=lambda s: (s.level, s.device)), transfers=transfers,
+                   outputs=dict(program.outputs), inputs=dict(program.inputs))
 
 
 def _fresh(g: Graph, base: str) -> str:

@@ -11,8 +11,14 @@ Guarantees:
   timeout) is recorded as a ``Failure`` with its id and the engine's one-line message
   naming the device; the engine then rebuilds what died (``rebuild``) and the stream
   goes on; the failed request's input stays with the caller's request (``Request``);
-- ``serve`` returns a ``ServeReport`` with every latency, the failures, throughput and
-  p50/p90/p99, and calls ``on_result`` per request (a progress bar, a writer);
+- with ``deadline`` (seconds, Ray), a request whose branch device is late or dead is
+  answered from the branches that came in time (``runtime.degrade``) instead of failing,
+  and the dead device's actor is rebuilt in the background; ``without`` leaves devices out
+  of every request on purpose. Each degraded answer is recorded (``ServeReport.degraded``:
+  request id -> devices it was made without);
+- ``serve`` returns a ``ServeReport`` with every latency, the failures, the degraded
+  answers, the devices rebuilt, throughput and p50/p90/p99, and calls ``on_result`` per
+  request (a progress bar, a writer);
 - leaving the ``with`` block, or Ctrl-C inside ``serve``, closes the engine, which
   shuts down the Ray it started.
 """
@@ -52,6 +58,8 @@ class Failure:
 class ServeReport:
     latencies: list[float] = field(default_factory=list)   # seconds, answered requests only
     failures: list[Failure] = field(default_factory=list)
+    degraded: dict[Any, tuple[str, ...]] = field(default_factory=dict)  # request -> devices it was answered without
+    rebuilt: list[str] = field(default_factory=list)        # devices whose actor was rebuilt, in order
     wall: float = 0.0
     interrupted: bool = False
 
@@ -70,6 +78,8 @@ class ServeReport:
         return {"answered": self.answered, "failed": [f.request for f in self.failures],
                 "failures": [{"request": f.request, "message": f.message, "rebuilt": list(f.rebuilt)}
                              for f in self.failures],
+                "degraded": [{"request": r, "without": list(d)} for r, d in self.degraded.items()],
+                "rebuilt": list(self.rebuilt),
                 "p50_ms": 1e3 * self.percentile(50), "p90_ms": 1e3 * self.percentile(90),
                 "p99_ms": 1e3 * self.percentile(99), "throughput_per_s": self.throughput,
                 "wall_s": self.wall, "interrupted": self.interrupted}
@@ -79,9 +89,13 @@ class Deployment:
     """A warm engine for one converted folder (see the module docstring)."""
 
     def __init__(self, folder: str | Path, engine: str = "local", *, address: str | None = None,
-                 devices: str | Path | None = None, timeout: float | None = None) -> None:
+                 devices: str | Path | None = None, timeout: float | None = None, deadline: float | None = None,
+                 without: Iterable[str] = ()) -> None:
         self.folder = Path(folder)
-        self.engine = open_engine(self.folder, engine, address=address, devices=devices, timeout=timeout)
+        self.engine = open_engine(self.folder, engine, address=address, devices=devices, timeout=timeout,
+                                  deadline=deadline)
+        self.without = tuple(without)
+        self.engine.device_ids(self.without)  # refused now, not at the first request
         self.stats = Stats()
         self._next = 0
 
@@ -104,7 +118,7 @@ class Deployment:
     def __call__(self, x: np.ndarray | dict[str, np.ndarray], request: Any = None) -> dict[str, np.ndarray]:
         """Answer one request (raises ``LcpcError`` when it fails; the deployment stays usable)."""
         try:
-            return self.engine.run(self.feeds(x), self.stats, request=self._take_id(request))
+            return self.engine.run(self.feeds(x), self.stats, request=self._take_id(request), without=self.without)
         except LcpcError:
             self.rebuild()
             raise
@@ -129,7 +143,7 @@ class Deployment:
                 self.engine.check_inputs(req.feeds)
                 t0 = time.perf_counter()
                 try:
-                    out = self.engine.run(req.feeds, self.stats, request=req.id)
+                    out = self.engine.run(req.feeds, self.stats, request=req.id, without=self.without)
                 except LcpcError as exc:
                     failure = Failure(req.id, str(exc), self.rebuild())
                     report.failures.append(failure)
@@ -137,11 +151,14 @@ class Deployment:
                         on_result(req.id, None, failure)
                     continue
                 report.latencies.append(time.perf_counter() - t0)
+                if req.id in self.stats.degraded:
+                    report.degraded[req.id] = self.stats.degraded[req.id]
                 if on_result:
                     on_result(req.id, out, report.latencies[-1])
         except KeyboardInterrupt:
             report.interrupted = True
         report.wall = time.perf_counter() - start
+        report.rebuilt = list(self.engine.rebuilt)
         return report
 
     def close(self) -> None:

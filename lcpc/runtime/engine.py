@@ -7,6 +7,9 @@ Guarantees:
   with an ``LcpcError`` naming the input and its file; ``run`` checks the feeds, runs a
   batch of any multiple of the planned batch in planned slices, in order, and returns
   the outputs under the model's names, counting every transfer's bytes into ``Stats``;
+  ``run(..., without=[names])`` leaves those devices out and answers from the branches
+  that are left (``runtime.degrade``), or refuses when the plan cannot; every answer made
+  without some device is recorded (``Stats.degraded``);
 - ``rebuild`` replaces what died (nothing, for an engine whose sessions live in this
   process) and returns the names of the devices rebuilt; ``close`` frees everything the
   engine started and may be called twice; an engine is a context manager;
@@ -19,12 +22,14 @@ from __future__ import annotations
 import abc
 import importlib
 import inspect
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lcpc.errors import LcpcError
+from lcpc.runtime import degrade
 from lcpc.runtime import manifest as mf
 from lcpc.runtime.feeds import Stats, check_feeds, join_batches, planned_batches
 from lcpc.runtime.manifest import Tensor
@@ -40,6 +45,7 @@ class Engine(abc.ABC):
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         self.manifest = mf.read(self.folder)
+        self.rebuilt: list[str] = []  # devices whose process was replaced in the background, in order
 
     @property
     def inputs(self) -> tuple[Tensor, ...]:
@@ -54,17 +60,37 @@ class Engine(abc.ABC):
         """Validate feeds against the folder's inputs; returns the number of planned batches."""
         return check_feeds(self.inputs, feeds, files)
 
-    def run(self, feeds: dict[str, np.ndarray], stats: Stats | None = None, request: Any = None
-            ) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], stats: Stats | None = None, request: Any = None,
+            without: Collection[str] = ()) -> dict[str, np.ndarray]:
         """Outputs under the model's original names, for a batch of any multiple of the plan's
-        (``request`` names the request in the errors of distributed engines)."""
+        (``request`` names the request in the errors of distributed engines). ``without`` names
+        devices to leave out on purpose: the head answers from the branches it has
+        (``runtime.degrade``; refused for a plan that cannot). An answer given without some
+        device is recorded in ``stats.degraded`` under ``request``."""
+        missing = self.device_ids(without)
         self.check_inputs(feeds)
-        results = [self._run_once(part, stats, request) for part in planned_batches(self.inputs, feeds)]
-        return join_batches(self.manifest, results)
+        answers = [self._run_once(part, stats, request, missing) for part in planned_batches(self.inputs, feeds)]
+        left_out = sorted({d for _, gone in answers for d in gone})
+        if stats is not None and left_out:
+            stats.degraded[request] = tuple(self.manifest.names[d] for d in left_out)
+        return join_batches(self.manifest, [out for out, _ in answers])
+
+    def device_ids(self, names: Collection[str]) -> frozenset[int]:
+        """The ids of the devices called ``names``, checked: each may be left out of this plan."""
+        ids = {n: d for d, n in self.manifest.names.items()}
+        unknown = [n for n in names if n not in ids]
+        if unknown:
+            raise LcpcError(f"--without {', '.join(unknown)}: no such device; the plan has "
+                            f"{', '.join(self.manifest.names.values())}")
+        missing = frozenset(ids[n] for n in names)
+        degrade.check(*self.manifest.merge, missing, self.manifest.names)
+        return missing
 
     @abc.abstractmethod
-    def _run_once(self, feeds: dict[str, np.ndarray], stats: Stats | None, request: Any) -> dict[str, np.ndarray]:
-        """One planned batch: the model outputs by name; the bytes moved counted into ``stats``."""
+    def _run_once(self, feeds: dict[str, np.ndarray], stats: Stats | None, request: Any,
+                  missing: frozenset[int]) -> tuple[dict[str, np.ndarray], frozenset[int]]:
+        """One planned batch without the devices ``missing``: (the model outputs by name, the devices
+        the answer was made without); the bytes moved counted into ``stats``."""
 
     def rebuild(self) -> list[str]:
         """Replace what died; returns the names of the devices rebuilt."""

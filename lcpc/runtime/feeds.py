@@ -31,6 +31,7 @@ class Stats:
 
     samples: int = 0
     bytes_by_transfer: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    degraded: dict[Any, tuple[str, ...]] = field(default_factory=dict)  # request -> devices it was answered without
 
     def total(self) -> int:
         return sum(self.bytes_by_transfer.values())
@@ -45,7 +46,8 @@ class Stats:
         rows = [{"id": t.id, "tensor": t.tensor, "kind": t.kind, "from": t.src, "to": t.dst,
                  "bytes": int(self.bytes_by_transfer.get(t.id, 0)), "manifest_bytes_per_inference": t.bytes}
                 for t in manifest.transfers]
-        return {"samples": self.samples, "runs": self.samples, "total_bytes": self.total(), "transfers": rows}
+        return {"samples": self.samples, "runs": self.samples, "total_bytes": self.total(), "transfers": rows,
+                "degraded": [{"request": r, "without": list(names)} for r, names in self.degraded.items()]}
 
 
 def check_feeds(inputs: Sequence[Tensor], feeds: dict[str, np.ndarray], files: dict[str, str] | None = None) -> int:

@@ -7,6 +7,8 @@ Guarantees (beyond ``lcpc.runtime.engine.Engine``'s):
   (``Manifest.order.walk``);
 - every transfer's bytes are counted as they move (``Stats``), so a run can be
   compared byte for byte with the manifest;
+- devices left out (``run(..., without=...)``) run nothing and move nothing; the head's
+  merge stage gets the contributions ``runtime.degrade`` fills in for them;
 - an onnxruntime failure while running a stage is an ``LcpcError`` naming the stage.
 """
 
@@ -20,6 +22,7 @@ import numpy as np
 
 from lcpc.errors import LcpcError
 from lcpc.runtime import manifest as mf
+from lcpc.runtime.degrade import HEAD
 from lcpc.runtime.engine import Engine
 from lcpc.runtime.feeds import Stats
 from lcpc.runtime.manifest import Stage, Transfer
@@ -46,15 +49,23 @@ class LocalEngine(Engine):
                          for s in self.manifest.stages}
         self.pool = ThreadPoolExecutor(max_workers=workers)
 
-    def _run_once(self, feeds: dict[str, np.ndarray], stats: Stats | None, request: Any) -> dict[str, np.ndarray]:
+    def _run_once(self, feeds: dict[str, np.ndarray], stats: Stats | None, request: Any,
+                  missing: frozenset[int]) -> tuple[dict[str, np.ndarray], frozenset[int]]:
         values: dict[tuple[int, str], np.ndarray] = {(0, k): v for k, v in feeds.items()}
         received: dict[int, int] = {}
+        merge, _ = self.manifest.merge
 
         def run_level(stages: tuple[Stage, ...]) -> None:
+            stages = tuple(s for s in stages if s.device not in missing)
+            if missing and merge is not None and any(s.id == merge.stage for s in stages):
+                given = {c.name: values[(HEAD, c.name)] for c in merge.contributions if c.device not in missing}
+                values.update({(HEAD, name): v for name, v in merge.fill(given, missing).items()})
             for s, outs in zip(stages, list(self.pool.map(lambda s: self._run_stage(s, values), stages))):
                 values.update({(s.device, o.name): v for o, v in zip(s.outputs, outs)})
 
         def move(t: Transfer) -> None:
+            if t.src in missing or t.dst in missing:
+                return
             value = values[(t.src, t.src_name)]
             values[(t.dst, t.dst_name)] = value.copy()
             received[t.id] = received.get(t.id, 0) + value.nbytes
@@ -62,7 +73,7 @@ class LocalEngine(Engine):
         self.manifest.order.walk(run_level, move)
         if stats is not None:
             stats.add(received)
-        return {o.name: values[(o.device, o.local_name)] for o in self.manifest.outputs}
+        return {o.name: values[(o.device, o.local_name)] for o in self.manifest.outputs}, missing
 
     def _run_stage(self, stage: Stage, values: dict) -> list[np.ndarray]:
         feeds = {i.name: values[(stage.device, i.name)] for i in stage.inputs}

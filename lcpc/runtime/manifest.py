@@ -44,6 +44,7 @@ import jsonschema
 import numpy as np
 
 from lcpc.errors import LcpcError
+from lcpc.runtime.degrade import Merge
 from lcpc.runtime.order import RunOrder
 from lcpc.safety import inside, printable
 
@@ -158,6 +159,11 @@ class Manifest:
             feeds=tuple(Tensor.parse(f) for f in source["feeds"]) if "feeds" in source else inputs,
             preprocessing=source["preprocessing"], sync_policy=m["sync"]["policy"])
 
+    @cached_property
+    def merge(self) -> tuple[Merge | None, str]:
+        """(the merge the head can answer from with devices missing, "") or (None, why it cannot)."""
+        return Merge.parse(self.json.get("degrade"), {s.id: s for s in self.stages})
+
     @property
     def takes_raw_images(self) -> bool:
         """The folder is fed the uint8 image and applies the preprocessing itself."""
@@ -227,6 +233,7 @@ def validate(document: Any, where: str = MANIFEST) -> Manifest:
         if t.bytes != math.prod(t.shape) * np.dtype(t.dtype).itemsize:
             fail(f"transfer {t.id} claims {t.bytes} bytes for shape {list(t.shape)} {t.dtype}")
     _check_dataflow(m, fail)
+    _check_degrade(m, fail)
     return m
 
 
@@ -242,6 +249,20 @@ def _check_feeds(m: Manifest, fail: Callable[[str], NoReturn]) -> None:
         if f.dtype != "uint8" or f.shape != inputs[f.name].shape or "source" in entry:
             fail(f"feed '{printable(f.name, 200)}' must be the uint8 image of the model input's shape "
                  f"{list(inputs[f.name].shape)}")
+
+
+def _check_degrade(m: Manifest, fail: Callable[[str], NoReturn]) -> None:
+    section = m.json.get("degrade")
+    if not section or section["stage"] is None:
+        return
+    stages = {s.id: s for s in m.stages}
+    if section["stage"] not in stages or stages[section["stage"]].device != 0 or "inputs" not in section:
+        fail("degrade.stage must be a stage of the head, with the contributions it merges")
+    names = {i.name for i in stages[section["stage"]].inputs}
+    for c in section["inputs"]:
+        if c["name"] not in names or c["device"] >= m.branches:
+            fail(f"degrade: contribution '{printable(c['name'], 200)}' of device {c['device']} is not an input "
+                 f"of stage {section['stage']}")
 
 
 def _check_dataflow(m: Manifest, fail: Callable[[str], NoReturn]) -> None:

@@ -45,7 +45,7 @@ import itertools
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ import numpy as np
 from lcpc.errors import LcpcError
 from lcpc.perf import devices as dv
 from lcpc.runtime import manifest as mf
+from lcpc.runtime.degrade import HEAD, Merge
 from lcpc.runtime.engine import Engine
 from lcpc.runtime.feeds import Stats
 from lcpc.runtime.manifest import Manifest, Stage, Transfer
@@ -80,8 +81,10 @@ def require_ray() -> None:
 class DeviceWorker:
     """The per-device actor body: sessions for the device's stages, a value store per request."""
 
-    def __init__(self, device: int, stages: list[Stage], blobs: dict[str, bytes], folder: str) -> None:
+    def __init__(self, device: int, stages: list[Stage], blobs: dict[str, bytes], folder: str,
+                 merge: Merge | None = None) -> None:
         self.device = device
+        self.merge = merge  # the head's: how to answer when contributions are missing
         self.stages = {s.id: s for s in stages}
         self.sessions = {s.id: open_stage(blobs[s.id], s, f"{folder}/{s.file}") for s in stages}
         self.folder = folder
@@ -103,9 +106,13 @@ class DeviceWorker:
                     counts[tid] += message[src].nbytes
         return values
 
-    def step(self, rid: Any, stage_ids: list[str], sends: list[list[str]], maps: list[list[tuple]], *refs):
-        """Store what arrived, run this level's stages, return one message per destination."""
+    def step(self, rid: Any, stage_ids: list[str], sends: list[list[str]], maps: list[list[tuple]], *refs,
+             missing: tuple[int, ...] = ()):
+        """Store what arrived, run this level's stages, return one message per destination. ``missing``
+        (the head's merge step): devices whose contributions did not come, filled in by ``merge``."""
         values = self._receive(rid, maps, refs)
+        if missing and self.merge is not None:
+            values.update(self.merge.fill(values, missing))
         for sid in stage_ids:
             stage = self.stages[sid]
             feeds = {i.name: values[i.name] for i in stage.inputs}
@@ -119,9 +126,9 @@ class DeviceWorker:
         return messages[0] if len(messages) == 1 else tuple(messages) if messages else None
 
     def last_step(self, rid: Any, stage_ids: list[str], sends: list[list[str]], outputs: list[str],
-                  maps: list[list[tuple]], *refs):
+                  maps: list[list[tuple]], *refs, missing: tuple[int, ...] = ()):
         """``step``, then ``finish`` with nothing more to receive: the messages, then the result."""
-        messages = self.step(rid, stage_ids, sends, maps, *refs)
+        messages = self.step(rid, stage_ids, sends, maps, *refs, missing=missing)
         messages = [] if messages is None else [messages] if len(sends) == 1 else list(messages)
         result = self.finish(rid, outputs, [])
         return tuple(messages) + (result,) if messages else result
@@ -151,15 +158,22 @@ class RayEngine(Engine):
         return f"ray ({self.mode}{why})"
 
     def __init__(self, folder: str | Path, address: str | None = None, devices: str | Path | None = None,
-                 timeout: float = 60.0, mode: str = "actor-calls") -> None:
+                 timeout: float = 60.0, mode: str = "actor-calls", deadline: float | None = None) -> None:
+        """``deadline`` (seconds, per request): answer from the branches that have answered by then
+        when a device is late or dead, for a plan that can (``runtime.degrade``), and rebuild a dead
+        device's actor in the background; without it a late or dead device fails the request."""
         if mode not in MODES:
             raise LcpcError(f"ray mode '{mode}': choose {', '.join(MODES)}")
+        if deadline is not None and mode != "actor-calls":
+            raise LcpcError("--deadline needs --ray-mode actor-calls: a compiled graph waits on every device")
         require_ray()
         super().__init__(folder)
         self.network = dv.load(devices)
         self.network.check_names(d.name for d in self.manifest.devices)
         self.explicit_devices = devices is not None
         self.timeout = float(timeout)
+        self.deadline = deadline
+        self.pending: dict[int, Any] = {}   # device -> ping of the actor being rebuilt for it
         self.blobs = {s.id: mf.read_stage(self.folder, s) for s in self.manifest.stages}
         self.names = self.manifest.names
         self.owns_ray = False
@@ -213,24 +227,85 @@ class RayEngine(Engine):
         else:
             options = {"resources": {self._resource(d): 0.001}}
         return self._worker_cls.options(name=None, **options).remote(
-            d, stages, {s.id: self.blobs[s.id] for s in stages}, str(self.folder))
+            d, stages, {s.id: self.blobs[s.id] for s in stages}, str(self.folder),
+            self.manifest.merge[0] if d == HEAD else None)
 
     # ------------------------------------------------------------------ running
     def run(self, feeds: dict[str, np.ndarray], stats: Stats | None = None, request: Any = None,
-            ) -> dict[str, np.ndarray]:
-        return super().run(feeds, stats, next(self._ids) if request is None else request)
+            without: Collection[str] = ()) -> dict[str, np.ndarray]:
+        return super().run(feeds, stats, next(self._ids) if request is None else request, without)
 
-    def _run_once(self, feeds: dict[str, np.ndarray], stats: Stats | None, rid: Any) -> dict[str, np.ndarray]:
+    def _run_once(self, feeds: dict[str, np.ndarray], stats: Stats | None, rid: Any,
+                  missing: frozenset[int]) -> tuple[dict[str, np.ndarray], frozenset[int]]:
         if self.graph is not None:
-            return self._run_compiled(feeds, stats, rid)
+            if missing:
+                raise LcpcError(f"request {rid}: a compiled graph runs every device; leave devices out with "
+                                f"--ray-mode actor-calls")
+            return self._run_compiled(feeds, stats, rid), missing
         if self.fallback == "it failed on a request":
             raise LcpcError(f"request {rid}: the compiled graph failed on an earlier request; start the engine "
                             f"again")
         # small: by value, inlined in each receiving device's call; large: one object put once, pulled by each
         message = feeds if sum(v.nbytes for v in feeds.values()) < INLINE_BYTES else ray.put(feeds)
-        results, leaves = issue(self.manifest, self.actors, rid, message, _remote)
-        done = self._wait(list(results.items()) + leaves, f"request {rid}", rid)[:len(results)]
-        return self._collect(dict(zip(results, done)), stats)
+        merge, _ = self.manifest.merge
+        degrading = merge is not None and (bool(missing) or self.deadline is not None)
+        lost = set(missing | self._rebuilding()) if degrading else set()
+        start = time.monotonic()
+
+        def merge_call(method, n: int, args: list, messages: list[tuple[Any, list, int | None]]) -> list:
+            """The head's merge step, called with the contributions that came in time (``deadline``)."""
+            waiting = [(src, ref) for ref, _, src in messages if src not in (None, HEAD)]
+            budget = self.timeout if self.deadline is None else self.deadline
+            ready, _ = ray.wait([r for _, r in waiting], num_returns=len(waiting),
+                                timeout=max(budget - (time.monotonic() - start), 0.0))
+            for src, ref in waiting:
+                if ref not in ready:
+                    lost.add(src)  # late
+                elif self._died(ref):
+                    lost.add(src)
+                    self._rebuild_later(src)
+            given = [(ref, mapping) for ref, mapping, src in messages if src not in lost]
+            return _remote(method, n, *args, [m for _, m in given], *[r for r, _ in given],
+                           missing=tuple(sorted(lost)))
+
+        results, leaves = issue(self.manifest, self.actors, rid, message, _remote, skip=frozenset(lost),
+                                merge_call=merge_call if degrading else None)
+        kept = [(d, ref) for d, ref in results.items() if d not in lost]
+        done = self._wait(kept + [(d, ref) for d, ref in leaves if d not in lost], f"request {rid}", rid)
+        return self._collect({d: r for (d, _), r in zip(kept, done)}, stats), frozenset(lost)
+
+    def _died(self, ref: Any) -> bool:
+        """Whether a finished call failed because its actor died (its process or node went away)."""
+        try:
+            ray.get(ref, timeout=0)
+        except RayActorError:
+            return True
+        except Exception:
+            return False
+        return False
+
+    def _rebuild_later(self, d: int) -> None:
+        """Start a new actor for dead device ``d``; requests leave ``d`` out until it answers a ping."""
+        if d in self.pending:
+            return
+        try:
+            ray.kill(self.actors[d], no_restart=True)
+        except Exception:
+            pass
+        self.actors[d] = self._spawn(d)
+        self.pending[d] = self.actors[d].ping.remote()
+
+    def _rebuilding(self) -> set[int]:
+        """The devices whose new actor has not answered yet (those that have are back in use)."""
+        for d, ping in list(self.pending.items()):
+            ready, _ = ray.wait([ping], timeout=0)
+            if ready and not self._died(ping):
+                del self.pending[d]
+                self.rebuilt.append(self.names[d])
+            elif ready:  # the new actor died too: try again
+                del self.pending[d]
+                self._rebuild_later(d)
+        return set(self.pending)
 
     def _collect(self, done: dict[int, tuple[dict, dict]], stats: Stats | None) -> dict[str, np.ndarray]:
         """The model outputs from each device's (outputs held there, bytes received by transfer id)."""
@@ -380,8 +455,8 @@ class RayEngine(Engine):
 Call = Callable[..., list]  # (actor method, number of returns, *args) -> one handle per return
 
 
-def _remote(method, n: int, *args) -> list:
-    out = method.options(num_returns=n).remote(*args) if n > 1 else method.remote(*args)
+def _remote(method, n: int, *args, **kwargs) -> list:
+    out = method.options(num_returns=n).remote(*args, **kwargs) if n > 1 else method.remote(*args, **kwargs)
     return list(out) if n > 1 else [out]
 
 
@@ -395,8 +470,14 @@ def _mapping(transfers) -> list[tuple[str, str, int | None]]:
     return [(t.src_name, t.dst_name, t.id) for t in transfers]
 
 
+# (the head's step method, number of returns, its arguments before the messages, the messages as
+# (handle, mapping, sending device or None for the model input)) -> one handle per return
+MergeCall = Callable[[Any, int, list, list[tuple[Any, list, int | None]]], list]
+
+
 def issue(manifest: Manifest, actors: dict[int, Any], rid: Any, first: Any, call: Call,
-          needs_message: bool = False) -> tuple[dict[int, Any], list[tuple[int, Any]]]:
+          needs_message: bool = False, skip: frozenset[int] = frozenset(),
+          merge_call: MergeCall | None = None) -> tuple[dict[int, Any], list[tuple[int, Any]]]:
     """Issue one request as one call per device per level, in the run order (``Manifest.order.steps``).
 
     ``first`` is the model input as a message (a value, an object ref, or a compiled graph's input
@@ -404,50 +485,64 @@ def issue(manifest: Manifest, actors: dict[int, Any], rid: Any, first: Any, call
     next call. A device's last call returns (model outputs held there, bytes received by transfer id):
     its last ``step`` as ``last_step`` when nothing reaches it afterwards, else a ``finish`` call.
     Returns those results by device, and (device, handle) of the steps that send nothing otherwise
-    (``needs_message``: a compiled graph, in which every call must wait on a message)."""
+    (``needs_message``: a compiled graph, in which every call must wait on a message).
+
+    Devices in ``skip`` get no call and no message. ``merge_call``, when given, makes the head's step
+    that runs the merge stage (``Manifest.merge``): it chooses which of the messages to pass."""
     order = manifest.order
+    merge, _ = manifest.merge
     outputs: dict[int, list[str]] = defaultdict(list)
     for o in manifest.outputs:
         outputs[o.device].append(o.local_name)
     last = order.last_level()
     late = {t.dst for t in manifest.transfers if t.kind != "input" and t.level >= last.get(t.dst, -1)}
-    pending: dict[int, list[tuple[Any, list]]] = defaultdict(list)
-    pending[0].append((first, [(f.name, f.name, None) for f in manifest.feeds]))
+    pending: dict[int, list[tuple[Any, list, int | None]]] = defaultdict(list)
+    pending[HEAD].append((first, [(f.name, f.name, None) for f in manifest.feeds], None))
     inputs: dict[int, list[Transfer]] = defaultdict(list)
     for t in order.inputs:
         inputs[t.dst].append(t)
     for dst, ts in inputs.items():
-        pending[dst].append((first, _mapping(ts)))
+        pending[dst].append((first, _mapping(ts), None))
 
-    def given(d: int, what: str) -> tuple[list, list]:
+    def given(d: int, what: str) -> list[tuple[Any, list, int | None]]:
         messages = pending.pop(d, [])
         if needs_message and not messages:
             raise LcpcError(f"device {d}'s {what} waits on no message")
-        return [m for _, m in messages], [r for r, _ in messages]
+        return messages
+
+    def invoke(method, n: int, args: list, messages: list[tuple[Any, list, int | None]], merging: bool) -> list:
+        if merging and merge_call is not None:
+            return merge_call(method, n, args, messages)
+        return call(method, n, *args, [m for _, m, _ in messages], *[r for r, _, _ in messages])
 
     results, leaves = {}, []
     for level in order.steps():
         arrived: dict[int, list] = defaultdict(list)
         for step in level:
             d, dests = step.device, step.destinations
-            maps, refs = given(d, f"call at level {step.level}")
+            if d in skip:
+                continue
+            messages = given(d, f"call at level {step.level}")
             sends = [[t.src_name for t in step.sends[dst]] for dst in dests]
             stages = [s.id for s in step.stages]
+            merging = merge is not None and merge.stage in stages
             if last[d] == step.level and d not in late:
-                outs = call(actors[d].last_step, len(sends) + 1, rid, stages, sends, outputs[d], maps, *refs)
+                outs = invoke(actors[d].last_step, len(sends) + 1, [rid, stages, sends, outputs[d]], messages, merging)
                 results[d] = outs.pop()
             else:
-                outs = call(actors[d].step, max(len(sends), 1), rid, stages, sends, maps, *refs)
+                outs = invoke(actors[d].step, max(len(sends), 1), [rid, stages, sends], messages, merging)
                 if not dests:
                     leaves.append((d, outs[0]))
             for dst, out in zip(dests, outs):
-                arrived[dst].append((out, _mapping(step.sends[dst])))
+                arrived[dst].append((out, _mapping(step.sends[dst]), d))
         for d, items in arrived.items():
-            pending[d].extend(items)
+            if d not in skip:
+                pending[d].extend(items)
     for d in sorted(actors):
-        if d not in results:
-            maps, refs = given(d, "last call")
-            results[d] = call(actors[d].finish, 1, rid, outputs[d], maps, *refs)[0]
+        if d not in results and d not in skip:
+            messages = given(d, "last call")
+            results[d] = call(actors[d].finish, 1, rid, outputs[d], [m for _, m, _ in messages],
+                              *[r for r, _, _ in messages])[0]
     return results, leaves
 
 
