@@ -24,7 +24,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from lcpc import __version__, frontend, pipeline, report
+from lcpc import __version__, advise, frontend, pipeline, report
 from lcpc.errors import LcpcError
 from lcpc.frontend import parse_input_shapes
 from lcpc.images import Preprocessing
@@ -289,6 +289,43 @@ def run(folder: Path, inputs: tuple[str, ...], output: Path | None, stats: Path 
     expected = runner.manifest.bytes_per_inference * counter.samples
     click.echo(f"{counter.samples} inference(s), {counter.total()} bytes moved between devices "
                f"(manifest predicts {expected}); engine {runner.describe}")
+
+
+# ----------------------------------------------------------------------------- plan
+@main.command(name="plan")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--devices", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="devices.yaml: the devices (speed, link) the plan may use; K goes from 1 to their number.")
+@click.option("--max-branches", type=int, default=None, metavar="N",
+              help="Try K up to N [default: the number of devices the file names].")
+@click.option("--sync", "syncs", multiple=True, type=click.Choice(list(advise.SYNCS)),
+              help="Sync policies to compare (repeatable) [default: none and all].")
+@click.option("--calib", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Inputs (.npy): each plan's top-1 agreement and KL with the original, before recovery.")
+@click.option("--preprocess", default=None, metavar="SPEC",
+              help="Image preprocessing (as for convert): also compares the raw uint8 input on the wire.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write predicted latency against K to this PNG.")
+@input_shape_option
+@format_option
+@handles_errors
+def plan_cmd(model: Path, devices: Path, max_branches: int | None, syncs: tuple[str, ...], calib: Path | None,
+             preprocess: str | None, plot: Path | None, input_shapes, fmt: str) -> None:
+    """Predict, before deploying, whether splitting MODEL over the devices pays, and for which K."""
+    if not model.is_file():
+        raise LcpcError(f"{model}: no such model file")
+    network = load_devices(devices)
+    data = pipeline.read_array(calib, "calibration") if calib is not None else None
+    bar = Console(stderr=True)
+    with bar.status("planning") as status:
+        advice = advise.advise(model, network, most=max_branches, syncs=syncs or advise.SYNCS,
+                               input_shapes=parse_input_shapes(input_shapes),
+                               preprocessing=parse_preprocessing(preprocess), calib=data,
+                               progress=lambda what: status.update(f"converting and timing {what}"))
+    click.echo(advise.render(advice, str(model), fmt))
+    if plot is not None:
+        advise.plot(advice, plot)
+        click.echo(f"wrote {plot}")
 
 
 # ----------------------------------------------------------------------------- report

@@ -41,6 +41,7 @@ from lcpc.passes import prune as prune_pass
 from lcpc.passes.recover import distil as distil_pass
 from lcpc.passes.recover import refit as refit_pass
 from lcpc.perf.devices import load as load_devices
+from lcpc.perf.network import Network
 from lcpc.plan import Action
 from lcpc.runtime.local import LocalEngine
 from lcpc.runtime.manifest import Manifest
@@ -51,7 +52,7 @@ from lcpc.weights import masked_graph
 def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str = "none",
             input_shapes: dict | None = None, force: bool = False, partition: str = "energy",
             preprocessing: dict | None = None, calib: np.ndarray | None = None,
-            comm_budget: int | None = None, devices: str | Path | None = None, prune: float | None = None,
+            comm_budget: int | None = None, devices: str | Path | Network | None = None, prune: float | None = None,
             quantize: str | None = None, wire: str = "fp32", input_wire: str = "auto",
             progress: Any = None, select: Any = None) -> dict[str, Any]:
     """Plan ``model`` for ``branches`` devices and write the folder ``out``; returns its manifest.
@@ -74,7 +75,7 @@ def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str
     compress.check_calib({i: graph.info(i) for i in graph.inputs}, calib)
     if not isinstance(model, (bytes, bytearray)):
         source = replace(source, path=str(Path(model).resolve()))
-    network = load_devices(devices)
+    network = devices if isinstance(devices, Network) else load_devices(devices)
     speeds = network.distinct_speeds(branches)
     plan = planner.plan(graph, source, branches, sync, partition, calib=calib, comm_budget=comm_budget,
                         speeds=speeds, head_bandwidth=network.link("dev0").bandwidth, progress=progress,

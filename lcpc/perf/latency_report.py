@@ -102,8 +102,8 @@ def render(predictions: list[Prediction], network: Network, manifest: Manifest, 
     return "\n".join(out)
 
 
-def plot(curves: dict[str, list[float]], plan: Prediction, path: Path) -> None:
-    """Latency of every setup against bandwidth, and this plan's per-device time bars."""
+def pyplot() -> Any:
+    """matplotlib's pyplot on the non-interactive Agg backend (an optional dependency)."""
     try:
         import matplotlib
 
@@ -111,6 +111,26 @@ def plot(curves: dict[str, list[float]], plan: Prediction, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise LcpcError("--plot needs matplotlib: pip install 'lcpc[plot]'") from None
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Write ``fig`` to ``path`` as a PNG, through a temporary file renamed into place; close it."""
+    plt = pyplot()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+def plot(curves: dict[str, list[float]], plan: Prediction, path: Path) -> None:
+    """Latency of every setup against bandwidth, and this plan's per-device time bars."""
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
     for setup, latencies in curves.items():
         left.plot(BANDWIDTHS_MBIT, [1e3 * v for v in latencies], marker="o", label=setup)
@@ -128,12 +148,4 @@ def plot(curves: dict[str, list[float]], plan: Prediction, path: Path) -> None:
     right.set_xlabel("ms per inference (this plan)")
     right.invert_yaxis()
     right.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    save_figure(fig, path)

@@ -96,6 +96,13 @@ class Network:
                 raise LcpcError(f"{self.source}: device '{printable(name, 80)}' is not in the plan, which has "
                                 f"{', '.join(sorted(known))}")
 
+    def first(self, k: int) -> Network:
+        """The same network restricted to its first ``k`` devices (dev0..dev{k-1}) and their links."""
+        keep = {f"dev{d}" for d in range(k)}
+        return Network({n: d for n, d in self.devices.items() if n in keep},
+                       {n: link for n, link in self.links.items() if n in keep}, self.default_link, self.overhead,
+                       self.source, self.route)
+
     def with_bandwidth(self, bandwidth: float) -> Network:
         """The same network with every link at ``bandwidth`` bytes/s (for the latency plot)."""
         return Network(self.devices, {k: v.scaled(bandwidth) for k, v in self.links.items()},
