@@ -11,7 +11,7 @@ Guarantees:
   process) and returns the names of the devices rebuilt; ``close`` frees everything the
   engine started and may be called twice; an engine is a context manager;
 - ``describe`` says which engine (and mode) ran, for the user;
-- ``open_engine`` opens the engine by name and imports Ray only when asked for it.
+- ``open_engine`` opens the engine by name and imports Ray (or MPI) only when asked for it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from lcpc.runtime.manifest import Tensor
 
 # engine name -> the module and class that implement it, imported when asked for (Ray is optional and slow
 # to import)
-ENGINES = {"local": ("lcpc.runtime.local", "LocalEngine"), "ray": ("lcpc.runtime.ray", "RayEngine")}
+ENGINES = {"local": ("lcpc.runtime.local", "LocalEngine"), "ray": ("lcpc.runtime.ray", "RayEngine"),
+           "mpi": ("lcpc.runtime.mpi", "MpiEngine")}
 
 
 class Engine(abc.ABC):
@@ -83,8 +84,8 @@ class Engine(abc.ABC):
 
 def open_engine(folder: str | Path, engine: str = "local", **options: Any) -> Engine:
     """The engine called ``engine`` (``ENGINES``) on ``folder``. ``options`` go to its constructor
-    (``ray``: address, devices, timeout, mode; see ``lcpc.runtime.ray``); those given as None are left
-    to the engine's defaults, and one the engine does not take is refused, never ignored."""
+    (``ray``: address, devices, timeout, mode; see ``lcpc.runtime.ray``; ``mpi``: timeout, hostfile,
+    mpi_args); those given as None are left to the engine's defaults, and one the engine does not take is refused, never ignored."""
     if engine not in ENGINES:
         raise LcpcError(f"unknown engine '{engine}'; choose {' or '.join(ENGINES)}")
     module, name = ENGINES[engine]
