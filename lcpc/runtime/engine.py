@@ -85,7 +85,8 @@ class Engine(abc.ABC):
 def open_engine(folder: str | Path, engine: str = "local", **options: Any) -> Engine:
     """The engine called ``engine`` (``ENGINES``) on ``folder``. ``options`` go to its constructor
     (``ray``: address, devices, timeout, mode; see ``lcpc.runtime.ray``; ``mpi``: timeout, hostfile,
-    mpi_args); those given as None are left to the engine's defaults, and one the engine does not take is refused, never ignored."""
+    mpi_args); those given as None are left to the engine's defaults, and one the engine does not take is
+    refused, never ignored."""
     if engine not in ENGINES:
         raise LcpcError(f"unknown engine '{engine}'; choose {' or '.join(ENGINES)}")
     module, name = ENGINES[engine]
