@@ -5,11 +5,12 @@
         report = dep.serve(requests_from_npy(batch))   # a stream: latency percentiles
 
 Guarantees:
-- one engine (``local`` or ``ray``, opened by ``engine.open_engine``) is opened once
+- one engine (``local``, ``ray`` or ``mpi``, opened by ``engine.open_engine``) is opened once
   and reused for every request;
 - every request has an id; a request that fails (an actor died, a node left, a
   timeout) is recorded as a ``Failure`` with its id and the engine's one-line message
-  naming the device; the engine then rebuilds what died (``rebuild``) and the stream
+  naming the device; the engine then rebuilds what died (``rebuild``: dead Ray actors, or a
+  new MPI job) and the stream
   goes on; the failed request's input stays with the caller's request (``Request``);
 - ``serve`` returns a ``ServeReport`` with every latency, the failures, throughput and
   p50/p90/p99, and calls ``on_result`` per request (a progress bar, a writer);
@@ -79,9 +80,11 @@ class Deployment:
     """A warm engine for one converted folder (see the module docstring)."""
 
     def __init__(self, folder: str | Path, engine: str = "local", *, address: str | None = None,
-                 devices: str | Path | None = None, timeout: float | None = None) -> None:
+                 devices: str | Path | None = None, timeout: float | None = None,
+                 hostfile: str | Path | None = None) -> None:
         self.folder = Path(folder)
-        self.engine = open_engine(self.folder, engine, address=address, devices=devices, timeout=timeout)
+        self.engine = open_engine(self.folder, engine, address=address, devices=devices, timeout=timeout,
+                                  hostfile=hostfile)
         self.stats = Stats()
         self._next = 0
 

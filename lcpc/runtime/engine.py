@@ -95,6 +95,6 @@ def open_engine(folder: str | Path, engine: str = "local", **options: Any) -> En
     takes = inspect.signature(cls).parameters
     for key in given:
         if key not in takes:
-            raise LcpcError(f"--{key.replace('_', '-')} does not apply to the {engine} engine, which runs every "
-                            f"device in this process: drop it, or choose an engine that uses it")
+            raise LcpcError(f"--{key.replace('_', '-')} does not apply to the {engine} engine: drop it, or choose "
+                            f"an engine that uses it")
     return cls(folder, **given)
