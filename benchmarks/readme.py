@@ -55,6 +55,7 @@ TABLES: dict[str, tuple[str, int]] = {
     "compress-table": ("compress.md", 0),
     "netns-latency-table": ("netns_latency.md", 0),
     "netns-latency-compiled-table": ("netns_latency_compiled-graph.md", 0),
+    "hls-table": ("hls.md", 0),
 }
 
 # the files with markers, and the markers each must hold
