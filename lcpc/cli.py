@@ -1,4 +1,5 @@
-"""The ``lcpc`` command line: convert, run, serve, report, bench, inspect, verify, recover.
+"""The ``lcpc`` command line: convert, run, serve, report, bench, inspect, verify, recover, export-hls,
+verify-hls (and mpi-worker, a rank of the MPI engine's job).
 
 Guarantees: the commands parse options and print; the work is done by the library
 (``lcpc.pipeline`` for convert, recover and verify; ``lcpc.runtime`` for run, serve and
@@ -38,6 +39,8 @@ from lcpc.runtime.deployment import Deployment, requests_from_source
 from lcpc.runtime.engine import ENGINES, open_engine
 from lcpc.runtime.feeds import Stats
 from lcpc.safety import load_array, printable, save_arrays
+from lcpc.targets import hls as hls_target
+from lcpc.targets import hls_verify
 
 
 def _fail(message: str, code: int) -> None:
@@ -206,14 +209,18 @@ def cut_warning(manifest: dict, out: Path, calib: np.ndarray | None) -> str:
 
 # ----------------------------------------------------------------------------- run
 def engine_options(fn: Callable) -> Callable:
-    """--engine, --address, --devices and --timeout, shared by run and serve."""
+    """--engine, --address, --devices, --hostfile and --timeout, shared by run and serve."""
     fn = click.option("--timeout", type=float, default=None,
-                      help="Seconds a request may take before it is reported as failed (ray) [default: 60].")(fn)
+                      help="Seconds a request may take before it is reported as failed (ray, mpi) [default: 60].")(fn)
+    fn = click.option("--hostfile", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                      help="mpi: Open MPI host file, this machine first (rank 0, the relay, runs here) "
+                           "[default: every rank here].")(fn)
     fn = click.option("--devices", type=click.Path(dir_okay=False, path_type=Path), default=None,
                       help="devices.yaml: Ray resource, speed and link of each device.")(fn)
     fn = click.option("--address", default=None, help="Ray cluster address [default: start Ray here].")(fn)
     return click.option("--engine", type=click.Choice(list(ENGINES)), default="local", show_default=True,
-                        help="local: onnxruntime threads here; ray: one Ray actor per device.")(fn)
+                        help="local: onnxruntime threads here; ray: one Ray actor per device; mpi: one MPI rank "
+                             "per device (mpiexec).")(fn)
 
 
 def without_option(fn: Callable) -> Callable:
@@ -264,11 +271,12 @@ def load_inputs(specs: tuple[str, ...], names: list[str]) -> tuple[dict[str, np.
 @without_option
 @handles_errors
 def run(folder: Path, inputs: tuple[str, ...], output: Path | None, stats: Path | None, engine: str,
-        address: str | None, devices: Path | None, timeout: float | None, ray_mode: str | None,
-        without: tuple[str, ...]) -> None:
-    """Run a converted FOLDER locally (one onnxruntime session per stage) or on Ray actors."""
+        address: str | None, devices: Path | None, hostfile: Path | None, timeout: float | None,
+        ray_mode: str | None, without: tuple[str, ...]) -> None:
+    """Run a converted FOLDER locally (one onnxruntime session per stage), on Ray actors or as an MPI job."""
     mode = ray_mode or (("actor-calls" if without else "auto") if engine == "ray" else None)
-    with open_engine(folder, engine, address=address, devices=devices, timeout=timeout, mode=mode) as runner:
+    with open_engine(folder, engine, address=address, devices=devices, timeout=timeout, mode=mode,
+                     hostfile=hostfile) as runner:
         feeds, files = load_inputs(inputs, [i.name for i in runner.inputs])
         runner.check_inputs(feeds, files)
         counter = Stats()
@@ -367,13 +375,14 @@ def report_cmd(folder: Path, fmt: str, network: Path | None, plot: Path | None, 
 @format_option
 @handles_errors
 def serve(folder: Path, source: Path, repeat: int, engine: str, address: str | None, devices: Path | None,
-          timeout: float | None, deadline: float | None, without: tuple[str, ...], fmt: str) -> None:
+          hostfile: Path | None, timeout: float | None, deadline: float | None, without: tuple[str, ...],
+          fmt: str) -> None:
     """Keep FOLDER's stages warm and answer a stream of requests; print latency percentiles."""
     if deadline is not None and not 0 < deadline < float("inf"):
         raise LcpcError(f"--deadline {deadline}: a positive number of milliseconds")
     requests, total = requests_from_source(source, mf.read(folder), max(repeat, 1))
     with Deployment(folder, engine, address=address, devices=devices, timeout=timeout, without=without,
-                    deadline=None if deadline is None else deadline / 1e3) as dep:
+                    deadline=None if deadline is None else deadline / 1e3, hostfile=hostfile) as dep:
         with serving.ServeProgress(total) as progress:
             result = dep.serve(requests, on_result=progress)
         click.echo(serving.render(result, dep.describe, fmt))
@@ -441,6 +450,89 @@ def render_fidelity(result: dict, fmt: str) -> str:
                  ("lcp accuracy", f"{100 * result['candidate_accuracy']:.2f}%")]
     if fmt == "markdown":
         return "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+# ----------------------------------------------------------------------------- MPI ranks
+@main.command(name="mpi-worker", context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def mpi_worker(args: tuple[str, ...]) -> None:
+    """One rank of the MPI engine's job (started by mpiexec; `lcpc run --engine mpi` starts it for you)."""
+    from lcpc.runtime import mpi
+
+    mpi.main(list(args))
+
+
+# ----------------------------------------------------------------------------- FPGA (hls4ml)
+@main.command(name="export-hls")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of the hls4ml projects (one per branch stage) and hls.json.")
+@click.option("--precision", default=hls_target.DEFAULT_PRECISION, show_default=True,
+              help="fixed<W,I>: every activation (rounded, saturated; give the modes to change them), weights at W "
+                   "bits fitted per layer; from-int8: the widths of a --quantize int8 --calib plan.")
+@click.option("--reuse", type=int, default=1, show_default=True,
+              help="hls4ml reuse factor: multiplications per multiplier (1: fully parallel; more: fewer DSPs).")
+@click.option("--board", type=click.Choice(list(hls_target.BOARDS)), default=None,
+              help="Target board (its FPGA part; the table shows its DSP and BRAM share) [default part: pynq-z2's].")
+@click.option("--part", default=None, help="FPGA part, e.g. xczu3eg-sbva484-1-e (instead of --board).")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@handles_errors
+def export_hls(folder: Path, out: Path, precision: str, reuse: int, board: str | None, part: str | None,
+               force: bool) -> None:
+    """Write each branch stage of a converted FOLDER as one hls4ml project (Vitis HLS, io_stream)."""
+    options = hls_target.Options(precision=precision, reuse=reuse, board=board, part=part)
+    record = hls_target.export(folder, out, options, force=force)
+    click.echo(hls_target.render_table(record))
+    click.echo(f"wrote {len(hls_target.table(record))} hls4ml projects and {hls_target.FILE} to {out}; check them "
+               f"with: lcpc verify-hls {out} --data X.npy")
+
+
+@main.command(name="verify-hls")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Inputs (.npy batch) to run through the C++ emulation and the float plan.")
+@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Integer labels (.npy): the accuracy of both.")
+@click.option("--timeout", type=float, default=hls_verify.COMPILE_TIMEOUT, show_default=True,
+              help="Seconds each project's compilation (or synthesis) may take.")
+@click.option("--synth", is_flag=True, help="Also run Vitis HLS C synthesis and read latency and resources "
+                                            "(needs vitis-run or vitis_hls on PATH).")
+@format_option
+@handles_errors
+def verify_hls(folder: Path, data: Path, labels: Path | None, timeout: float, synth: bool, fmt: str) -> None:
+    """Compile each project of an export-hls FOLDER (g++) and compare it with the float plan on --data."""
+    x = pipeline.read_array(data, "data")
+    y = pipeline.read_array(labels, "labels") if labels is not None else None
+
+    def compiled(project: str, seconds: float) -> None:
+        click.echo(f"compiled {project} in {seconds:.1f} s", err=True)
+
+    result = hls_verify.verify(folder, x, y, timeout=timeout, progress=compiled)
+    if synth:
+        result["synthesis"] = hls_verify.synthesize(folder, timeout)
+    click.echo(render_hls_check(result, fmt))
+
+
+def render_hls_check(result: dict, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(result, indent=1)
+    rows = []
+    for name, r in result["outputs"].items():
+        rows += [(f"{name}: top-1 agreement with the float plan",
+                  f"{100 * r['top1_agreement']:.2f}% of {r['samples']}"),
+                 (f"{name}: largest logit error",
+                  f"{r['max_abs_error']:.4g} (largest logit {r['max_abs_reference']:.4g})")]
+        if "fpga_accuracy" in r:
+            rows.append((f"{name}: accuracy float / FPGA", f"{100 * r['float_accuracy']:.2f}% / "
+                                                          f"{100 * r['fpga_accuracy']:.2f}%"))
+    rows.append(("precision, reuse", f"{result['precision']}, {result['reuse']}"))
+    for project, synth in result.get("synthesis", {}).items():
+        rows.append((f"{project}: C synthesis", f"latency {synth['latency_worst_cycles']} cycles, "
+                                                f"interval {synth['interval_cycles']}, {synth['resources']}"))
+    if fmt == "markdown":
+        return "| check | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

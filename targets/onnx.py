@@ -15,10 +15,12 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import secrets
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +46,22 @@ def write(plan: Plan, program: Program, out: str | Path, *, force: bool = False,
     relative compute speeds (heterogeneous plans), recorded per device; ``compression`` the
     pruning record and the comparison of compressed variants (``lcpc.compress``), if any;
     ``original`` the model before pruning (default: the plan's graph), for the totals."""
-    out = Path(out)
+    with new_folder(Path(out), force) as tmp:
+        return _write_files(plan, program, tmp, exact_bytes, preprocessing, fidelity, speeds, compression,
+                            original)
+
+
+@contextlib.contextmanager
+def new_folder(out: Path, force: bool = False) -> Iterator[Path]:
+    """A temporary sibling of ``out`` to write into, renamed to ``out`` when the block succeeds (``write``'s
+    rules for ``out``: atomic, an existing non-empty folder replaced only with ``force``); on any failure it
+    is removed, with the parent folders this call created, and an existing ``out`` is untouched."""
     check_out(out, force)
     created = _make_parents(out.parent)
     tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(6)}"
     tmp.mkdir()  # mode 0777 less the umask, unlike mkdtemp's 0700, which would follow the folder to devices
     try:
-        manifest = _write_files(plan, program, tmp, exact_bytes, preprocessing, fidelity, speeds, compression,
-                                original)
+        yield tmp
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -61,7 +71,6 @@ def write(plan: Plan, program: Program, out: str | Path, *, force: bool = False,
             except OSError:
                 break
         raise
-    return manifest
 
 
 def move(folder: Path, out: Path, force: bool = False) -> dict[str, Any]:

@@ -5,11 +5,12 @@
         report = dep.serve(requests_from_npy(batch))   # a stream: latency percentiles
 
 Guarantees:
-- one engine (``local`` or ``ray``, opened by ``engine.open_engine``) is opened once
+- one engine (``local``, ``ray`` or ``mpi``, opened by ``engine.open_engine``) is opened once
   and reused for every request;
 - every request has an id; a request that fails (an actor died, a node left, a
   timeout) is recorded as a ``Failure`` with its id and the engine's one-line message
-  naming the device; the engine then rebuilds what died (``rebuild``) and the stream
+  naming the device; the engine then rebuilds what died (``rebuild``: dead Ray actors, or a
+  new MPI job) and the stream
   goes on; the failed request's input stays with the caller's request (``Request``);
 - with ``deadline`` (seconds, Ray), a request whose branch device is late or dead is
   answered from the branches that came in time (``runtime.degrade``) instead of failing,
@@ -90,10 +91,10 @@ class Deployment:
 
     def __init__(self, folder: str | Path, engine: str = "local", *, address: str | None = None,
                  devices: str | Path | None = None, timeout: float | None = None, deadline: float | None = None,
-                 without: Iterable[str] = ()) -> None:
+                 without: Iterable[str] = (), hostfile: str | Path | None = None) -> None:
         self.folder = Path(folder)
         self.engine = open_engine(self.folder, engine, address=address, devices=devices, timeout=timeout,
-                                  deadline=deadline)
+                                  deadline=deadline, hostfile=hostfile)
         self.without = tuple(without)
         self.engine.device_ids(self.without)  # refused now, not at the first request
         self.stats = Stats()

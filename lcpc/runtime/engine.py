@@ -14,7 +14,7 @@ Guarantees:
   process) and returns the names of the devices rebuilt; ``close`` frees everything the
   engine started and may be called twice; an engine is a context manager;
 - ``describe`` says which engine (and mode) ran, for the user;
-- ``open_engine`` opens the engine by name and imports Ray only when asked for it.
+- ``open_engine`` opens the engine by name and imports Ray (or MPI) only when asked for it.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from lcpc.runtime.manifest import Tensor
 
 # engine name -> the module and class that implement it, imported when asked for (Ray is optional and slow
 # to import)
-ENGINES = {"local": ("lcpc.runtime.local", "LocalEngine"), "ray": ("lcpc.runtime.ray", "RayEngine")}
+ENGINES = {"local": ("lcpc.runtime.local", "LocalEngine"), "ray": ("lcpc.runtime.ray", "RayEngine"),
+           "mpi": ("lcpc.runtime.mpi", "MpiEngine")}
 
 
 class Engine(abc.ABC):
@@ -109,8 +110,9 @@ class Engine(abc.ABC):
 
 def open_engine(folder: str | Path, engine: str = "local", **options: Any) -> Engine:
     """The engine called ``engine`` (``ENGINES``) on ``folder``. ``options`` go to its constructor
-    (``ray``: address, devices, timeout, mode; see ``lcpc.runtime.ray``); those given as None are left
-    to the engine's defaults, and one the engine does not take is refused, never ignored."""
+    (``ray``: address, devices, timeout, mode; see ``lcpc.runtime.ray``; ``mpi``: timeout, hostfile,
+    mpi_args); those given as None are left to the engine's defaults, and one the engine does not take is
+    refused, never ignored."""
     if engine not in ENGINES:
         raise LcpcError(f"unknown engine '{engine}'; choose {' or '.join(ENGINES)}")
     module, name = ENGINES[engine]
@@ -119,6 +121,6 @@ def open_engine(folder: str | Path, engine: str = "local", **options: Any) -> En
     takes = inspect.signature(cls).parameters
     for key in given:
         if key not in takes:
-            raise LcpcError(f"--{key.replace('_', '-')} does not apply to the {engine} engine, which runs every "
-                            f"device in this process: drop it, or choose an engine that uses it")
+            raise LcpcError(f"--{key.replace('_', '-')} does not apply to the {engine} engine: drop it, or choose "
+                            f"an engine that uses it")
     return cls(folder, **given)
