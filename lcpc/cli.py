@@ -336,6 +336,27 @@ def plan_cmd(model: Path, devices: Path, max_branches: int | None, syncs: tuple[
         click.echo(f"wrote {plot}")
 
 
+# ----------------------------------------------------------------------------- probe
+@main.command(name="probe")
+@click.option("--address", required=True, help="The Ray cluster's address (HEAD:6379), whose nodes carry dev0, dev1...")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the measured devices.yaml here (for convert --devices, report --network, plan).")
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="Seconds any one measurement may take before the probe gives up, naming it.")
+@handles_errors
+def probe_cmd(address: str, out: Path, timeout: float) -> None:
+    """Measure each device's speed, its link's bandwidth and latency, and the engine's cost per message."""
+    from lcpc.runtime import probe  # Ray: imported only when this command runs
+
+    if not 0 < timeout < float("inf"):
+        raise LcpcError(f"--timeout {timeout}: a positive number of seconds")
+    with Console(stderr=True).status("probing") as status:
+        network, measured = probe.probe(address, timeout, progress=lambda d: status.update(f"probing {d}"))
+    probe.write(network, out, f"--address {address}")
+    click.echo(probe.render(measured, network))
+    click.echo(f"wrote {out}")
+
+
 # ----------------------------------------------------------------------------- report
 @main.command(name="report")
 @click.argument("folder", type=click.Path(path_type=Path))
