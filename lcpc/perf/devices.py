@@ -16,12 +16,13 @@ Guarantees:
   outside ``RANGES``) is an ``LcpcError`` naming the file, the key and why;
 - aliases cannot blow up: the YAML node graph is measured before anything is built from it, and a
   file whose aliases would expand past ``MAX_NODES`` nodes, that refers to itself, or that nests
-  deeper than Python can walk is refused, in well under a second wherever the alias sits;
+  brackets more than ``MAX_FLOW_DEPTH`` deep (or anything deeper than Python can walk) is refused,
+  in well under a second wherever the alias sits;
 - bandwidths are stored in bytes per second, latencies and overheads in seconds;
   plain numbers (``2``, ``1e-3``, also as YAML strings) mean bit/s, seconds and relative speed;
   units: bit, kbit, Mbit, Gbit (optionally ``/s``), s, ms, us, x (speed);
 - speeds lie in 1e-6..1e6 (relative to a device of speed 1), bandwidths in 1 kbit/s..1 Pbit/s,
-  latencies and overheads in 1 ns..1 h, so no pass or prediction overflows or divides by zero;
+  latencies and overheads in 1e-9..3600 s, so no pass or prediction overflows or divides by zero;
 - ``route`` is ``direct`` (default: every message straight from its source to its
   destination) or ``ray`` (as the Ray engine moves them; ``lcpc.perf.network`` says how);
 - a device missing from the file runs on the Ray resource named like the device,
@@ -43,15 +44,16 @@ from lcpc.safety import printable
 ROUTES = ("direct", "ray")
 MAX_FILE_BYTES = 64 << 10   # a devices file names a few dozen devices and links
 MAX_NODES = 10_000          # YAML nodes once every alias is expanded
+MAX_FLOW_DEPTH = 64         # [ and { open at once (PyYAML's scanner is quadratic in it)
 
 _BITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
 _SECONDS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
 _SPEED = {"x": 1.0}
-# what -> (lowest, highest) in the stored unit, and how to say it
+# what -> (lowest, highest) in the unit it is given in (bit/s, s, relative), and how to say it
 RANGES = {"speed": (1e-6, 1e6, "1e-06..1e+06 (relative to a device of speed 1)"),
-          "bandwidth": (1e3 / 8, 1e15 / 8, "1 kbit/s..1 Pbit/s"),
-          "latency": (1e-9, 3600.0, "1 ns..1 h"),
-          "overhead": (1e-9, 3600.0, "1 ns..1 h")}
+          "bandwidth": (1e3, 1e15, "1 kbit/s..1 Pbit/s"),   # bit/s here; stored as bytes/s
+          "latency": (1e-9, 3600.0, "1e-09..3600 s"),
+          "overhead": (1e-9, 3600.0, "1e-09..3600 s")}
 _NUMBER = r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
 
 
@@ -148,18 +150,35 @@ def read_yaml(path: Path) -> Any:
         data = f.read(MAX_FILE_BYTES + 1)
     if len(data) > MAX_FILE_BYTES:
         raise LcpcError(f"{where}: larger than a devices file needs to be (at most {MAX_FILE_BYTES >> 10} KiB)")
-    loader = yaml.SafeLoader(data)
+    if _flow_depth(data) > MAX_FLOW_DEPTH:
+        raise LcpcError(f"{where}: not valid YAML (brackets nested more than {MAX_FLOW_DEPTH} deep)")
+    loader = None
     try:
+        loader = yaml.SafeLoader(data)  # reads the encoding already
         node = loader.get_single_node()
-        if node is not None:
-            _check_expansion(node, where)
-        return loader.construct_document(node) if node is not None else None
+        if node is None:
+            return None
+        _check_expansion(node, where)
+        return loader.construct_document(node)
     except (yaml.YAMLError, ValueError, OverflowError) as exc:  # ValueError: UnicodeDecodeError, a bad date
         raise LcpcError(f"{where}: not valid YAML ({printable(str(exc).splitlines()[0], 200)})") from None
     except RecursionError:
         raise LcpcError(f"{where}: not valid YAML (nested too deeply)") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
+
+
+def _flow_depth(data: bytes) -> int:
+    """The most [ and { open at once (quotes aside: a devices file has no reason to nest that deep)."""
+    depth = deepest = 0
+    for byte in data:
+        if byte in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in b"]}":
+            depth = max(depth - 1, 0)
+    return deepest
 
 
 def _check_expansion(root: yaml.Node, where: str) -> None:
