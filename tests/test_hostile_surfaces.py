@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import faulthandler
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -356,6 +357,32 @@ def test_two_converts_into_one_folder(tmp_path, monkeypatch, force):
         one_line_error(result, str(out), "another process wrote this folder", "--force")
         assert written.json == other["manifest"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_interrupt_during_convert_with_recovery_leaves_no_staging_folder(tmp_path, monkeypatch):
+    """Ctrl-C while recovering (after the cut model was staged beside -o): one line, exit 130, and
+    neither the output nor the staging folder stays."""
+    def interrupted(*args, **kwargs):
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".lcpc-convert-")]  # staged
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "recover", interrupted)
+    out = tmp_path / "out"
+    result = invoke("convert", EXAMPLE, "-o", out, "--recover", CORPUS / "options" / "train.npy", "--epochs", 0)
+    one_line_error(result, "interrupted (Ctrl-C)", code=130)
+    nothing_left(tmp_path, out)
+
+
+def test_signals_wait_for_a_deferred_block():
+    """What the writer's rename and clean-up run under: a signal acts once the block is over."""
+    from lcpc.safety import signals_deferred
+
+    finished = []
+    with pytest.raises(KeyboardInterrupt), signals_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # a signal not held back would be handled here
+        finished.append(True)
+    assert finished == [True]
 
 
 def test_sigterm_handler_is_only_there_while_a_command_runs(good_folder, monkeypatch):

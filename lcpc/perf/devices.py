@@ -58,8 +58,8 @@ _NUMBER = r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
 
 
 def _quantity(value: Any, units: dict[str, float], where: str, what: str) -> float:
-    """``value`` (a number, or a string: a number and an optional unit of ``units``) in the stored
-    unit, checked against ``RANGES[what]``."""
+    """``value`` (a number, or a string: a number and an optional unit of ``units``) in its base unit
+    (bit/s, s or relative speed), checked against ``RANGES[what]``."""
     shown = printable(value, 80) if isinstance(value, (str, int, float)) else type(value).__name__
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         number = float(value)
