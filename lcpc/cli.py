@@ -8,15 +8,21 @@ the tests and the benchmarks run the same code. Options shared by several comman
 defined once (stacked click decorators); every command ends with a one-screen summary;
 any ``LcpcError`` is printed as one line ``error: ...`` with exit code 1 and no
 traceback (``--debug`` shows it); an unexpected exception is reported as an internal
-error, exit code 2. With ``lcpc.pipeline``, this is the only module that imports targets.
+error, exit code 2. Option values out of range are refused that way before any work.
+Ctrl-C and SIGTERM (turned into an exception while a command runs, so every cleanup
+runs and no half-written output folder stays) end in one line too, exit code 130 or 143.
+With ``lcpc.pipeline``, this is the only module that imports targets.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +31,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from lcpc import __version__, advise, frontend, pipeline, report
+from lcpc import __version__, advise, fidelity, frontend, pipeline, report
 from lcpc.errors import LcpcError
 from lcpc.frontend import parse_input_shapes
 from lcpc.images import Preprocessing
@@ -49,12 +55,40 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C is, so the same cleanups run."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While a command runs, SIGTERM raises ``Terminated`` instead of ending the process on the spot."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def handles_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, debug: bool = False, **kwargs):
         try:
-            return fn(*args, **kwargs)
-        except (KeyboardInterrupt, SystemExit, click.ClickException):
+            with _sigterm_raises():
+                return fn(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            if debug:
+                raise
+            if isinstance(exc, Terminated):
+                _fail("interrupted by SIGTERM", 128 + signal.SIGTERM)
+            _fail("interrupted (Ctrl-C)", 128 + signal.SIGINT)
+        except (SystemExit, click.ClickException):
             raise
         except Exception as exc:
             if debug:
@@ -101,30 +135,41 @@ def main() -> None:
 
 
 # ----------------------------------------------------------------------------- convert
+PREPROCESS_FORMS = {"size": "HxW or S in whole pixels, e.g. 224x224", "mean": "numbers separated by /, e.g. 127 or "
+                    "0.485/0.456/0.406", "std": "numbers separated by /, e.g. 128", "scale": "a number, e.g. 0.00392",
+                    "crop_fraction": "a number in (0, 1], e.g. 0.875"}
+
+
 def parse_preprocessing(spec: str | None) -> dict | None:
-    """``size=224x224,mean=127,std=128[,scale=1,layout=NCHW,channels=RGB,...]`` -> a checked dict."""
-    if not spec:
+    """``size=224x224,mean=127,std=128[,scale=1,layout=NCHW,channels=RGB,...]`` -> a checked dict
+    (``Preprocessing``'s checks; every key once)."""
+    if spec is None:
         return None
     fields: dict[str, Any] = {}
     for item in spec.split(","):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise LcpcError(f"--preprocess: '{item}' is not KEY=VALUE")
-        key = key.strip()
-        if key == "size":
-            fields[key] = tuple(int(v) for v in value.lower().split("x"))
-            if len(fields[key]) == 1:
-                fields[key] = fields[key] * 2
-        elif key in ("mean", "std"):
-            fields[key] = tuple(float(v) for v in value.split("/"))
-        elif key in ("scale", "crop_fraction"):
-            fields[key] = float(value)
-        else:
-            fields[key] = value
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key:
+            raise LcpcError(f"--preprocess: '{printable(item, 80)}' is not KEY=VALUE "
+                            f"(e.g. size=224x224,mean=127,std=128)")
+        if key in fields:
+            raise LcpcError(f"--preprocess: {printable(key, 40)} is given twice")
+        try:
+            if key == "size":
+                fields[key] = tuple(int(v) for v in value.lower().split("x"))
+                fields[key] = fields[key] * 2 if len(fields[key]) == 1 else fields[key]
+            elif key in ("mean", "std"):
+                fields[key] = tuple(float(v) for v in value.split("/"))
+            elif key in ("scale", "crop_fraction"):
+                fields[key] = float(value)
+            else:
+                fields[key] = value
+        except ValueError:
+            raise LcpcError(f"--preprocess: {printable(key, 40)}={printable(value, 80)}: expected "
+                            f"{PREPROCESS_FORMS[key]}") from None
     try:
-        return Preprocessing(**fields).to_dict()
-    except TypeError as exc:
-        raise LcpcError(f"--preprocess: {exc}") from None
+        return Preprocessing.from_dict(fields).to_dict()
+    except LcpcError as exc:  # "preprocessing size=...: ..." -> "--preprocess: size=...: ..."
+        raise LcpcError(f"--preprocess: {str(exc).removeprefix('preprocessing').lstrip(': ')}") from None
 
 
 @main.command()
@@ -172,6 +217,8 @@ def convert(model: Path, branches: int, sync: str, partition: str, calib: Path |
             devices: Path | None, input_shapes) -> None:
     """Partition MODEL into K branches; write per-device ONNX files and manifest.json."""
     out = out or model.with_suffix(".lcp")
+    if recover_data is not None:
+        pipeline.check_recipe(epochs)
     calibration = pipeline.read_array(calib, "calibration") if calib is not None else None
     options: dict[str, Any] = dict(sync=sync, input_shapes=parse_input_shapes(input_shapes), partition=partition,
                                    preprocessing=parse_preprocessing(preprocess), comm_budget=comm_budget,
@@ -183,7 +230,7 @@ def convert(model: Path, branches: int, sync: str, partition: str, calib: Path |
         with _progress_bar() as progress:
             manifest = pipeline.convert(model, out, branches, force=force, progress=progress.sync, **options)
     else:
-        labels = pipeline.read_array(recover_labels, "labels") if recover_labels is not None else None
+        labels = read_labels(recover_labels)
         with _progress_bar() as progress:
             manifest = pipeline.convert_and_recover(model, out, recover_data, labels=labels, epochs=epochs,
                                                     force=force, progress=progress, branches=branches, **options)
@@ -401,7 +448,9 @@ def serve(folder: Path, source: Path, repeat: int, engine: str, address: str | N
     """Keep FOLDER's stages warm and answer a stream of requests; print latency percentiles."""
     if deadline is not None and not 0 < deadline < float("inf"):
         raise LcpcError(f"--deadline {deadline}: a positive number of milliseconds")
-    requests, total = requests_from_source(source, mf.read(folder), max(repeat, 1))
+    if repeat < 1:
+        raise LcpcError(f"--repeat {repeat}: send the requests at least once")
+    requests, total = requests_from_source(source, mf.read(folder), repeat)
     with Deployment(folder, engine, address=address, devices=devices, timeout=timeout, without=without,
                     deadline=None if deadline is None else deadline / 1e3, hostfile=hostfile) as dep:
         with serving.ServeProgress(total) as progress:
@@ -583,16 +632,27 @@ def recover(folder: Path, data: Path, labels: Path | None, original: Path | None
     """Recover the accuracy of a converted FOLDER by refit and distillation; write OUT."""
     recipe: dict[str, Any] = {k: v for k, v in (("lr", lr), ("augment", augment), ("views", views),
                                                  ("temperature", temperature)) if v is not None}
+    pipeline.check_recipe(epochs, **recipe)  # every value in range, before anything is read
     if recipe and epochs < 1:
         raise LcpcError(f"--{' and --'.join(recipe)} set(s) the distillation, which --epochs {epochs} does not run; "
                         f"pass --epochs 1 or more, or drop --{' and --'.join(recipe)}")
-    x = pipeline.read_data(data, mf.read(folder).preprocessing)
-    y = pipeline.read_array(labels, "labels") if labels is not None else None
+    source = mf.read(folder)
+    x = pipeline.read_data(data, source.preprocessing)
+    y = read_labels(labels, len(x), fidelity.classes_of(source.json["source"]["outputs"][0]["shape"]))
     with _progress_bar() as progress:
         manifest = pipeline.recover(folder, x, out, labels=y, epochs=epochs, refit=refit, model=original,
                                     force=force, progress=progress, **recipe)
     click.echo(report.render_recovery(manifest["fidelity"]["recovery"]))
     click.echo(f"wrote the recovered plan to {out}")
+
+
+def read_labels(path: Path | None, samples: int | None = None, classes: int | None = None) -> np.ndarray | None:
+    """The --labels file: one integer class index per sample (``samples``, when known), each below
+    ``classes`` (when known); an ``LcpcError`` naming the file otherwise."""
+    if path is None:
+        return None
+    y = pipeline.read_array(path, "labels")
+    return y if samples is None else fidelity.check_labels(y, samples, classes, printable(path))
 
 
 class _progress_bar:

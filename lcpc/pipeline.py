@@ -122,13 +122,16 @@ def convert_and_recover(model: str | Path | bytes, out: str | Path, data: Path |
     and the manifest's ``fidelity.sync_auto`` records what each scored."""
     out = Path(out)
     onnx_target.check_out(out, force)
+    check_recipe(epochs)
     x = data if isinstance(data, np.ndarray) else read_data(Path(data), convert_options.get("preprocessing"))
+    if labels is not None:  # the classes are known once converted; the rest now
+        labels = fidelity.check_labels(labels, len(x), None)
     auto = convert_options.get("sync") == "auto"
     if auto:
         scores = convert_options["select"] = scores or RecoveredScores(x, labels, epochs=epochs, progress=progress)
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".lcpc-convert-", dir=out.resolve().parent))
-    try:
+    try:  # the staging folder goes whatever happens, a signal included
         manifest = convert(model, staging / "cut", force=False, progress=getattr(progress, "sync", None),
                            **convert_options)
         if not auto:
@@ -141,7 +144,8 @@ def convert_and_recover(model: str | Path | bytes, out: str | Path, data: Path |
                                                pruned=bool(convert_options.get("prune"))),
                        recovered=scores.recovered(manifest))
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with safety.signals_deferred():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 class RecoveredScores:
@@ -211,7 +215,11 @@ def recover(folder: str | Path, data: np.ndarray, out: str | Path, *, labels: np
     settings), write OUT. ``sync_auto``: how ``--sync auto`` chose the plan, for the manifest;
     ``recovered``: (plan, figures) of that plan already recovered on ``data`` (then reused)."""
     onnx_target.check_out(Path(out), force)
+    check_recipe(epochs, **recipe)
     plan, manifest = stored_plan.load(folder, model)
+    if labels is not None:  # before any work: labels that do not fit the model's classes
+        classes = fidelity.classes_of(manifest.json["source"]["outputs"][0]["shape"])
+        labels = fidelity.check_labels(labels, len(data), classes)
     pruning = (manifest.json.get("compression") or {}).get("prune")
     if pruning and pruning.get("reconstructed"):  # the pruned layers were refit at conversion: again, on data
         original, _ = frontend.load(plan.source.path, {i.name: i.shape for i in manifest.inputs})
@@ -252,6 +260,14 @@ def _kept_compression(manifest: Mapping[str, Any]) -> dict | None:
     return kept or None
 
 
+def check_recipe(epochs: int, **recipe: Any) -> None:
+    """Refuse recovery settings out of range (``passes.recover.distil.Recipe``) before any work."""
+    try:
+        distil_pass.Recipe(epochs=epochs, **recipe)
+    except TypeError as exc:
+        raise LcpcError(f"recovery: {exc}") from None
+
+
 def recover_plan(plan, data: np.ndarray, labels: np.ndarray | None = None, *, epochs: int = 2, refit: str = "lsq",
                  progress: Any = None, seed: int = 0, holdout: float = 0.1,
                  **recipe: Any) -> tuple[Any, dict[str, Any]]:
@@ -261,6 +277,7 @@ def recover_plan(plan, data: np.ndarray, labels: np.ndarray | None = None, *, ep
     the held-out samples; ``recipe`` sets other distillation settings
     (``passes.recover.distil.Recipe``). ``progress`` has ``refit(done, total, agreement)`` and
     ``distil(epoch, step, steps, loss, agreement)`` (either may be None)."""
+    check_recipe(epochs, **recipe)
     figures: dict[str, Any] = {}
     original = plan.graph  # the teacher: the original weights, before any refit
     if refit != "none":

@@ -6,8 +6,13 @@ Guarantees:
 - the folder appears atomically: files are written to a temporary sibling folder that
   is renamed into place only when everything succeeded; an existing non-empty folder
   is replaced only with ``force=True`` (a file or a symlink at ``out`` never is); on
-  any failure nothing is left behind (nor the parent folders this call created) and
-  an existing folder is untouched; the folder gets the usual permissions (umask);
+  any failure, Ctrl-C or SIGTERM included (the CLI turns SIGTERM into an exception),
+  nothing is left behind (nor the parent folders this call created) and an existing
+  folder is untouched; the cleanup and the rename into place finish before a signal acts
+  (``safety.signals_deferred``); the folder gets the usual permissions (umask);
+- two writers of the same ``out`` at once: without ``force`` the rename into place is the
+  check (a directory is only renamed onto an empty one), so one folder lands whole and the
+  other writer ends in an ``LcpcError`` saying so; with ``force`` the last one wins whole;
 - the manifest is validated against the shipped schema before it is written;
 - a program whose input travels raw (``Program.raw``) records it as ``source.feeds``
   (the uint8 image the runtime is fed) next to the preprocessing the stages apply.
@@ -16,6 +21,7 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import secrets
@@ -34,6 +40,7 @@ from lcpc.lower import Program
 from lcpc.perf.costs import data_parallel_bytes, graph_costs, pipeline_bytes
 from lcpc.plan import HEAD, Action, Plan
 from lcpc.runtime.manifest import MANIFEST, VERSION, validate
+from lcpc.safety import signals_deferred
 
 
 def write(plan: Plan, program: Program, out: str | Path, *, force: bool = False,
@@ -62,14 +69,16 @@ def new_folder(out: Path, force: bool = False) -> Iterator[Path]:
     tmp.mkdir()  # mode 0777 less the umask, unlike mkdtemp's 0700, which would follow the folder to devices
     try:
         yield tmp
-        _replace(tmp, out)
+        with signals_deferred():
+            _replace(tmp, out, force)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for folder in created:  # deepest first; only the ones this call made, and only if empty
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        with signals_deferred():
+            shutil.rmtree(tmp, ignore_errors=True)
+            for folder in created:  # deepest first; only the ones this call made, and only if empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
         raise
 
 
@@ -77,7 +86,8 @@ def move(folder: Path, out: Path, force: bool = False) -> dict[str, Any]:
     """Move a written folder to ``out`` whole (``write``'s rules for ``out``); returns its manifest."""
     check_out(out, force)
     _make_parents(out.parent)
-    _replace(folder, out)
+    with signals_deferred():
+        _replace(folder, out, force)
     return json.loads((out / MANIFEST).read_text())
 
 
@@ -90,17 +100,37 @@ def check_out(out: Path, force: bool) -> None:
 
 
 def _make_parents(parent: Path) -> list[Path]:
+    """Create the missing folders above ``out``; returns the ones this call made, deepest first
+    (another writer making the same folder at the same time is fine)."""
     missing = []
     while not parent.exists():
         missing.append(parent)
         parent = parent.parent
+    made = []
     for folder in reversed(missing):
-        folder.mkdir()
-    return missing
+        try:
+            folder.mkdir()
+            made.append(folder)
+        except FileExistsError:
+            if not folder.is_dir():
+                raise
+    return made[::-1]
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and put back if that fails."""
+def _replace(tmp: Path, out: Path, force: bool) -> None:
+    """Rename ``tmp`` to ``out``. Without ``force`` the rename itself refuses an ``out`` that is not
+    an empty folder (another writer got there first); with it, an existing ``out`` is moved aside
+    first and put back if the rename fails (unless another writer's folder took its place)."""
+    if not force:
+        try:
+            tmp.rename(out)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise LcpcError(f"{out}: another process wrote this folder while lcpc was writing it; it is left "
+                                f"as it is (choose another folder, or pass --force to replace it)") from None
+            raise
+        return
+    check_out(out, force)  # again: a file or a symlink put there meanwhile is never replaced
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
@@ -109,7 +139,10 @@ def _replace(tmp: Path, out: Path) -> None:
         tmp.rename(out)
     except BaseException:
         if old is not None:
-            old.rename(out)
+            if out.exists():  # another writer's folder took the place: the old one was to go anyway
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.rename(out)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

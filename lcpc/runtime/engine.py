@@ -14,7 +14,10 @@ Guarantees:
   process) and returns the names of the devices rebuilt; ``close`` frees everything the
   engine started and may be called twice; an engine is a context manager;
 - ``describe`` says which engine (and mode) ran, for the user;
-- ``open_engine`` opens the engine by name and imports Ray (or MPI) only when asked for it.
+- ``open_engine`` opens the engine by name and imports Ray (or MPI) only when asked for it; an option
+  the engine does not take is refused, never ignored, and a devices file given to an engine
+  that places no devices is still read first, so a bad one is refused as itself (file, key,
+  why) and a good one with a message that says what to do instead.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from lcpc.errors import LcpcError
+from lcpc.perf import devices as dv
 from lcpc.runtime import degrade
 from lcpc.runtime import manifest as mf
 from lcpc.runtime.feeds import Stats, check_feeds, join_batches, planned_batches
@@ -119,6 +123,11 @@ def open_engine(folder: str | Path, engine: str = "local", **options: Any) -> En
     cls = getattr(importlib.import_module(module), name)
     given = {k: v for k, v in options.items() if v is not None}
     takes = inspect.signature(cls).parameters
+    if "devices" in given and "devices" not in takes:  # a file the user names is used or refused
+        dv.load(given["devices"]).check_names(d.name for d in mf.read(folder).devices)
+        raise LcpcError(f"--devices {given['devices']}: the {engine} engine runs every device in this process, so "
+                        f"there is nothing to place; drop --devices, or pass --engine ray to place the devices "
+                        f"as the file says")
     for key in given:
         if key not in takes:
             raise LcpcError(f"--{key.replace('_', '-')} does not apply to the {engine} engine: drop it, or choose "

@@ -42,7 +42,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lcpc.errors import LcpcError
 from lcpc.perf.network import Device, Link, Network
-from lcpc.runtime.ray import reach, require_ray
+from lcpc.runtime.ray import REACH_SECONDS, reach, require_ray
 from lcpc.runtime.session import open_session
 from lcpc.safety import first_line, printable
 
@@ -193,12 +193,12 @@ def probe(address: str, timeout: float = 60.0, pings: int = PINGS, bulk: int = B
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-    reach(address, min(timeout, 10.0))
+    reach(address, min(timeout, REACH_SECONDS))
     started = not ray.is_initialized()
     if started:
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        except Exception as exc:  # noqa: BLE001 - whatever Ray says, in one line
+        except Exception as exc:
             raise LcpcError(f"cannot reach Ray at {address}: {first_line(exc)}") from None
     actors: dict[str, Any] = {}
 
@@ -242,7 +242,7 @@ def probe(address: str, timeout: float = 60.0, pings: int = PINGS, bulk: int = B
         for a in actors.values():
             try:
                 ray.kill(a, no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone
+            except Exception:
                 pass
         if started and ray.is_initialized():
             ray.shutdown()
@@ -255,8 +255,8 @@ def network_of(measured: list[Measured], source: str) -> Network:
     links = {m.name: Link(float(m.bandwidth), float(m.rtt) / 4) for m in pairs if m.bandwidth and m.rtt}
     overhead = 0.0
     if pairs:
-        links["dev0"] = Link(statistics.median(l.bandwidth for l in links.values()),
-                             statistics.median(l.latency for l in links.values()))
+        links["dev0"] = Link(statistics.median(link.bandwidth for link in links.values()),
+                             statistics.median(link.latency for link in links.values()))
         overhead = max(statistics.median((m.call_rtt or 0.0) - (m.rtt or 0.0) for m in pairs) / 2, 0.0)
     return Network(devices, links, Link(), overhead, source, "direct")
 

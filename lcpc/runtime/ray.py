@@ -22,6 +22,11 @@ Guarantees:
   copy per receiving device);
 - the receiving actor counts the bytes of every value it receives, by transfer id, so
   ``Stats`` equals the manifest transfer by transfer, exactly as with the local engine;
+- ``timeout`` is a number of seconds in (0, ``MAX_TIMEOUT``]; an ``address`` is checked before
+  Ray is asked to join it (Ray's own connect retries last minutes): it must read HOST:PORT,
+  ray://HOST:PORT, auto or local, and a HOST:PORT must accept a TCP connection and answer as a
+  Ray GCS (one ``GetClusterId`` call over gRPC) within ``REACH_SECONDS`` (``reach``), else one ``LcpcError``
+  names the address and why; apart from this probe, lcpc opens no socket;
 - every wait has a timeout: a request that does not finish within ``timeout`` seconds,
   or whose actor dies, ends in one ``LcpcError`` naming the request id and the device
   (dead, or not answering); ``rebuild`` replaces dead actors so later requests run;
@@ -42,7 +47,9 @@ for actor calls, which ``lcpc serve`` uses). benchmarks/ray_overhead.py measures
 from __future__ import annotations
 
 import itertools
+import math
 import os
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Callable, Collection
@@ -63,9 +70,14 @@ from lcpc.safety import first_line
 
 INSTALL_HINT = "the ray engine needs Ray: pip install 'lcpc[ray]'"
 INLINE_BYTES = 100 * 1024  # Ray's max_direct_call_object_size default: smaller values travel inline
+MAX_TIMEOUT = 1e6          # seconds (11 days); Ray turns timeouts into int64 milliseconds
+REACH_SECONDS = 3.0        # how long an --address may take to answer before lcpc gives up on it
 
 try:
+    import grpc  # Ray's RPC library, a dependency of Ray
     import ray
+    from ray._private.services import canonicalize_bootstrap_address
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
     from ray.dag import InputNode, MultiOutputNode
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -76,6 +88,59 @@ except ImportError:  # optional extra
 def require_ray() -> None:
     if ray is None:
         raise LcpcError(INSTALL_HINT)
+
+
+def check_timeout(timeout: Any) -> float:
+    """``timeout`` as seconds, or an ``LcpcError`` when it is not a number in (0, ``MAX_TIMEOUT``]."""
+    ok = isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and math.isfinite(timeout)
+    if not ok or not 0 < timeout <= MAX_TIMEOUT:
+        raise LcpcError(f"--timeout {timeout}: the seconds a request may take must be a number above 0 and at "
+                        f"most {MAX_TIMEOUT:g}")
+    return float(timeout)
+
+
+def reach(address: str, seconds: float = REACH_SECONDS) -> None:
+    """Refuse an ``address`` that is malformed, or where nothing speaking gRPC answers within
+    ``seconds`` (see the module docstring); ``auto`` and ``local`` are Ray's to resolve."""
+    if address in ("auto", "local"):
+        return
+    client = address.startswith("ray://")
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        raise LcpcError(f"--address {address}: expected HOST:PORT (the head node's GCS port, e.g. 10.0.0.5:6379), "
+                        f"ray://HOST:PORT, auto or local")
+    if not client:  # where Ray itself will connect (it maps localhost to this node's address)
+        try:
+            canonical = canonicalize_bootstrap_address(f"{host}:{port}") or ""
+        except Exception:  # Ray's own parser refused it: probe the address as given
+            canonical = ""
+        if canonical.rpartition(":")[0]:
+            host, _, port = canonical.rpartition(":")
+    host = host.strip("[]")
+    try:
+        socket.create_connection((host, int(port)), timeout=seconds).close()
+    except OSError as exc:
+        raise LcpcError(f"cannot reach Ray at {address}: {exc.strerror or 'no answer'} within {seconds:g} s "
+                        f"(is `ray start --head` running there, and is the port open?)") from None
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return  # a TLS cluster: the plain channel below could not tell
+    channel = grpc.insecure_channel(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    try:
+        if client:  # a Ray Client server: that it speaks gRPC is all one can ask without joining
+            grpc.channel_ready_future(channel).result(timeout=seconds)
+        else:  # a GCS answers GetClusterId (or asks for the token ray.init will send); others do not know it
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=seconds)  # type: ignore[attr-defined]
+    except grpc.FutureTimeoutError:
+        raise LcpcError(f"{address} accepts connections but does not answer as a Ray cluster within {seconds:g} s "
+                        f"(no gRPC); pass the address `ray status` prints on the head node") from None
+    except grpc.RpcError as exc:
+        if exc.code() not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            raise LcpcError(f"{address} accepts connections but does not answer as a Ray cluster's GCS "
+                            f"({exc.code().name.lower()}); pass the address `ray status` prints on the head "
+                            f"node") from None
+    finally:
+        channel.close()
 
 
 class DeviceWorker:
@@ -166,6 +231,7 @@ class RayEngine(Engine):
             raise LcpcError(f"ray mode '{mode}': choose {', '.join(MODES)}")
         if deadline is not None and mode != "actor-calls":
             raise LcpcError("--deadline needs --ray-mode actor-calls: a compiled graph waits on every device")
+        timeout = check_timeout(timeout)
         require_ray()
         super().__init__(folder)
         self.network = dv.load(devices)
@@ -204,6 +270,8 @@ class RayEngine(Engine):
                                       "configure_logging": False}
             if address is None:
                 kwargs["resources"] = {self._resource(d): float(len(self.names)) for d in self.names}
+            else:
+                reach(address, min(REACH_SECONDS, self.timeout))
             try:
                 ray.init(address=address, **kwargs)
             except Exception as exc:
