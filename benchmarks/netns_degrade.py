@@ -94,6 +94,20 @@ def stream(cluster, folder: Path, requests: int, kill_after: int, deadline_ms: f
     return {"requests": lines, "report": report, "killed_node": killed}
 
 
+def probe(cluster, out: Path, timeout: float = 180) -> dict:
+    """``lcpc probe`` from the head's namespace: the devices.yaml it writes, read back, as plain figures."""
+    from lcpc.perf import devices
+
+    done = cluster.run_in(0, [sys.executable, "-c", "from lcpc.cli import main; main()", "probe", "--address",
+                              cluster.head_address, "-o", str(out), "--timeout", "60"], timeout=timeout)
+    if done.returncode:
+        raise RuntimeError(f"lcpc probe failed: {(done.stderr or done.stdout).strip()[-800:]}")
+    net = devices.load(out)
+    return {"links": {n: {"mbit_s": 8 * link.bandwidth / 1e6, "latency_ms": 1e3 * link.latency}
+                      for n, link in sorted(net.links.items())},
+            "speeds": {n: d.speed for n, d in sorted(net.devices.items())}, "overhead_ms": 1e3 * net.overhead}
+
+
 def summarise(result: dict, k: int, deadline_ms: float) -> dict:
     after = [r for r in result["requests"] if r["after_kill"]]
     before = [r for r in result["requests"] if not r["after_kill"]]
@@ -121,8 +135,9 @@ def run(nodes: int = 4, requests: int = 40, kill_after: int = 10, deadline_ms: f
         folder = Path(tmp) / "digits"
         convert(EXAMPLE / "digits_cnn.onnx", folder, nodes, "none")
         with nc.cluster(nodes) as c:
+            probed = probe(c, Path(tmp) / "devices.yaml")
             result = stream(c, folder, requests, kill_after, deadline_ms)
-    summary = summarise(result, nodes, deadline_ms)
+    summary = {**summarise(result, nodes, deadline_ms), "probe": probed}
     if out_dir is not None:
         (out_dir / "netns_degrade.json").write_text(json.dumps({"summary": summary, **result}, indent=1) + "\n")
         (out_dir / "netns_degrade.md").write_text(markdown(summary))
@@ -141,6 +156,11 @@ def markdown(s: dict) -> str:
             ("median latency before / after the kill",
              f"{s['median_ms_before']:.1f} ms / {a['median_ms']:.1f} ms" if a["median_ms"] else "-"),
             ("slowest answer after the kill", f"{a['max_ms']:.0f} ms" if a["max_ms"] else "-")]
+    probed = s.get("probe", {}).get("links", {})
+    rows += [(f"probed link of {n}", f"{v['mbit_s']:.1f} Mbit/s, {v['latency_ms']:.2f} ms (shaped: 100 Mbit/s, 1 ms)")
+             for n, v in probed.items()]
+    if "probe" in s:
+        rows.append(("probed engine cost per message", f"{s['probe']['overhead_ms']:.2f} ms"))
     body = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return ("| serve stream, last node killed mid-stream | |\n|---|---|\n" + body + "\n\n"
             f"Digits example, pure LCP over {s['devices']} Ray nodes in network namespaces (100 Mbit/s, 1 ms "

@@ -8,8 +8,8 @@ A second, 3-node cluster serves a stream with a deadline while one node's proces
 torn down by a failure inside its block.
 
 It needs root, iproute2 and Ray, and skips cleanly without them; it runs in the suite (marker
-``netns``); ``LCPC_NETNS=0`` or ``-m "not netns"`` skips it. The committed full measurement (digits and a ResNet-style zoo
-model) is ``benchmarks/results/netns_latency.md``.
+``netns``); ``LCPC_NETNS=0`` or ``-m "not netns"`` skips it. The committed full measurement (digits
+and a ResNet-style zoo model) is ``benchmarks/results/netns_latency.md``.
 """
 
 from __future__ import annotations
@@ -46,23 +46,28 @@ def test_cluster_across_namespaces_moves_the_manifest_bytes():
         assert r["mode"] == "ray (actor-calls)"
 
 
-def test_a_killed_node_degrades_the_stream_and_a_failure_tears_the_cluster_down(tmp_path):
-    """Serving with a deadline, every process of one node killed mid-stream: every request is
-    answered, the ones after the kill from the other branches (the lost device named) or exactly,
-    none failed (``benchmarks/netns_degrade.py``). An exception inside the cluster's block then
-    still tears every namespace down."""
+def test_probe_then_a_killed_node_degrades_the_stream_and_a_failure_tears_the_cluster_down(tmp_path):
+    """``lcpc probe`` measures the shaped links; then, serving with a deadline, every process of one
+    node is killed mid-stream: every request is answered, the ones after the kill from the other
+    branches (the lost device named) or exactly, none failed (``benchmarks/netns_degrade.py``). An
+    exception inside the cluster's block then still tears every namespace down."""
     why = nc.available()
     if why:
         pytest.skip(why)
-    from benchmarks.netns_degrade import EXAMPLE, stream, summarise
+    from benchmarks.netns_degrade import EXAMPLE, probe, stream, summarise
     from lcpc.pipeline import convert
 
     convert(EXAMPLE / "digits_cnn.onnx", tmp_path / "digits", 3, "none")
     before = _namespaces()
     with pytest.raises(RuntimeError, match="boom"):
         with nc.cluster(3, start_timeout=120) as c:
+            probed = probe(c, tmp_path / "devices.yaml")
             result = stream(c, tmp_path / "digits", requests=16, kill_after=6, deadline_ms=500)
             raise RuntimeError("boom")
+    # lcpc probe saw the shaped links: 100 Mbit/s within 20%, 1 ms one way within 1 ms
+    assert set(probed["links"]) == {"dev0", "dev1", "dev2"} and set(probed["speeds"]) == {"dev0", "dev1", "dev2"}
+    for name, link in probed["links"].items():
+        assert 80 <= link["mbit_s"] <= 120 and abs(link["latency_ms"] - 1.0) < 1.0, (name, link)
     assert _namespaces() == before
     s = summarise(result, 3, 500)
     assert s["answered"] == s["requests"] == 16 and s["failed"] == 0, s
