@@ -34,16 +34,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from lcpc import __version__, advise, fidelity, frontend, pipeline, report
 from lcpc.errors import LcpcError
 from lcpc.frontend import parse_input_shapes
-from lcpc.images import Preprocessing
+from lcpc.images import IMAGE_SUFFIXES, Preprocessing, image_files, read_file
 from lcpc.inspect import inspect_graph
 from lcpc.inspect import render as inspect_render
+from lcpc.lower import INPUT_WIRES
 from lcpc.perf import latency_report
 from lcpc.perf.devices import load as load_devices
 from lcpc.runtime import bench, serving
 from lcpc.runtime import manifest as mf
 from lcpc.runtime.deployment import Deployment, requests_from_source
 from lcpc.runtime.engine import ENGINES, open_engine
-from lcpc.runtime.feeds import Stats
+from lcpc.runtime.feeds import Stats, encoded
+from lcpc.runtime.order import BROADCASTS
 from lcpc.safety import load_array, printable, save_arrays
 from lcpc.targets import hls as hls_target
 from lcpc.targets import hls_verify
@@ -194,9 +196,13 @@ def parse_preprocessing(spec: str | None) -> dict | None:
               help="Tensors crossing devices as int8 with a scale and zero point per transfer (--calib ranges).")
 @click.option("--preprocess", default=None, metavar="SPEC",
               help="Image preprocessing stored in the manifest, e.g. size=224x224,mean=127,std=128.")
-@click.option("--input-wire", type=click.Choice(["auto", "float", "uint8"]), default="auto", show_default=True,
+@click.option("--input-wire", type=click.Choice(list(INPUT_WIRES)), default="auto", show_default=True,
               help="How the model input travels: uint8 sends the raw image and applies --preprocess in the "
-                   "stages (4x fewer bytes than float32); auto does so whenever --preprocess allows it.")
+                   "stages (4x fewer bytes than float32); encoded sends the image file itself (JPEG/PNG), which "
+                   "each device decodes; auto sends uint8 whenever --preprocess allows it.")
+@click.option("--broadcast", type=click.Choice(["auto", *BROADCASTS]), default="auto", show_default=True,
+              help="How the model input reaches the devices: p2p (the head sends it to each), tree (receivers "
+                   "forward it, a binomial tree), auto (the faster on --devices' network, by the network model).")
 @click.option("--recover", "recover_data", type=click.Path(path_type=Path), default=None, metavar="TRAIN",
               help="Recover accuracy right away from these training inputs (.npy or image folder), "
                    "as `lcpc recover` does.")
@@ -213,6 +219,7 @@ def parse_preprocessing(spec: str | None) -> dict | None:
 @handles_errors
 def convert(model: Path, branches: int, sync: str, partition: str, calib: Path | None, comm_budget: int | None,
             prune: float | None, quantize: str | None, wire: str, preprocess: str | None, input_wire: str,
+            broadcast: str,
             recover_data: Path | None, recover_labels: Path | None, epochs: int, out: Path | None, force: bool,
             devices: Path | None, input_shapes) -> None:
     """Partition MODEL into K branches; write per-device ONNX files and manifest.json."""
@@ -223,7 +230,7 @@ def convert(model: Path, branches: int, sync: str, partition: str, calib: Path |
     options: dict[str, Any] = dict(sync=sync, input_shapes=parse_input_shapes(input_shapes), partition=partition,
                                    preprocessing=parse_preprocessing(preprocess), comm_budget=comm_budget,
                                    devices=devices, prune=prune, quantize=quantize, wire=wire, input_wire=input_wire,
-                                   calib=calibration)
+                                   broadcast=broadcast, calib=calibration)
     if recover_data is None:
         if recover_labels is not None:
             raise LcpcError("--labels labels the --recover inputs; pass --recover TRAIN.npy too")
@@ -278,8 +285,9 @@ def without_option(fn: Callable) -> Callable:
 
 
 def load_inputs(specs: tuple[str, ...], names: list[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """``X.npy`` (single-input models), ``NAME=X.npy`` or an ``.npz`` keyed by input names; returns
-    the arrays and, per input name, the file it came from. Nothing is unpickled (``safety.load_array``)."""
+    """``X.npy`` (single-input models), ``NAME=X.npy``, an ``.npz`` keyed by input names, or an image
+    file (JPEG/PNG: its bytes as they are, for a folder fed image files); returns the arrays and, per
+    input name, the file it came from. Nothing is unpickled (``safety.load_array``)."""
     feeds: dict[str, np.ndarray] = {}
     files: dict[str, str] = {}
     for spec in specs:
@@ -287,7 +295,7 @@ def load_inputs(specs: tuple[str, ...], names: list[str]) -> tuple[dict[str, np.
         p = Path(path)
         if not p.is_file():
             raise LcpcError(f"{p}: no such input file")
-        data = load_array(p)
+        data = encoded(read_file(p.parent, p)) if p.suffix.lower() in IMAGE_SUFFIXES else load_array(p)
         if isinstance(data, dict):
             arrays = data
         else:
@@ -306,7 +314,8 @@ def load_inputs(specs: tuple[str, ...], names: list[str]) -> tuple[dict[str, np.
 @main.command()
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--input", "-i", "inputs", multiple=True, required=True, metavar="[NAME=]X.npy",
-              help="Input array (.npy; NAME=X.npy for multi-input models; or one .npz).")
+              help="Input array (.npy; NAME=X.npy for multi-input models; or one .npz), or an image file "
+                   "(JPEG/PNG) for a folder fed image files.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write outputs to this .npz, under the model's output names.")
 @click.option("--stats", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -414,16 +423,22 @@ def probe_cmd(address: str, out: Path, timeout: float) -> None:
               help="Write predicted latency against bandwidth (1 Mbit/s..10 Gbit/s) to this PNG.")
 @click.option("--model", "original", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The original ONNX model, when it is no longer at the manifest's source path.")
+@click.option("--images", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="A folder fed image files (--input-wire encoded): the camera's JPEG/PNG files, whose median "
+                   "size and decode time the prediction uses [default: the nominal size, a generated image].")
 @handles_errors
-def report_cmd(folder: Path, fmt: str, network: Path | None, plot: Path | None, original: Path | None) -> None:
+def report_cmd(folder: Path, fmt: str, network: Path | None, plot: Path | None, original: Path | None,
+               images: Path | None) -> None:
     """Show the partition report of a converted FOLDER (and, with --network, predicted latency)."""
     manifest = mf.read(folder)
     click.echo(report.render(manifest.json, fmt))
+    if images is not None and not manifest.encoded:
+        raise LcpcError(f"--images: {folder} is not fed image files (convert with --input-wire encoded)")
     if network is None and plot is None:
         return
     net = load_devices(network)
-    measured = latency_report.measure(folder, manifest, net, original, pipeline.convert)
-    click.echo(latency_report.render(measured.compare(), net, manifest, fmt))
+    measured = latency_report.measure(folder, manifest, net, original, pipeline.convert, images)
+    click.echo(latency_report.render(measured.compare(), net, manifest, fmt, measured.image))
     if plot is not None:
         latency_report.plot(measured.sweep(), measured.compare()[1], plot)
         click.echo(f"wrote {plot}")
@@ -500,7 +515,8 @@ def verify(folder: Path, data: Path, labels: Path | None, original: Path | None,
            without: tuple[str, ...], fmt: str) -> None:
     """Compare a converted FOLDER with its original model on the same inputs."""
     manifest = mf.read(folder)
-    x = pipeline.read_data(data, manifest.preprocessing, raw=manifest.takes_raw_images)
+    x = [read_file(data, p) for p in image_files(data)] if manifest.encoded and data.is_dir() else \
+        pipeline.read_data(data, manifest.preprocessing, raw=manifest.takes_raw_images)
     y = pipeline.read_array(labels, "labels") if labels is not None else None
     result = pipeline.verify(folder, x, y, original, batch_size, without)
     click.echo(render_fidelity(result, fmt))

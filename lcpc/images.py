@@ -35,6 +35,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import io
 import math
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -56,6 +57,7 @@ DTYPES = ("float32", "float16", "float64")
 MAX_SIDE = 16384                 # pixels per side of a model input
 MAX_IMAGE_PIXELS = 89_478_485    # Pillow's default bomb limit: a quarter GiB of RGB, decoded or resized
 FORMATS = ("JPEG", "PNG")        # the only decoders Pillow may use
+MAX_FILE_BYTES = 64 << 20        # an image file sent as it is
 
 
 def _pil():
@@ -249,11 +251,38 @@ def _read(folder: Path, path: Path, prep: Preprocessing, raw: bool, Image) -> np
                         f"itself")
     if path.stat().st_size == 0:
         raise LcpcError(f"{where}: cannot read it as an image (the file is empty)")
+    return _decode(path, prep, raw, Image, where)
+
+
+def read_file(folder: Path, path: Path) -> bytes:
+    """An image file's bytes, as they are (what a folder fed image files is sent), after the checks
+    ``load_folder`` makes on a file (inside ``folder``, not empty, not larger than lcpc reads)."""
+    where = printable(path)
+    if safety.inside(folder, path.name) is None:
+        raise LcpcError(f"{where}: a link that leads outside {printable(folder)}; images are read from the folder "
+                        f"itself")
+    size = path.stat().st_size
+    if not 0 < size <= MAX_FILE_BYTES:
+        raise LcpcError(f"{where}: {size} bytes; an image file of 1 byte to {MAX_FILE_BYTES >> 20} MiB")
+    return path.read_bytes()
+
+
+def decode(data: bytes, prep: Preprocessing, where: str = "image") -> np.ndarray:
+    """An encoded image file's bytes (JPEG or PNG, as read from disk or a camera) -> the uint8
+    sample before normalisation (``Preprocessing.raw``), with the batch axis: exactly what
+    ``load_folder(..., raw=True)`` gives for the same file."""
+    Image, _ = _pil()
+    if not data:
+        raise LcpcError(f"{where}: cannot read it as an image (no bytes)")
+    return _decode(io.BytesIO(data), prep, True, Image, where)[None]
+
+
+def _decode(source: Path | io.BytesIO, prep: Preprocessing, raw: bool, Image, where: str) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # notices about images Pillow still decodes
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path, formats=FORMATS) as image:
+            with Image.open(source, formats=FORMATS) as image:
                 width, height = image.size
                 if width * height > MAX_IMAGE_PIXELS:
                     raise Image.DecompressionBombError(f"{width}x{height} pixels")

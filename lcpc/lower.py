@@ -47,10 +47,13 @@ from lcpc.weights import DenseWeight
 
 @dataclass(frozen=True)
 class RawInput:
-    """Model input ``name`` travels as the uint8 image; its consumers apply ``prep`` first."""
+    """Model input ``name`` travels as the uint8 image; its consumers apply ``prep`` first.
+    ``encoded``: it travels as the image file itself (JPEG/PNG bytes), which each device that
+    reads it decodes to that uint8 image (``lcpc.images.decode``) before its stages run."""
 
     name: str
     prep: Preprocessing
+    encoded: bool = False
 
 
 @dataclass(frozen=True)
@@ -115,15 +118,20 @@ class _Device:
     names: set[str] = field(default_factory=set)
 
 
+INPUT_WIRES = ("auto", "float", "uint8", "encoded")
+
+
 def raw_input(graph: Graph, prep: Preprocessing | None, wire: str = "auto") -> RawInput | None:
     """How the model input travels: ``wire`` ``float`` (as the model takes it), ``uint8`` (the raw
-    image; needs ``prep`` to be exactly elementwise on the input) or ``auto`` (uint8 when it can)."""
-    if wire not in ("auto", "float", "uint8"):
-        raise LcpcError(f"input wire '{wire}': choose auto, float or uint8")
+    image; needs ``prep`` to be exactly elementwise on the input), ``encoded`` (the image file,
+    decoded to that uint8 image on each device; one image per inference) or ``auto`` (uint8 when
+    it can)."""
+    if wire not in INPUT_WIRES:
+        raise LcpcError(f"input wire '{wire}': choose {', '.join(INPUT_WIRES)}")
     if wire == "float" or (prep is None and wire == "auto"):
         return None
     if prep is None:
-        raise LcpcError("--input-wire uint8 needs the preprocessing: add --preprocess size=...,mean=...,std=...")
+        raise LcpcError(f"--input-wire {wire} needs the preprocessing: add --preprocess size=...,mean=...,std=...")
     why = None
     if len(graph.inputs) != 1:
         why = f"the model has {len(graph.inputs)} inputs (raw images need exactly one)"
@@ -135,10 +143,12 @@ def raw_input(graph: Graph, prep: Preprocessing | None, wire: str = "auto") -> R
         elif tuple(info.shape) != want:
             why = (f"the model input '{graph.inputs[0]}' has shape {list(info.shape)}, the preprocessing "
                    f"(size {prep.size[0]}x{prep.size[1]}, {prep.channels}, {prep.layout}) gives {list(want)}")
+        elif wire == "encoded" and info.shape[0] != 1:
+            why = f"the model input '{graph.inputs[0]}' takes a batch of {info.shape[0]}; an encoded image is one"
     if why is None:
-        return RawInput(graph.inputs[0], prep)
-    if wire == "uint8":
-        raise LcpcError(f"--input-wire uint8: {why}; fix --preprocess or use --input-wire float")
+        return RawInput(graph.inputs[0], prep, encoded=wire == "encoded")
+    if wire != "auto":
+        raise LcpcError(f"--input-wire {wire}: {why}; fix --preprocess or use --input-wire float")
     return None
 
 

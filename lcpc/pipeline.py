@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -36,15 +37,17 @@ from lcpc.calibrate import run_graph
 from lcpc.compress import quantize as quantize_pass
 from lcpc.errors import LcpcError
 from lcpc.images import Preprocessing, load_folder
-from lcpc.lower import lower, raw_input
+from lcpc.lower import Program, lower, raw_input
 from lcpc.passes import prune as prune_pass
 from lcpc.passes.recover import distil as distil_pass
 from lcpc.passes.recover import refit as refit_pass
 from lcpc.perf.devices import load as load_devices
-from lcpc.perf.network import Network
+from lcpc.perf.network import Network, choose_broadcast
 from lcpc.plan import Action
+from lcpc.runtime.feeds import encoded
 from lcpc.runtime.local import LocalEngine
 from lcpc.runtime.manifest import Manifest
+from lcpc.runtime.order import BROADCASTS
 from lcpc.targets import onnx as onnx_target
 from lcpc.weights import masked_graph
 
@@ -53,7 +56,7 @@ def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str
             input_shapes: dict | None = None, force: bool = False, partition: str = "energy",
             preprocessing: dict | None = None, calib: np.ndarray | None = None,
             comm_budget: int | None = None, devices: str | Path | Network | None = None, prune: float | None = None,
-            quantize: str | None = None, wire: str = "fp32", input_wire: str = "auto",
+            quantize: str | None = None, wire: str = "fp32", input_wire: str = "auto", broadcast: str = "auto",
             progress: Any = None, select: Any = None) -> dict[str, Any]:
     """Plan ``model`` for ``branches`` devices and write the folder ``out``; returns its manifest.
     ``devices``: a devices.yaml whose relative speeds size each branch's share of channels;
@@ -64,7 +67,11 @@ def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str
     manifest's ``compression`` then compares LCP, +prune, +quant and +both with the original.
     ``input_wire``: how the model input travels (``lower.raw_input``: with ``preprocessing``,
     ``auto`` sends the raw uint8 image when the preprocessing is exactly elementwise on it; not
-    combined with compression yet, which calibrates on float inputs: then ``auto`` keeps float)."""
+    combined with compression yet, which calibrates on float inputs: then ``auto`` keeps float).
+    ``broadcast``: how the input reaches its receivers, ``p2p``, ``tree`` or ``auto`` (the faster on
+    ``devices``' network, by the network model: ``perf.network.choose_broadcast``)."""
+    if broadcast not in ("auto", *BROADCASTS):
+        raise LcpcError(f"--broadcast {broadcast}: choose auto, {' or '.join(BROADCASTS)}")
     out = Path(out)
     onnx_target.check_out(out, force)
     if prune is not None:
@@ -84,9 +91,9 @@ def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str
     if prune:
         plan, record = prune_pass.run(plan, prune, calib)
     compressing = bool(prune or quantize or wire != "fp32")
-    if compressing and input_wire == "uint8":
-        raise LcpcError("--input-wire uint8 does not combine with --prune, --quantize or --wire int8 yet (they "
-                        "calibrate on float inputs); use --input-wire float")
+    if compressing and input_wire in ("uint8", "encoded"):
+        raise LcpcError(f"--input-wire {input_wire} does not combine with --prune, --quantize or --wire int8 yet "
+                        f"(they calibrate on float inputs); use --input-wire float")
     prep = None if preprocessing is None else Preprocessing.from_dict(preprocessing)
     raw = None if compressing else raw_input(graph, prep, input_wire)
     # the exact plan's traffic, for the comparison; its program is dropped before the real one is lowered
@@ -108,7 +115,19 @@ def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str
                        "wire": wire, "variants": compress.compare(variants, graph, calib)}
     return onnx_target.write(plan, program, out, force=force, exact_bytes=exact_bytes,
                              preprocessing=preprocessing, compression=compression, original=graph,
-                             speeds=speeds)
+                             speeds=speeds, broadcast=_broadcast(program, broadcast, network))
+
+
+def _broadcast(program: Program, policy: str, network: Network) -> str:
+    """``policy``, or for ``auto`` the broadcast the network model finds faster for this program's input."""
+    if policy != "auto":
+        return policy
+    encoded = program.raw is not None and program.raw.encoded
+    sizes: dict[int, int] = defaultdict(int)
+    for t in program.transfers:
+        if t.kind == "input":
+            sizes[t.dst] += onnx_target.nominal_encoded_bytes(t.nbytes) if encoded else t.nbytes
+    return choose_broadcast(dict(sizes), network) if sizes else "p2p"
 
 
 def convert_and_recover(model: str | Path | bytes, out: str | Path, data: Path | np.ndarray, *,
@@ -236,14 +255,15 @@ def recover(folder: str | Path, data: np.ndarray, out: str | Path, *, labels: np
                                      holdout=holdout, **recipe)
     exact = manifest.json["totals"]["comparison"]["model_parallel"]["bytes_per_inference"]
     kept = _kept_compression(manifest.json)
-    raw = raw_input(plan.graph, prep, "uint8") if manifest.takes_raw_images else None
+    raw = raw_input(plan.graph, prep, "encoded" if manifest.encoded else "uint8") if manifest.takes_raw_images \
+        else None
     program = lower(plan, raw)
     if kept:  # the folder's int8 stages and wire again, calibrated on the recovery data
         program = compress.apply(program, kept.get("quantize"), kept.get("wire", "fp32"), data)
     return onnx_target.write(plan, program, out, force=force, exact_bytes=exact,
                              preprocessing=manifest.json["source"].get("preprocessing"),
                              fidelity={"recovery": figures, **({"sync_auto": sync_auto} if sync_auto else {})},
-                             speeds=_speeds(manifest), compression=kept)
+                             speeds=_speeds(manifest), compression=kept, broadcast=manifest.broadcast)
 
 
 def _speeds(manifest: Manifest) -> list[float] | None:
@@ -290,7 +310,7 @@ def recover_plan(plan, data: np.ndarray, labels: np.ndarray | None = None, *, ep
     return plan, figures
 
 
-def verify(folder: str | Path, data: np.ndarray, labels: np.ndarray | None = None,
+def verify(folder: str | Path, data: np.ndarray | Sequence[bytes], labels: np.ndarray | None = None,
            original_model: bytes | str | Path | None = None, batch_size: int = 64,
            without: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run the original model and the converted ``folder`` on ``data``; ``fidelity.compare`` them.
@@ -298,7 +318,9 @@ def verify(folder: str | Path, data: np.ndarray, labels: np.ndarray | None = Non
     Returns ``compare``'s dict (reference = original, candidate = converted) plus
     ``output`` (the logits tensor's name), ``branches``, ``sync`` (the policy) and
     ``original`` = {``path``, ``sha256``, ``matches_manifest``}, and ``without``: the devices left
-    out (the folder answering from the branches that are left, ``runtime.degrade``).
+    out (the folder answering from the branches that are left, ``runtime.degrade``). A folder fed
+    image files (``--input-wire encoded``) is given the files' bytes, one per sample; the original
+    gets the same files through the same decoding (``images.decode``) and the normalisation.
     """
     if batch_size < 1:
         raise LcpcError(f"batch size {batch_size}: must be at least 1")
@@ -310,6 +332,17 @@ def verify(folder: str | Path, data: np.ndarray, labels: np.ndarray | None = Non
                             f"single-input models")
         spec = manifest.inputs[0]
         output = manifest.json["source"]["outputs"][0]["name"]
+        if manifest.encoded:
+            if isinstance(data, np.ndarray) or not all(isinstance(b, (bytes, bytearray)) for b in data):
+                raise LcpcError(f"data: {folder} is fed image files (--input-wire encoded): pass a folder of JPEG or "
+                                f"PNG images")
+            prep = Preprocessing.from_dict(dict(manifest.preprocessing or {}))
+            x = np.concatenate([prep.normalize(engine.decode(encoded(b)), spec.dtype) for b in data])
+            reference, original = fidelity.reference_logits(manifest, x, original_model, batch_size)
+            candidate = np.concatenate([engine.run({spec.name: encoded(b)}, without=without)[output] for b in data])
+            return {**fidelity.compare(reference, candidate, labels), "output": output,
+                    "branches": manifest.branches, "sync": manifest.sync_policy, "original": original,
+                    "without": list(without)}
         if manifest.takes_raw_images:  # the folder takes the uint8 image; the original its normalisation
             if np.asarray(data).dtype != np.uint8:
                 raise LcpcError(f"data: dtype {np.asarray(data).dtype}; {folder} takes the raw image as uint8 and "

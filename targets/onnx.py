@@ -35,6 +35,7 @@ import onnx
 
 from lcpc import __version__
 from lcpc.errors import LcpcError
+from lcpc.images import FORMATS
 from lcpc.ir import Graph, to_onnx
 from lcpc.lower import Program
 from lcpc.perf.costs import data_parallel_bytes, graph_costs, pipeline_bytes
@@ -46,16 +47,17 @@ from lcpc.safety import signals_deferred
 def write(plan: Plan, program: Program, out: str | Path, *, force: bool = False,
           exact_bytes: int | None = None, preprocessing: dict | None = None, speeds: list[float] | None = None,
           fidelity: dict | None = None, compression: dict | None = None,
-          original: Graph | None = None) -> dict[str, Any]:
+          original: Graph | None = None, broadcast: str = "p2p") -> dict[str, Any]:
     """Write ``program`` to folder ``out``; returns the manifest. ``exact_bytes`` is the
     traffic of the same model under ``--sync all`` (for the comparison table);
     ``fidelity`` holds measured accuracy figures (recovery), if any; ``speeds`` the devices'
     relative compute speeds (heterogeneous plans), recorded per device; ``compression`` the
     pruning record and the comparison of compressed variants (``lcpc.compress``), if any;
-    ``original`` the model before pruning (default: the plan's graph), for the totals."""
+    ``original`` the model before pruning (default: the plan's graph), for the totals; ``broadcast``
+    how the model input reaches its receivers (``p2p`` or ``tree``)."""
     with new_folder(Path(out), force) as tmp:
         return _write_files(plan, program, tmp, exact_bytes, preprocessing, fidelity, speeds, compression,
-                            original)
+                            original, broadcast)
 
 
 @contextlib.contextmanager
@@ -150,7 +152,8 @@ def _replace(tmp: Path, out: Path, force: bool) -> None:
 
 def _write_files(plan: Plan, program: Program, folder: Path, exact_bytes: int | None,
                  preprocessing: dict | None, fidelity: dict | None, speeds: list[float] | None = None,
-                 compression: dict | None = None, original: Graph | None = None) -> dict[str, Any]:
+                 compression: dict | None = None, original: Graph | None = None,
+                 broadcast: str = "p2p") -> dict[str, Any]:
     producer = {}
     for s in program.stages:
         for o in s.graph.outputs:
@@ -186,15 +189,19 @@ def _write_files(plan: Plan, program: Program, folder: Path, exact_bytes: int | 
             "peak_activation_bytes": costs.peak_activation_bytes,
             **({"format": s.format.as_dict()} if s.format is not None else {}),
         })
+    encoded = program.raw is not None and program.raw.encoded
     transfers = [{
         "id": n, "tensor": t.tensor, "kind": t.kind,
         "from": {"device": t.src, "name": t.src_name, "stage": producer.get((t.src, t.src_name))},
         "to": {"device": t.dst, "name": t.dst_name, "stage": receiver.get((t.dst, t.dst_name))},
-        "dtype": t.info.dtype.name, "shape": list(t.info.shape), "bytes": t.nbytes, "level": t.level,
+        "dtype": t.info.dtype.name, "shape": list(t.info.shape), "level": t.level,
+        **({"bytes": nominal_encoded_bytes(t.nbytes), "encoded": True} if encoded and t.kind == "input" else
+           {"bytes": t.nbytes}),
         **({"quantization": t.quant.as_dict()} if t.quant is not None else {}),
     } for n, t in enumerate(program.transfers)]
     manifest = build_manifest(plan, program, stages, transfers, exact_bytes, preprocessing, original)
     manifest["degrade"] = degrade_section(program, plan.k)
+    manifest["broadcast"] = broadcast
     manifest["fidelity"] = fidelity
     for device, speed in zip(manifest["devices"], speeds or []):
         device["speed"] = float(speed)
@@ -203,6 +210,14 @@ def _write_files(plan: Plan, program: Program, folder: Path, exact_bytes: int | 
     validate(manifest)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+ENCODED_RATIO = 10  # a photo's JPEG is about a tenth of its raw pixels: the nominal size of an encoded input
+
+
+def nominal_encoded_bytes(raw_bytes: int) -> int:
+    """The nominal size of an encoded image on the wire (``lcpc report --images`` measures it)."""
+    return max(raw_bytes // ENCODED_RATIO, 1)
 
 
 def degrade_section(program: Program, k: int) -> dict[str, Any]:
@@ -278,6 +293,9 @@ def build_manifest(plan: Plan, program: Program, stages: list, transfers: list, 
             "preprocessing": preprocessing if program.raw is None else program.raw.prep.to_dict(),
             **({} if program.raw is None else
                {"feeds": [tensor_entry(program.raw.name, g.info(program.raw.name).shape, "uint8")]}),
+            **({"encoded": {"formats": list(FORMATS), "nominal_bytes": nominal_encoded_bytes(
+                g.info(program.raw.name).nbytes // g.info(program.raw.name).dtype.itemsize)}}
+               if program.raw is not None and program.raw.encoded else {}),
         },
         "branches": plan.k,
         "sync": {"policy": plan.sync_policy, "partition": plan.partition_method,

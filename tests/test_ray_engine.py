@@ -160,3 +160,35 @@ def test_deadline_answers_without_a_dead_actor_and_rebuilds_it(local_ray, folder
         assert engine.rebuilt == ["dev2"]
     finally:
         engine.close()
+
+
+def test_image_files_through_a_broadcast_tree_equal_local(local_ray, tmp_path):  # noqa: F811
+    """--input-wire encoded --broadcast tree on Ray: each actor decodes the file it gets (from the head
+    or forwarded by another receiver); the outputs equal the local engine's, and every input transfer
+    counts the file's own bytes."""
+    from PIL import Image
+
+    from lcpc.runtime.feeds import encoded
+    from lcpc.runtime.local import LocalEngine
+
+    convert_model(EXAMPLE, tmp_path / "enc", 4, "none", preprocessing={"size": [8, 8], "channels": "L",
+                                                                       "scale": 0.0625},
+                  input_wire="encoded", broadcast="tree")
+    x = np.load(EXAMPLE.parent / "test.npy")[:3]
+    blobs = []
+    for img in x:
+        out = tmp_path / "digit.png"
+        Image.fromarray(np.rint(img[0] * 16).astype(np.uint8), mode="L").save(out)
+        blobs.append(out.read_bytes())
+    with LocalEngine(tmp_path / "enc") as local:
+        want = [local.run({"input": encoded(b)})["logits"] for b in blobs]
+    engine = RayEngine(tmp_path / "enc", timeout=60)
+    try:
+        assert engine.manifest.broadcast == "tree"
+        for b, w in zip(blobs, want):
+            stats = Stats()
+            np.testing.assert_allclose(engine.run({"input": encoded(b)}, stats)["logits"], w, rtol=1e-5, atol=1e-5)
+            inputs = [t for t in engine.manifest.transfers if t.kind == "input"]
+            assert all(stats.bytes_by_transfer[t.id] == len(b) for t in inputs)
+    finally:
+        engine.close()

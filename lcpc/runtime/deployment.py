@@ -36,9 +36,9 @@ import numpy as np
 
 from lcpc import safety
 from lcpc.errors import LcpcError
-from lcpc.images import Preprocessing, load_folder
+from lcpc.images import Preprocessing, image_files, load_folder, read_file
 from lcpc.runtime.engine import open_engine
-from lcpc.runtime.feeds import Stats
+from lcpc.runtime.feeds import Stats, encoded
 from lcpc.runtime.manifest import Manifest
 
 
@@ -180,14 +180,20 @@ def requests_from_array(x: np.ndarray, name: str, planned_batch: int = 1) -> Ite
 
 def requests_from_source(source: str | Path, manifest: Manifest, repeat: int = 1) -> tuple[list, int]:
     """Requests from a .npy batch or a folder of images (ids: file names for images);
-    returns (requests, count). Images are read with the manifest's preprocessing."""
+    returns (requests, count). Images are read with the manifest's preprocessing, or, for a
+    folder fed image files, sent as the files' bytes."""
     source = Path(source)
     spec = manifest.feeds
     if len(spec) != 1:
         raise LcpcError(f"{source}: serve streams single-input models; this one takes "
                         f"{', '.join(i.name for i in spec)}")
     name, batch = spec[0].name, spec[0].shape[0]
-    if source.is_dir():
+    if manifest.encoded:  # the files themselves travel: read, never decoded here
+        if not source.is_dir():
+            raise LcpcError(f"{source}: this folder is fed image files (convert --input-wire encoded); pass a folder "
+                            f"of JPEG or PNG images")
+        base = [Request(p.name, {name: encoded(read_file(source, p))}) for p in image_files(source)]
+    elif source.is_dir():
         if manifest.preprocessing is None:
             raise LcpcError(f"{source}: an image folder needs the preprocessing, which the manifest does not "
                             f"record; convert with --preprocess")
@@ -201,8 +207,9 @@ def requests_from_source(source: str | Path, manifest: Manifest, repeat: int = 1
         x, ids = loaded, None
     else:
         raise LcpcError(f"{source}: no such file or folder")
-    base = list(requests_from_array(x, name, batch))
-    if ids is not None and batch == 1:
-        base = [Request(ids[r.id], r.feeds) for r in base]
+    if not manifest.encoded:
+        base = list(requests_from_array(x, name, batch))
+        if ids is not None and batch == 1:
+            base = [Request(ids[r.id], r.feeds) for r in base]
     reqs = base if repeat == 1 else [Request(f"{r.id}#{k}", r.feeds) for k in range(repeat) for r in base]
     return reqs, len(reqs)

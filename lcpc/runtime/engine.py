@@ -32,10 +32,11 @@ from typing import Any
 import numpy as np
 
 from lcpc.errors import LcpcError
+from lcpc.images import Preprocessing, decode
 from lcpc.perf import devices as dv
 from lcpc.runtime import degrade
 from lcpc.runtime import manifest as mf
-from lcpc.runtime.feeds import Stats, check_feeds, join_batches, planned_batches
+from lcpc.runtime.feeds import Stats, check_encoded, check_feeds, encoded, join_batches, planned_batches
 from lcpc.runtime.manifest import Tensor
 
 # engine name -> the module and class that implement it, imported when asked for (Ray is optional and slow
@@ -51,6 +52,7 @@ class Engine(abc.ABC):
         self.folder = Path(folder)
         self.manifest = mf.read(self.folder)
         self.rebuilt: list[str] = []  # devices whose process was replaced in the background, in order
+        self.prep: Preprocessing | None = None  # a folder fed image files: how they become its input
 
     @property
     def inputs(self) -> tuple[Tensor, ...]:
@@ -62,8 +64,17 @@ class Engine(abc.ABC):
         """Which engine runs the folder, in words."""
 
     def check_inputs(self, feeds: dict[str, np.ndarray], files: dict[str, str] | None = None) -> int:
-        """Validate feeds against the folder's inputs; returns the number of planned batches."""
+        """Validate feeds against the folder's inputs; returns the number of planned batches (a
+        folder fed image files takes one file per input and inference)."""
+        if self.manifest.encoded:
+            return check_encoded(self.inputs, feeds, files)
         return check_feeds(self.inputs, feeds, files)
+
+    def decode(self, blob: np.ndarray) -> np.ndarray:
+        """An image file's bytes -> the uint8 image this folder's stages take (``images.decode``)."""
+        if self.prep is None:
+            self.prep = Preprocessing.from_dict(dict(self.manifest.preprocessing or {}))
+        return decode(blob.tobytes(), self.prep, f"the image of request input ({blob.nbytes} bytes)")
 
     def run(self, feeds: dict[str, np.ndarray], stats: Stats | None = None, request: Any = None,
             without: Collection[str] = ()) -> dict[str, np.ndarray]:
@@ -74,7 +85,9 @@ class Engine(abc.ABC):
         device is recorded in ``stats.degraded`` under ``request``."""
         missing = self.device_ids(without)
         self.check_inputs(feeds)
-        answers = [self._run_once(part, stats, request, missing) for part in planned_batches(self.inputs, feeds)]
+        parts = [{k: encoded(v) for k, v in feeds.items()}] if self.manifest.encoded else \
+            planned_batches(self.inputs, feeds)
+        answers = [self._run_once(part, stats, request, missing) for part in parts]
         left_out = sorted({d for _, gone in answers for d in gone})
         if stats is not None and left_out:
             stats.degraded[request] = tuple(self.manifest.names[d] for d in left_out)

@@ -93,6 +93,34 @@ def check_feeds(inputs: Sequence[Tensor], feeds: dict[str, np.ndarray], files: d
     return int(batch or 0)
 
 
+MAX_ENCODED_BYTES = 64 << 20  # one image file on the wire
+
+
+def check_encoded(inputs: Sequence[Tensor], feeds: dict[str, Any], files: dict[str, str] | None = None) -> int:
+    """Feeds of a folder fed image files: each input one file's bytes (``bytes`` or a 1-D uint8 array,
+    not empty, at most ``MAX_ENCODED_BYTES``); returns 1 (one image per inference)."""
+    names = [i.name for i in inputs]
+    if sorted(feeds) != sorted(names):
+        raise LcpcError(f"inputs {printable(sorted(feeds), 300)} given; this folder is fed the image file of "
+                        f"{printable(', '.join(names), 300)}")
+    for name in names:
+        x = feeds[name]
+        where = f"{printable((files or {}).get(name, ''), 300)}: " if files else ""
+        label = f"{where}input '{printable(name, 200)}'"
+        if not (isinstance(x, (bytes, bytearray)) or (isinstance(x, np.ndarray) and x.dtype == np.uint8
+                                                      and x.ndim == 1)):
+            raise LcpcError(f"{label}: this folder is fed the image file itself (JPEG or PNG bytes, as read from "
+                            f"disk), not a decoded array; pass the file")
+        if not 0 < len(x) <= MAX_ENCODED_BYTES:
+            raise LcpcError(f"{label}: {len(x)} bytes; an image file of 1 to {MAX_ENCODED_BYTES >> 20} MiB")
+    return 1
+
+
+def encoded(blob: Any) -> np.ndarray:
+    """An image file's bytes as the 1-D uint8 array engines move."""
+    return blob if isinstance(blob, np.ndarray) else np.frombuffer(bytes(blob), np.uint8)
+
+
 def planned_batches(inputs: Sequence[Tensor], feeds: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
     """Checked feeds cut into slices of the planned batch size, in order."""
     step = {i.name: i.shape[0] for i in inputs}

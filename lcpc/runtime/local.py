@@ -7,6 +7,8 @@ Guarantees (beyond ``lcpc.runtime.engine.Engine``'s):
   (``Manifest.order.walk``);
 - every transfer's bytes are counted as they move (``Stats``), so a run can be
   compared byte for byte with the manifest;
+- a folder fed image files moves the file's bytes (counted as they are) and each device
+  that reads the image decodes it (``Engine.decode``);
 - devices left out (``run(..., without=...)``) run nothing and move nothing; the head's
   merge stage gets the contributions ``runtime.degrade`` fills in for them;
 - an onnxruntime failure while running a stage is an ``LcpcError`` naming the stage.
@@ -51,7 +53,8 @@ class LocalEngine(Engine):
 
     def _run_once(self, feeds: dict[str, np.ndarray], stats: Stats | None, request: Any,
                   missing: frozenset[int]) -> tuple[dict[str, np.ndarray], frozenset[int]]:
-        values: dict[tuple[int, str], np.ndarray] = {(0, k): v for k, v in feeds.items()}
+        files = feeds if self.manifest.encoded else {}  # image files: each device decodes its own copy
+        values: dict[tuple[int, str], np.ndarray] = {(0, k): self.decode(v) if files else v for k, v in feeds.items()}
         received: dict[int, int] = {}
         merge, _ = self.manifest.merge
 
@@ -66,8 +69,12 @@ class LocalEngine(Engine):
         def move(t: Transfer) -> None:
             if t.src in missing or t.dst in missing:
                 return
-            value = values[(t.src, t.src_name)]
-            values[(t.dst, t.dst_name)] = value.copy()
+            if t.encoded:
+                value = files[t.src_name]
+                values[(t.dst, t.dst_name)] = self.decode(value)
+            else:
+                value = values[(t.src, t.src_name)]
+                values[(t.dst, t.dst_name)] = value.copy()
             received[t.id] = received.get(t.id, 0) + value.nbytes
 
         self.manifest.order.walk(run_level, move)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from importlib import resources
@@ -45,7 +45,7 @@ import numpy as np
 
 from lcpc.errors import LcpcError
 from lcpc.runtime.degrade import Merge
-from lcpc.runtime.order import RunOrder
+from lcpc.runtime.order import RunOrder, broadcast_tree
 from lcpc.safety import inside, printable
 
 MANIFEST = "manifest.json"
@@ -110,8 +110,9 @@ class Transfer:
     dst_name: str
     shape: tuple[int, ...]
     dtype: str
-    bytes: int
+    bytes: int         # per inference (an encoded image: nominal; engines count the real file's bytes)
     level: int         # sent after this level's stages (input transfers: before level 0)
+    encoded: bool = False   # the model input as the image file (JPEG/PNG bytes), decoded by the receiver
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ class Manifest:
                          for s in m["stages"]),
             transfers=tuple(Transfer(t["id"], t["tensor"], t["kind"], t["from"]["device"], t["from"]["name"],
                                      t["to"]["device"], t["to"]["name"], tuple(t["shape"]), t["dtype"], t["bytes"],
-                                     t["level"]) for t in m["transfers"]),
+                                     t["level"], t.get("encoded", False)) for t in m["transfers"]),
             outputs=tuple(Output(o["name"], o["device"], o["local_name"]) for o in m["outputs"]),
             inputs=inputs,
             feeds=tuple(Tensor.parse(f) for f in source["feeds"]) if "feeds" in source else inputs,
@@ -166,8 +167,30 @@ class Manifest:
 
     @property
     def takes_raw_images(self) -> bool:
-        """The folder is fed the uint8 image and applies the preprocessing itself."""
+        """The folder is fed the uint8 image (or its file: ``encoded``) and applies the preprocessing itself."""
         return "feeds" in self.json["source"]
+
+    @property
+    def encoded(self) -> bool:
+        """The folder is fed image files (JPEG/PNG bytes), which each device that reads the image decodes."""
+        return "encoded" in self.json["source"]
+
+    @property
+    def broadcast(self) -> str:
+        """How the model input reaches its receivers: ``p2p`` or ``tree`` (``order.broadcast_tree``)."""
+        return str(self.json.get("broadcast", "p2p"))
+
+    def broadcast_edges(self, skip: Collection[int] = ()) -> list[tuple[int, int]]:
+        """(sender, receiver) of the model input to every device that reads it (but ``skip``), in order."""
+        receivers = list(dict.fromkeys(t.dst for t in self.order.inputs if t.dst not in skip))
+        if self.broadcast == "tree":
+            return broadcast_tree(receivers)
+        return [(0, r) for r in receivers]
+
+    @property
+    def input_wire(self) -> str:
+        """How the model input travels: ``encoded``, ``uint8`` (the raw image) or ``float``."""
+        return "encoded" if self.encoded else "uint8" if self.takes_raw_images else "float"
 
     @cached_property
     def order(self) -> RunOrder[Stage, Transfer]:
@@ -230,8 +253,14 @@ def validate(document: Any, where: str = MANIFEST) -> Manifest:
     for t in m.transfers:
         if t.src >= k or t.dst >= k:
             fail(f"transfer {t.id} between unknown devices")
-        if t.bytes != math.prod(t.shape) * np.dtype(t.dtype).itemsize:
+        if t.encoded:
+            if not (m.encoded and t.kind == "input" and t.dtype == "uint8"):
+                fail(f"transfer {t.id} is marked encoded, but only the model input of a folder fed image files is")
+        elif t.bytes != math.prod(t.shape) * np.dtype(t.dtype).itemsize:
             fail(f"transfer {t.id} claims {t.bytes} bytes for shape {list(t.shape)} {t.dtype}")
+    if m.encoded and (not m.takes_raw_images or any(t.kind == "input" and not t.encoded for t in m.transfers)
+                      or any(f.shape[0] != 1 for f in m.feeds)):
+        fail("source.encoded needs source.feeds of one image, and every input transfer marked encoded")
     _check_dataflow(m, fail)
     _check_degrade(m, fail)
     return m

@@ -146,6 +146,9 @@ class MpiEngine(Engine):
         ``mpi_args``: more ``mpiexec`` arguments (e.g. ``--mca btl tcp,self``)."""
         require_mpi()
         super().__init__(folder)
+        if self.manifest.encoded:
+            raise LcpcError(f"{printable(folder)}: the MPI engine takes no image files yet; run it with --engine local "
+                            f"or ray, or convert with --input-wire uint8")
         if hostfile is not None and not Path(hostfile).is_file():
             raise LcpcError(f"{printable(hostfile)}: no such host file (--hostfile)")
         self.timeout = float(timeout)

@@ -19,14 +19,19 @@ Guarantees:
   in the object store instead costs each receiver an extra location lookup and pull, two
   more round trips over the network), else it is put in the object
   store once and every device that receives it pulls it from there (one point-to-point
-  copy per receiving device);
+  copy per receiving device). With ``broadcast: tree`` a receiver's ``forward`` call
+  re-issues the input as its own message, which the next receivers of the binomial tree
+  (``Manifest.broadcast_edges``) get: a large input lands in that node's object store and is
+  pulled from there, not from the head's; a small one still travels inline via the driver;
+- a folder fed image files sends the file's bytes; each device decodes them on receipt;
 - the receiving actor counts the bytes of every value it receives, by transfer id, so
   ``Stats`` equals the manifest transfer by transfer, exactly as with the local engine;
 - ``timeout`` is a number of seconds in (0, ``MAX_TIMEOUT``]; an ``address`` is checked before
   Ray is asked to join it (Ray's own connect retries last minutes): it must read HOST:PORT,
   ray://HOST:PORT, auto or local, and a HOST:PORT must accept a TCP connection and answer as a
-  Ray GCS (one ``GetClusterId`` call over gRPC) within ``REACH_SECONDS`` (``reach``), else one ``LcpcError``
-  names the address and why; apart from this probe, lcpc opens no socket;
+  Ray GCS (one ``GetClusterId`` call over gRPC) within ``REACH_SECONDS`` (``reach``), else one
+  ``LcpcError`` names the address and why; apart from this check (and ``lcpc probe``), lcpc opens
+  no socket;
 - every wait has a timeout: a request that does not finish within ``timeout`` seconds,
   or whose actor dies, ends in one ``LcpcError`` naming the request id and the device
   (dead, or not answering); ``rebuild`` replaces dead actors so later requests run;
@@ -59,6 +64,7 @@ from typing import Any
 import numpy as np
 
 from lcpc.errors import LcpcError
+from lcpc.images import Preprocessing, decode
 from lcpc.perf import devices as dv
 from lcpc.runtime import manifest as mf
 from lcpc.runtime.degrade import HEAD, Merge
@@ -147,9 +153,12 @@ class DeviceWorker:
     """The per-device actor body: sessions for the device's stages, a value store per request."""
 
     def __init__(self, device: int, stages: list[Stage], blobs: dict[str, bytes], folder: str,
-                 merge: Merge | None = None) -> None:
+                 merge: Merge | None = None, images: tuple[dict, set[str]] | None = None) -> None:
         self.device = device
         self.merge = merge  # the head's: how to answer when contributions are missing
+        # a folder fed image files: the preprocessing and the names that arrive as files, decoded here
+        self.prep = Preprocessing.from_dict(images[0]) if images else None
+        self.files = images[1] if images else set()
         self.stages = {s.id: s for s in stages}
         self.sessions = {s.id: open_stage(blobs[s.id], s, f"{folder}/{s.file}") for s in stages}
         self.folder = folder
@@ -164,9 +173,12 @@ class DeviceWorker:
         counts = self.counts.setdefault(rid, defaultdict(int))
         for mapping, message in zip(maps, refs):
             for src, dst, tid in mapping:
-                # a copy: a compiled-graph channel hands out views of its buffer, and holding one
-                # would keep the sender from writing the next request's value
-                values[dst] = np.array(message[src], copy=True)
+                if dst in self.files and self.prep is not None:  # an image file: decoded on this device
+                    values[dst] = decode(message[src].tobytes(), self.prep, f"{self.device}: the image")
+                else:
+                    # a copy: a compiled-graph channel hands out views of its buffer, and holding one
+                    # would keep the sender from writing the next request's value
+                    values[dst] = np.array(message[src], copy=True)
                 if tid is not None:
                     counts[tid] += message[src].nbytes
         return values
@@ -204,6 +216,11 @@ class DeviceWorker:
         result = {name: values[name] for name in outputs}
         self.store.pop(rid, None)
         return result, dict(self.counts.pop(rid, {}))
+
+    def forward(self, message: Any) -> Any:
+        """The model input this device received, as a new message of its own (a broadcast tree: a large
+        one lands in this node's object store, and the next receiver pulls it from here)."""
+        return message
 
     def drop(self, rid: Any) -> None:
         self.store.pop(rid, None)
@@ -294,9 +311,14 @@ class RayEngine(Engine):
                                                                              soft=False)}
         else:
             options = {"resources": {self._resource(d): 0.001}}
+        images = None
+        if self.manifest.encoded:
+            files = {t.dst_name for t in self.manifest.transfers if t.encoded and t.dst == d}
+            images = (dict(self.manifest.preprocessing or {}),
+                      files | ({f.name for f in self.manifest.feeds} if d == HEAD else set()))
         return self._worker_cls.options(name=None, **options).remote(
             d, stages, {s.id: self.blobs[s.id] for s in stages}, str(self.folder),
-            self.manifest.merge[0] if d == HEAD else None)
+            self.manifest.merge[0] if d == HEAD else None, images)
 
     # ------------------------------------------------------------------ running
     def run(self, feeds: dict[str, np.ndarray], stats: Stats | None = None, request: Any = None,
@@ -569,10 +591,15 @@ def issue(manifest: Manifest, actors: dict[int, Any], rid: Any, first: Any, call
     inputs: dict[int, list[Transfer]] = defaultdict(list)
     for t in order.inputs:
         inputs[t.dst].append(t)
-    for dst, ts in inputs.items():
-        pending[dst].append((first, _mapping(ts), None))
+    given: dict[int, Any] = {HEAD: first}  # the message of the model input each device gets
+    copies: dict[int, Any] = {}            # a receiver's own copy of it, for the receivers it forwards to
+    for h, r in manifest.broadcast_edges(skip):
+        if h != HEAD and h not in copies:
+            copies[h] = call(actors[h].forward, 1, given[h])[0]
+        given[r] = first if h == HEAD else copies[h]
+        pending[r].append((given[r], _mapping(inputs[r]), None))
 
-    def given(d: int, what: str) -> list[tuple[Any, list, int | None]]:
+    def take(d: int, what: str) -> list[tuple[Any, list, int | None]]:
         messages = pending.pop(d, [])
         if needs_message and not messages:
             raise LcpcError(f"device {d}'s {what} waits on no message")
@@ -590,7 +617,7 @@ def issue(manifest: Manifest, actors: dict[int, Any], rid: Any, first: Any, call
             d, dests = step.device, step.destinations
             if d in skip:
                 continue
-            messages = given(d, f"call at level {step.level}")
+            messages = take(d, f"call at level {step.level}")
             sends = [[t.src_name for t in step.sends[dst]] for dst in dests]
             stages = [s.id for s in step.stages]
             merging = merge is not None and merge.stage in stages
@@ -608,7 +635,7 @@ def issue(manifest: Manifest, actors: dict[int, Any], rid: Any, first: Any, call
                 pending[d].extend(items)
     for d in sorted(actors):
         if d not in results and d not in skip:
-            messages = given(d, "last call")
+            messages = take(d, "last call")
             results[d] = call(actors[d].finish, 1, rid, outputs[d], [m for _, m, _ in messages],
                               *[r for r, _, _ in messages])[0]
     return results, leaves
