@@ -291,7 +291,7 @@ def write(result: dict, out_dir: Path, name: str = "netns_latency") -> None:
                      f"{r['predicted_ms_direct']:.1f} | "
                      f"{r['measured_median_ms']:.1f} ({r['measured_p90_ms']:.1f}) | {r['ratio_direct']:.2f} | "
                      f"{via_ray} |")
-    modes = sorted({r["mode"] for r in result["rows"]})
+    modes = list(dict.fromkeys(r["mode"] for r in result["rows"]))
     mpi = [r for r in result["rows"] if r["engine"] == "mpi"]
     lines += ["", f"K=4, 4 Ray nodes in network namespaces on one box ({s['machine']}), one per device, head and "
                   f"driver in the first; links {s['links']}; UDP round trip between two nodes "
