@@ -15,7 +15,8 @@ MPI across the nodes (``Cluster.mpi_launch``): ``mpiexec`` runs in node 0 and st
 in every other node through a launch agent written here (``ip netns exec`` instead of ssh). Every
 namespace shares the machine's hostname, and Open MPI takes ranks with one hostname for ranks on one
 node: the daemons then report the same node, and the job hangs in its first collective (coll/han
-splits by node) or would move bytes through shared memory, past the shaped links. So the agent
+splits ranks by node; without it, the job runs, but Open MPI may pick shared memory between such
+ranks, past the shaped links). So the agent
 starts each daemon in a UTS namespace of its own named like its network namespace, the host file
 names the nodes so, and ``mpiexec`` itself runs under node 0's name (``mpi_prefix``).
 
