@@ -16,9 +16,9 @@ in every other node through a launch agent written here (``ip netns exec`` inste
 namespace shares the machine's hostname, and Open MPI takes ranks with one hostname for ranks on one
 node: the daemons then report the same node, and the job hangs in its first collective (coll/han
 splits ranks by node; without it, the job runs, but Open MPI may pick shared memory between such
-ranks, past the shaped links). So the agent
-starts each daemon in a UTS namespace of its own named like its network namespace, the host file
-names the nodes so, and ``mpiexec`` itself runs under node 0's name (``mpi_prefix``).
+ranks, past the shaped links). So the agent starts each daemon in a UTS namespace of its own named
+like its network namespace, the host file names the nodes so, and ``mpiexec`` itself runs under
+node 0's name (``mpi_prefix``).
 
 Guarantees:
 - only addresses in 10.213.<net>.0/24 on interfaces inside the namespaces created here are
