@@ -22,7 +22,7 @@ from lcpc.runtime.feeds import Stats
 
 pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install 'lcpc[mpi]')")
 
-from lcpc.runtime.mpi import MpiEngine, mpiexec  # noqa: E402
+from lcpc.runtime.mpi import MpiEngine, mpiexec, session_members  # noqa: E402
 
 try:
     mpiexec()
@@ -35,7 +35,8 @@ def folders(tmp_path_factory, zoo_bytes):
     tmp = tmp_path_factory.mktemp("mpi")
     convert_model(EXAMPLE, tmp / "digits", 4, "none")
     convert_model(zoo_bytes["resnet_basic"], tmp / "resnet", 3, "all")
-    return {"digits": tmp / "digits", "resnet": tmp / "resnet"}
+    convert_model(EXAMPLE, tmp / "digits2", 2, "none")
+    return {"digits": tmp / "digits", "resnet": tmp / "resnet", "digits2": tmp / "digits2"}
 
 
 def test_mpi_equals_local_and_a_dead_rank_is_named(folders):
@@ -61,8 +62,24 @@ def test_mpi_equals_local_and_a_dead_rank_is_named(folders):
             engine.run({spec.name: x[:1]})
         assert "\n" not in str(err.value)
     finally:
+        session = engine.proc.pid if engine.proc is not None else None
         engine.close()
     assert engine.proc is None and engine.pipes is None  # the job and its pipes are gone
+    assert session is None or session_members(session) == []
+
+
+def test_close_after_mpiexec_was_killed_leaves_no_rank(folders):
+    """mpiexec killed outright (no chance to end its job): Open MPI gives each rank its own process group,
+    and the relay waits on a pipe, not on MPI, so it would outlive mpiexec; close ends every process of the
+    job's session. Digits, K=2: 3 ranks."""
+    engine = MpiEngine(folders["digits2"], timeout=30)
+    session = engine.proc.pid
+    try:
+        assert len(session_members(session)) >= 4  # mpiexec, the relay and two device ranks
+        os.kill(session, signal.SIGKILL)
+    finally:
+        engine.close()
+    assert session_members(session) == []
 
 
 def test_cli_run_engine_mpi(folders, tmp_path):

@@ -23,7 +23,9 @@ Guarantees:
   (each device's answer) and each device's (each transfer it waits on); a request that does
   not finish, or whose rank dies, ends in one ``LcpcError`` naming the request and the
   device; the job is then ended and ``rebuild`` starts a new one; ``close`` stops the job
-  (its whole process group, killed if it does not stop) and removes the pipes;
+  (asked to stop, then ``mpiexec`` terminated, which ends the job on every host, then every
+  process of its session on this machine killed: Open MPI gives each rank a process group of
+  its own, so ``mpiexec``'s group alone would leave the relay behind) and removes the pipes;
 - tensors move as raw buffers of known shape and dtype; nothing is pickled or unpickled.
 """
 
@@ -137,6 +139,39 @@ def require_mpi() -> None:
     mpiexec()
 
 
+def session_members(leader: int) -> list[int]:
+    """The live processes (not zombies) of the session ``leader`` started; empty where there is no ``/proc``."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    members = []
+    for entry in entries:
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                state, _, _, session = stat.rsplit(")", 1)[1].split()[:4]
+                if int(session) == leader and state not in "ZX":
+                    members.append(int(entry))
+    return members
+
+
+def kill_session(leader: int, wait: float = 5.0) -> None:
+    """SIGKILL the process group and every process of the session ``leader`` started (``mpiexec``'s:
+    the ranks it started here keep its session but each has a process group of its own), then wait
+    (at most ``wait`` seconds) until none is left. Never this process's own session."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(leader, signal.SIGKILL)
+    if leader == os.getsid(0):
+        return
+    end = time.monotonic() + wait
+    while (left := session_members(leader)) and time.monotonic() < end:
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+
+
 class MpiEngine(Engine):
     """Runs a manifest as one MPI job (relay + one rank per device); reuse one engine for many requests."""
 
@@ -241,11 +276,12 @@ class MpiEngine(Engine):
                 try:
                     self.proc.wait(timeout=grace)
                 except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait(timeout=30)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)  # anything of the job left behind
+                    self.proc.terminate()  # mpiexec ends the job on every host it started
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.proc.wait(timeout=5)
+            kill_session(self.proc.pid)  # anything of the job left on this machine
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=30)
             self.proc = None
         for fd in ("out", "into"):
             with contextlib.suppress(AttributeError, OSError):
