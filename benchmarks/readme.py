@@ -57,6 +57,7 @@ TABLES: dict[str, tuple[str, int]] = {
     "netns-latency-compiled-table": ("netns_latency_compiled-graph.md", 0),
     "netns-degrade-table": ("netns_degrade.md", 0),
     "plan-table": ("plan.md", 0),
+    "wire-coding-table": ("wire_coding.md", 0),
     "hls-table": ("hls.md", 0),
 }
 

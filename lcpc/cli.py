@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lcpc import __version__, advise, fidelity, frontend, pipeline, report
+from lcpc.compress.wire import WIRE_FORMATS
 from lcpc.errors import LcpcError
 from lcpc.frontend import parse_input_shapes
 from lcpc.images import IMAGE_SUFFIXES, Preprocessing, image_files, read_file
@@ -42,6 +43,7 @@ from lcpc.perf import latency_report
 from lcpc.perf.devices import load as load_devices
 from lcpc.runtime import bench, serving
 from lcpc.runtime import manifest as mf
+from lcpc.runtime.coding import CODINGS
 from lcpc.runtime.deployment import Deployment, requests_from_source
 from lcpc.runtime.engine import ENGINES, open_engine
 from lcpc.runtime.feeds import Stats, encoded
@@ -192,8 +194,12 @@ def parse_preprocessing(spec: str | None) -> dict | None:
 @click.option("--quantize", type=click.Choice(["int8", "int8-all"]), default=None,
               help="int8 stages (onnxruntime quantization; static QDQ with --calib, else dynamic): int8 keeps "
                    "float for stages int8 would slow down (measured); int8-all quantizes every stage.")
-@click.option("--wire", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
-              help="Tensors crossing devices as int8 with a scale and zero point per transfer (--calib ranges).")
+@click.option("--wire", type=click.Choice(list(WIRE_FORMATS)), default="fp32", show_default=True,
+              help="Tensors crossing devices as int8 with a scale and zero point per transfer (int8) or per "
+                   "channel of each transfer (int8-channel); ranges from --calib.")
+@click.option("--wire-code", type=click.Choice(list(CODINGS)), default="none", show_default=True,
+              help="deflate: every int8 message entropy-coded (lossless; the manifest records its mean size on "
+                   "--calib); needs --wire int8 or int8-channel.")
 @click.option("--preprocess", default=None, metavar="SPEC",
               help="Image preprocessing stored in the manifest, e.g. size=224x224,mean=127,std=128.")
 @click.option("--input-wire", type=click.Choice(list(INPUT_WIRES)), default="auto", show_default=True,
@@ -218,8 +224,8 @@ def parse_preprocessing(spec: str | None) -> dict | None:
 @input_shape_option
 @handles_errors
 def convert(model: Path, branches: int, sync: str, partition: str, calib: Path | None, comm_budget: int | None,
-            prune: float | None, quantize: str | None, wire: str, preprocess: str | None, input_wire: str,
-            broadcast: str,
+            prune: float | None, quantize: str | None, wire: str, wire_code: str, preprocess: str | None,
+            input_wire: str, broadcast: str,
             recover_data: Path | None, recover_labels: Path | None, epochs: int, out: Path | None, force: bool,
             devices: Path | None, input_shapes) -> None:
     """Partition MODEL into K branches; write per-device ONNX files and manifest.json."""
@@ -230,7 +236,7 @@ def convert(model: Path, branches: int, sync: str, partition: str, calib: Path |
     options: dict[str, Any] = dict(sync=sync, input_shapes=parse_input_shapes(input_shapes), partition=partition,
                                    preprocessing=parse_preprocessing(preprocess), comm_budget=comm_budget,
                                    devices=devices, prune=prune, quantize=quantize, wire=wire, input_wire=input_wire,
-                                   broadcast=broadcast, calib=calibration)
+                                   broadcast=broadcast, wire_code=wire_code, calib=calibration)
     if recover_data is None:
         if recover_labels is not None:
             raise LcpcError("--labels labels the --recover inputs; pass --recover TRAIN.npy too")

@@ -69,10 +69,16 @@ class Transfer:
     info: TensorInfo
     level: int           # level after which it is sent (inputs: sent before level 0)
     quant: Any = None    # compress.wire.WireQuant when the message travels as int8, else None (float)
+    coded_bytes: int | None = None  # entropy-coded (deflate): its mean size on calibration data, else None
 
     @property
     def nbytes(self) -> int:
         return self.info.nbytes
+
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes on the wire per inference: the coded size when the message is entropy-coded."""
+        return self.coded_bytes if self.coded_bytes is not None else self.nbytes
 
 
 @dataclass
@@ -106,7 +112,7 @@ class Program:
     contributions: list[Contribution] = field(default_factory=list)  # of every layer merged at the head
 
     def bytes_per_inference(self) -> int:
-        return sum(t.nbytes for t in self.transfers)
+        return sum(t.wire_bytes for t in self.transfers)
 
 
 @dataclass

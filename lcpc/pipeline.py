@@ -57,7 +57,7 @@ def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str
             preprocessing: dict | None = None, calib: np.ndarray | None = None,
             comm_budget: int | None = None, devices: str | Path | Network | None = None, prune: float | None = None,
             quantize: str | None = None, wire: str = "fp32", input_wire: str = "auto", broadcast: str = "auto",
-            progress: Any = None, select: Any = None) -> dict[str, Any]:
+            wire_code: str = "none", progress: Any = None, select: Any = None) -> dict[str, Any]:
     """Plan ``model`` for ``branches`` devices and write the folder ``out``; returns its manifest.
     ``devices``: a devices.yaml whose relative speeds size each branch's share of channels;
     ``progress(done, total, agreement)`` follows ``--sync auto``'s measurements; ``select``
@@ -90,7 +90,7 @@ def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str
     lcp, record = plan, None
     if prune:
         plan, record = prune_pass.run(plan, prune, calib)
-    compressing = bool(prune or quantize or wire != "fp32")
+    compressing = bool(prune or quantize or wire != "fp32" or wire_code != "none")
     if compressing and input_wire in ("uint8", "encoded"):
         raise LcpcError(f"--input-wire {input_wire} does not combine with --prune, --quantize or --wire int8 yet "
                         f"(they calibrate on float inputs); use --input-wire float")
@@ -103,16 +103,17 @@ def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str
     compression = None
     if compressing:
         lcp_program = lower(lcp) if prune else program  # the unpruned plan, lowered once
-        variants = {"lcp": compress.apply(lcp_program, None, wire, calib)}
+        variants = {"lcp": compress.apply(lcp_program, None, wire, calib, wire_code)}
         if prune:
-            variants["lcp+prune"] = compress.apply(program, None, wire, calib)
+            variants["lcp+prune"] = compress.apply(program, None, wire, calib, wire_code)
         if quantize:
-            variants["lcp+quant"] = compress.apply(lcp_program, quantize, wire, calib)
+            variants["lcp+quant"] = compress.apply(lcp_program, quantize, wire, calib, wire_code)
             if prune:
-                variants["lcp+prune+quant"] = compress.apply(program, quantize, wire, calib)
+                variants["lcp+prune+quant"] = compress.apply(program, quantize, wire, calib, wire_code)
         program = list(variants.values())[-1]
         compression = {"prune": record.as_dict() if record is not None else None, "quantize": quantize,
-                       "wire": wire, "variants": compress.compare(variants, graph, calib)}
+                       "wire": wire, **({"wire_code": wire_code} if wire_code != "none" else {}),
+                       "variants": compress.compare(variants, graph, calib)}
     return onnx_target.write(plan, program, out, force=force, exact_bytes=exact_bytes,
                              preprocessing=preprocessing, compression=compression, original=graph,
                              speeds=speeds, broadcast=_broadcast(program, broadcast, network))
@@ -259,7 +260,8 @@ def recover(folder: str | Path, data: np.ndarray, out: str | Path, *, labels: np
         else None
     program = lower(plan, raw)
     if kept:  # the folder's int8 stages and wire again, calibrated on the recovery data
-        program = compress.apply(program, kept.get("quantize"), kept.get("wire", "fp32"), data)
+        program = compress.apply(program, kept.get("quantize"), kept.get("wire", "fp32"), data,
+                                 kept.get("wire_code", "none"))
     return onnx_target.write(plan, program, out, force=force, exact_bytes=exact,
                              preprocessing=manifest.json["source"].get("preprocessing"),
                              fidelity={"recovery": figures, **({"sync_auto": sync_auto} if sync_auto else {})},
@@ -276,7 +278,7 @@ def _kept_compression(manifest: Mapping[str, Any]) -> dict | None:
     """What a recovered folder keeps of its source's compression: the pruning record (``stored_plan``
     replays it), the stage and wire formats asked for (re-applied after recovery)."""
     comp = manifest.get("compression") or {}
-    kept = {k: comp[k] for k in ("prune", "quantize", "wire") if comp.get(k) and comp[k] != "fp32"}
+    kept = {k: comp[k] for k in ("prune", "quantize", "wire", "wire_code") if comp.get(k) and comp[k] != "fp32"}
     return kept or None
 
 

@@ -196,7 +196,7 @@ def _write_files(plan: Plan, program: Program, folder: Path, exact_bytes: int | 
         "to": {"device": t.dst, "name": t.dst_name, "stage": receiver.get((t.dst, t.dst_name))},
         "dtype": t.info.dtype.name, "shape": list(t.info.shape), "level": t.level,
         **({"bytes": nominal_encoded_bytes(t.nbytes), "encoded": True} if encoded and t.kind == "input" else
-           {"bytes": t.nbytes}),
+           {"bytes": t.coded_bytes, "coding": "deflate"} if t.coded_bytes is not None else {"bytes": t.nbytes}),
         **({"quantization": t.quant.as_dict()} if t.quant is not None else {}),
     } for n, t in enumerate(program.transfers)]
     manifest = build_manifest(plan, program, stages, transfers, exact_bytes, preprocessing, original)

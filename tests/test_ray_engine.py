@@ -192,3 +192,19 @@ def test_image_files_through_a_broadcast_tree_equal_local(local_ray, tmp_path): 
             assert all(stats.bytes_by_transfer[t.id] == len(b) for t in inputs)
     finally:
         engine.close()
+
+
+def test_coded_int8_messages_equal_local(local_ray, tmp_path, digits_calib):  # noqa: F811
+    """--wire int8-channel --wire-code deflate on Ray: senders pack, receivers unpack; the same outputs
+    and the same coded bytes as the local engine, transfer by transfer."""
+    calib, x_test = digits_calib
+    convert_model(EXAMPLE, tmp_path / "coded", 4, "none", calib=calib, wire="int8-channel", wire_code="deflate")
+    want, local_stats, _ = run_folder(tmp_path / "coded", {"input": x_test[:6]})
+    engine = RayEngine(tmp_path / "coded", timeout=60)
+    try:
+        stats = Stats()
+        got = engine.run({"input": x_test[:6]}, stats)
+        np.testing.assert_array_equal(got["logits"], want["logits"])
+        assert dict(stats.bytes_by_transfer) == dict(local_stats.bytes_by_transfer)
+    finally:
+        engine.close()

@@ -8,7 +8,8 @@ Guarantees (beyond ``lcpc.runtime.engine.Engine``'s):
 - every transfer's bytes are counted as they move (``Stats``), so a run can be
   compared byte for byte with the manifest;
 - a folder fed image files moves the file's bytes (counted as they are) and each device
-  that reads the image decodes it (``Engine.decode``);
+  that reads the image decodes it (``Engine.decode``); a coded message moves (and counts)
+  its coded bytes (``runtime.coding``);
 - devices left out (``run(..., without=...)``) run nothing and move nothing; the head's
   merge stage gets the contributions ``runtime.degrade`` fills in for them;
 - an onnxruntime failure while running a stage is an ``LcpcError`` naming the stage.
@@ -24,6 +25,7 @@ import numpy as np
 
 from lcpc.errors import LcpcError
 from lcpc.runtime import manifest as mf
+from lcpc.runtime.coding import pack, unpack
 from lcpc.runtime.degrade import HEAD
 from lcpc.runtime.engine import Engine
 from lcpc.runtime.feeds import Stats
@@ -72,6 +74,9 @@ class LocalEngine(Engine):
             if t.encoded:
                 value = files[t.src_name]
                 values[(t.dst, t.dst_name)] = self.decode(value)
+            elif t.coding is not None:
+                value = pack(values[(t.src, t.src_name)])
+                values[(t.dst, t.dst_name)] = unpack(value, t.shape, t.dtype, f"transfer {t.id}")
             else:
                 value = values[(t.src, t.src_name)]
                 values[(t.dst, t.dst_name)] = value.copy()

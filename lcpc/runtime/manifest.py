@@ -113,6 +113,7 @@ class Transfer:
     bytes: int         # per inference (an encoded image: nominal; engines count the real file's bytes)
     level: int         # sent after this level's stages (input transfers: before level 0)
     encoded: bool = False   # the model input as the image file (JPEG/PNG bytes), decoded by the receiver
+    coding: str | None = None   # deflate: the int8 value entropy-coded (``runtime.coding``), bytes nominal
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,8 @@ class Manifest:
                          for s in m["stages"]),
             transfers=tuple(Transfer(t["id"], t["tensor"], t["kind"], t["from"]["device"], t["from"]["name"],
                                      t["to"]["device"], t["to"]["name"], tuple(t["shape"]), t["dtype"], t["bytes"],
-                                     t["level"], t.get("encoded", False)) for t in m["transfers"]),
+                                     t["level"], t.get("encoded", False), t.get("coding"))
+                            for t in m["transfers"]),
             outputs=tuple(Output(o["name"], o["device"], o["local_name"]) for o in m["outputs"]),
             inputs=inputs,
             feeds=tuple(Tensor.parse(f) for f in source["feeds"]) if "feeds" in source else inputs,
@@ -256,6 +258,9 @@ def validate(document: Any, where: str = MANIFEST) -> Manifest:
         if t.encoded:
             if not (m.encoded and t.kind == "input" and t.dtype == "uint8"):
                 fail(f"transfer {t.id} is marked encoded, but only the model input of a folder fed image files is")
+        elif t.coding is not None:
+            if t.dtype not in ("int8", "uint8"):
+                fail(f"transfer {t.id} is coded ({t.coding}) but carries {t.dtype}, not an int8 value")
         elif t.bytes != math.prod(t.shape) * np.dtype(t.dtype).itemsize:
             fail(f"transfer {t.id} claims {t.bytes} bytes for shape {list(t.shape)} {t.dtype}")
     if m.encoded and (not m.takes_raw_images or any(t.kind == "input" and not t.encoded for t in m.transfers)

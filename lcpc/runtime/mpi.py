@@ -181,6 +181,9 @@ class MpiEngine(Engine):
         ``mpi_args``: more ``mpiexec`` arguments (e.g. ``--mca btl tcp,self``)."""
         require_mpi()
         super().__init__(folder)
+        if any(t.coding for t in self.manifest.transfers):
+            raise LcpcError(f"{printable(folder)}: the MPI engine moves no coded messages yet; run it with --engine "
+                            f"local or ray, or convert without --wire-code")
         if self.manifest.encoded:
             raise LcpcError(f"{printable(folder)}: the MPI engine takes no image files yet; run it with --engine local "
                             f"or ray, or convert with --input-wire uint8")

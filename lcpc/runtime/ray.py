@@ -67,6 +67,7 @@ from lcpc.errors import LcpcError
 from lcpc.images import Preprocessing, decode
 from lcpc.perf import devices as dv
 from lcpc.runtime import manifest as mf
+from lcpc.runtime.coding import pack, unpack
 from lcpc.runtime.degrade import HEAD, Merge
 from lcpc.runtime.engine import Engine
 from lcpc.runtime.feeds import Stats
@@ -153,12 +154,15 @@ class DeviceWorker:
     """The per-device actor body: sessions for the device's stages, a value store per request."""
 
     def __init__(self, device: int, stages: list[Stage], blobs: dict[str, bytes], folder: str,
-                 merge: Merge | None = None, images: tuple[dict, set[str]] | None = None) -> None:
+                 merge: Merge | None = None, images: tuple[dict, set[str]] | None = None,
+                 coded: tuple[set[str], dict[str, tuple[tuple[int, ...], str]]] | None = None) -> None:
         self.device = device
         self.merge = merge  # the head's: how to answer when contributions are missing
         # a folder fed image files: the preprocessing and the names that arrive as files, decoded here
         self.prep = Preprocessing.from_dict(images[0]) if images else None
         self.files = images[1] if images else set()
+        # entropy-coded messages: the names this device sends coded, and those it receives coded (shape, dtype)
+        self.packs, self.unpacks = coded or (set(), {})
         self.stages = {s.id: s for s in stages}
         self.sessions = {s.id: open_stage(blobs[s.id], s, f"{folder}/{s.file}") for s in stages}
         self.folder = folder
@@ -175,6 +179,8 @@ class DeviceWorker:
             for src, dst, tid in mapping:
                 if dst in self.files and self.prep is not None:  # an image file: decoded on this device
                     values[dst] = decode(message[src].tobytes(), self.prep, f"{self.device}: the image")
+                elif dst in self.unpacks:
+                    values[dst] = unpack(message[src], *self.unpacks[dst], f"dev{self.device}: {dst}")
                 else:
                     # a copy: a compiled-graph channel hands out views of its buffer, and holding one
                     # would keep the sender from writing the next request's value
@@ -199,7 +205,8 @@ class DeviceWorker:
                 raise LcpcError(f"{self.folder}/{stage.file}: stage {sid} failed in onnxruntime: "
                                 f"{first_line(exc)}") from None
             values.update(zip((o.name for o in stage.outputs), outs))
-        messages = [{name: values[name] for name in names} for names in sends]
+        messages = [{name: pack(values[name]) if name in self.packs else values[name] for name in names}
+                    for names in sends]
         return messages[0] if len(messages) == 1 else tuple(messages) if messages else None
 
     def last_step(self, rid: Any, stage_ids: list[str], sends: list[list[str]], outputs: list[str],
@@ -316,9 +323,11 @@ class RayEngine(Engine):
             files = {t.dst_name for t in self.manifest.transfers if t.encoded and t.dst == d}
             images = (dict(self.manifest.preprocessing or {}),
                       files | ({f.name for f in self.manifest.feeds} if d == HEAD else set()))
+        coded = ({t.src_name for t in self.manifest.transfers if t.coding and t.src == d},
+                 {t.dst_name: (t.shape, t.dtype) for t in self.manifest.transfers if t.coding and t.dst == d})
         return self._worker_cls.options(name=None, **options).remote(
             d, stages, {s.id: self.blobs[s.id] for s in stages}, str(self.folder),
-            self.manifest.merge[0] if d == HEAD else None, images)
+            self.manifest.merge[0] if d == HEAD else None, images, coded)
 
     # ------------------------------------------------------------------ running
     def run(self, feeds: dict[str, np.ndarray], stats: Stats | None = None, request: Any = None,
