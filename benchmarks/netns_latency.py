@@ -48,6 +48,7 @@ from lcpc.runtime.manifest import Manifest
 ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "benchmarks" / "results"
+PHOTOS = ROOT.parent / "shared" / "photos"
 
 
 def driver(folder: str, block: int, warmup: int, engine_name: str = "ray", options: dict | None = None) -> None:
@@ -61,8 +62,17 @@ def driver(folder: str, block: int, warmup: int, engine_name: str = "ray", optio
     try:
         spec = engine.manifest.feeds[0]
         rng = np.random.default_rng(0)
-        x = rng.integers(0, 17, spec.shape).astype(spec.dtype) if spec.dtype == "uint8" else \
-            rng.standard_normal(spec.shape).astype(spec.dtype)
+        if engine.manifest.encoded:  # the image file itself: one photo (or a generated one) as read from disk
+            from lcpc.images import Preprocessing
+            from lcpc.perf.measured import synthetic_jpeg
+            from lcpc.runtime.feeds import encoded
+
+            photos = sorted(PHOTOS.glob("*.jpg"))
+            prep = Preprocessing.from_dict(dict(engine.manifest.preprocessing or {}))
+            x = encoded(photos[0].read_bytes() if photos else synthetic_jpeg(prep))
+        else:
+            x = rng.integers(0, 17, spec.shape).astype(spec.dtype) if spec.dtype == "uint8" else \
+                rng.standard_normal(spec.shape).astype(spec.dtype)
         for _ in range(warmup):
             got = engine.run({spec.name: x})
         with open_engine(folder, "local") as local:
@@ -78,7 +88,8 @@ def driver(folder: str, block: int, warmup: int, engine_name: str = "ray", optio
                 start = time.perf_counter()
                 engine.run({spec.name: x}, stats)
                 times.append(time.perf_counter() - start)
-            ok = all(stats.bytes_by_transfer[t.id] == block * t.bytes for t in engine.manifest.transfers)
+            ok = all(stats.bytes_by_transfer[t.id] == block * (x.nbytes if t.encoded else t.bytes)
+                     for t in engine.manifest.transfers)
             print(json.dumps({"phase": line.strip(), "times": times, "bytes_match_manifest": ok}), flush=True)
     finally:
         engine.close()
@@ -143,6 +154,22 @@ def measure(cluster, folder: Path, blocks: int, block: int, warmup: int = 5, tim
     return out
 
 
+def encoded_folders(tmp: Path) -> list[tuple[str, str, Path]]:
+    """A ResNet-50 at a quarter width at 224 (benchmarks/models.py), K=4 pure LCP, fed the camera's JPEG:
+    sent point to point, and down a binomial tree."""
+    from benchmarks import models
+    from lcpc.pipeline import convert
+
+    model = models.build("resnet50", width=0.25).SerializeToString()
+    out = []
+    for broadcast in ("p2p", "tree"):
+        folder = tmp / f"resnet50-encoded-{broadcast}"
+        convert(model, folder, 4, "none", partition="contiguous", input_wire="encoded", broadcast=broadcast,
+                preprocessing={"size": [224, 224], "mean": [127.0], "std": [128.0]})
+        out.append((f"resnet50 x0.25 at 224, JPEG, {broadcast}", "none", folder))
+    return out
+
+
 def folders(tmp: Path, quick: bool) -> list[tuple[str, str, Path]]:
     from examples.zoo import resnet_basic
     from lcpc.pipeline import convert
@@ -158,20 +185,21 @@ def folders(tmp: Path, quick: bool) -> list[tuple[str, str, Path]]:
     return out
 
 
-def predict_ms(manifest: Manifest, times: dict, mbit: float, latency_ms: float, route: str, overhead_s: float) -> float:
+def predict_ms(manifest: Manifest, times: dict, mbit: float, latency_ms: float, route: str, overhead_s: float,
+               image=None) -> float:
     from lcpc.perf import network
 
     net = network.Network(default_link=network.Link(mbit * 1e6 / 8, latency_ms / 1e3), overhead=overhead_s, route=route)
-    return 1e3 * network.predict(manifest, times, net).latency
+    return 1e3 * network.predict(manifest, times, net, image=image).latency
 
 
-def calibrate_overhead(manifest: Manifest, times: dict, route: str, measured_ms: float) -> float:
+def calibrate_overhead(manifest: Manifest, times: dict, route: str, measured_ms: float, image=None) -> float:
     """The per-message engine cost (devices.yaml ``overhead``, seconds) at which the model predicts
     the latency measured with the shaping off: bisection (the prediction grows with it)."""
     lo, hi = 0.0, measured_ms / 1e3
     for _ in range(60):
         mid = (lo + hi) / 2
-        if predict_ms(manifest, times, *UNSHAPED, route, mid) < measured_ms:
+        if predict_ms(manifest, times, *UNSHAPED, route, mid, image) < measured_ms:
             lo = mid
         else:
             hi = mid
@@ -189,6 +217,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="digits only")
     ap.add_argument("--engines", default="ray,mpi", help="comma-separated: ray, mpi")
     ap.add_argument("--ray-mode", default="actor-calls", choices=["actor-calls", "compiled-graph", "auto"])
+    ap.add_argument("--encoded", action="store_true",
+                    help="a ResNet-50 at a quarter width at 224 fed the camera's JPEG, point to point and down a tree "
+                         "(writes netns_encoded.md)")
     ap.add_argument("--rewrite", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -201,7 +232,8 @@ def main() -> None:
     engines = tuple(e for e in args.engines.split(",") if e)
     if not set(engines) <= {"ray", "mpi"}:
         raise SystemExit(f"error: --engines {args.engines}: choose from ray, mpi")
-    run_all(args.blocks, args.quick, args.out, block=args.requests, ray_mode=args.ray_mode, engines=engines)
+    run_all(args.blocks, args.quick, args.out, block=args.requests, ray_mode=args.ray_mode, engines=engines,
+            encoded=args.encoded)
 
 
 SHAPED = (100.0, 1.0)        # Mbit/s, ms one way per link
@@ -210,7 +242,7 @@ ROUTES = {"ray": ("direct", "ray"), "mpi": ("direct",)}  # how each engine's mes
 
 
 def run_all(blocks: int, quick: bool, out_dir: Path | None, tolerance: float = 0.25, block: int = 5,
-            ray_mode: str = "actor-calls", engines: tuple[str, ...] = ("ray", "mpi")) -> dict:
+            ray_mode: str = "actor-calls", engines: tuple[str, ...] = ("ray", "mpi"), encoded: bool = False) -> dict:
     """Predict, measure (unshaped, then shaped) with each engine and compare; writes netns_latency.{md,json}
     to ``out_dir``. The engines share one cluster: Ray first, then MPI on the same namespaces."""
     from benchmarks import netns_cluster as nc
@@ -221,11 +253,13 @@ def run_all(blocks: int, quick: bool, out_dir: Path | None, tolerance: float = 0
     rows = []
     with tempfile.TemporaryDirectory(prefix="lcpc-netns-bench-") as tmp:
         tmp = Path(tmp)
-        work = folders(tmp, quick)
+        work = encoded_folders(tmp) if encoded else folders(tmp, quick)
         from lcpc.perf import measured as timing
         from lcpc.runtime import manifest as mf
 
         plans = {folder.name: mf.read(folder) for _, _, folder in work}
+        images = {name: timing.image_cost(m, PHOTOS if sorted(PHOTOS.glob("*.jpg")) else None) if m.encoded else None
+                  for name, m in plans.items()}
         times = {name: timing.stage_times(folder, plans[name]) for name, folder in
                  ((f.name, f) for _, _, f in work)}
         measured: dict[tuple[str, str], dict] = {}
@@ -251,13 +285,13 @@ def run_all(blocks: int, quick: bool, out_dir: Path | None, tolerance: float = 0
                        "unshaped_median_ms": 1e3 * float(np.median(got["unshaped"])),
                        "measured_median_ms": 1e3 * float(np.median(got["shaped"])),
                        "measured_p90_ms": 1e3 * float(np.percentile(got["shaped"], 90)),
-                       "network_only_ms": predict_ms(m, t, *SHAPED, "direct", 0.0)}
+                       "network_only_ms": predict_ms(m, t, *SHAPED, "direct", 0.0, images[folder.name])}
                 if engine == "mpi":
                     row["rank_nodes"], row["mpi_left_behind"] = got["rank_nodes"], got["mpi_left_behind"]
                 for route in ROUTES[engine]:
-                    overhead = calibrate_overhead(m, t, route, row["unshaped_median_ms"])
+                    overhead = calibrate_overhead(m, t, route, row["unshaped_median_ms"], images[folder.name])
                     row[f"overhead_ms_{route}"] = 1e3 * overhead
-                    row[f"predicted_ms_{route}"] = predict_ms(m, t, *SHAPED, route, overhead)
+                    row[f"predicted_ms_{route}"] = predict_ms(m, t, *SHAPED, route, overhead, images[folder.name])
                     row[f"ratio_{route}"] = row["measured_median_ms"] / row[f"predicted_ms_{route}"]
                 rows.append(row)
     setup = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared)",
@@ -270,7 +304,8 @@ def run_all(blocks: int, quick: bool, out_dir: Path | None, tolerance: float = 0
         setup["mpi"] = MPI.Get_library_version().split(",")[0].strip()
     result = {"setup": setup, "rows": rows}
     if out_dir is not None:
-        write(result, out_dir, "netns_latency" if ray_mode == "actor-calls" else f"netns_latency_{ray_mode}")
+        write(result, out_dir, "netns_encoded" if encoded else
+              "netns_latency" if ray_mode == "actor-calls" else f"netns_latency_{ray_mode}")
     return result
 
 

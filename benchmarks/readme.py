@@ -58,6 +58,8 @@ TABLES: dict[str, tuple[str, int]] = {
     "netns-degrade-table": ("netns_degrade.md", 0),
     "plan-table": ("plan.md", 0),
     "wire-coding-table": ("wire_coding.md", 0),
+    "encoded-table": ("encoded.md", 0),
+    "netns-encoded-table": ("netns_encoded.md", 0),
     "hls-table": ("hls.md", 0),
 }
 
