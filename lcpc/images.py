@@ -19,7 +19,10 @@ Guarantees:
   axis, so small cases can be checked by hand.
 - ``load_folder`` reads the ``.jpg``/``.jpeg``/``.png`` files (any case) directly in a
   folder, sorted by file name, ignores everything else, and ends in an ``LcpcError``
-  naming the folder when it holds no image, or the file when one cannot be decoded.
+  naming the folder when it holds no image, or the file when one cannot be decoded;
+  ``image_files(folder, recursive=True)`` lists those of its subfolders too (sorted by
+  relative path, symbolic links to folders not followed), and ``read_image`` reads one
+  file as ``load_folder`` reads each (for readers that stream, ``passes.recover.samples``).
 - Pillow is an optional extra (``pip install 'lcpc[images]'``); without it, reading
   images ends in an ``LcpcError`` that says so.
 """
@@ -27,6 +30,7 @@ Guarantees:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -188,16 +192,30 @@ def _is_real(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def image_files(folder: str | Path) -> list[Path]:
-    """The image files directly in ``folder``, sorted by name."""
+def image_files(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """The image files directly in ``folder`` sorted by name, or (``recursive``) in it and its
+    subfolders, sorted by path relative to ``folder``."""
     folder = Path(folder)
     if not folder.is_dir():
         raise LcpcError(f"{folder}: no such folder")
-    files = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
-                   key=lambda p: p.name)
+    if recursive:
+        found = [Path(root) / name for root, _, names in os.walk(folder) for name in names]
+        files = sorted((p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+                       key=lambda p: p.relative_to(folder).as_posix())
+    else:
+        files = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+                       key=lambda p: p.name)
     if not files:
-        raise LcpcError(f"{folder}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} files)")
+        where = " or its subfolders" if recursive else ""
+        raise LcpcError(f"{folder}: no images found{where} (looked for {', '.join(IMAGE_SUFFIXES)} files)")
     return files
+
+
+def read_image(path: Path, prep: Preprocessing, raw: bool = False) -> np.ndarray:
+    """One image file as ``load_folder`` reads it: ``prep.raw`` (``raw``) or ``prep.apply``."""
+    Image, _ = _pil()
+    image = _decode(path, Image)
+    return prep.raw(image) if raw else prep.apply(image)
 
 
 def load_folder(folder: str | Path, prep: Preprocessing, raw: bool = False) -> tuple[np.ndarray, list[str]]:
