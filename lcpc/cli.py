@@ -97,7 +97,9 @@ def training_options(fn: Callable) -> Callable:
     """Where and how recovery trains (``passes.recover.distil.Execution``) and the synthetic-data
     time bound, shared by recover and convert --recover."""
     fn = click.option("--synth-time", type=float, default=Synthetic.time_limit, show_default=True, metavar="SECONDS",
-                      help="Most seconds --data synth may spend synthesising inputs.")(fn)
+                      help="Most seconds --data synth may spend synthesising inputs (fewer iterations if need be).")(fn)
+    fn = click.option("--synth-iterations", type=int, default=Synthetic.iterations, show_default=True,
+                      help="Optimisation steps per batch of synthesised inputs.")(fn)
     fn = click.option("--resume", is_flag=True, help="Continue the recovery whose state --checkpoint holds.")(fn)
     fn = click.option("--checkpoint", type=click.Path(file_okay=False, path_type=Path), default=None,
                       help="Folder for the distillation's state after every epoch and on Ctrl-C (with --resume, "
@@ -121,9 +123,13 @@ def execution_of(train_device: str, procs: int, workers: int | None, train_timeo
                      checkpoint=str(checkpoint) if checkpoint is not None else None, resume=resume)
 
 
-def with_time_limit(data: Any, synth_time: float) -> Any:
-    """``--synth-time`` applied to ``--data synth[:N]`` (other data pass through)."""
-    return replace(data, time_limit=synth_time) if isinstance(data, Synthetic) else data
+def with_synth_options(data: Any, synth_time: float, synth_iterations: int) -> Any:
+    """``--synth-time`` and ``--synth-iterations`` applied to ``--data synth[:N]`` (other data pass through)."""
+    if not isinstance(data, Synthetic):
+        return data
+    if synth_iterations < 1 or not synth_time > 0:
+        raise LcpcError(f"--synth-iterations {synth_iterations}, --synth-time {synth_time}: both must be positive")
+    return replace(data, time_limit=synth_time, iterations=synth_iterations)
 
 
 def format_option(fn: Callable) -> Callable:
@@ -208,10 +214,11 @@ def convert(model: Path, branches: int, sync: str, partition: str, calib: Path |
             prune: float | None, quantize: str | None, wire: str, preprocess: str | None, input_wire: str,
             recover_data: Path | None, recover_labels: Path | None, epochs: int, out: Path | None, force: bool,
             devices: Path | None, input_shapes, train_device: str, procs: int, workers: int | None,
-            train_timeout: float, checkpoint: Path | None, resume: bool, synth_time: float) -> None:
+            train_timeout: float, checkpoint: Path | None, resume: bool, synth_time: float,
+            synth_iterations: int) -> None:
     """Partition MODEL into K branches; write per-device ONNX files and manifest.json."""
     out = out or model.with_suffix(".lcp")
-    options = dict(sync=sync, input_shapes=parse_input_shapes(input_shapes), partition=partition,
+    options: dict[str, Any] = dict(sync=sync, input_shapes=parse_input_shapes(input_shapes), partition=partition,
                    preprocessing=parse_preprocessing(preprocess), comm_budget=comm_budget, devices=devices,
                    prune=prune, quantize=quantize, wire=wire, input_wire=input_wire,
                    calib=pipeline.read_array(calib, "calibration") if calib is not None else None)
@@ -225,7 +232,8 @@ def convert(model: Path, branches: int, sync: str, partition: str, calib: Path |
             manifest = pipeline.convert(model, out, branches, force=force, progress=progress.sync, **options)
     else:
         labels = pipeline.read_array(recover_labels, "labels") if recover_labels is not None else None
-        data = with_time_limit(pipeline.recovery_data(recover_data, options["preprocessing"]), synth_time)
+        data = with_synth_options(pipeline.recovery_data(recover_data, options["preprocessing"]), synth_time,
+                                  synth_iterations)
         _check_labels(data, labels)
         execution = execution_of(train_device, procs, workers, train_timeout, checkpoint, resume)
         with _progress_bar() as progress:
@@ -459,19 +467,20 @@ def render_fidelity(result: dict, fmt: str) -> str:
 def recover(folder: Path, data: Path, labels: Path | None, original: Path | None, epochs: int, refit: str,
             lr: float | None, augment: str | None, views: int | None, temperature: float | None,
             batch_size: int | None, precision: str | None, train_device: str, procs: int, workers: int | None,
-            train_timeout: float, checkpoint: Path | None, resume: bool, synth_time: float, out: Path,
-            force: bool) -> None:
+            train_timeout: float, checkpoint: Path | None, resume: bool, synth_time: float, synth_iterations: int,
+            out: Path, force: bool) -> None:
     """Recover the accuracy of a converted FOLDER by refit and distillation; write OUT."""
-    recipe = {k: v for k, v in (("lr", lr), ("augment", augment), ("views", views), ("temperature", temperature),
-                                ("batch_size", batch_size), ("precision", precision)) if v is not None}
+    recipe: dict[str, Any] = {k: v for k, v in (("lr", lr), ("augment", augment), ("views", views),
+                                                ("temperature", temperature), ("batch_size", batch_size),
+                                                ("precision", precision)) if v is not None}
     if recipe and epochs < 1:
         flags = " and --".join(k.replace("_", "-") for k in recipe)
         raise LcpcError(f"--{flags} set(s) the distillation, which --epochs {epochs} does not run; "
                         f"pass --epochs 1 or more, or drop --{flags}")
     execution = execution_of(train_device, procs, workers, train_timeout, checkpoint, resume)
     view = mf.read(folder)
-    x = with_time_limit(pipeline.recovery_data(data, view.preprocessing, takes_raw=view.takes_raw_images),
-                        synth_time)
+    x = with_synth_options(pipeline.recovery_data(data, view.preprocessing, takes_raw=view.takes_raw_images),
+                           synth_time, synth_iterations)
     y = pipeline.read_array(labels, "labels") if labels is not None else None
     _check_labels(x, y)
     with _progress_bar() as progress:

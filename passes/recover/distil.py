@@ -264,7 +264,7 @@ def run(plan: Plan, data: Samples | np.ndarray, labels: np.ndarray | None = None
     report = {
         "before": headline(stages["start"]), "after": headline(stages["recovered"]),
         "recipe": asdict(recipe), "holdout": holdout, "seed": seed, "device": str(dev),
-        "processes": world, "workers": workers,
+        "precision": _precision_name(recipe.precision, dev), "processes": world, "workers": workers,
         "samples": {"train": len(train_idx), "heldout": len(hold_idx)},
         "teacher": judge.teacher_figures(),
         "stages": stages, "history": outcome["history"],
@@ -358,6 +358,14 @@ def _worker(rank: int, world: int, job: _Job, channel) -> dict:
     outcome = trainer.finish()
     return {"student": {k: v.cpu() for k, v in student.state_dict().items()}, "outcome": outcome,
             "resumed": trainer.resumed} if rank == 0 else {}
+
+
+def _precision_name(precision: str, dev) -> str:
+    """What ``precision`` means on ``dev``: fp32, bf16 or fp16 (the autocast dtype)."""
+    import torch
+
+    from lcpc.passes.recover.epochs import autocast_dtype
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype(precision, dev)]
 
 
 def _relay(progress: Progress | None) -> Callable[[str, tuple], None]:

@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from typing import Any
 
 import numpy as np
 import torch
@@ -128,13 +129,15 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
         self.shift = recipe.max_shift if recipe.max_shift is not None else samples.sample_shape[-1] // 16
         self.gen = torch.Generator().manual_seed(seed)
-        self.model = _Logits(student, name)
+        self.model: nn.Module = _Logits(student, name)
         if world > 1:  # each process's BatchNorm statistics stay its own (process 0's are measured and kept)
             ddp = nn.parallel.DistributedDataParallel
-            local = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters \
-                else {"broadcast_buffers": False}
+            newer = "forward_sync_buffers" in inspect.signature(ddp).parameters
+            local: dict[str, Any] = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
             self.model = ddp(self.model, device_ids=[dev.index] if dev.type == "cuda" else None, **local)
-        self.epoch_done, self.step_done, self.order, self.losses = 0, 0, None, []
+        self.epoch_done, self.step_done = 0, 0
+        self.order: torch.Tensor | None = None
+        self.losses: list[float] = []
         self.history: list[dict] = []
         self.worse, self.stopped = 0, False
         self.best = _Snapshot(student, judge.heldout_kl, 0) if rank == 0 else None

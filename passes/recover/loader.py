@@ -15,6 +15,7 @@ Guarantees:
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +42,8 @@ class _Taken(torch.utils.data.Dataset):
         return self.samples.take(np.array([index]))[0]
 
 
-def _as_tensor(batch: np.ndarray) -> torch.Tensor:
+def _as_tensor(batch: Any) -> torch.Tensor:
+    """The collate function: a batch ``_Taken.__getitems__`` read is one array already."""
     return torch.from_numpy(batch)
 
 

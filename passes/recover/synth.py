@@ -22,9 +22,10 @@ Guarantees:
   layers matched, loss at the start and end, iterations run, the share of inputs the model
   classifies as their targets, the classes it assigns, seconds); it is seeded, so the same call
   gives the same inputs on the CPU;
-- the synthesis stops by ``time_limit`` seconds: each batch gets an equal share of what remains,
-  and a batch that runs out stops early (the report counts the iterations run and warns);
-  ``progress(done, total, loss)`` follows the iterations;
+- the synthesis ends by ``time_limit`` seconds: the first ``TIMED`` iterations are timed and
+  every batch gets the iterations that fit its equal share of the bound (its learning-rate
+  schedule fitted to them), and a batch past its share stops (the report counts the iterations
+  run and warns when the bound cut them); ``progress(done, total, loss)`` follows the iterations;
 - values stay within ``bounds`` (the range the preprocessing can produce) when given.
 """
 
@@ -45,6 +46,7 @@ from lcpc.passes.recover.judge import logits_tensor
 from lcpc.passes.recover.torch_graph import GraphModule
 
 Progress = Callable[[int, int, float | None], None]
+TIMED = 5   # iterations timed before the rest are fitted to the time bound
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ def synthesise(graph: Graph, stats: list[Statistics], n: int, *, seed: int = 0, 
     order = torch.randperm(n, generator=gen) % classes     # classes spread evenly, in a seeded order
     out = np.empty((n,) + shape, dtype=np.float32)
     sizes = [min(batch, n - i) for i in range(0, n, batch)]
-    total = iterations * len(sizes)
+    fit = {"iterations": iterations}    # cut to what fits the time bound once the first iterations are timed
     done, run, first, last = 0, [], [], []
     for b, size in enumerate(sizes):
         deadline = start + time_limit * (b + 1) / len(sizes)
@@ -122,12 +124,13 @@ def synthesise(graph: Graph, stats: list[Statistics], n: int, *, seed: int = 0, 
         x = torch.randn((size,) + shape, generator=gen).to(dev).requires_grad_(True)
         y = order[lo:lo + size].to(dev)
         opt = torch.optim.Adam([x], lr=lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / iterations)))
-        it = 0
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i / fit["iterations"], 1))))
+        it, began = 0, time.perf_counter()
         for it in range(1, iterations + 1):
             xj = _jitter(x, shift, flip, gen)
             values = model.run({graph.inputs[0]: xj}, [s.tensor for s in targets] + [name])
-            bn = sum(_bn_loss(values[s.tensor], s) for s in targets)
+            bn = torch.stack([_bn_loss(values[s.tensor], s) for s in targets]).sum()
             loss = bn + ce * F.cross_entropy(values[name].flatten(1), y) + tv * _total_variation(x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -139,14 +142,17 @@ def synthesise(graph: Graph, stats: list[Statistics], n: int, *, seed: int = 0, 
             if it == 1:
                 first.append(float(bn.detach()))
             done += 1
+            if b == 0 and it == TIMED:  # every batch gets the iterations that fit its share of the bound
+                per = (time.perf_counter() - began) / TIMED
+                fit["iterations"] = max(TIMED, min(iterations, int(time_limit / len(sizes) / per)))
             if progress is not None:
-                progress(done, total, float(loss.detach()))
-            if time.perf_counter() > deadline:
+                progress(done, fit["iterations"] * len(sizes), float(loss.detach()))
+            if it >= fit["iterations"] or time.perf_counter() > deadline:
                 break
         run.append(it)
         last.append(float(bn.detach()))
         out[lo:lo + size] = x.detach().cpu().numpy()
-        done = iterations * (b + 1)
+        done = fit["iterations"] * (b + 1)
     report = _report(model, name, out, order.numpy(), classes, dev, stats, run, iterations, first, last,
                      time.perf_counter() - start, time_limit, seed, dict(lr=lr, ce=ce, tv=tv, jitter=shift, flip=flip,
                                                                          batch=batch))
@@ -186,7 +192,8 @@ def _report(model, name, out, targets, classes, dev, stats, run, iterations, fir
     warnings = []
     if min(run) < iterations:
         warnings.append(f"the time bound ({time_limit:g} s) cut the synthesis: batches ran {min(run)} to {max(run)} "
-                        f"of {iterations} iterations; raise --synth-time for better data")
+                        f"of {iterations} iterations; raise --synth-time (or lower --synth-iterations) for "
+                        f"better data")
     hit = float(np.mean(preds == targets))
     if hit < 0.9:
         warnings.append(f"the model classifies only {100 * hit:.1f}% of the synthetic inputs as their targets: "
