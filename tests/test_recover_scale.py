@@ -302,3 +302,33 @@ def test_recover_from_synthetic_data_records_it(tmp_path):
     assert data["kind"] == "synthetic" and data["samples"] == 64 and data["source"] == "synthesised"
     assert data["synthesis"]["seconds"] < 2 + 2 and data["synthesis"]["batchnorm_layers"] == 11
     assert time.monotonic() - start < 60
+
+
+# ----------------------------------------------------------------------------- the command line
+def test_recovery_options_are_checked(tmp_path):
+    """Each misuse ends in one line naming the option, before any work."""
+    from click.testing import CliRunner
+
+    from lcpc.cli import main
+    from lcpc.passes.recover.samples import Synthetic
+
+    assert Synthetic.parse("synth") == Synthetic() and Synthetic.parse("synth:64").samples == 64
+    assert Synthetic.parse("synthetic") is None and Synthetic.parse("data/synth:1") is None
+    pipeline.convert(EXAMPLE, tmp_path / "cut", 2, "none")
+    np.save(tmp_path / "labels.npy", np.zeros(10, np.int64))
+    np.savez(tmp_path / "train.npz", x=np.zeros((10, 1, 8, 8), np.float32))
+    recover = ["recover", str(tmp_path / "cut"), "-o", str(tmp_path / "rec")]
+    cases = [
+        (recover + ["--data", "synth:64", "--labels", str(tmp_path / "labels.npy")], "synthetic inputs (--data synth)"),
+        (recover + ["--data", "synth:2"], "synthesise at least 4 samples"),
+        (recover + ["--data", str(tmp_path / "train.npz")], "an .npz cannot be memory-mapped"),
+        (recover + ["--data", str(tmp_path / "missing")], "no such data file or image folder"),
+        (recover + ["--data", "synth", "--resume"], "--resume continues from a --checkpoint folder"),
+        (recover + ["--data", "synth", "--procs", "0"], "--procs 0: must be at least 1"),
+        (recover + ["--data", "synth", "--synth-iterations", "0"], "--synth-iterations 0"),
+        (["convert", str(EXAMPLE), "-o", str(tmp_path / "c"), "--procs", "2"], "pass --recover TRAIN too"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1 and message in result.output and result.output.count("\n") == 1, result.output
+    assert not (tmp_path / "rec").exists() and not (tmp_path / "c").exists()

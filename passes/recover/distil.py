@@ -136,7 +136,7 @@ class Execution:
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
-            raise LcpcError(f"--device {self.device}: choose one of {', '.join(DEVICES)}")
+            raise LcpcError(f"--train-device {self.device}: choose one of {', '.join(DEVICES)}")
         if self.procs < 1:
             raise LcpcError(f"--procs {self.procs}: must be at least 1")
         if self.workers is not None and self.workers < 0:
@@ -207,7 +207,9 @@ def run(plan: Plan, data: Samples | np.ndarray, labels: np.ndarray | None = None
         raise LcpcError(f"--procs {execution.procs}: torchrun started {torchrun[1]} processes; drop --procs or "
                         f"pass --procs {torchrun[1]}")
     kind = device.split(":")[0] if device else execution.device_kind()
-    dev = torch.device(device) if device else launch.device_of(kind, torchrun[2] if torchrun else 0)
+    world = torchrun[1] if torchrun else execution.procs
+    dev = torch.device(device) if device else launch.device_of(kind, torchrun[2] if torchrun else 0,
+                                                               1 if torchrun else world)
     workers = execution.workers_for(samples)
     rng = np.random.default_rng(seed + 1)
     train_eval = np.sort(rng.permutation(train_idx)[:MAX_TRAIN_EVAL])
@@ -233,7 +235,6 @@ def run(plan: Plan, data: Samples | np.ndarray, labels: np.ndarray | None = None
         stages["start"] = judge.figures(student)
     outcome: dict[str, Any] = {"history": [], "steps": 0, "best_epoch": 0, "stopped": False, "throughput": None}
     resumed = None
-    world = torchrun[1] if torchrun else execution.procs
     if masks:
         initialise(student, teacher, original, calib, dev)
         if norms:

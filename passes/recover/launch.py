@@ -75,15 +75,15 @@ def torchrun_rank() -> tuple[int, int, int] | None:
     return None
 
 
-def device_of(kind: str, local_rank: int) -> torch.device:
-    """The torch device process ``local_rank`` trains on (``cuda``: one GPU per process)."""
+def device_of(kind: str, local_rank: int, procs: int = 1) -> torch.device:
+    """The torch device process ``local_rank`` of ``procs`` trains on (``cuda``: one GPU each)."""
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise LcpcError("--device cuda: no CUDA GPU is visible to PyTorch here; pass --device cpu")
-        if local_rank >= torch.cuda.device_count():
-            raise LcpcError(f"--device cuda: process {local_rank} needs GPU {local_rank}, but only "
-                            f"{torch.cuda.device_count()} are visible; pass --procs {torch.cuda.device_count()} "
-                            f"or fewer")
+            raise LcpcError("--train-device cuda: no CUDA GPU is visible to PyTorch here; pass --train-device cpu")
+        if max(local_rank + 1, procs) > torch.cuda.device_count():
+            raise LcpcError(f"--train-device cuda: {max(local_rank + 1, procs)} processes need as many GPUs, but "
+                            f"{torch.cuda.device_count()} are visible; pass --procs {torch.cuda.device_count()} or "
+                            f"fewer")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
@@ -156,28 +156,30 @@ def spawn(worker: Callable, job: Any, procs: int, kind: str, *, timeout: float, 
             elif on_message is not None:
                 on_message(kind_, payload)
 
-        while True:
-            try:
-                _drain(queue, handle)
-                if context.join(timeout=0.2, grace_period=GRACE):
-                    break
-            except KeyboardInterrupt:
-                if interrupted:  # the second Ctrl-C: stop them now
-                    _stop(context, signal.SIGKILL)
-                    raise Interrupted("recovery stopped at once (second Ctrl-C); the last epoch's checkpoint, "
-                                      "if any, is kept") from None
-                interrupted = True
-                heard = time.monotonic()
-                _stop(context, signal.SIGINT)  # they save and stop at the next step boundary
-                continue
-            except (mp.ProcessExitedException, mp.ProcessRaisedException) as exc:
-                _drain(queue, handle, wait=1.0)
-                raise LcpcError(_failure(context, exc, errors, procs)) from None
-            if time.monotonic() - heard > timeout:
-                _stop(context, signal.SIGKILL)
-                raise LcpcError(f"recovery processes: no word from process 0 for {timeout:.0f} s (waiting for its "
-                                f"next step or evaluation); stopped all {procs}. Raise --timeout if an epoch's "
-                                f"evaluation takes longer")
+        try:
+            while True:
+                try:
+                    _drain(queue, handle)
+                    if context.join(timeout=0.2, grace_period=GRACE):
+                        break
+                except KeyboardInterrupt:
+                    if interrupted:  # the second Ctrl-C: stop them now
+                        raise Interrupted("recovery stopped at once (second Ctrl-C); the last epoch's checkpoint, "
+                                          "if any, is kept") from None
+                    interrupted = True
+                    heard = time.monotonic()
+                    _stop(context, signal.SIGINT)  # they save and stop at the next step boundary
+                    continue
+                except (mp.ProcessExitedException, mp.ProcessRaisedException) as exc:
+                    _drain(queue, handle, wait=1.0)
+                    raise LcpcError(_failure(context, exc, errors, procs)) from None
+                if time.monotonic() - heard > timeout:
+                    raise LcpcError(f"recovery processes: no word from process 0 for {timeout:.0f} s (waiting for "
+                                    f"its next step or evaluation); stopped all {procs}. Raise --timeout if an "
+                                    f"epoch's evaluation takes longer")
+        except BaseException:  # whatever ends the wait (an error, a callback that raised): no process outlives it
+            _stop(context, signal.SIGKILL)
+            raise
         _drain(queue, handle)
         if stopped:
             raise Interrupted(stopped.get(0) or next(iter(stopped.values())))

@@ -174,12 +174,12 @@ def open_data(path: Path, preprocessing: dict | None, *, for_raw_folder: bool = 
         if prep is None:
             raise LcpcError(f"{path} is an image folder, but the manifest has no preprocessing; convert with "
                             f"--preprocess size=...,mean=...,std=... or pass a .npy batch")
-        return ImageFolderSamples(path, prep)
+        return ImageFolderSamples(path.resolve(), prep)
     if not path.is_file():
         raise LcpcError(f"{path}: no such data file or image folder")
     array = load_array(path, mmap=True)
     assert isinstance(array, np.ndarray)
-    return ArraySamples(array, path=path, normalise=prep if for_raw_folder else None)
+    return ArraySamples(array, path=path.resolve(), normalise=prep if for_raw_folder else None)
 
 
 def check(samples: Samples, input_name: str, want: tuple[int, ...], labels=None) -> np.ndarray | None:
