@@ -48,7 +48,7 @@ from lcpc.lower import lower, raw_input
 from lcpc.passes import prune as prune_pass
 from lcpc.passes.recover import distil as distil_pass
 from lcpc.passes.recover import refit as refit_pass
-from lcpc.passes.recover.checkpoint import SYNTHETIC
+from lcpc.passes.recover.checkpoint import SYNTHETIC, check_fresh
 from lcpc.passes.recover.distil import Execution
 from lcpc.passes.recover.samples import ArraySamples, Samples, Synthetic, as_samples, open_data
 from lcpc.perf.devices import load as load_devices
@@ -304,6 +304,8 @@ def synthetic_samples(model: Path, input_shapes: Mapping[str, Any] | None, spec:
     within the range ``preprocessing`` can produce. With a checkpoint folder they are kept there
     (``synthetic.npy``, written whole or not at all) and read back on ``--resume``."""
     keep = Path(execution.checkpoint) / SYNTHETIC if execution is not None and execution.checkpoint else None
+    if keep is not None and execution is not None and not execution.resume:
+        check_fresh(keep.parent)  # never replace the inputs an earlier run's checkpoint was trained on
     if keep is not None and execution is not None and execution.resume and keep.is_file():
         info = json.loads(keep.with_suffix(".json").read_text())
         if info.get("samples") != spec.samples or info.get("seed") != seed:
@@ -332,6 +334,7 @@ def synthetic_samples(model: Path, input_shapes: Mapping[str, Any] | None, spec:
                                  time_limit=spec.time_limit, bounds=bounds, device=device,
                                  progress=getattr(progress, "synth", None))
     if keep is not None:
+        keep.parent.mkdir(parents=True, exist_ok=True)
         _save_npy(keep, x)
         _save_text(keep.with_suffix(".json"), json.dumps(report, indent=1))
         array = safety.load_array(keep, mmap=True)

@@ -286,22 +286,32 @@ def test_folded_batchnorm_is_refused_by_name(tmp_path):
 
 
 def test_recover_from_synthetic_data_records_it(tmp_path):
-    """`lcpc recover --data synth:64 --synth-time 2`: the synthesis stops by its time bound and
-    says so, the refit runs on the synthetic inputs, and the manifest records synthetic data."""
+    """`lcpc recover --data synth:64 --synth-time 2 --checkpoint DIR`: the synthesis stops by its
+    time bound and says so, recovery trains on the synthetic inputs, the manifest records them;
+    `--resume` reads the kept inputs back instead of synthesising new ones, and a fresh run in
+    the same folder is refused."""
     from click.testing import CliRunner
 
     from lcpc.cli import main
 
     pipeline.convert(EXAMPLE_BN, tmp_path / "cut", 4, "none")
+    args = ["recover", str(tmp_path / "cut"), "--data", "synth:64", "--synth-time", "2", "--epochs", "1",
+            "--checkpoint", str(tmp_path / "ckpt")]
     start = time.monotonic()
-    result = CliRunner().invoke(main, ["recover", str(tmp_path / "cut"), "--data", "synth:64", "--synth-time", "2",
-                                       "--epochs", "0", "-o", str(tmp_path / "rec")])
+    result = CliRunner().invoke(main, args + ["-o", str(tmp_path / "rec")])
     assert result.exit_code == 0, result.output
     assert "data: synthetic, 64 samples" in result.output and "the time bound (2 s) cut the synthesis" in result.output
     data = json.loads((tmp_path / "rec" / "manifest.json").read_text())["fidelity"]["recovery"]["data"]
     assert data["kind"] == "synthetic" and data["samples"] == 64 and data["source"] == "synthesised"
     assert data["synthesis"]["seconds"] < 2 + 2 and data["synthesis"]["batchnorm_layers"] == 11
     assert time.monotonic() - start < 60
+    resumed = CliRunner().invoke(main, args + ["--resume", "-o", str(tmp_path / "again")])
+    assert resumed.exit_code == 0, resumed.output
+    again = json.loads((tmp_path / "again" / "manifest.json").read_text())["fidelity"]["recovery"]
+    assert again["data"] == data and again["distillation"]["checkpoint"]["resumed_from"] == {"epoch": 2,
+                                                                                             "steps_done": 0}
+    refused = CliRunner().invoke(main, args + ["-o", str(tmp_path / "third")])
+    assert refused.exit_code == 1 and "holds the checkpoint of an earlier recovery" in refused.output
 
 
 # ----------------------------------------------------------------------------- the command line

@@ -42,6 +42,13 @@ def fingerprint(plan, data: dict, labels: bool, recipe: dict, seed: int, holdout
             "holdout": float(holdout)}
 
 
+def check_fresh(folder: Path) -> None:
+    """Refuse to start a run in ``folder`` when it holds an earlier run's checkpoint."""
+    if (Path(folder) / FILE).is_file():
+        raise LcpcError(f"--checkpoint {folder}: holds the checkpoint of an earlier recovery; pass --resume to "
+                        f"continue it, or another --checkpoint folder")
+
+
 class Checkpoint:
     """The checkpoint file of one recovery run; see the module docstring."""
 
@@ -57,9 +64,7 @@ class Checkpoint:
         if self.folder.exists() and not self.folder.is_dir():
             raise LcpcError(f"--checkpoint {self.folder}: exists and is not a folder")
         if not resume:
-            if self.exists():
-                raise LcpcError(f"--checkpoint {self.folder}: holds the checkpoint of an earlier recovery; pass "
-                                f"--resume to continue it, or another --checkpoint folder")
+            check_fresh(self.folder)
             self.folder.mkdir(parents=True, exist_ok=True)
             return None
         if not self.exists():

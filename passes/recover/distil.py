@@ -123,7 +123,7 @@ class Execution:
 
     ``device``: auto (CUDA when PyTorch sees a GPU), cpu or cuda; ``procs``: data-parallel
     processes (one GPU each on CUDA); ``workers``: data-loader processes per training process
-    (None: 0 for arrays in memory, up to 4 for image folders and memory-mapped files);
+    (None: up to 4 for image folders, which are decoded; 0 for arrays and memory-mapped files);
     ``timeout``: seconds any wait between processes may take; ``checkpoint``: a folder for the
     trainer's state after every epoch and on Ctrl-C; ``resume``: continue from it."""
 
@@ -155,9 +155,10 @@ class Execution:
     def workers_for(self, samples: Samples) -> int:
         if self.workers is not None:
             return self.workers
-        from lcpc.passes.recover.samples import ArraySamples
-        in_memory = isinstance(samples, ArraySamples) and not samples.path
-        return 0 if in_memory else min(4, max(1, (os.cpu_count() or 1) // self.procs - 1))
+        from lcpc.passes.recover.samples import ImageFolderSamples
+        if not isinstance(samples, ImageFolderSamples):
+            return 0
+        return min(4, max(1, (os.cpu_count() or 1) // self.procs - 1))
 
 
 def _torch():
