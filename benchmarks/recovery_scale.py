@@ -105,6 +105,9 @@ def main() -> None:
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--name", default="recovery_scale")
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)  # one thread per process, as in the lcpc commands below (OMP_NUM_THREADS=1)
     x_train, _, x_test, y_test = load_shipped()
     rows: list[dict] = []
     resume: list[dict] = []

@@ -5,9 +5,10 @@ Guarantees:
   ``batch_size`` training samples in an order drawn from one seeded generator, and draws the
   batch's augmentation from the same generator; with ``world`` processes each process reads and
   trains on its own ``batch_size / world`` of the batch and applies its part of the same
-  augmentation, and ``DistributedDataParallel`` averages the gradients, so the processes
-  together see exactly the samples one process sees and make the same update, up to BatchNorm,
-  whose batch statistics are each process's own (as in torchvision's reference training);
+  augmentation; the inserted BatchNorms normalise with the statistics of the whole batch
+  (``Student.synced_norms``) and ``DistributedDataParallel`` averages the gradients, so the
+  processes together see exactly the samples one process sees and make the update it makes
+  (up to the order of floating-point sums);
 - after each epoch process 0 alone re-measures the inserted BatchNorms' running statistics,
   judges the student and selects (the latest epoch unless worse than the best by two standard
   errors; two such epochs in a row stop early); its decision is broadcast to the others;
@@ -130,7 +131,7 @@ class Trainer:
         self.shift = recipe.max_shift if recipe.max_shift is not None else samples.sample_shape[-1] // 16
         self.gen = torch.Generator().manual_seed(seed)
         self.model: nn.Module = _Logits(student, name)
-        if world > 1:  # each process's BatchNorm statistics stay its own (process 0's are measured and kept)
+        if world > 1:  # BatchNorm buffers: synced in training (synced_norms); process 0 measures the kept ones
             ddp = nn.parallel.DistributedDataParallel
             newer = "forward_sync_buffers" in inspect.signature(ddp).parameters
             local: dict[str, Any] = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
@@ -189,7 +190,8 @@ class Trainer:
         with torch.autocast(self.dev.type, dtype=self.amp) if self.amp is not None else nullcontext():
             with torch.no_grad():
                 t = self.teacher.run({inp: x}, [self.name])[self.name].flatten(1).float()
-            s = self.model(x).float()
+            with self.student.synced_norms() if self.world > 1 else nullcontext():
+                s = self.model(x).float()
             loss = F.kl_div(F.log_softmax(s / temp, 1), F.log_softmax(t / temp, 1), reduction="batchmean",
                             log_target=True) * temp * temp
             if self.labels is not None and recipe.label_weight:
