@@ -4,8 +4,8 @@ tests/test_recover_scale.py in a fresh process, so the peaks it reads are recove
     python tests/memory_probe.py recover N0 N1 N2 ...   # recover on a memory-mapped .npy of each size
     python tests/memory_probe.py read N                 # read a folder of N PNG images through a data loader
 
-``recover`` converts a small 64x64 RGB CNN (K=2), then recovers it (refit and one epoch of
-distillation, ``pipeline.recover`` as ``lcpc recover`` runs it) on each number of training
+``recover`` converts a small 64x64 RGB CNN (K=2), then recovers it (the statistics refit and one
+epoch of distillation, ``pipeline.recover`` as ``lcpc recover --refit stats`` runs it) on each number of training
 inputs in turn, each a memory-mapped ``.npy``; ``read`` reads every image of a folder (in
 subfolders) once, in training batches, through ``passes.recover.loader`` with a worker process.
 Each prints one JSON line: the peak anonymous resident memory (``RssAnon``, sampled every few
@@ -122,7 +122,7 @@ def recover(sizes: list[int]) -> dict:
         for i, n in enumerate(sizes):
             samples = pipeline.recovery_data(data("npy", n, root, i), None)
             with PeakAnon() as peak:
-                pipeline.recover(root / "cut", samples, root / f"out{i}", epochs=1, batch_size=64,
+                pipeline.recover(root / "cut", samples, root / f"out{i}", epochs=1, batch_size=64, refit="stats",
                                  execution=Execution(device="cpu"))
             peaks.append(peak.peak)
             recorded = json.loads((root / f"out{i}" / "manifest.json").read_text())["fidelity"]["recovery"]["data"]
