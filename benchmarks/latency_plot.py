@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from lcpc.perf import devices, latency_report
 from lcpc.pipeline import convert as convert_model
+from lcpc.runtime import manifest as mf
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -31,7 +32,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "digits"
-        manifest = convert_model(ROOT / "examples" / "digits" / "digits_cnn.onnx", folder, 4, "none")
+        convert_model(ROOT / "examples" / "digits" / "digits_cnn.onnx", folder, 4, "none")
+        manifest = mf.read(folder)
         measured = latency_report.measure(folder, manifest, net, None, convert_model)
     table = latency_report.render(measured.compare(), net, manifest, "markdown")
     table = table.replace(str(args.devices), args.devices.name)

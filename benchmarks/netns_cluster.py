@@ -11,9 +11,22 @@ added by ``netns_relay.py``, a user-space switch in the switch namespace that fo
 frame to its destination port ``2 * latency`` later (both links' latencies). Offloads are
 capped (gso_max_segs 1) so every frame is at most one MTU.
 
+MPI across the nodes (``Cluster.mpi_launch``): ``mpiexec`` runs in node 0 and starts a PRRTE daemon
+in every other node through a launch agent written here (``ip netns exec`` instead of ssh). Every
+namespace shares the machine's hostname, and Open MPI takes ranks with one hostname for ranks on one
+node: the daemons then report the same node, and the job hangs in its first collective (coll/han
+splits ranks by node; without it, the job runs, but Open MPI may pick shared memory between such
+ranks, past the shaped links). So the agent starts each daemon in a UTS namespace of its own named
+like its network namespace, the host file names the nodes so, and ``mpiexec`` itself runs under
+node 0's name (``mpi_prefix``).
+
 Guarantees:
 - only addresses in 10.213.<net>.0/24 on interfaces inside the namespaces created here are
   used; nothing is added to the root namespace, so traffic cannot leave the box;
+- MPI between nodes goes over TCP on the cluster's subnet (``btl_tcp_if_include``, and the
+  daemons' own wire ``oob_tcp_if_include``), so through the shaped links; shared memory only
+  between ranks of one node; ``kill_mpi`` kills whatever MPI left in any node (every process
+  there in a UTS namespace other than the machine's: the agent's and ``mpi_prefix``'s, never Ray's);
 - every wait is bounded (``ray start`` calls, the relay, the node count); ``cluster`` tears
   everything down in ``finally``, also on failure or Ctrl-C: it kills exactly the processes
   inside its own namespaces (``ip netns pids``: never ``ray stop``, which would kill every Ray
@@ -26,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -75,7 +89,7 @@ def available() -> str | None:
         return "Ray is not installed (pip install 'lcpc[ray]')"
     if shutil.which("ray") is None and not (Path(sys.executable).parent / "ray").exists():
         return "the ray command is not on PATH"
-    probe = f"lcpc{os.getpid()}probe"
+    probe = f"{_tag()}probe"
     try:
         _run(["ip", "netns", "add", probe])
         _run(["ip", "-n", probe, "link", "add", "name", "va", "type", "veth", "peer", "name", "vb"])
@@ -86,6 +100,36 @@ def available() -> str | None:
     finally:
         _run(["ip", "netns", "del", probe], check=False)
     return None
+
+
+def mpi_available() -> str | None:
+    """None when the MPI engine can run across the namespaces, else why not."""
+    try:
+        import mpi4py  # noqa: F401 - only whether it is there
+    except ImportError:
+        return "mpi4py is not installed (pip install 'lcpc[mpi]')"
+    from lcpc.errors import LcpcError
+    from lcpc.runtime.mpi import mpiexec
+
+    try:
+        mpiexec()
+    except LcpcError as exc:
+        return str(exc)
+    if shutil.which("unshare") is None or shutil.which("hostname") is None:
+        return "unshare and hostname (util-linux) are not installed"
+    return None
+
+
+# Open MPI's launch agent for a cluster, instead of ssh: ``agent NODE WORDS...`` runs the command the words
+# make (as ssh would) in network namespace NODE, in a UTS namespace of its own whose hostname is NODE
+_MPI_AGENT = '''#!/bin/sh
+case "$1" in
+  {nodes}) ;;
+  *) echo "lcpc netns agent: $1 is not a node of this cluster" >&2; exit 1 ;;
+esac
+node="$1"; shift
+exec ip netns exec "$node" unshare --uts /bin/sh -c 'hostname "$0" && exec /bin/sh -c "$1"' "$node" "$*"
+'''
 
 
 @dataclass
@@ -110,8 +154,49 @@ class Cluster:
         self.relay.send_signal(signal.SIGUSR2 if on else signal.SIGUSR1)
         time.sleep(0.05)
 
+    def kill(self, node: int) -> None:
+        """Kill every process of node ``node`` (its Ray node and whatever runs there): a lost device."""
+        _kill_namespace_processes(self.namespaces[node])
+
     def exec_prefix(self, node: int = 0) -> list[str]:
         return ["ip", "netns", "exec", self.namespaces[node]]
+
+    def mpi_prefix(self, node: int = 0) -> list[str]:
+        """Run a command in node ``node`` under the node's own hostname (a UTS namespace of its own): how
+        the process that starts ``mpiexec`` must run, so Open MPI finds itself on the host file's first node."""
+        return self.exec_prefix(node) + ["unshare", "--uts", "/bin/sh", "-c", 'hostname "$0" && exec "$@"',
+                                         self.namespaces[node]]
+
+    def mpi_launch(self, first_slots: int = 2) -> tuple[Path, list[str]]:
+        """Open MPI across the nodes: the host file (node 0 first with ``first_slots`` slots: the MPI engine's
+        relay and device 0; one slot on every other node, so rank d + 1 runs on node d) and the ``mpiexec``
+        arguments (this cluster's launch agent, TCP on the cluster's subnet only, shared memory within a node)."""
+        agent = self.temp / "mpi-agent.sh"
+        agent.write_text(_MPI_AGENT.format(nodes="|".join(self.namespaces)))
+        agent.chmod(0o700)
+        hostfile = self.temp / "mpi-hosts"
+        hostfile.write_text("".join(f"{ns} slots={first_slots if i == 0 else 1}\n"
+                                    for i, ns in enumerate(self.namespaces)))
+        subnet = self.addresses[0].rsplit(".", 1)[0] + ".0/24"
+        return hostfile, ["--prtemca", "plm_ssh_agent", str(agent), "--prtemca", "oob_tcp_if_include", subnet,
+                          "--mca", "pml", "ob1", "--mca", "btl", "self,sm,tcp", "--mca", "btl_tcp_if_include", subnet]
+
+    def sent_bytes(self) -> int:
+        """Bytes sent so far on the nodes' links, all nodes together (each crossing counted once, at its sender)."""
+        total = 0
+        for ns in self.namespaces:
+            link = json.loads(_run(["ip", "-j", "-s", "-n", ns, "link", "show", "dev", "eth0"]).stdout)[0]
+            total += int(link["stats64"]["tx"]["bytes"])
+        return total
+
+    def node_of(self, pid: int) -> int | None:
+        """The node whose namespace process ``pid`` lives in (None: none of them)."""
+        name = _run(["ip", "netns", "identify", str(pid)], check=False).stdout.strip()
+        return self.namespaces.index(name) if name in self.namespaces else None
+
+    def kill_mpi(self) -> int:
+        """Kill what MPI left in any node (see the module's guarantees); returns how many processes that was."""
+        return sum(_kill_namespace_processes(ns, only=_other_uts) for ns in self.namespaces)
 
     def run_in(self, node: int, cmd: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
         """Run ``cmd`` inside node ``node``'s namespace (bounded by ``timeout``)."""
@@ -128,19 +213,45 @@ def _ray_bin() -> str:
     return str(local) if local.exists() else "ray"
 
 
-def _kill_namespace_processes(ns: str, grace: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL, exactly the processes living in namespace ``ns``."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def _other_uts(pid: int) -> bool:
+    """Whether process ``pid`` lives in a UTS namespace other than this process's."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/uts") != os.readlink("/proc/self/ns/uts")
+    except OSError:
+        return False
+
+
+def _kill_namespace_processes(ns: str, grace: float = 5.0, only=None) -> int:
+    """SIGTERM, then SIGKILL, exactly the processes living in namespace ``ns`` (those for which ``only(pid)``
+    holds, when given); returns how many there were."""
+    def living() -> list[int]:
         pids = [int(p) for p in _run(["ip", "netns", "pids", ns], check=False).stdout.split()]
+        return [p for p in pids if only is None or only(p)]
+
+    found = len(living())
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = living()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + grace
         while pids and time.monotonic() < deadline:
             time.sleep(0.2)
-            pids = [int(p) for p in _run(["ip", "netns", "pids", ns], check=False).stdout.split()]
+            pids = living()
         if not pids:
-            return
+            break
+    return found
+
+
+def _tag() -> str:
+    return f"lcpc{os.getpid() % 100000}"
+
+
+def own_namespaces() -> set[str]:
+    """The namespaces this process's clusters created that still exist (others' runs may have theirs)."""
+    out = _run(["ip", "netns", "list"], check=False).stdout
+    names = {line.split()[0] for line in out.splitlines() if line.strip()}
+    return {n for n in names if re.fullmatch(rf"{_tag()}(sw|n\d+|probe)", n)}
 
 
 @contextlib.contextmanager
@@ -148,7 +259,7 @@ def cluster(n: int = 4, rate_mbit: float = 100.0, latency_ms: float = 1.0, net: 
             resources: list[dict] | None = None, ray_env: dict | None = None, start_timeout: float = 180.0):
     """A Ray cluster of ``n`` nodes in namespaces, each link ``rate_mbit`` and ``latency_ms`` one way;
     node i carries the Ray resource ``dev{i}`` (or ``resources[i]``). Always torn down."""
-    tag = f"lcpc{os.getpid() % 100000}"
+    tag = _tag()
     sw = f"{tag}sw"
     names = [f"{tag}n{i}" for i in range(n)]
     addrs = [f"10.{net}.{os.getpid() % 200 + 1}.{i + 1}" for i in range(n)]

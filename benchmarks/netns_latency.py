@@ -1,13 +1,17 @@
-"""Measured end-to-end latency on 4 Ray nodes over shaped links, against lcpc/perf/network.py's prediction.
+"""Measured end-to-end latency, Ray and MPI, on 4 network nodes over shaped links, against the network model.
 
 Four network namespaces on this box (``netns_cluster``), one Ray node each (head in the first),
 every link 100 Mbit/s with 1 ms one-way latency (tbf + the delaying switch ``netns_relay.py``:
 this kernel has no netem). The driver runs in the head's namespace and runs each folder with
 ``--engine ray --address`` (``RayEngine``), one request at a time after a warm-up, in blocks
 that alternate between the links shaped and unshaped (same cluster, same processes), so the
-load other users put on this shared machine hits both alike.
+load other users put on this shared machine hits both alike. Then the same with ``--engine mpi``
+on the same namespaces (``MpiEngine``, one MPI job: the relay and device 0 in the first namespace,
+device d in namespace d, started through the cluster's launch agent, TCP over the shaped links:
+``Cluster.mpi_launch``). Each driver also checks its outputs against the local engine's and the
+bytes it moved against the manifest, transfer by transfer.
 
-Prediction: ``network.predict`` on the same manifest, stage times measured on this machine
+Prediction: ``network.predict`` (lcpc/perf/network.py) on the same manifest, stage times measured on this machine
 (``lcpc.perf.measured``), and the engine's own cost per message (devices.yaml ``overhead``)
 calibrated so that the model gives the latency measured with the shaping off. The
 measured/predicted ratio then tests what the model says the network adds, on top of an engine
@@ -15,16 +19,20 @@ that costs several ms per message here. Both routes are reported: ``direct`` (ea
 straight to its destination) and ``ray`` (values under 100 KiB pass inline through their
 owner, the driver on the head's node, so such a message between two branches takes two
 hops); ``direct`` is the one compared against the 25% bar, because it is the one the
-measurements follow (see benchmarks/results/netns_latency.md).
+measurements follow (see benchmarks/results/netns_latency.md). The MPI engine sends every
+message straight to its destination, so its rows have ``direct`` only.
 
-    python -m benchmarks.netns_latency [--blocks 8] [--requests 5] [--quick] [--ray-mode compiled-graph]
-    (root; ip netns; Ray; results in netns_latency.md, or netns_latency_compiled-graph.md)
+    python -m benchmarks.netns_latency [--blocks 8] [--requests 5] [--quick] [--engines ray,mpi]
+                                       [--ray-mode compiled-graph]
+    (root; ip netns; Ray; for mpi: lcpc[mpi] and unshare; results in netns_latency.md, or
+    netns_latency_compiled-graph.md)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import select
 import subprocess
@@ -42,21 +50,26 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def driver(folder: str, address: str, block: int, warmup: int, ray_mode: str = "actor-calls") -> None:
-    """Inside the head's namespace: run ``folder`` on the cluster; for every line read from stdin
-    (the phase), run ``block`` requests and print their latencies as one JSON line."""
+def driver(folder: str, block: int, warmup: int, engine_name: str = "ray", options: dict | None = None) -> None:
+    """Inside the head's namespace: run ``folder`` on the cluster with ``engine_name`` (``options`` to its
+    constructor); print how far its outputs are from the local engine's, then for every line read from
+    stdin (the phase), run ``block`` requests and print their latencies as one JSON line."""
     from lcpc.runtime.engine import open_engine
     from lcpc.runtime.feeds import Stats
 
-    engine = open_engine(folder, "ray", address=address, timeout=120, mode=ray_mode)
+    engine = open_engine(folder, engine_name, timeout=120, **(options or {}))
     try:
         spec = engine.manifest.feeds[0]
         rng = np.random.default_rng(0)
         x = rng.integers(0, 17, spec.shape).astype(spec.dtype) if spec.dtype == "uint8" else \
             rng.standard_normal(spec.shape).astype(spec.dtype)
         for _ in range(warmup):
-            engine.run({spec.name: x})
-        print(json.dumps({"ready": True, "mode": engine.describe}), flush=True)
+            got = engine.run({spec.name: x})
+        with open_engine(folder, "local") as local:
+            want = local.run({spec.name: x})
+        error = max(float(np.abs(got[k] - want[k]).max()) for k in want)
+        print(json.dumps({"ready": True, "mode": engine.describe, "max_abs_error_vs_local": error,
+                          "pids": getattr(engine, "pids", [])}), flush=True)
         for line in sys.stdin:
             if not line.strip():
                 break
@@ -87,17 +100,27 @@ def _line(proc: subprocess.Popen, timeout: float) -> dict:
 
 
 def measure(cluster, folder: Path, blocks: int, block: int, warmup: int = 5, timeout: float = 180,
-            ray_mode: str = "actor-calls") -> dict:
-    """Shaped and unshaped requests interleaved in blocks (so the machine's changing load hits both alike)."""
-    proc = subprocess.Popen(cluster.exec_prefix(0) + [sys.executable, str(Path(__file__).resolve()), "--driver",
-                                                      str(folder), "--address", cluster.head_address,
-                                                      "--requests", str(block), "--warmup", str(warmup),
-                                                      "--ray-mode", ray_mode],
+            ray_mode: str = "actor-calls", engine: str = "ray") -> dict:
+    """Shaped and unshaped requests interleaved in blocks (so the machine's changing load hits both alike).
+    ``engine`` ``mpi``: one MPI job across the nodes, everything it started killed afterwards (also on failure),
+    and how many of its processes were still there after the engine closed kept as ``mpi_left_behind``."""
+    if engine == "mpi":
+        hostfile, mpi_args = cluster.mpi_launch()
+        prefix = cluster.mpi_prefix(0)
+        options = {"hostfile": str(hostfile), "mpi_args": mpi_args}
+    else:
+        prefix, options = cluster.exec_prefix(0), {"address": cluster.head_address, "mode": ray_mode}
+    proc = subprocess.Popen(prefix + [sys.executable, str(Path(__file__).resolve()), "--driver", str(folder),
+                                      "--engine", engine, "--options", json.dumps(options), "--requests", str(block),
+                                      "--warmup", str(warmup)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=cluster.env)
     out = {"shaped": [], "unshaped": [], "bytes_match_manifest": True}
     try:
-        out["mode"] = _line(proc, timeout)["mode"]
+        ready = _line(proc, timeout)
+        out["mode"], out["max_abs_error_vs_local"] = ready["mode"], ready["max_abs_error_vs_local"]
+        out["rank_nodes"] = [cluster.node_of(pid) for pid in ready["pids"]]  # MPI: device d's rank, node d
+        sent = cluster.sent_bytes()
         for i in range(2 * blocks):
             phase = ("unshaped", "shaped")[i % 2]
             cluster.shape(phase == "shaped")
@@ -106,6 +129,7 @@ def measure(cluster, folder: Path, blocks: int, block: int, warmup: int = 5, tim
             got = _line(proc, timeout)
             out[phase] += got["times"]
             out["bytes_match_manifest"] &= got["bytes_match_manifest"]
+        out["link_bytes"] = cluster.sent_bytes() - sent  # the requests' (and whatever else crossed meanwhile)
         proc.stdin.write("\n")
         proc.stdin.flush()
         proc.wait(timeout=60)
@@ -113,6 +137,8 @@ def measure(cluster, folder: Path, blocks: int, block: int, warmup: int = 5, tim
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+        if engine == "mpi":
+            out["mpi_left_behind"] = cluster.kill_mpi()
         cluster.shape(True)
     return out
 
@@ -155,11 +181,13 @@ def calibrate_overhead(manifest: Manifest, times: dict, route: str, measured_ms:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--driver")
-    ap.add_argument("--address")
+    ap.add_argument("--engine", default="ray", help="(driver)")
+    ap.add_argument("--options", default="{}", help="(driver) the engine's options as JSON")
     ap.add_argument("--requests", type=int, default=5, help="per block (driver)")
     ap.add_argument("--blocks", type=int, default=8, help="blocks of shaped and of unshaped requests")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="digits only")
+    ap.add_argument("--engines", default="ray,mpi", help="comma-separated: ray, mpi")
     ap.add_argument("--ray-mode", default="actor-calls", choices=["actor-calls", "compiled-graph", "auto"])
     ap.add_argument("--rewrite", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -168,64 +196,78 @@ def main() -> None:
         write(json.loads(args.rewrite.read_text()), args.out, args.rewrite.stem)
         return
     if args.driver:
-        driver(args.driver, args.address, args.requests, args.warmup, args.ray_mode)
+        driver(args.driver, args.requests, args.warmup, args.engine, json.loads(args.options))
         return
-    run_all(args.blocks, args.quick, args.out, block=args.requests, ray_mode=args.ray_mode)
+    engines = tuple(e for e in args.engines.split(",") if e)
+    if not set(engines) <= {"ray", "mpi"}:
+        raise SystemExit(f"error: --engines {args.engines}: choose from ray, mpi")
+    run_all(args.blocks, args.quick, args.out, block=args.requests, ray_mode=args.ray_mode, engines=engines)
 
 
 SHAPED = (100.0, 1.0)        # Mbit/s, ms one way per link
 UNSHAPED = (10000.0, 1e-6)   # the same namespaces and switch, shaping off (calibrates the engine's own cost)
+ROUTES = {"ray": ("direct", "ray"), "mpi": ("direct",)}  # how each engine's messages may travel
 
 
 def run_all(blocks: int, quick: bool, out_dir: Path | None, tolerance: float = 0.25, block: int = 5,
-            ray_mode: str = "actor-calls") -> dict:
-    """Predict, measure (unshaped, then shaped) and compare; writes netns_latency.{md,json} to ``out_dir``."""
+            ray_mode: str = "actor-calls", engines: tuple[str, ...] = ("ray", "mpi")) -> dict:
+    """Predict, measure (unshaped, then shaped) with each engine and compare; writes netns_latency.{md,json}
+    to ``out_dir``. The engines share one cluster: Ray first, then MPI on the same namespaces."""
     from benchmarks import netns_cluster as nc
 
-    why = nc.available()
+    why = nc.available() or (nc.mpi_available() if "mpi" in engines else None)
     if why:
         raise SystemExit(f"cannot run: {why}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="lcpc-netns-bench-") as tmp:
         tmp = Path(tmp)
         work = folders(tmp, quick)
-        from lcpc.runtime import manifest as mf
         from lcpc.perf import measured as timing
+        from lcpc.runtime import manifest as mf
 
         plans = {folder.name: mf.read(folder) for _, _, folder in work}
         times = {name: timing.stage_times(folder, plans[name]) for name, folder in
                  ((f.name, f) for _, _, f in work)}
-        measured: dict[str, dict] = {}
+        measured: dict[tuple[str, str], dict] = {}
         with nc.cluster(4, rate_mbit=SHAPED[0], latency_ms=SHAPED[1]) as c:
             rtt = {"shaped": c.rtt_ms}
-            for label, sync, folder in work:
-                measured[folder.name] = measure(c, folder, blocks, block, ray_mode=ray_mode)
-                print(label, sync, {k: f"{1e3 * np.median(measured[folder.name][k]):.2f} ms"
-                                    for k in ("unshaped", "shaped")}, flush=True)
+            for engine in engines:
+                for label, sync, folder in work:
+                    got = measured[engine, folder.name] = measure(c, folder, blocks, block, ray_mode=ray_mode,
+                                                                  engine=engine)
+                    print(engine, label, sync, {k: f"{1e3 * np.median(got[k]):.2f} ms" for k in ("unshaped", "shaped")},
+                          flush=True)
             c.shape(False)
             rtt["unshaped"] = nc.udp_rtt_ms(c.namespaces[0], c.namespaces[-1], c.addresses[-1])
             c.shape(True)
-        for label, sync, folder in work:
-            got = measured[folder.name]
-            m, t = plans[folder.name], times[folder.name]
-            row = {"model": label, "sync": sync, "requests": len(got["shaped"]), "mode": got["mode"],
-                   "bytes_per_inference": m.bytes_per_inference, "messages": len(m.transfers),
-                   "bytes_match_manifest": bool(got["bytes_match_manifest"]),
-                   "unshaped_median_ms": 1e3 * float(np.median(got["unshaped"])),
-                   "measured_median_ms": 1e3 * float(np.median(got["shaped"])),
-                   "measured_p90_ms": 1e3 * float(np.percentile(got["shaped"], 90)),
-                   "network_only_ms": predict_ms(m, t, *SHAPED, "direct", 0.0)}
-            for route in ("direct", "ray"):
-                overhead = calibrate_overhead(m, t, route, row["unshaped_median_ms"])
-                row[f"overhead_ms_{route}"] = 1e3 * overhead
-                row[f"predicted_ms_{route}"] = predict_ms(m, t, *SHAPED, route, overhead)
-                row[f"ratio_{route}"] = row["measured_median_ms"] / row[f"predicted_ms_{route}"]
-            row["within_tolerance"] = abs(row["ratio_direct"] - 1) <= tolerance
-            rows.append(row)
-    setup = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores (shared)",
+        for engine in engines:
+            for label, sync, folder in work:
+                got = measured[engine, folder.name]
+                m, t = plans[folder.name], times[folder.name]
+                row = {"engine": engine, "model": label, "sync": sync, "requests": len(got["shaped"]),
+                       "mode": got["mode"], "bytes_per_inference": m.bytes_per_inference, "messages": len(m.transfers),
+                       "bytes_match_manifest": bool(got["bytes_match_manifest"]), "link_bytes": got["link_bytes"],
+                       "max_abs_error_vs_local": got["max_abs_error_vs_local"],
+                       "unshaped_median_ms": 1e3 * float(np.median(got["unshaped"])),
+                       "measured_median_ms": 1e3 * float(np.median(got["shaped"])),
+                       "measured_p90_ms": 1e3 * float(np.percentile(got["shaped"], 90)),
+                       "network_only_ms": predict_ms(m, t, *SHAPED, "direct", 0.0)}
+                if engine == "mpi":
+                    row["rank_nodes"], row["mpi_left_behind"] = got["rank_nodes"], got["mpi_left_behind"]
+                for route in ROUTES[engine]:
+                    overhead = calibrate_overhead(m, t, route, row["unshaped_median_ms"])
+                    row[f"overhead_ms_{route}"] = 1e3 * overhead
+                    row[f"predicted_ms_{route}"] = predict_ms(m, t, *SHAPED, route, overhead)
+                    row[f"ratio_{route}"] = row["measured_median_ms"] / row[f"predicted_ms_{route}"]
+                rows.append(row)
+    setup = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared)",
              "python": platform.python_version(), "ray": __import__("ray").__version__,
              "links": f"{SHAPED[0]:g} Mbit/s, {SHAPED[1]:g} ms one way (tc tbf + netns_relay.py delay)",
              "udp_rtt_ms": rtt, "requests": blocks * block, "block": block, "tolerance": tolerance}
+    if "mpi" in engines:
+        from mpi4py import MPI
+
+        setup["mpi"] = MPI.Get_library_version().split(",")[0].strip()
     result = {"setup": setup, "rows": rows}
     if out_dir is not None:
         write(result, out_dir, "netns_latency" if ray_mode == "actor-calls" else f"netns_latency_{ray_mode}")
@@ -235,25 +277,38 @@ def run_all(blocks: int, quick: bool, out_dir: Path | None, tolerance: float = 0
 def write(result: dict, out_dir: Path, name: str = "netns_latency") -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for r in result["rows"]:
+        r.setdefault("engine", "ray")  # results from before the MPI rows
         r["within_tolerance"] = abs(r["ratio_direct"] - 1) <= result["setup"]["tolerance"]
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
     s = result["setup"]
-    lines = ["| model | sync | bytes (messages) | unshaped ms | engine cost per message ms | predicted ms | "
+    lines = ["| engine | model | sync | bytes (messages) | unshaped ms | engine cost per message ms | predicted ms | "
              "measured ms (p90) | measured / predicted | route: ray (relay via the head): predicted ms, ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['model']} | {r['sync']} | {r['bytes_per_inference']} ({r['messages']}) | "
-                     f"{r['unshaped_median_ms']:.1f} | {r['overhead_ms_direct']:.2f} | {r['predicted_ms_direct']:.1f} | "
+        via_ray = f"{r['predicted_ms_ray']:.1f}, {r['ratio_ray']:.2f}" if "ratio_ray" in r else "-"
+        lines.append(f"| {r['engine']} | {r['model']} | {r['sync']} | {r['bytes_per_inference']} ({r['messages']}) | "
+                     f"{r['unshaped_median_ms']:.1f} | {r['overhead_ms_direct']:.2f} | "
+                     f"{r['predicted_ms_direct']:.1f} | "
                      f"{r['measured_median_ms']:.1f} ({r['measured_p90_ms']:.1f}) | {r['ratio_direct']:.2f} | "
-                     f"{r['predicted_ms_ray']:.1f}, {r['ratio_ray']:.2f} |")
+                     f"{via_ray} |")
+    modes = list(dict.fromkeys(r["mode"] for r in result["rows"]))
+    mpi = [r for r in result["rows"] if r["engine"] == "mpi"]
     lines += ["", f"K=4, 4 Ray nodes in network namespaces on one box ({s['machine']}), one per device, head and "
                   f"driver in the first; links {s['links']}; UDP round trip between two nodes "
                   f"{s['udp_rtt_ms']['shaped']:.2f} ms shaped, {s['udp_rtt_ms']['unshaped']:.2f} ms unshaped; "
-                  f"Ray {s['ray']}, engine {result['rows'][0]['mode']}; median of {s['requests']} requests each, "
-                  f"shaped and unshaped interleaved in blocks of {s['block']} on the same cluster, after 5 warm-up. Predicted: lcpc/perf/network.py (route: direct, stage times measured on this box) on the "
+                  f"Ray {s['ray']}, engines {'; '.join(modes)}; median of {s['requests']} requests each, "
+                  f"shaped and unshaped interleaved in blocks of {s['block']} on the same cluster, after 5 warm-up. "
+                  f"Predicted: lcpc/perf/network.py (route: direct, stage times measured on this box) on the "
                   f"shaped links, with the engine cost per message (devices.yaml overhead) calibrated so that the "
-                  f"model gives the latency measured on the same namespaces with the shaping off (per route). "
-                  f"From one run of benchmarks/netns_latency.py."]
+                  f"model gives the latency measured on the same namespaces with the shaping off (per route)."
+                  + (f" MPI rows: {s.get('mpi', 'Open MPI')}, one MPI job on the same namespaces (the relay and "
+                     f"device 0 in the first, device d in namespace d: "
+                     f"{sum(r.get('rank_nodes') == list(range(len(r['rank_nodes']))) for r in mpi)} of {len(mpi)} "
+                     f"runs found each device's rank there), TCP between namespaces over the shaped "
+                     f"links; outputs equal the local engine's (largest difference "
+                     f"{max(r['max_abs_error_vs_local'] for r in mpi):.1e}) and bytes the manifest's, transfer by "
+                     f"transfer, in {sum(r['bytes_match_manifest'] for r in mpi)} of {len(mpi)} runs." if mpi else "")
+                  + " From one run of benchmarks/netns_latency.py."]
     (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

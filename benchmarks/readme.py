@@ -59,6 +59,10 @@ TABLES: dict[str, tuple[str, int]] = {
     "compress-table": ("compress.md", 0),
     "netns-latency-table": ("netns_latency.md", 0),
     "netns-latency-compiled-table": ("netns_latency_compiled-graph.md", 0),
+    "netns-degrade-table": ("netns_degrade.md", 0),
+    "plan-table": ("plan.md", 0),
+    "wire-coding-table": ("wire_coding.md", 0),
+    "hls-table": ("hls.md", 0),
 }
 
 # the files with markers, and the markers each must hold

@@ -73,7 +73,7 @@ def channel_inputs(node: Node, g: Graph, behaviour: ops.Channelwise) -> list[tup
     input is broadcast along the channels) for each ``act`` input."""
     out_shape = g.info(node.outputs[0]).shape
     c = out_shape[behaviour.out_axis]
-    result = []
+    result: list[tuple[int, int | None]] = []
     for i, (name, role) in enumerate(zip(node.inputs, behaviour.roles)):
         if not name or role != "act":
             continue

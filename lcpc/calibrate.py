@@ -1,8 +1,8 @@
 """Run a plan's graph on calibration data, as the plan would compute it.
 
 Guarantees:
-- ``run_graph`` feeds a batch through onnxruntime and returns the first output (or the
-  tensors asked for), so passes can measure fidelity without lowering
+- ``run_graph`` feeds a batch through onnxruntime and returns the first output
+  (``run_graph_values``: the tensors asked for), so passes can measure fidelity without lowering
   (``lcpc.weights.masked_graph`` gives the graph a cut plan computes);
 - ``Runner`` does the same chunk by chunk (passes that accumulate statistics never hold
   all activations). A graph planned for batch 1 runs with a dynamic batch when that
@@ -19,10 +19,13 @@ from lcpc.ir import Graph, to_onnx
 from lcpc.runtime.session import open_session
 
 
-def run_graph(graph: Graph, data: np.ndarray, outputs: list[str] | None = None) -> np.ndarray | list[np.ndarray]:
-    """For every sample of ``data`` (single-input graphs): the first output, or the listed
-    tensors (any activation of the graph) when ``outputs`` is given."""
+def run_graph(graph: Graph, data: np.ndarray) -> np.ndarray:
+    """The first output of ``graph`` (single input) for every sample of ``data``."""
+    return run_graph_values(graph, data, graph.outputs[:1])[0]
 
+
+def run_graph_values(graph: Graph, data: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+    """The listed tensors (any activation of the graph) for every sample of ``data``."""
     if len(graph.inputs) != 1:
         raise LcpcError("calibration needs a single-input model")
     spec = graph.info(graph.inputs[0])
@@ -32,10 +35,8 @@ def run_graph(graph: Graph, data: np.ndarray, outputs: list[str] | None = None) 
                         f"{spec.shape} (batch a multiple of {step})")
     if not np.isfinite(data).all():
         raise LcpcError("calibration data contains NaN or Inf")
-    names = list(outputs or graph.outputs[:1])
-    chunks = list(Runner(graph, names).batches(data.astype(spec.dtype, copy=False), 256))
-    values = [np.concatenate([ch[j] for ch in chunks]) for j in range(len(names))]
-    return values if outputs else values[0]
+    chunks = list(Runner(graph, list(outputs)).batches(data.astype(spec.dtype, copy=False), 256))
+    return [np.concatenate([ch[j] for ch in chunks]) for j in range(len(outputs))]
 
 
 class Runner:

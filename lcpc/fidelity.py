@@ -101,7 +101,7 @@ def compare(reference_logits: np.ndarray, candidate_logits: np.ndarray,
         "reference_accuracy": None, "candidate_accuracy": None,
     }
     if labels is not None:
-        y = _as_labels(labels, n, classes)
+        y = check_labels(labels, n, classes)
         result["reference_accuracy"] = float(np.mean(top_r[:, 0] == y))
         result["candidate_accuracy"] = float(np.mean(top_c[:, 0] == y))
     return result
@@ -123,18 +123,25 @@ def holdout_split(n: int, holdout: float = 0.1, seed: int = 0) -> tuple[np.ndarr
     return np.sort(order[n_hold:]), np.sort(order[:n_hold])
 
 
-def _as_labels(labels: Any, n: int, classes: int) -> np.ndarray:
+def check_labels(labels: Any, n: int, classes: int | None, where: str = "labels") -> np.ndarray:
+    """``labels`` as ``n`` int64 class indices in ``0..classes-1`` (any range when ``classes`` is None),
+    or an ``LcpcError`` naming ``where`` (the labels file) and what is wrong."""
     y = np.asarray(labels)
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1 or len(y) != n:
-        raise LcpcError(f"labels: shape {y.shape}; expected ({n},), one class index per sample")
+        raise LcpcError(f"{where}: shape {y.shape}; expected ({n},), one class index per sample")
     if not np.issubdtype(y.dtype, np.integer):
-        raise LcpcError(f"labels: dtype {y.dtype}; expected integer class indices")
-    if y.min() < 0 or y.max() >= classes:
-        raise LcpcError(f"labels: values {int(y.min())}..{int(y.max())} outside the model's classes "
-                        f"0..{classes - 1}")
+        raise LcpcError(f"{where}: dtype {y.dtype}; expected integer class indices")
+    if n and (y.min() < 0 or (classes is not None and y.max() >= classes)):
+        raise LcpcError(f"{where}: values {int(y.min())}..{int(y.max())} outside the model's classes "
+                        f"0..{'N' if classes is None else classes - 1}")
     return y.astype(np.int64)
+
+
+def classes_of(shape: Any) -> int:
+    """The number of classes of logits shaped ``shape`` (samples first), as ``compare`` counts them."""
+    return int(np.prod([int(d) for d in list(shape)[1:]]))
 
 
 # ----------------------------------------------------------------------------- evaluate

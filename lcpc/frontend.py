@@ -183,7 +183,7 @@ def _pin_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], wher
                 if _fixed(d) not in (None, v):
                     raise LcpcError(f"--input-shape {label}: dim {v} conflicts with the model's fixed "
                                     f"dim {d.dim_value}")
-            new = want
+            new = list(want)
         else:
             if not tt.HasField("shape"):
                 raise LcpcError(f"{where}: input '{label}' has no shape; pass --input-shape "

@@ -2,7 +2,9 @@
 
 Guarantees:
 - ``Preprocessing`` is a frozen value that cannot hold an invalid spec: every field is
-  checked on construction, and the ``LcpcError`` names the field and the bad value;
+  checked on construction, and the ``LcpcError`` names the field and the bad value; sides
+  are at most ``MAX_SIDE`` pixels, and ``(pixel * scale - mean) / std`` must stay within
+  ``dtype``'s range for every pixel value 0..255 (so normalising never overflows or warns);
   ``to_dict`` / ``from_dict`` round-trip through JSON (the manifest's
   ``source.preprocessing``), and ``from_dict`` refuses unknown or missing keys.
 - Per image, in this order: open with Pillow, apply the EXIF orientation, convert to
@@ -19,25 +21,36 @@ Guarantees:
   axis, so small cases can be checked by hand.
 - ``load_folder`` reads the ``.jpg``/``.jpeg``/``.png`` files (any case) directly in a
   folder, sorted by file name, ignores everything else, and ends in an ``LcpcError``
-  naming the folder when it holds no image, or the file when one cannot be decoded;
-  ``image_files(folder, recursive=True)`` lists those of its subfolders too (sorted by
-  relative path, symbolic links to folders not followed), and ``read_image`` reads one
-  file as ``load_folder`` reads each (for readers that stream, ``passes.recover.samples``).
+  naming the folder when it holds no image or the batch would exceed
+  ``lcpc.safety.MAX_TENSOR_BYTES``, or naming the file when one cannot be decoded as JPEG
+  or PNG (empty, corrupt, truncated, another format), is a link leading out of the folder,
+  claims more than ``MAX_IMAGE_PIXELS`` (a decompression bomb: refused from its header,
+  before decoding) or would be resized past that (an extreme aspect ratio or
+  ``crop_fraction``). No Pillow warning reaches the user: a decompression-bomb warning is
+  that error, notices about images Pillow still decodes (palette transparency, odd EXIF)
+  are dropped. ``image_files(folder, recursive=True)`` lists the images of its subfolders too
+  (sorted by path relative to the folder, links to folders not followed), and ``read_image``
+  reads one of them as ``load_folder`` reads each, with the same refusals (for readers that
+  stream, ``passes.recover.samples``).
 - Pillow is an optional extra (``pip install 'lcpc[images]'``); without it, reading
   images ends in an ``LcpcError`` that says so.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lcpc import safety
 from lcpc.errors import LcpcError
+from lcpc.safety import first_line, printable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 RESIZE_POLICIES = ("shorter_side", "stretch")
@@ -45,6 +58,10 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 LAYOUTS = ("NCHW", "NHWC")
 CHANNEL_ORDERS = ("RGB", "BGR", "L")
 DTYPES = ("float32", "float16", "float64")
+MAX_SIDE = 16384                 # pixels per side of a model input
+MAX_IMAGE_PIXELS = 89_478_485    # Pillow's default bomb limit: a quarter GiB of RGB, decoded or resized
+FORMATS = ("JPEG", "PNG")        # the only decoders Pillow may use
+MAX_FILE_BYTES = 64 << 20        # an image file sent as it is
 
 
 def _pil():
@@ -84,6 +101,8 @@ class Preprocessing:
         size = tuple(self.size) if isinstance(self.size, (tuple, list)) else ()
         if len(size) != 2 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in size):
             raise _bad("size", self.size, "must be two positive integers (H, W)")
+        if max(size) > MAX_SIDE:
+            raise _bad("size", self.size, f"must have sides of at most {MAX_SIDE} pixels")
         object.__setattr__(self, "size", size)
         for name, choices in (("resize", RESIZE_POLICIES), ("interpolation", INTERPOLATIONS),
                               ("layout", LAYOUTS), ("channels", CHANNEL_ORDERS), ("dtype", DTYPES)):
@@ -105,6 +124,11 @@ class Preprocessing:
             object.__setattr__(self, name, tuple(float(v) for v in seq))
         if any(s == 0 for s in self.std):
             raise _bad("std", self.std, "must not contain 0")
+        reach = max(abs((p * self.scale - m) / d) for p in (0, 255) for m in self.mean for d in self.std)
+        top = float(np.finfo(self.dtype).max)
+        if not reach <= top:  # inf and NaN too
+            raise LcpcError(f"preprocessing: (pixel * scale - mean) / std reaches {reach:.3g} for pixels 0..255, "
+                            f"beyond {self.dtype}'s range ({top:.3g}); check scale={self.scale:g}, mean and std")
 
     @property
     def num_channels(self) -> int:
@@ -181,6 +205,9 @@ class Preprocessing:
             return image if image.size == (w, h) else image.resize((w, h), resample)
         iw, ih = image.size
         s = max(h / ih, w / iw) / self.crop_fraction
+        if not iw * s * ih * s <= MAX_IMAGE_PIXELS:  # a thin sliver of an image, or a tiny crop_fraction
+            raise LcpcError(f"a {iw}x{ih} image would be resized to {iw * s:.3g}x{ih * s:.3g} pixels to cover "
+                            f"{w}x{h} at crop_fraction {self.crop_fraction:g}, more than {MAX_IMAGE_PIXELS}")
         nw, nh = max(w, round(iw * s)), max(h, round(ih * s))
         if (nw, nh) != (iw, ih):
             image = image.resize((nw, nh), resample)
@@ -211,11 +238,11 @@ def image_files(folder: str | Path, recursive: bool = False) -> list[Path]:
     return files
 
 
-def read_image(path: Path, prep: Preprocessing, raw: bool = False) -> np.ndarray:
-    """One image file as ``load_folder`` reads it: ``prep.raw`` (``raw``) or ``prep.apply``."""
+def read_image(folder: str | Path, relative: str, prep: Preprocessing, raw: bool = False) -> np.ndarray:
+    """The image file at ``relative`` (a path inside ``folder``, as ``image_files`` lists it,
+    relative to the folder) as ``load_folder`` reads each: ``prep.raw`` (``raw``) or ``prep.apply``."""
     Image, _ = _pil()
-    image = _decode(path, Image)
-    return prep.raw(image) if raw else prep.apply(image)
+    return _read(Path(folder), Path(folder) / relative, prep, raw, Image, relative)
 
 
 def load_folder(folder: str | Path, prep: Preprocessing, raw: bool = False) -> tuple[np.ndarray, list[str]]:
@@ -223,18 +250,71 @@ def load_folder(folder: str | Path, prep: Preprocessing, raw: bool = False) -> t
     ``raw``: the uint8 pixels before normalisation (``Preprocessing.raw``), else ``prep.dtype``."""
     Image, _ = _pil()
     files = image_files(folder)
-    batch = np.empty(prep.input_shape(len(files)), dtype=np.uint8 if raw else prep.dtype)
+    shape, dtype = prep.input_shape(len(files)), np.dtype(np.uint8 if raw else prep.dtype)
+    if safety.nbytes(shape, dtype.itemsize) > safety.MAX_TENSOR_BYTES:
+        raise LcpcError(f"{folder}: {len(files)} images at {prep.size[0]}x{prep.size[1]} make a batch of "
+                        f"{safety.nbytes(shape, dtype.itemsize) / 2**30:.3g} GiB, beyond lcpc's limit of "
+                        f"{safety.MAX_TENSOR_BYTES >> 30} GiB; pass fewer images")
+    batch = np.empty(shape, dtype=dtype)
     for i, path in enumerate(files):
-        image = _decode(path, Image)
-        batch[i] = prep.raw(image) if raw else prep.apply(image)
+        batch[i] = _read(Path(folder), path, prep, raw, Image)
     return batch, [p.name for p in files]
 
 
-def _decode(path: Path, Image):
+def _read(folder: Path, path: Path, prep: Preprocessing, raw: bool, Image, name: str | None = None) -> np.ndarray:
+    """One image file (``name``: its path inside ``folder``, default its file name) as one sample
+    (see the module docstring for what is refused)."""
+    where = printable(path)
+    if safety.inside(folder, name or path.name) is None:
+        raise LcpcError(f"{where}: a link that leads outside {printable(folder)}; images are read from the folder "
+                        f"itself")
+    if path.stat().st_size == 0:
+        raise LcpcError(f"{where}: cannot read it as an image (the file is empty)")
+    return _decode(path, prep, raw, Image, where)
+
+
+def read_file(folder: Path, path: Path) -> bytes:
+    """An image file's bytes, as they are (what a folder fed image files is sent), after the checks
+    ``load_folder`` makes on a file (inside ``folder``, not empty, not larger than lcpc reads)."""
+    where = printable(path)
+    if safety.inside(folder, path.name) is None:
+        raise LcpcError(f"{where}: a link that leads outside {printable(folder)}; images are read from the folder "
+                        f"itself")
+    size = path.stat().st_size
+    if not 0 < size <= MAX_FILE_BYTES:
+        raise LcpcError(f"{where}: {size} bytes; an image file of 1 byte to {MAX_FILE_BYTES >> 20} MiB")
+    return path.read_bytes()
+
+
+def decode(data: bytes, prep: Preprocessing, where: str = "image") -> np.ndarray:
+    """An encoded image file's bytes (JPEG or PNG, as read from disk or a camera) -> the uint8
+    sample before normalisation (``Preprocessing.raw``), with the batch axis: exactly what
+    ``load_folder(..., raw=True)`` gives for the same file."""
+    Image, _ = _pil()
+    if not data:
+        raise LcpcError(f"{where}: cannot read it as an image (no bytes)")
+    return _decode(io.BytesIO(data), prep, True, Image, where)[None]
+
+
+def _decode(source: Path | io.BytesIO, prep: Preprocessing, raw: bool, Image, where: str) -> np.ndarray:
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise LcpcError(f"{path}: cannot read it as an image ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # notices about images Pillow still decodes
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source, formats=FORMATS) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise Image.DecompressionBombError(f"{width}x{height} pixels")
+                image.load()
+                return prep.raw(image) if raw else prep.apply(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise LcpcError(f"{where}: its header claims more pixels than lcpc decodes (at most {MAX_IMAGE_PIXELS}; "
+                        f"a decompression bomb?): {first_line(exc)}") from None
+    except LcpcError as exc:
+        raise LcpcError(f"{where}: {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise LcpcError(f"{where}: cannot read it as an image (not a JPEG or PNG, the two formats lcpc reads, "
+                        f"or damaged past recognition)") from None
+    except Exception as exc:  # Pillow's decoders raise many types on hostile bytes
+        raise LcpcError(f"{where}: cannot read it as an image ({type(exc).__name__}: {first_line(exc)}; "
+                        f"lcpc reads JPEG and PNG)") from None

@@ -47,7 +47,7 @@ def inspect_graph(g: Graph) -> dict[str, Any]:
             syncs.append({"node": n.name, "op": n.op, "reason": b.reason, "unsupported": b.unsupported,
                           "split_input_bytes": gathered})
     split = [t for t, lay in layouts.items() if lay == "S"]
-    spaces: dict[int, dict[str, Any]] = {}
+    spaces: dict[int | None, dict[str, Any]] = {}
     for t in split:
         space = a.space(t)
         entry = spaces.setdefault(space, {"space": space, "tensors": 0, "max_channels": 0, "groups": None})

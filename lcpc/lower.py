@@ -30,6 +30,7 @@ branch; ``name:full`` is a gathered copy, ``name:take<n>`` a local channel selec
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,10 +47,13 @@ from lcpc.weights import DenseWeight
 
 @dataclass(frozen=True)
 class RawInput:
-    """Model input ``name`` travels as the uint8 image; its consumers apply ``prep`` first."""
+    """Model input ``name`` travels as the uint8 image; its consumers apply ``prep`` first.
+    ``encoded``: it travels as the image file itself (JPEG/PNG bytes), which each device that
+    reads it decodes to that uint8 image (``lcpc.images.decode``) before its stages run."""
 
     name: str
     prep: Preprocessing
+    encoded: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,10 +69,16 @@ class Transfer:
     info: TensorInfo
     level: int           # level after which it is sent (inputs: sent before level 0)
     quant: Any = None    # compress.wire.WireQuant when the message travels as int8, else None (float)
+    coded_bytes: int | None = None  # entropy-coded (deflate): its mean size on calibration data, else None
 
     @property
     def nbytes(self) -> int:
         return self.info.nbytes
+
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes on the wire per inference: the coded size when the message is entropy-coded."""
+        return self.coded_bytes if self.coded_bytes is not None else self.nbytes
 
 
 @dataclass
@@ -80,6 +90,18 @@ class Stage:
     format: Any = None   # compress.quantize.Choice when lcpc.compress chose the stage's number format
 
 
+@dataclass(frozen=True)
+class Contribution:
+    """What one branch contributes to a layer merged at the head: its partial outputs or its slice
+    of the layer's input, as the head-local value ``name`` (a merge the runtime can answer without
+    some branches: ``lcpc.runtime.degrade``)."""
+
+    layer: str       # the merged layer (the classifier node)
+    branch: int
+    name: str        # local name on the head
+    share: float     # the branch's fraction of the layer's input channels
+
+
 @dataclass
 class Program:
     stages: list[Stage]
@@ -87,9 +109,10 @@ class Program:
     outputs: dict[str, str]            # model output -> local name on the head device
     inputs: dict[str, TensorInfo] = field(default_factory=dict)  # model inputs (all on the head)
     raw: RawInput | None = None        # the model input that is fed and sent as the uint8 image
+    contributions: list[Contribution] = field(default_factory=list)  # of every layer merged at the head
 
     def bytes_per_inference(self) -> int:
-        return sum(t.nbytes for t in self.transfers)
+        return sum(t.wire_bytes for t in self.transfers)
 
 
 @dataclass
@@ -101,15 +124,20 @@ class _Device:
     names: set[str] = field(default_factory=set)
 
 
+INPUT_WIRES = ("auto", "float", "uint8", "encoded")
+
+
 def raw_input(graph: Graph, prep: Preprocessing | None, wire: str = "auto") -> RawInput | None:
     """How the model input travels: ``wire`` ``float`` (as the model takes it), ``uint8`` (the raw
-    image; needs ``prep`` to be exactly elementwise on the input) or ``auto`` (uint8 when it can)."""
-    if wire not in ("auto", "float", "uint8"):
-        raise LcpcError(f"input wire '{wire}': choose auto, float or uint8")
+    image; needs ``prep`` to be exactly elementwise on the input), ``encoded`` (the image file,
+    decoded to that uint8 image on each device; one image per inference) or ``auto`` (uint8 when
+    it can)."""
+    if wire not in INPUT_WIRES:
+        raise LcpcError(f"input wire '{wire}': choose {', '.join(INPUT_WIRES)}")
     if wire == "float" or (prep is None and wire == "auto"):
         return None
     if prep is None:
-        raise LcpcError("--input-wire uint8 needs the preprocessing: add --preprocess size=...,mean=...,std=...")
+        raise LcpcError(f"--input-wire {wire} needs the preprocessing: add --preprocess size=...,mean=...,std=...")
     why = None
     if len(graph.inputs) != 1:
         why = f"the model has {len(graph.inputs)} inputs (raw images need exactly one)"
@@ -121,10 +149,12 @@ def raw_input(graph: Graph, prep: Preprocessing | None, wire: str = "auto") -> R
         elif tuple(info.shape) != want:
             why = (f"the model input '{graph.inputs[0]}' has shape {list(info.shape)}, the preprocessing "
                    f"(size {prep.size[0]}x{prep.size[1]}, {prep.channels}, {prep.layout}) gives {list(want)}")
+        elif wire == "encoded" and info.shape[0] != 1:
+            why = f"the model input '{graph.inputs[0]}' takes a batch of {info.shape[0]}; an encoded image is one"
     if why is None:
-        return RawInput(graph.inputs[0], prep)
-    if wire == "uint8":
-        raise LcpcError(f"--input-wire uint8: {why}; fix --preprocess or use --input-wire float")
+        return RawInput(graph.inputs[0], prep, encoded=wire == "encoded")
+    if wire != "auto":
+        raise LcpcError(f"--input-wire {wire}: {why}; fix --preprocess or use --input-wire float")
     return None
 
 
@@ -139,6 +169,7 @@ class _Lowering:
         self.devices = [_Device() for _ in range(self.k)]
         self.transfers: list[Transfer] = []
         self.cache: dict[tuple, str] = {}
+        self.contributions: list[Contribution] = []
 
     # ----------------------------------------------------------------- building blocks
     def _unique(self, d: int, base: str) -> str:
@@ -241,9 +272,11 @@ class _Lowering:
 
     def prologue(self, d: int, x: str) -> str:
         """The preprocessing on the uint8 image ``x``: exactly ``Preprocessing.normalize`` (float64)."""
-        info = self.g.info(self.raw.name)
+        raw = self.raw
+        assert raw is not None, "the prologue is emitted only for a raw input"
+        info = self.g.info(raw.name)
         wide = TensorInfo(info.shape, np.dtype(np.float64))
-        scale, mean, std = self.raw.prep.constants()
+        scale, mean, std = raw.prep.constants()
         y = self.emit(d, "Cast", [x], [(f"{x}:f64", wide)], {"to": 11})[0]
         if scale != 1.0:
             y = self.emit(d, "Mul", [y, self.const(d, np.array(scale, np.float64), "prep.scale")],
@@ -277,25 +310,26 @@ class _Lowering:
         outputs = {o: self.full(o, HEAD) for o in self.g.outputs}
         self._dead_code(outputs)
         return Program(self._stages(outputs), self.transfers, outputs, {i: self.g.info(i) for i in self.g.inputs},
-                       self.raw)
+                       self.raw, self.contributions)
 
     def lower_node(self, node: Node) -> None:
         b = self.plan.analysis.behaviours[node.name]
         outs = [o for o in node.outputs if o]
         layout = self.plan.layouts[outs[0]]
         decision = self.plan.decisions.get(node.name)
-        if layout == "S" and b.kind == "dense" and decision is not None and decision.action == Action.EXCHANGE:
+        if layout == "S" and isinstance(b, ops.Dense) and decision is not None and decision.action == Action.EXCHANGE:
             self.exchange(node, b)
         elif layout == "S":
-            handler = {
+            handlers: dict[str, Callable[[Node, Any, int], None]] = {
                 "channelwise": self.split_channelwise, "dense": self.split_dense,
                 "grouped": self.split_grouped, "concat": self.split_concat,
                 "slice": self.split_slice, "reshape": self.split_reshape,
-            }[b.kind]
+            }
+            handler = handlers[b.kind]
             for k in range(self.k):
                 handler(node, b, k)
-        elif layout == "H" and decision is not None and decision.action == Action.MERGE \
-                and self.plan.layouts.get(node.inputs[0]) == "S":
+        elif layout == "H" and isinstance(b, ops.Dense) and decision is not None \
+                and decision.action == Action.MERGE and self.plan.layouts.get(node.inputs[0]) == "S":
             self.merge(node, b)
         else:
             devices = [HEAD] if layout == "H" else range(self.k)
@@ -320,7 +354,7 @@ class _Lowering:
         idx = self.plan.own(outs[0], k)
         out_rank = len(self.g.info(outs[0]).shape)
         aligned = dict(channel_inputs(node, self.g, b))
-        ins = []
+        ins: list[str] = []
         for i, (name, role) in enumerate(zip(node.inputs, b.roles)):
             if not name:
                 ins.append(name)
@@ -431,9 +465,15 @@ class _Lowering:
         as ``plan.merges`` says (``passes.merge``)."""
         x, out = node.inputs[0], node.outputs[0]
         view, w_all = self._weight(node, b)
+        share = [len(self.plan.own(x, k)) / self.g.info(x).shape[self.axis(x)] for k in range(self.k)]
         if self.plan.merges[node.name] == "features":
             y = self._emit_dense(HEAD, node, b, self.full(x, HEAD), w_all,
                                  self._bias(node, b), out, self.g.info(out))
+            gathered = {t.src: t.dst_name for t in self.transfers if t.tensor == x and t.kind == "gather"
+                        and t.dst == HEAD}
+            for k in range(self.k):
+                piece = self.cache[(x, k, "S")] if k == HEAD else gathered[k]
+                self.contributions.append(Contribution(node.name, k, piece, share[k]))
         else:
             parts = []
             for k in range(self.k):
@@ -441,6 +481,7 @@ class _Lowering:
                 p = self._emit_dense(k, node, b, self.cache[(x, k, "S")], w, None, f"{out}:partial",
                                      self.g.info(out))
                 parts.append(p if k == HEAD else self.send(out, "reduce", k, p, HEAD, f"{out}@{k}"))
+                self.contributions.append(Contribution(node.name, k, parts[-1], share[k]))
             bias = self._bias(node, b)
             if bias is not None and node.op == "Gemm":
                 bias = bias * float(node.attr("beta", 1.0))

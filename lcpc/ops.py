@@ -236,9 +236,9 @@ def _pad(node: Node, g: Graph, ca: int) -> Behaviour:
     if pads is None:
         return Sync("Pad with run-time pads")
     pads = np.asarray(pads).reshape(-1)
-    axes = _const(g, node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] else None
+    given = _const(g, node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] else None
     rank = _rank(g, node.inputs[0])
-    axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes]
+    axes = list(range(rank)) if given is None else [int(a) % rank for a in given]
     n = len(axes)
     touched = {a for i, a in enumerate(axes) if pads[i] or pads[i + n]}
     if touched & {0, ca}:
@@ -325,10 +325,10 @@ def _slice(node: Node, g: Graph, ca: int) -> Behaviour:
     if len(node.inputs) < 3 or any(p is None for p, i in zip(params, node.inputs[1:]) if i):
         return Sync("Slice with run-time bounds")
     rank = _rank(g, node.inputs[0])
-    starts, ends = params[0], params[1]
-    axes = params[2] if len(params) > 2 and params[2] is not None else np.arange(len(starts))
+    starts, ends = np.asarray(params[0]), np.asarray(params[1])
+    given = params[2] if len(params) > 2 and params[2] is not None else np.arange(len(starts))
     steps = params[3] if len(params) > 3 and params[3] is not None else np.ones(len(starts), np.int64)
-    axes = [int(a) % rank for a in axes]
+    axes = [int(a) % rank for a in given]
     if 0 in axes:
         return Sync("Slice on the batch axis")
     if ca not in axes:

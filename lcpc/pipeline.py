@@ -32,7 +32,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from lcpc.calibrate import run_graph
 from lcpc.compress import quantize as quantize_pass
 from lcpc.errors import LcpcError
 from lcpc.images import Preprocessing, load_folder
-from lcpc.lower import lower, raw_input
+from lcpc.lower import Program, lower, raw_input
 from lcpc.passes import prune as prune_pass
 from lcpc.passes.recover import distil as distil_pass
 from lcpc.passes.recover import refit as refit_pass
@@ -52,9 +53,12 @@ from lcpc.passes.recover.checkpoint import SYNTHETIC, check_fresh
 from lcpc.passes.recover.distil import Execution
 from lcpc.passes.recover.samples import ArraySamples, Samples, Synthetic, as_samples, open_data
 from lcpc.perf.devices import load as load_devices
+from lcpc.perf.network import Network, choose_broadcast
 from lcpc.plan import Action
+from lcpc.runtime.feeds import encoded
 from lcpc.runtime.local import LocalEngine
 from lcpc.runtime.manifest import Manifest
+from lcpc.runtime.order import BROADCASTS
 from lcpc.targets import onnx as onnx_target
 from lcpc.weights import masked_graph
 
@@ -62,9 +66,9 @@ from lcpc.weights import masked_graph
 def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str = "none",
             input_shapes: dict | None = None, force: bool = False, partition: str = "energy",
             preprocessing: dict | None = None, calib: np.ndarray | None = None,
-            comm_budget: int | None = None, devices: str | Path | None = None, prune: float | None = None,
-            quantize: str | None = None, wire: str = "fp32", input_wire: str = "auto",
-            progress: Any = None, select: Any = None) -> dict[str, Any]:
+            comm_budget: int | None = None, devices: str | Path | Network | None = None, prune: float | None = None,
+            quantize: str | None = None, wire: str = "fp32", input_wire: str = "auto", broadcast: str = "auto",
+            wire_code: str = "none", progress: Any = None, select: Any = None) -> dict[str, Any]:
     """Plan ``model`` for ``branches`` devices and write the folder ``out``; returns its manifest.
     ``devices``: a devices.yaml whose relative speeds size each branch's share of channels;
     ``progress(done, total, agreement)`` follows ``--sync auto``'s measurements; ``select``
@@ -74,7 +78,11 @@ def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str
     manifest's ``compression`` then compares LCP, +prune, +quant and +both with the original.
     ``input_wire``: how the model input travels (``lower.raw_input``: with ``preprocessing``,
     ``auto`` sends the raw uint8 image when the preprocessing is exactly elementwise on it; not
-    combined with compression yet, which calibrates on float inputs: then ``auto`` keeps float)."""
+    combined with compression yet, which calibrates on float inputs: then ``auto`` keeps float).
+    ``broadcast``: how the input reaches its receivers, ``p2p``, ``tree`` or ``auto`` (the faster on
+    ``devices``' network, by the network model: ``perf.network.choose_broadcast``)."""
+    if broadcast not in ("auto", *BROADCASTS):
+        raise LcpcError(f"--broadcast {broadcast}: choose auto, {' or '.join(BROADCASTS)}")
     out = Path(out)
     onnx_target.check_out(out, force)
     if prune is not None:
@@ -85,7 +93,7 @@ def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str
     compress.check_calib({i: graph.info(i) for i in graph.inputs}, calib)
     if not isinstance(model, (bytes, bytearray)):
         source = replace(source, path=str(Path(model).resolve()))
-    network = load_devices(devices)
+    network = devices if isinstance(devices, Network) else load_devices(devices)
     speeds = network.distinct_speeds(branches)
     plan = planner.plan(graph, source, branches, sync, partition, calib=calib, comm_budget=comm_budget,
                         speeds=speeds, head_bandwidth=network.link("dev0").bandwidth, progress=progress,
@@ -93,10 +101,10 @@ def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str
     lcp, record = plan, None
     if prune:
         plan, record = prune_pass.run(plan, prune, calib)
-    compressing = bool(prune or quantize or wire != "fp32")
-    if compressing and input_wire == "uint8":
-        raise LcpcError("--input-wire uint8 does not combine with --prune, --quantize or --wire int8 yet (they "
-                        "calibrate on float inputs); use --input-wire float")
+    compressing = bool(prune or quantize or wire != "fp32" or wire_code != "none")
+    if compressing and input_wire in ("uint8", "encoded"):
+        raise LcpcError(f"--input-wire {input_wire} does not combine with --prune, --quantize or --wire int8 yet "
+                        f"(they calibrate on float inputs); use --input-wire float")
     prep = None if preprocessing is None else Preprocessing.from_dict(preprocessing)
     raw = None if compressing else raw_input(graph, prep, input_wire)
     # the exact plan's traffic, for the comparison; its program is dropped before the real one is lowered
@@ -106,19 +114,32 @@ def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str
     compression = None
     if compressing:
         lcp_program = lower(lcp) if prune else program  # the unpruned plan, lowered once
-        variants = {"lcp": compress.apply(lcp_program, None, wire, calib)}
+        variants = {"lcp": compress.apply(lcp_program, None, wire, calib, wire_code)}
         if prune:
-            variants["lcp+prune"] = compress.apply(program, None, wire, calib)
+            variants["lcp+prune"] = compress.apply(program, None, wire, calib, wire_code)
         if quantize:
-            variants["lcp+quant"] = compress.apply(lcp_program, quantize, wire, calib)
+            variants["lcp+quant"] = compress.apply(lcp_program, quantize, wire, calib, wire_code)
             if prune:
-                variants["lcp+prune+quant"] = compress.apply(program, quantize, wire, calib)
+                variants["lcp+prune+quant"] = compress.apply(program, quantize, wire, calib, wire_code)
         program = list(variants.values())[-1]
         compression = {"prune": record.as_dict() if record is not None else None, "quantize": quantize,
-                       "wire": wire, "variants": compress.compare(variants, graph, calib)}
+                       "wire": wire, **({"wire_code": wire_code} if wire_code != "none" else {}),
+                       "variants": compress.compare(variants, graph, calib)}
     return onnx_target.write(plan, program, out, force=force, exact_bytes=exact_bytes,
                              preprocessing=preprocessing, compression=compression, original=graph,
-                             speeds=speeds)
+                             speeds=speeds, broadcast=_broadcast(program, broadcast, network))
+
+
+def _broadcast(program: Program, policy: str, network: Network) -> str:
+    """``policy``, or for ``auto`` the broadcast the network model finds faster for this program's input."""
+    if policy != "auto":
+        return policy
+    encoded = program.raw is not None and program.raw.encoded
+    sizes: dict[int, int] = defaultdict(int)
+    for t in program.transfers:
+        if t.kind == "input":
+            sizes[t.dst] += onnx_target.nominal_encoded_bytes(t.nbytes) if encoded else t.nbytes
+    return choose_broadcast(dict(sizes), network) if sizes else "p2p"
 
 
 def convert_and_recover(model: str | Path | bytes, out: str | Path, data: Path | np.ndarray | Samples | Synthetic, *,
@@ -133,8 +154,13 @@ def convert_and_recover(model: str | Path | bytes, out: str | Path, data: Path |
     each scored."""
     out = Path(out)
     onnx_target.check_out(out, force)
+    check_recipe(epochs)
     x = data if isinstance(data, (np.ndarray, Samples, Synthetic)) else \
         recovery_data(Path(data), convert_options.get("preprocessing"))
+    if labels is not None:  # the classes are known once converted; the rest now
+        if isinstance(x, Synthetic):
+            raise LcpcError(SYNTHETIC_LABELS)
+        labels = fidelity.check_labels(labels, len(x), None)
     auto = convert_options.get("sync") == "auto"
     if auto:
         if isinstance(x, Synthetic):  # the candidates are scored on the data: synthesise them first
@@ -146,7 +172,7 @@ def convert_and_recover(model: str | Path | bytes, out: str | Path, data: Path |
                                                                        execution=execution)
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".lcpc-convert-", dir=out.resolve().parent))
-    try:
+    try:  # the staging folder goes whatever happens, a signal included
         manifest = convert(model, staging / "cut", force=False, progress=getattr(progress, "sync", None),
                            **convert_options)
         if not auto:
@@ -154,13 +180,14 @@ def convert_and_recover(model: str | Path | bytes, out: str | Path, data: Path |
                            execution=execution)
         if not manifest["sync"]["cuts"]:  # auto chose the exact plan: written as it is
             return onnx_target.move(staging / "cut", out, force=force)
-        assert scores is not None
+        assert scores is not None  # set above for --sync auto
         return recover(staging / "cut", x, out, labels=labels, epochs=epochs, force=force, progress=progress,
                        sync_auto=scores.record(manifest, convert_options.get("comm_budget"),
                                                pruned=bool(convert_options.get("prune"))),
                        recovered=scores.recovered(manifest), execution=execution)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with safety.signals_deferred():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 class RecoveredScores:
@@ -239,14 +266,21 @@ def recover(folder: str | Path, data: np.ndarray | Samples | Synthetic, out: str
     figures) of that plan already recovered on ``data`` (then reused). Under torchrun, only
     process 0 writes OUT (the others return None)."""
     onnx_target.check_out(Path(out), force)
+    check_recipe(epochs, **recipe)
     plan, manifest = stored_plan.load(folder, model)
-    prep = dict(manifest.preprocessing) if manifest.preprocessing is not None else None
+    spec = dict(manifest.preprocessing) if manifest.preprocessing is not None else None
+    prep = Preprocessing.from_dict(spec) if spec is not None else None
+    if labels is not None:  # before any work: labels that do not fit the model's classes
+        if isinstance(data, Synthetic):
+            raise LcpcError(SYNTHETIC_LABELS)
+        classes = fidelity.classes_of(manifest.json["source"]["outputs"][0]["shape"])
+        labels = fidelity.check_labels(labels, len(data), classes)
     if isinstance(data, Synthetic):
         samples = synthetic_samples(Path(plan.source.path), {i.name: i.shape for i in manifest.inputs}, data,
-                                    seed=seed, progress=progress, preprocessing=prep, execution=execution)
+                                    seed=seed, progress=progress, preprocessing=spec, execution=execution)
     elif isinstance(data, np.ndarray):  # raw images of a folder that takes them: train on their normalisation
-        raw = prep is not None and manifest.takes_raw_images and data.dtype == np.uint8
-        samples = ArraySamples(data, normalise=Preprocessing.from_dict(prep) if raw and prep else None)
+        pixels = prep is not None and manifest.takes_raw_images and data.dtype == np.uint8
+        samples = ArraySamples(data, normalise=prep if pixels else None)
     else:
         samples = data
     pruning = (manifest.json.get("compression") or {}).get("prune")
@@ -266,18 +300,20 @@ def recover(folder: str | Path, data: np.ndarray | Samples | Synthetic, out: str
     figures = {"data": samples.describe(), **figures}
     exact = manifest.json["totals"]["comparison"]["model_parallel"]["bytes_per_inference"]
     kept = _kept_compression(manifest.json)
-    raw_prep = Preprocessing.from_dict(prep) if prep is not None else None
-    raw_in = raw_input(plan.graph, raw_prep, "uint8") if manifest.takes_raw_images else None
-    program = lower(plan, raw_in)
+    raw = raw_input(plan.graph, prep, "encoded" if manifest.encoded else "uint8") if manifest.takes_raw_images \
+        else None
+    program = lower(plan, raw)
     if kept:  # the folder's int8 stages and wire again, calibrated on the recovery data
         program = compress.apply(program, kept.get("quantize"), kept.get("wire", "fp32"),
-                                 _first(samples, MAX_CALIBRATION))
+                                 _first(samples, MAX_CALIBRATION), kept.get("wire_code", "none"))
     return onnx_target.write(plan, program, out, force=force, exact_bytes=exact,
                              preprocessing=manifest.json["source"].get("preprocessing"),
                              fidelity={"recovery": figures, **({"sync_auto": sync_auto} if sync_auto else {})},
-                             speeds=_speeds(manifest), compression=kept)
+                             speeds=_speeds(manifest), compression=kept, broadcast=manifest.broadcast)
 
 
+SYNTHETIC_LABELS = ("--labels labels real training inputs; synthetic inputs (--data synth) have none: drop "
+                    "--labels, and measure accuracy with lcpc verify on real test data")
 MAX_CALIBRATION = 4096  # recovery samples a pruning reconstruction or int8 calibration reads (the first ones)
 
 
@@ -362,12 +398,20 @@ def _speeds(manifest: Manifest) -> list[float] | None:
     return None if None in speeds else speeds  # type: ignore[return-value]
 
 
-def _kept_compression(manifest: dict) -> dict | None:
+def _kept_compression(manifest: Mapping[str, Any]) -> dict | None:
     """What a recovered folder keeps of its source's compression: the pruning record (``stored_plan``
     replays it), the stage and wire formats asked for (re-applied after recovery)."""
     comp = manifest.get("compression") or {}
-    kept = {k: comp[k] for k in ("prune", "quantize", "wire") if comp.get(k) and comp[k] != "fp32"}
+    kept = {k: comp[k] for k in ("prune", "quantize", "wire", "wire_code") if comp.get(k) and comp[k] != "fp32"}
     return kept or None
+
+
+def check_recipe(epochs: int, **recipe: Any) -> None:
+    """Refuse recovery settings out of range (``passes.recover.distil.Recipe``) before any work."""
+    try:
+        distil_pass.Recipe(epochs=epochs, **recipe)
+    except TypeError as exc:
+        raise LcpcError(f"recovery: {exc}") from None
 
 
 def recover_plan(plan, data: np.ndarray | Samples, labels: np.ndarray | None = None, *, epochs: int = 2,
@@ -380,6 +424,7 @@ def recover_plan(plan, data: np.ndarray | Samples, labels: np.ndarray | None = N
     (``passes.recover.distil.Recipe``), ``execution`` where it runs (``Execution``). ``progress``
     has ``refit(done, total, agreement)`` and ``distil(epoch, step, steps, loss, agreement)``
     (either may be None)."""
+    check_recipe(epochs, **recipe)
     figures: dict[str, Any] = {}
     data = as_samples(data)
     original = plan.graph  # the teacher: the original weights, before any refit
@@ -394,23 +439,39 @@ def recover_plan(plan, data: np.ndarray | Samples, labels: np.ndarray | None = N
     return plan, figures
 
 
-def verify(folder: str | Path, data: np.ndarray, labels: np.ndarray | None = None,
-           original_model: bytes | str | Path | None = None, batch_size: int = 64) -> dict[str, Any]:
+def verify(folder: str | Path, data: np.ndarray | Sequence[bytes], labels: np.ndarray | None = None,
+           original_model: bytes | str | Path | None = None, batch_size: int = 64,
+           without: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run the original model and the converted ``folder`` on ``data``; ``fidelity.compare`` them.
 
     Returns ``compare``'s dict (reference = original, candidate = converted) plus
     ``output`` (the logits tensor's name), ``branches``, ``sync`` (the policy) and
-    ``original`` = {``path``, ``sha256``, ``matches_manifest``}.
+    ``original`` = {``path``, ``sha256``, ``matches_manifest``}, and ``without``: the devices left
+    out (the folder answering from the branches that are left, ``runtime.degrade``). A folder fed
+    image files (``--input-wire encoded``) is given the files' bytes, one per sample; the original
+    gets the same files through the same decoding (``images.decode``) and the normalisation.
     """
     if batch_size < 1:
         raise LcpcError(f"batch size {batch_size}: must be at least 1")
     with LocalEngine(folder) as engine:
         manifest = engine.manifest
+        engine.device_ids(without)  # refused before any work
         if len(manifest.inputs) != 1:
             raise LcpcError(f"{folder}: the model has {len(manifest.inputs)} inputs; verify takes "
                             f"single-input models")
         spec = manifest.inputs[0]
         output = manifest.json["source"]["outputs"][0]["name"]
+        if manifest.encoded:
+            if isinstance(data, np.ndarray) or not all(isinstance(b, (bytes, bytearray)) for b in data):
+                raise LcpcError(f"data: {folder} is fed image files (--input-wire encoded): pass a folder of JPEG or "
+                                f"PNG images")
+            prep = Preprocessing.from_dict(dict(manifest.preprocessing or {}))
+            x = np.concatenate([prep.normalize(engine.decode(encoded(b)), spec.dtype) for b in data])
+            reference, original = fidelity.reference_logits(manifest, x, original_model, batch_size)
+            candidate = np.concatenate([engine.run({spec.name: encoded(b)}, without=without)[output] for b in data])
+            return {**fidelity.compare(reference, candidate, labels), "output": output,
+                    "branches": manifest.branches, "sync": manifest.sync_policy, "original": original,
+                    "without": list(without)}
         if manifest.takes_raw_images:  # the folder takes the uint8 image; the original its normalisation
             if np.asarray(data).dtype != np.uint8:
                 raise LcpcError(f"data: dtype {np.asarray(data).dtype}; {folder} takes the raw image as uint8 and "
@@ -423,10 +484,11 @@ def verify(folder: str | Path, data: np.ndarray, labels: np.ndarray | None = Non
         reference, original = fidelity.reference_logits(manifest, x, original_model, batch_size)
         planned = spec.shape[0]
         step = max(planned, batch_size // planned * planned)
-        candidate = np.concatenate([engine.run({spec.name: chunk})[output][:real]
+        candidate = np.concatenate([engine.run({spec.name: chunk}, without=without)[output][:real]
                                     for chunk, real in fidelity.padded_chunks(fed, step, planned)])
     return {**fidelity.compare(reference, candidate, labels), "output": output,
-            "branches": manifest.branches, "sync": manifest.sync_policy, "original": original}
+            "branches": manifest.branches, "sync": manifest.sync_policy, "original": original,
+            "without": list(without)}
 
 
 # ----------------------------------------------------------------------------- data

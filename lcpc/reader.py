@@ -273,9 +273,9 @@ def _checker_view(model: onnx.ModelProto, aside: set[int]) -> onnx.ModelProto:
     _copy_fields(model, view, skip="graph")
     g = view.graph
     _copy_fields(model.graph, g, skip="initializer")
-    plain = set(plain)
+    kept = set(plain)
     for k, t in enumerate(model.graph.initializer):
-        if k in plain:
+        if k in kept:
             g.initializer.add(name=t.name, data_type=t.data_type, dims=[0])
         else:
             g.initializer.append(t)
@@ -452,7 +452,9 @@ class _AsideReader:
 
     def _initializer(self, end: int) -> bytes:
         index, self.initializers = self.initializers, self.initializers + 1
-        parts, raws, raw_fields = [], [], 0
+        parts: list[bytes] = []
+        raws: list[tuple[int, bytes, np.ndarray]] = []
+        raw_fields = 0
         while self.pos < end:
             key, raw = self._varint()
             if key == _RAW_DATA_KEY:
@@ -500,7 +502,7 @@ class _AsideReader:
         if self.pos + n > self.size:
             raise _Unusual
         buf = np.empty(n, np.uint8)
-        view, done = memoryview(buf), 0
+        view, done = memoryview(buf.data), 0
         while done < n:
             got = self.f.readinto(view[done:])
             if not got:

@@ -17,15 +17,22 @@ Guarantees:
   memory-mapped ``.npy``, which is never loaded whole, only by its header);
   ``save_arrays`` writes an ``.npz`` under any names, never pickling;
 - ``printable`` escapes control characters, so names inside a hostile file cannot
-  drive the terminal when an error message is printed.
+  drive the terminal when an error message is printed; it looks at no more of the text
+  than it shows;
+- ``signals_deferred`` holds SIGINT and SIGTERM back for the length of a block (a cleanup,
+  a rename into place) and then lets the first of them act as it would have, so a signal
+  cannot cut such a block short.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -247,7 +254,8 @@ def _check_header(f, where: str, limit: int | None = MAX_TENSOR_BYTES) -> None:
 def printable(text: object, limit: int = 2000) -> str:
     """``text`` (any object, as ``str`` gives it) on one line, control characters escaped, at most
     ``limit`` characters."""
-    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text).replace("\n", " "))
+    shown = str(text)[:limit + 1]  # escaping never shortens: the rest would be cut anyway
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in shown.replace("\n", " "))
     return out if len(out) <= limit else out[:limit] + "..."
 
 
@@ -255,3 +263,28 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, printable, for a one-line error."""
     text = str(exc).strip()
     return printable(text.splitlines()[0], 300) if text else type(exc).__name__
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Run the block with SIGINT and SIGTERM held back; the first that arrived then acts as it
+    would have (its Python handler, or the default action). Only the main thread can handle
+    signals; elsewhere the block just runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[signal.Signals] = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, lambda signum, _frame: arrived.append(signal.Signals(signum)))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if arrived:
+            handler = previous[arrived[0]]
+            if callable(handler):
+                handler(arrived[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(arrived[0])

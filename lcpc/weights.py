@@ -121,12 +121,11 @@ def _take(w, idx, axis: int):
 # ---------------------------------------------------------------------- plan-level helpers
 def of_plan(plan, node: Node | str) -> DenseWeight:
     """The dense view of ``node`` (a Dense node of ``plan``'s graph)."""
-    if isinstance(node, str):
-        node = plan.graph.node(node)
-    b = plan.analysis.behaviours[node.name]
+    n = plan.graph.node(node) if isinstance(node, str) else node
+    b = plan.analysis.behaviours[n.name]
     if not isinstance(b, ops.Dense):
-        raise TypeError(f"{node.describe()} is not a dense layer")
-    return DenseWeight.of(node, b)
+        raise TypeError(f"{n.describe()} is not a dense layer")
+    return DenseWeight.of(n, b)
 
 
 def dense_nodes(graph: Graph, behaviours) -> list[tuple[Node, DenseWeight]]:

@@ -174,7 +174,7 @@ def spread(path: list[dict], n: int = CANDIDATES) -> list[dict]:
     sizes = sorted(by_size)
     if len(sizes) <= n:
         return [by_size[b] for b in sizes]
-    logs, picks = np.log(sizes), []
+    logs, picks = np.log(sizes), list[int]()
     for j, target in enumerate(np.linspace(logs[0], logs[-1], n)):  # nearest size not taken, room left for the rest
         first = picks[-1] + 1 if picks else 0
         picks.append(min(range(first, len(sizes) - (n - j) + 1), key=lambda i: abs(logs[i] - target)))

@@ -313,7 +313,7 @@ def split_constraints(plan: Plan) -> dict[int, dict[str, np.ndarray]]:
     Concat joins) land in one group, so every tensor they appear in is a constraint."""
 
     a = plan.analysis
-    tensors = {}
+    tensors: dict[bytes, tuple[str, np.ndarray]] = {}  # one per distinct class vector
     for t, layout in plan.layouts.items():
         if layout == "S":
             tensors.setdefault(a.classes[t].tobytes(), (t, a.classes[t]))
@@ -406,7 +406,7 @@ def _repair(assignment: dict[int, int], counts: dict[int, dict[str, int]], load:
     def improve(t: str, p: int) -> bool:
         over = load[t][p] > hi[t][p]
         members = [c for c in counts if t in counts[c] and (assignment[c] == p) == over]
-        best = (1e-9, None)
+        best: tuple[float, tuple[int, int] | None] = (1e-9, None)
         for c in members:
             src = assignment[c]
             for q in ([q for q in range(k) if q != src] if over else [p]):
@@ -455,10 +455,12 @@ def _balance_exactly(counts: dict[int, dict[str, int]], size: dict[str, int], k:
     n, nt = len(classes), len(tensors)
     nx, ns = n * k, 2 * nt * k                      # x[c, b], then slack over/under per (t, b)
     rows = lil_matrix((n + 2 * nt * k, nx + ns))
-    lower, upper = [], []
+    lower: list[float] = []
+    upper: list[float] = []
     for i in range(n):
         rows[i, i * k:(i + 1) * k] = 1
-        lower.append(1), upper.append(1)
+        lower.append(1)
+        upper.append(1)
     t_index = {t: j for j, t in enumerate(tensors)}
     for i, c in enumerate(classes):
         for t, m in counts[c].items():
@@ -470,14 +472,16 @@ def _balance_exactly(counts: dict[int, dict[str, int]], size: dict[str, int], k:
             rows[r, nx + 2 * (j * k + b)] = -1      # over
             rows[r, nx + 2 * (j * k + b) + 1] = 1   # under
             lo, hi = _bounds(size[t], w)
-            lower.append(int(lo[b])), upper.append(int(hi[b]))
+            lower.append(int(lo[b]))
+            upper.append(int(hi[b]))
     for j, t in enumerate(tensors):  # hard: a branch without channels of a split tensor cannot run
         for b in range(k):
             r = n + nt * k + j * k + b
             for i, c in enumerate(classes):
                 if t in counts[c]:
                     rows[r, i * k + b] = counts[c][t]
-            lower.append(1 if size[t] >= k else 0), upper.append(np.inf)
+            lower.append(1 if size[t] >= k else 0)
+            upper.append(np.inf)
     cost = np.concatenate([np.zeros(nx), np.ones(ns)])
     result = milp(cost, constraints=LinearConstraint(rows.tocsr(), lower, upper),
                   integrality=np.concatenate([np.ones(nx), np.zeros(ns)]),

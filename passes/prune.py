@@ -49,7 +49,7 @@ import numpy as np
 
 from lcpc import ops
 from lcpc.analysis import analyse, channel_inputs
-from lcpc.calibrate import run_graph
+from lcpc.calibrate import run_graph_values
 from lcpc.errors import LcpcError
 from lcpc.ir import Graph, Node
 from lcpc.passes.layouts import assign_layouts
@@ -102,7 +102,7 @@ def run(plan: Plan, ratio: float, calib: np.ndarray | None = None, reconstruct: 
     record = Pruning(float(ratio), "weight+activation" if calib is not None else "weight", _names(plan, removed),
                      reconstructed=calib is not None and reconstruct and bool(removed))
     pruned = apply(plan, record)
-    if record.reconstructed:
+    if record.reconstructed and calib is not None:
         pruned = reconstructed(plan.graph, pruned, record, calib)
     return pruned, record
 
@@ -134,8 +134,8 @@ def reconstruct_consumers(original: Graph, pruned: Plan, calib: np.ndarray, keep
         w = g.constants[view.weight]
         if node.op == "Conv" and (w.ndim != 4 or node.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID")):
             continue
-        x = run_graph(g, calib, [x_name])[0]
-        y = run_graph(original, calib, [y_name])[0]
+        x = run_graph_values(g, calib, [x_name])[0]
+        y = run_graph_values(original, calib, [y_name])[0]
         if y.shape[1] != g.info(y_name).shape[1]:  # the layer lost output channels too
             y = y[:, keep[y_name]]
         p = im2col(x, w.shape[2:], node.attr("strides", [1, 1]), node.attr("dilations", [1, 1]),
@@ -155,7 +155,7 @@ def reconstruct_consumers(original: Graph, pruned: Plan, calib: np.ndarray, keep
         w = np.array(w, copy=True)
         view.put_matrix(w, out_idx, in_idx, coef.astype(w.dtype))
         updates = {view.weight: w}
-        if has_bias:
+        if has_bias and view.bias is not None:
             bias = g.constants[view.bias]
             updates[view.bias] = sol[-1].reshape(bias.shape).astype(bias.dtype)
         g = g.with_constants(updates)
@@ -212,14 +212,15 @@ def _sliceable_use(node: Node, t: str, g: Graph, a) -> bool:
 def importance(plan: Plan, classes: list[int], calib: np.ndarray | None) -> dict[int, float]:
     g, a = plan.graph, plan.analysis
     wanted = set(classes)
-    score = defaultdict(float)
+    score: dict[int, float] = defaultdict(float)
     producers = [n for n in g.nodes if isinstance(a.behaviours[n.name], (ops.Dense, ops.Grouped))
                  and n.outputs[0] in a.classes]
     for n in producers:
         cls = a.classes[n.outputs[0]]
         w = g.constants[n.inputs[1]]
-        if isinstance(a.behaviours[n.name], ops.Dense):
-            rows = DenseWeight.of(n, a.behaviours[n.name]).oi(w)
+        behaviour = a.behaviours[n.name]
+        if isinstance(behaviour, ops.Dense):
+            rows = DenseWeight.of(n, behaviour).oi(w)
         else:
             rows = w if n.op != "ConvTranspose" else np.swapaxes(w, 0, 1)
         energy = (np.asarray(rows, np.float64) ** 2).reshape(rows.shape[0], -1).sum(axis=1)
@@ -232,8 +233,8 @@ def importance(plan: Plan, classes: list[int], calib: np.ndarray | None) -> dict
     if calib is not None:
         outs = [n.outputs[0] for n in producers]
         step = g.info(g.inputs[0]).shape[0]
-        values = run_graph(masked_graph(plan), calib[:ACT_SAMPLES * step], outputs=outs)
-        act = defaultdict(float)
+        values = run_graph_values(masked_graph(plan), calib[:ACT_SAMPLES * step], outs)
+        act: dict[int, float] = defaultdict(float)
         for t, v in zip(outs, values):
             axis = a.axis(t)
             mean = np.abs(np.moveaxis(v, axis, 0)).reshape(v.shape[axis], -1).mean(axis=1).astype(np.float64)
@@ -273,7 +274,7 @@ def _names(plan: Plan, removed: set[int]) -> dict[str, list[int]]:
 def prune_graph(graph: Graph, analysis, record: Pruning) -> tuple[Graph, dict[str, np.ndarray]]:
     """``graph`` without the classes ``record`` names, and per channel-carrying tensor the
     indices of the channels it keeps."""
-    removed = set()
+    removed: set[int] = set()
     for t, idx in record.removed.items():
         if t not in analysis.classes or max(idx, default=-1) >= len(analysis.classes[t]):
             raise LcpcError(f"pruning record names channels of '{t}' that this model does not have")
@@ -291,7 +292,7 @@ def apply(plan: Plan, record: Pruning) -> Plan:
     graph, keep = prune_graph(plan.graph, a, record)
     analysis = analyse(graph)
     layouts, decisions = assign_layouts(graph, analysis, plan.k)
-    branch_of_class = {}
+    branch_of_class: dict[int, int] = {}
     for t, cls in analysis.classes.items():
         if layouts.get(t) != "S":
             continue
@@ -312,11 +313,11 @@ def apply(plan: Plan, record: Pruning) -> Plan:
 
 def _slice_graph(g: Graph, a, keep: dict[str, np.ndarray]) -> Graph:
     constants = dict(g.constants)
-    uses = defaultdict(int)
+    uses: dict[str, int] = defaultdict(int)
     for n in g.nodes:
-        for i in n.inputs:
-            if i in g.constants:
-                uses[i] += 1
+        for name in n.inputs:
+            if name in g.constants:
+                uses[name] += 1
     nodes = []
 
     def put(node: Node, pos: int, value: np.ndarray) -> None:
@@ -340,7 +341,7 @@ def _slice_graph(g: Graph, a, keep: dict[str, np.ndarray]) -> Graph:
                 w = view.cols(w, keep[node.inputs[0]])
             if not full(out):
                 w = view.rows(w, keep[out])
-                if view.bias is not None and g.constants[view.bias].size > 1:
+                if view.bias is not None and b.bias is not None and g.constants[view.bias].size > 1:
                     bias = g.constants[view.bias]
                     put(node, b.bias, np.take(bias, keep[out], axis=bias.ndim - 1))
             put(node, b.weight, w)

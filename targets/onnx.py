@@ -6,8 +6,13 @@ Guarantees:
 - the folder appears atomically: files are written to a temporary sibling folder that
   is renamed into place only when everything succeeded; an existing non-empty folder
   is replaced only with ``force=True`` (a file or a symlink at ``out`` never is); on
-  any failure nothing is left behind (nor the parent folders this call created) and
-  an existing folder is untouched; the folder gets the usual permissions (umask);
+  any failure, Ctrl-C or SIGTERM included (the CLI turns SIGTERM into an exception),
+  nothing is left behind (nor the parent folders this call created) and an existing
+  folder is untouched; the cleanup and the rename into place finish before a signal acts
+  (``safety.signals_deferred``); the folder gets the usual permissions (umask);
+- two writers of the same ``out`` at once: without ``force`` the rename into place is the
+  check (a directory is only renamed onto an empty one), so one folder lands whole and the
+  other writer ends in an ``LcpcError`` saying so; with ``force`` the last one wins whole;
 - the manifest is validated against the shipped schema before it is written;
 - a program whose input travels raw (``Program.raw``) records it as ``source.feeds``
   (the uint8 image the runtime is fed) next to the preprocessing the stages apply.
@@ -15,10 +20,13 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import secrets
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,48 +35,61 @@ import onnx
 
 from lcpc import __version__
 from lcpc.errors import LcpcError
+from lcpc.images import FORMATS
 from lcpc.ir import Graph, to_onnx
 from lcpc.lower import Program
 from lcpc.perf.costs import data_parallel_bytes, graph_costs, pipeline_bytes
 from lcpc.plan import HEAD, Action, Plan
 from lcpc.runtime.manifest import MANIFEST, VERSION, validate
+from lcpc.safety import signals_deferred
 
 
 def write(plan: Plan, program: Program, out: str | Path, *, force: bool = False,
           exact_bytes: int | None = None, preprocessing: dict | None = None, speeds: list[float] | None = None,
           fidelity: dict | None = None, compression: dict | None = None,
-          original: Graph | None = None) -> dict[str, Any]:
+          original: Graph | None = None, broadcast: str = "p2p") -> dict[str, Any]:
     """Write ``program`` to folder ``out``; returns the manifest. ``exact_bytes`` is the
     traffic of the same model under ``--sync all`` (for the comparison table);
     ``fidelity`` holds measured accuracy figures (recovery), if any; ``speeds`` the devices'
     relative compute speeds (heterogeneous plans), recorded per device; ``compression`` the
     pruning record and the comparison of compressed variants (``lcpc.compress``), if any;
-    ``original`` the model before pruning (default: the plan's graph), for the totals."""
-    out = Path(out)
+    ``original`` the model before pruning (default: the plan's graph), for the totals; ``broadcast``
+    how the model input reaches its receivers (``p2p`` or ``tree``)."""
+    with new_folder(Path(out), force) as tmp:
+        return _write_files(plan, program, tmp, exact_bytes, preprocessing, fidelity, speeds, compression,
+                            original, broadcast)
+
+
+@contextlib.contextmanager
+def new_folder(out: Path, force: bool = False) -> Iterator[Path]:
+    """A temporary sibling of ``out`` to write into, renamed to ``out`` when the block succeeds (``write``'s
+    rules for ``out``: atomic, an existing non-empty folder replaced only with ``force``); on any failure it
+    is removed, with the parent folders this call created, and an existing ``out`` is untouched."""
     check_out(out, force)
     created = _make_parents(out.parent)
     tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(6)}"
     tmp.mkdir()  # mode 0777 less the umask, unlike mkdtemp's 0700, which would follow the folder to devices
     try:
-        manifest = _write_files(plan, program, tmp, exact_bytes, preprocessing, fidelity, speeds, compression,
-                                original)
-        _replace(tmp, out)
+        yield tmp
+        with signals_deferred():
+            _replace(tmp, out, force)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for folder in created:  # deepest first; only the ones this call made, and only if empty
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        with signals_deferred():
+            shutil.rmtree(tmp, ignore_errors=True)
+            for folder in created:  # deepest first; only the ones this call made, and only if empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
         raise
-    return manifest
 
 
 def move(folder: Path, out: Path, force: bool = False) -> dict[str, Any]:
     """Move a written folder to ``out`` whole (``write``'s rules for ``out``); returns its manifest."""
     check_out(out, force)
     _make_parents(out.parent)
-    _replace(folder, out)
+    with signals_deferred():
+        _replace(folder, out, force)
     return json.loads((out / MANIFEST).read_text())
 
 
@@ -81,17 +102,37 @@ def check_out(out: Path, force: bool) -> None:
 
 
 def _make_parents(parent: Path) -> list[Path]:
+    """Create the missing folders above ``out``; returns the ones this call made, deepest first
+    (another writer making the same folder at the same time is fine)."""
     missing = []
     while not parent.exists():
         missing.append(parent)
         parent = parent.parent
+    made = []
     for folder in reversed(missing):
-        folder.mkdir()
-    return missing
+        try:
+            folder.mkdir()
+            made.append(folder)
+        except FileExistsError:
+            if not folder.is_dir():
+                raise
+    return made[::-1]
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and put back if that fails."""
+def _replace(tmp: Path, out: Path, force: bool) -> None:
+    """Rename ``tmp`` to ``out``. Without ``force`` the rename itself refuses an ``out`` that is not
+    an empty folder (another writer got there first); with it, an existing ``out`` is moved aside
+    first and put back if the rename fails (unless another writer's folder took its place)."""
+    if not force:
+        try:
+            tmp.rename(out)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise LcpcError(f"{out}: another process wrote this folder while lcpc was writing it; it is left "
+                                f"as it is (choose another folder, or pass --force to replace it)") from None
+            raise
+        return
+    check_out(out, force)  # again: a file or a symlink put there meanwhile is never replaced
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
@@ -100,7 +141,10 @@ def _replace(tmp: Path, out: Path) -> None:
         tmp.rename(out)
     except BaseException:
         if old is not None:
-            old.rename(out)
+            if out.exists():  # another writer's folder took the place: the old one was to go anyway
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.rename(out)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -108,7 +152,8 @@ def _replace(tmp: Path, out: Path) -> None:
 
 def _write_files(plan: Plan, program: Program, folder: Path, exact_bytes: int | None,
                  preprocessing: dict | None, fidelity: dict | None, speeds: list[float] | None = None,
-                 compression: dict | None = None, original: Graph | None = None) -> dict[str, Any]:
+                 compression: dict | None = None, original: Graph | None = None,
+                 broadcast: str = "p2p") -> dict[str, Any]:
     producer = {}
     for s in program.stages:
         for o in s.graph.outputs:
@@ -144,14 +189,19 @@ def _write_files(plan: Plan, program: Program, folder: Path, exact_bytes: int | 
             "peak_activation_bytes": costs.peak_activation_bytes,
             **({"format": s.format.as_dict()} if s.format is not None else {}),
         })
+    encoded = program.raw is not None and program.raw.encoded
     transfers = [{
         "id": n, "tensor": t.tensor, "kind": t.kind,
         "from": {"device": t.src, "name": t.src_name, "stage": producer.get((t.src, t.src_name))},
         "to": {"device": t.dst, "name": t.dst_name, "stage": receiver.get((t.dst, t.dst_name))},
-        "dtype": t.info.dtype.name, "shape": list(t.info.shape), "bytes": t.nbytes, "level": t.level,
+        "dtype": t.info.dtype.name, "shape": list(t.info.shape), "level": t.level,
+        **({"bytes": nominal_encoded_bytes(t.nbytes), "encoded": True} if encoded and t.kind == "input" else
+           {"bytes": t.coded_bytes, "coding": "deflate"} if t.coded_bytes is not None else {"bytes": t.nbytes}),
         **({"quantization": t.quant.as_dict()} if t.quant is not None else {}),
     } for n, t in enumerate(program.transfers)]
     manifest = build_manifest(plan, program, stages, transfers, exact_bytes, preprocessing, original)
+    manifest["degrade"] = degrade_section(program, plan.k)
+    manifest["broadcast"] = broadcast
     manifest["fidelity"] = fidelity
     for device, speed in zip(manifest["devices"], speeds or []):
         device["speed"] = float(speed)
@@ -160,6 +210,40 @@ def _write_files(plan: Plan, program: Program, folder: Path, exact_bytes: int | 
     validate(manifest)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+ENCODED_RATIO = 10  # a photo's JPEG is about a tenth of its raw pixels: the nominal size of an encoded input
+
+
+def nominal_encoded_bytes(raw_bytes: int) -> int:
+    """The nominal size of an encoded image on the wire (``lcpc report --images`` measures it)."""
+    return max(raw_bytes // ENCODED_RATIO, 1)
+
+
+def degrade_section(program: Program, k: int) -> dict[str, Any]:
+    """The manifest's ``degrade``: the head stage that merges the branches and every branch's
+    contribution to it, when each non-head device receives only the model input and sends only
+    its contributions (``lcpc.runtime.degrade`` answers without it then); else why not."""
+    def refuse(why: str) -> dict[str, Any]:
+        return {"stage": None, "why": why}
+
+    names = {c.name for c in program.contributions}
+    if not names:
+        return refuse("no layer is merged at the head (the model has no classifier on split channels)")
+    if any(t.quant is not None for t in program.transfers):
+        return refuse("the contributions travel as int8 (--wire int8); convert with --wire fp32")
+    merging = [s for s in program.stages if s.device == HEAD and names & set(s.graph.inputs)]
+    if len(merging) != 1 or not names <= set(merging[0].graph.inputs):
+        return refuse("the merged layers' contributions feed more than one stage of the head")
+    for t in program.transfers:
+        if t.kind != "input" and not (t.dst == HEAD and t.dst_name in names):
+            return refuse(f"the branches exchange '{t.tensor}' (dev{t.src} -> dev{t.dst}, {t.kind}) before the "
+                          f"classifier merge; only branches that meet nowhere else (--sync none) can answer with "
+                          f"one missing")
+    if any(not any(s.device == d for s in program.stages) for d in range(1, k)):
+        return refuse("a device runs no stage")
+    return {"stage": merging[0].id, "inputs": [{"name": c.name, "device": c.branch, "layer": c.layer,
+                                                 "share": c.share} for c in program.contributions]}
 
 
 def tensor_entry(name: str, shape, dtype, source: dict | None = None) -> dict[str, Any]:
@@ -173,7 +257,7 @@ def build_manifest(plan: Plan, program: Program, stages: list, transfers: list, 
                    preprocessing: dict | None, original_graph: Graph | None = None) -> dict[str, Any]:
     g = plan.graph
     original = graph_costs(original_graph if original_graph is not None else g)
-    per_device = {}
+    per_device: dict[int, dict[str, int]] = {}
     for s in stages:
         d = per_device.setdefault(s["device"], {"flops": 0, "params": 0})
         d["flops"] += s["flops"]
@@ -209,6 +293,9 @@ def build_manifest(plan: Plan, program: Program, stages: list, transfers: list, 
             "preprocessing": preprocessing if program.raw is None else program.raw.prep.to_dict(),
             **({} if program.raw is None else
                {"feeds": [tensor_entry(program.raw.name, g.info(program.raw.name).shape, "uint8")]}),
+            **({"encoded": {"formats": list(FORMATS), "nominal_bytes": nominal_encoded_bytes(
+                g.info(program.raw.name).nbytes // g.info(program.raw.name).dtype.itemsize)}}
+               if program.raw is not None and program.raw.encoded else {}),
         },
         "branches": plan.k,
         "sync": {"policy": plan.sync_policy, "partition": plan.partition_method,

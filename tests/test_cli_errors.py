@@ -110,7 +110,7 @@ def test_recover_recipe_options_need_distillation(tmp_path):
     for option, value in (("--views", "0"), ("--temperature", "0")):
         result = CliRunner().invoke(main, ["recover", str(folder), "--data", str(tmp_path / "x.npy"), "--epochs", "1",
                                            option, value, "-o", str(out)])
-        assert_clean_failure(result, out, "views >= 1, learning rate and temperature > 0")
+        assert_clean_failure(result, out, f"{option.lstrip('-')} {value}", f"({option})")
 
 
 def test_auto_sync_recover_refuses_raw_uint8_data(tmp_path):

@@ -1,9 +1,9 @@
-"""Issue 5, done-means 3: fuzz the model loader and the manifest reader.
+"""Issue 5, done-means 3 (and issue 25): fuzz everything lcpc reads from elsewhere.
 
-Three hypothesis fuzzers, each asserting that the code under test either returns a
+Hypothesis fuzzers, each asserting that the code under test either returns a
 result or raises ``LcpcError`` with a non-empty one-line message — any other exception
 type is a bug, and a hang is stopped by a per-example watchdog that dumps the stack and
-fails the run:
+fails the run; the issue-25 fuzzers also fail on any Python warning:
 
 - ``frontend.load`` on byte mutations (bit flips, truncations, splices, overwrites) of
   the small valid corpus models;
@@ -14,7 +14,13 @@ fails the run:
   opened;
 - ``manifest.read`` (and, when it accepts, ``LocalEngine`` and one run) on mutated
   manifests: JSON values replaced, removed, duplicated or swapped, and raw text edits;
-- when atheris is installed, coverage-guided fuzzing of both (``fuzz_atheris.py``).
+- ``devices.load`` on mutated ``devices.yaml`` files (the corpus's, with anchors, aliases, merge
+  keys, brackets, tags and edge numbers spliced in);
+- ``parse_preprocessing`` on specs built from edge keys and values; an accepted spec must
+  normalise the darkest and brightest pixels to finite numbers without a warning;
+- ``load_folder`` on mutated JPEG and PNG bytes (header sizes included);
+- when atheris is installed, coverage-guided fuzzing of the model loader and the manifest reader
+  (``fuzz_atheris.py``).
 
 CI runs a fixed, derandomised set of examples (well under a minute on 2 cores).
 ``LCPC_FUZZ_EXAMPLES=N`` runs N fresh random examples per fuzzer instead.
@@ -30,6 +36,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +50,10 @@ from onnx import numpy_helper
 from lcpc import frontend
 from lcpc.runtime import manifest as mf
 from lcpc import pipeline
+from lcpc.cli import parse_preprocessing
 from lcpc.errors import LcpcError
+from lcpc.images import Preprocessing, load_folder
+from lcpc.perf import devices
 from lcpc.runtime.local import LocalEngine
 
 CORPUS = Path(__file__).resolve().parent / "corpus" / "models"
@@ -77,11 +87,15 @@ def fuzz_settings(examples: int):
                     suppress_health_check=list(HealthCheck), print_blob=True)
 
 
-def outcome(call) -> str:
-    """Run ``call`` under the watchdog: 'ok', or 'refused' for an LcpcError with a proper message."""
+def outcome(call, quiet: bool = False) -> str:
+    """Run ``call`` under the watchdog: 'ok', or 'refused' for an LcpcError with a proper message;
+    ``quiet``: a Python warning is an error too."""
     faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)
     try:
-        call()
+        with warnings.catch_warnings():
+            if quiet:
+                warnings.simplefilter("error")
+            call()
         return "ok"
     except LcpcError as exc:
         message = str(exc)
@@ -331,6 +345,139 @@ def test_manifest_read_survives_mutations(converted, data):
     finally:
         (folder / "manifest.json").write_text(text)
     count("manifest", result)
+
+
+# ----------------------------------------------------------------------------- devices files
+ACCEPTED_DEVICES = ("good.yaml", "alias_ok.yaml", "speeds_at_the_limits.yaml", "empty.yaml")
+DEVICE_SEEDS = sorted((CORPUS.parent / "devices").iterdir()) + [CORPUS.parent / "devices" / f
+                                                                for f in ACCEPTED_DEVICES * 8]
+YAML_PIECES = [b"&a ", b"*a", b"&b [*a, *a, *a, *a]", b"<<: *a\n", b"[", b"]", b"{", b"}", b"- ", b": ", b", ",
+               b"\n", b"  ", b"? ", b"---\n", b"%YAML 1.1\n", b"!!python/object/apply:os.system ", b"!!binary ",
+               b"!!float ", b"1e308", b"1e-300", b"1e6", b"1e-6", b".nan", b".inf", b"-1", b"0", b"9" * 400, b"x",
+               b"bit", b"Gbit/s", b"ms", b"us", b"dev0", b"dev9", b"speed", b"resource", b"bandwidth", b"latency",
+               b"route", b"ray", b"devices", b"links", b"default", b"overhead", b"'", b'"', b"\xff", b"\x00",
+               b"\x1b[2J", b"\t"]
+
+
+@st.composite
+def mutated_yaml(draw) -> bytes:
+    data = bytearray(draw(st.sampled_from(DEVICE_SEEDS)).read_bytes())
+    for _ in range(draw(st.integers(1, 3))):
+        pos = draw(st.integers(0, len(data)))
+        kind = draw(st.sampled_from(["insert", "insert", "insert", "delete", "flip", "repeat"]))
+        if kind == "insert":
+            data[pos:pos] = draw(st.sampled_from(YAML_PIECES))
+        elif kind == "delete":
+            del data[pos:pos + draw(st.integers(1, 16))]
+        elif kind == "flip" and pos < len(data):
+            data[pos] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "repeat":
+            data[pos:pos] = data[pos:pos + draw(st.integers(1, 24))] * draw(st.integers(2, 40))
+    return bytes(data)
+
+
+def _load_devices(path: Path) -> None:
+    """Load ``path``; what it accepts lies in range (``devices.RANGES``)."""
+    net = devices.load(path)
+    net.check_names(["dev0", "dev1", "dev2", "dev3"])
+    for d in net.devices.values():
+        assert 1e-6 <= d.speed <= 1e6 and isinstance(d.resource, str), d
+    for link in [net.default_link, *net.links.values()]:
+        assert 1e3 / 8 <= link.bandwidth <= 1e15 / 8 and 1e-9 <= link.latency <= 3600, link
+
+
+@fuzz_settings(300)
+@given(data=mutated_yaml())
+def test_devices_file_survives_mutations(tmp_path_factory, data):
+    path = tmp_path_factory.getbasetemp() / "fuzz-devices.yaml"
+    path.write_bytes(data)
+    count("devices", outcome(lambda: _load_devices(path), quiet=True))
+
+
+# ----------------------------------------------------------------------------- preprocessing specs
+NUMBERS = ["0", "-1", "nan", "inf", "-inf", "1e-300", "1e308", "1e-45", "1e-3", "1e5", "65504", "abc", "", "9" * 30]
+SPEC_VALUES = {  # per key: values it takes, then edge values
+    "size": ["8x8", "8", "224x224", "1x1", "16384x1", "0x8", "-1", "1e3", "8x", "100000x100000", "16385", "x"],
+    "mean": ["0", "127", "0.485/0.456/0.406", "1/2", "1/2/3/4", *NUMBERS],
+    "std": ["1", "128", "0.229/0.224/0.225", "0/1/1", *NUMBERS],
+    "scale": ["1", "0.00392", *NUMBERS], "crop_fraction": ["0.875", "1", "1e-4", "1.5", *NUMBERS],
+    "resize": ["stretch", "shorter_side", "crop"], "interpolation": ["bicubic", "nearest", "lanczos"],
+    "layout": ["NCHW", "NHWC", "CHW"], "channels": ["RGB", "BGR", "L", "RGBA"],
+    "dtype": ["float16", "float32", "float64", "int8"], "colour": ["RGB"], "": ["1"], " size ": ["8x8"]}
+
+
+@st.composite
+def preprocess_specs(draw) -> str:
+    keys = (["size"] if draw(st.integers(0, 9)) else []) + draw(st.lists(st.sampled_from(list(SPEC_VALUES)),
+                                                                        max_size=4))
+    items = []
+    for key in keys:
+        values = SPEC_VALUES[key]
+        value = values[0] if draw(st.integers(0, 2)) == 0 else draw(st.sampled_from(values))
+        items.append(f"{key}{'=' if draw(st.integers(0, 19)) else draw(st.sampled_from(['', '==', ' = ']))}{value}")
+    return ",".join(items)
+
+
+def _normalise_extremes(spec: str) -> None:
+    """Parse ``spec``; when accepted, the darkest and brightest pixels normalise to finite numbers."""
+    prep = Preprocessing.from_dict(parse_preprocessing(spec))
+    c, (h, w) = prep.num_channels, prep.size
+    raw = np.zeros((2, c, 1, 1) if prep.layout == "NCHW" else (2, 1, 1, c), np.uint8)
+    raw[1] = 255
+    x = prep.normalize(raw)
+    assert np.isfinite(x).all() and x.dtype == np.dtype(prep.dtype), (spec, x)
+    assert prep.input_shape(1) in ((1, c, h, w), (1, h, w, c))
+
+
+@fuzz_settings(300)
+@given(spec=preprocess_specs())
+def test_preprocess_specs_are_parsed_or_refused(spec):
+    count("preprocess", outcome(lambda: _normalise_extremes(spec), quiet=True))
+
+
+# ----------------------------------------------------------------------------- image files
+def _image_seeds() -> list[bytes]:
+    from corpus.build import JPEG, png
+    return [png(8, 8), png(5, 3), JPEG]
+
+
+IMAGE_SEEDS = _image_seeds()
+
+
+@st.composite
+def mutated_images(draw) -> bytes:
+    data = bytearray(draw(st.sampled_from(IMAGE_SEEDS)))
+    for _ in range(draw(st.integers(1, 3))):
+        if not data:
+            break
+        pos = draw(st.integers(0, len(data) - 1))
+        kind = draw(st.sampled_from(["flip", "flip", "overwrite", "truncate", "delete", "duplicate", "size"]))
+        if kind == "flip":
+            data[pos] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "overwrite":
+            chunk = draw(st.sampled_from([b"\xff\xff", b"\x00\x00", b"\xff\xd9", b"\xff\xda", b"IEND", b"IDAT"])
+                         | st.binary(min_size=1, max_size=6))
+            data[pos:pos + len(chunk)] = chunk
+        elif kind == "truncate":
+            del data[pos:]
+        elif kind == "delete":
+            del data[pos:pos + draw(st.integers(1, 16))]
+        elif kind == "duplicate":
+            data[pos:pos] = data[pos:pos + draw(st.integers(1, 32))]
+        else:  # a header size: PNG's IHDR width/height, or a JPEG frame's
+            at = 16 + 4 * draw(st.integers(0, 1)) if data[:4] == b"\x89PNG" else max(data.find(b"\xff\xc0"), 0) + 5
+            data[at:at + 4] = draw(st.sampled_from([0, 1, 255, 40_000, 65_535, 2**31 - 1, 2**32 - 1])).to_bytes(4, "big")
+    return bytes(data)
+
+
+@fuzz_settings(200)
+@given(data=mutated_images(), name=st.sampled_from(["x.png", "x.jpg"]))
+def test_image_folder_survives_mutations(tmp_path_factory, data, name):
+    folder = tmp_path_factory.getbasetemp() / "fuzz-images"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    (folder / name).write_bytes(data)
+    count("images", outcome(lambda: load_folder(folder, Preprocessing(size=(8, 8))), quiet=True))
 
 
 # ----------------------------------------------------------------------------- atheris (optional)

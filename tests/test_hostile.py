@@ -76,7 +76,8 @@ def test_corpus_is_reproducible(tmp_path):
     built = {path.relative_to(tmp_path) for path in build.build(tmp_path)}
     for rel in built:
         assert (CORPUS / rel).read_bytes() == (tmp_path / rel).read_bytes(), f"{rel}: rerun tests/corpus/build.py"
-    committed = {p.relative_to(CORPUS) for sub in ("models", "inputs") for p in (CORPUS / sub).iterdir()}
+    committed = {p.relative_to(CORPUS) for sub in ("models", "inputs", "devices", "images", "options")
+                 for p in (CORPUS / sub).iterdir()}
     assert committed <= built, f"stale corpus files: {sorted(map(str, committed - built))}"
 
 

@@ -39,7 +39,7 @@ def test_the_runtime_loads_nothing_of_the_compiler(tmp_path):
     code = f"""
 import numpy as np
 import lcpc
-from lcpc.runtime import bench, deployment, engine, feeds, local, manifest, order, serving, session
+from lcpc.runtime import bench, deployment, engine, feeds, local, manifest, mpi, order, serving, session
 from lcpc.perf import devices, measured, network
 np.save({str(x)!r}, np.zeros((2, 1, 8, 8), np.float32))
 with lcpc.Deployment({str(tmp_path / 'out')!r}) as dep:

@@ -127,3 +127,84 @@ def test_compiled_graph_dead_actor_is_one_clear_error(local_ray, folders):  # no
             engine.run({"input": x})
     finally:
         engine.close()
+
+
+def test_deadline_answers_without_a_dead_actor_and_rebuilds_it(local_ray, folders):  # noqa: F811
+    """--deadline: a branch actor killed mid-stream is left out at once (the answer equals the local
+    engine's without that device), rebuilt in the background, and the answers are exact again."""
+    import time
+
+    from lcpc.runtime.local import LocalEngine
+
+    folder = folders[("digits", "none")]
+    x = np.random.default_rng(2).standard_normal((4, 1, 8, 8)).astype(np.float32)
+    with LocalEngine(folder) as local:
+        want = local.run({"input": x})["logits"]
+        without = {d: local.run({"input": x}, without=[d])["logits"] for d in ("dev1", "dev2")}
+    engine = RayEngine(folder, timeout=60, deadline=5.0)
+    try:
+        stats = Stats()
+        np.testing.assert_allclose(engine.run({"input": x}, stats, request="a")["logits"], want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(engine.run({"input": x}, stats, request="b", without=["dev1"])["logits"],
+                                   without["dev1"], rtol=1e-5, atol=1e-5)
+        local_ray.kill(engine.actors[2], no_restart=True)
+        got = engine.run({"input": x}, stats, request="c")["logits"]
+        np.testing.assert_allclose(got, without["dev2"], rtol=1e-5, atol=1e-5)
+        assert stats.degraded == {"b": ("dev1",), "c": ("dev2",)}
+        for i in range(100):  # the new actor answers within seconds; until then requests leave dev2 out
+            got = engine.run({"input": x[:1]}, stats, request=f"d{i}")["logits"]
+            if f"d{i}" not in stats.degraded:
+                break
+            time.sleep(0.1)
+        np.testing.assert_allclose(got, want[:1], rtol=1e-5, atol=1e-5)
+        assert engine.rebuilt == ["dev2"]
+    finally:
+        engine.close()
+
+
+def test_image_files_through_a_broadcast_tree_equal_local(local_ray, tmp_path):  # noqa: F811
+    """--input-wire encoded --broadcast tree on Ray: each actor decodes the file it gets (from the head
+    or forwarded by another receiver); the outputs equal the local engine's, and every input transfer
+    counts the file's own bytes."""
+    from PIL import Image
+
+    from lcpc.runtime.feeds import encoded
+    from lcpc.runtime.local import LocalEngine
+
+    convert_model(EXAMPLE, tmp_path / "enc", 4, "none", preprocessing={"size": [8, 8], "channels": "L",
+                                                                       "scale": 0.0625},
+                  input_wire="encoded", broadcast="tree")
+    x = np.load(EXAMPLE.parent / "test.npy")[:3]
+    blobs = []
+    for img in x:
+        out = tmp_path / "digit.png"
+        Image.fromarray(np.rint(img[0] * 16).astype(np.uint8), mode="L").save(out)
+        blobs.append(out.read_bytes())
+    with LocalEngine(tmp_path / "enc") as local:
+        want = [local.run({"input": encoded(b)})["logits"] for b in blobs]
+    engine = RayEngine(tmp_path / "enc", timeout=60)
+    try:
+        assert engine.manifest.broadcast == "tree"
+        for b, w in zip(blobs, want):
+            stats = Stats()
+            np.testing.assert_allclose(engine.run({"input": encoded(b)}, stats)["logits"], w, rtol=1e-5, atol=1e-5)
+            inputs = [t for t in engine.manifest.transfers if t.kind == "input"]
+            assert all(stats.bytes_by_transfer[t.id] == len(b) for t in inputs)
+    finally:
+        engine.close()
+
+
+def test_coded_int8_messages_equal_local(local_ray, tmp_path, digits_calib):  # noqa: F811
+    """--wire int8-channel --wire-code deflate on Ray: senders pack, receivers unpack; the same outputs
+    and the same coded bytes as the local engine, transfer by transfer."""
+    calib, x_test = digits_calib
+    convert_model(EXAMPLE, tmp_path / "coded", 4, "none", calib=calib, wire="int8-channel", wire_code="deflate")
+    want, local_stats, _ = run_folder(tmp_path / "coded", {"input": x_test[:6]})
+    engine = RayEngine(tmp_path / "coded", timeout=60)
+    try:
+        stats = Stats()
+        got = engine.run({"input": x_test[:6]}, stats)
+        np.testing.assert_array_equal(got["logits"], want["logits"])
+        assert dict(stats.bytes_by_transfer) == dict(local_stats.bytes_by_transfer)
+    finally:
+        engine.close()

@@ -287,7 +287,7 @@ def test_views_copy_the_batch(split):
     mirrored, mirrored_once = weights(augment="flip", views=2), weights(augment="flip", views=1)
     assert any(not np.allclose(one[k], mirrored[k], rtol=1e-4, atol=1e-5) for k in one)
     assert any(not np.allclose(mirrored_once[k], mirrored[k], rtol=1e-4, atol=1e-5) for k in one)
-    with pytest.raises(LcpcError, match="views >= 1"):
+    with pytest.raises(LcpcError, match="views 0 must be a whole number from 1"):
         recover.run(plan, x, epochs=1, views=0)
 
 

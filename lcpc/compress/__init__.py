@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +36,7 @@ from lcpc.fidelity import compare as fidelity
 from lcpc.ir import to_onnx
 from lcpc.lower import Program, Stage, Transfer
 from lcpc.perf.costs import graph_costs
+from lcpc.runtime.coding import CODINGS, pack
 from lcpc.runtime.order import RunOrder
 from lcpc.runtime.session import open_session
 
@@ -94,7 +96,8 @@ def run_program(program: Program, data: np.ndarray, keep: set[tuple[int, str]] |
     return np.concatenate(outputs), kept
 
 
-def wire_params(program: Program, data: np.ndarray | None) -> dict[tuple[int, str], wire_format.WireQuant]:
+def wire_params(program: Program, data: np.ndarray | None, per_channel: bool = False
+                ) -> dict[tuple[int, str], wire_format.WireQuant]:
     source = "calibration"
     if data is None:
         spec = next(iter(program.inputs.values()))
@@ -104,8 +107,15 @@ def wire_params(program: Program, data: np.ndarray | None) -> dict[tuple[int, st
     keys = wire_format.sources(program)
     step = next(iter(program.inputs.values())).shape[0]
     _, values = run_program(program, data[:WIRE_SAMPLES * step], set(keys))
-    return {k: wire_format.WireQuant.from_range(min(v.min() for v in values[k]), max(v.max() for v in values[k]),
-                                                source) for k in keys}
+    params = {}
+    for k in keys:
+        v = np.concatenate(values[k])
+        if per_channel and v.ndim >= 2 and v.shape[1] > 1:  # one scale per channel (axis 1)
+            flat = np.moveaxis(v, 1, 0).reshape(v.shape[1], -1)
+            params[k] = wire_format.WireQuant.from_range(flat.min(axis=1), flat.max(axis=1), source, axis=1)
+        else:
+            params[k] = wire_format.WireQuant.from_range(v.min(), v.max(), source)
+    return params
 
 
 def stage_feeds(program: Program, data: np.ndarray) -> dict[str, list[dict[str, np.ndarray]]]:
@@ -120,10 +130,15 @@ def stage_feeds(program: Program, data: np.ndarray) -> dict[str, list[dict[str, 
 
 
 def apply(program: Program, quantize: str | None = None, wire: str = "fp32",
-          calib: np.ndarray | None = None) -> Program:
-    """``program`` with int8 stages (``quantize``) and an int8 wire (``wire``), as asked."""
+          calib: np.ndarray | None = None, code: str = "none") -> Program:
+    """``program`` with int8 stages (``quantize``), an int8 wire (``wire``) and, with ``code``
+    ``deflate``, every int8 message entropy-coded (``runtime.coding``), as asked."""
     if wire not in wire_format.WIRE_FORMATS:
         raise LcpcError(f"--wire {wire}: choose {' or '.join(wire_format.WIRE_FORMATS)}")
+    if code not in CODINGS:
+        raise LcpcError(f"--wire-code {code}: choose {' or '.join(CODINGS)}")
+    if code != "none" and wire == "fp32":
+        raise LcpcError(f"--wire-code {code} codes int8 messages: add --wire int8 or --wire int8-channel")
     if quantize is not None and quantize not in QUANTIZE:
         raise LcpcError(f"--quantize {quantize}: choose {' or '.join(QUANTIZE)}")
     check_calib(program.inputs, calib)
@@ -143,9 +158,28 @@ def apply(program: Program, quantize: str | None = None, wire: str = "fp32",
                 graph, choice = quant.choose(s.graph, candidates, feeds.get(s.id))
             stages.append(replace(s, graph=graph, format=choice))
         program = replace(program, stages=stages)
-    if wire == "int8":
-        program = wire_format.quantize(program, wire_params(program, calib))
+    if wire in ("int8", "int8-channel"):
+        program = wire_format.quantize(program, wire_params(program, calib, per_channel=wire == "int8-channel"))
+    if code == "deflate":
+        program = coded(program, calib)
     return program
+
+
+def coded(program: Program, data: np.ndarray | None) -> Program:
+    """Every transfer whose coding shrinks it entropy-coded, with its mean coded size on (up to
+    ``WIRE_SAMPLES`` planned batches of) ``data``, or, without data, on ``wire.DEFAULT_SAMPLES`` N(0, 1)
+    inputs: the nominal bytes the manifest records (the engines count the real ones). A message that
+    coding would not shrink on that data (a few values: DEFLATE's own bytes outweigh the gain) stays
+    as it is, so coding never adds bytes to a plan."""
+    spec = next(iter(program.inputs.values()))
+    if data is None:
+        data = np.random.default_rng(0).standard_normal(
+            (wire_format.DEFAULT_SAMPLES * spec.shape[0], *spec.shape[1:])).astype(spec.dtype)
+    keys = {(t.src, t.src_name) for t in program.transfers}
+    _, values = run_program(program, data[:WIRE_SAMPLES * spec.shape[0]], keys)
+    size = {k: max(1, round(float(np.mean([pack(v).nbytes for v in values[k]])))) for k in keys}
+    return replace(program, transfers=[replace(t, coded_bytes=size[(t.src, t.src_name)])
+                                       if size[(t.src, t.src_name)] < t.nbytes else t for t in program.transfers])
 
 
 FIDELITY_SAMPLES = 512
@@ -172,8 +206,9 @@ def figures(program: Program) -> dict:
 def compare(variants: dict[str, Program], original, calib: np.ndarray | None) -> dict:
     """The comparison table: the original graph next to each variant, fidelity on ``calib``."""
     c = graph_costs(original)
-    rows = {"original": {"flops": int(c.flops), "max_device_flops": int(c.flops), "weight_bytes": int(c.weight_bytes),
-                         "file_bytes": len(to_onnx(original).SerializeToString()), "wire_bytes": 0}}
+    rows: dict[str, dict[str, Any]] = {"original": {
+        "flops": int(c.flops), "max_device_flops": int(c.flops), "weight_bytes": int(c.weight_bytes),
+        "file_bytes": len(to_onnx(original).SerializeToString()), "wire_bytes": 0}}
     reference = None
     if calib is not None:
         step = next(iter(original.info(i) for i in original.inputs)).shape[0]
@@ -182,7 +217,7 @@ def compare(variants: dict[str, Program], original, calib: np.ndarray | None) ->
         rows["original"]["top1_agreement"] = 1.0
     for name, program in variants.items():
         rows[name] = figures(program)
-        if reference is not None:
+        if reference is not None and calib is not None:
             out, _ = run_program(program, calib)
             f = fidelity(reference, out)
             rows[name]["top1_agreement"] = f["top1_agreement"]

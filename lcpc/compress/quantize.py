@@ -117,9 +117,9 @@ def choose(graph: Graph, candidates: list[str], calib: list[dict[str, np.ndarray
     feeds = calib[0] if calib else {i: np.random.default_rng(0).standard_normal(graph.info(i).shape)
                                     .astype(graph.info(i).dtype) for i in graph.inputs}
     seconds = measure(variants, feeds, repeat)
-    best = min(seconds, key=seconds.get)
+    best = min(seconds, key=lambda f: seconds[f])
     if best == "float":
-        fastest = min((f for f in seconds if f != "float"), key=seconds.get)
+        fastest = min((f for f in seconds if f != "float"), key=lambda f: seconds[f])
         reason = f"int8 would slow it down ({fastest} x{seconds['float'] / seconds[fastest]:.2f}): kept float"
     else:
         reason = f"{best} x{seconds['float'] / seconds[best]:.2f} faster than float"

@@ -33,45 +33,65 @@ from lcpc.lower import Program, Stage
 from lcpc.plan import HEAD
 
 DEFAULT_SAMPLES = 16
-WIRE_FORMATS = ("fp32", "int8")
+WIRE_FORMATS = ("fp32", "int8", "int8-channel")
 
 
 @dataclass(frozen=True)
 class WireQuant:
-    """Affine int8 quantisation of one message: x ~ (q - zero_point) * scale."""
+    """Affine int8 quantisation of one message: x ~ (q - zero_point) * scale, with one scale and zero
+    point for the whole tensor, or (``axis`` set) one per channel along ``axis``."""
 
-    scale: float
-    zero_point: int
+    scale: tuple[float, ...]
+    zero_point: tuple[int, ...]
     dtype: str  # "uint8" | "int8"
     source: str  # "calibration" | "default"
+    axis: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("uint8", "int8"):
             raise ValueError(f"wire quantisation: dtype {self.dtype} is not uint8 or int8")
         lo, hi = (0, 255) if self.dtype == "uint8" else (-128, 127)
-        if not (np.isfinite(self.scale) and self.scale > 0 and lo <= self.zero_point <= hi):
-            raise ValueError(f"wire quantisation: scale {self.scale}, zero point {self.zero_point} invalid "
-                             f"for {self.dtype}")
+        if len(self.scale) != len(self.zero_point) or not self.scale or (self.axis is None) != (len(self.scale) == 1):
+            raise ValueError(f"wire quantisation: {len(self.scale)} scales and {len(self.zero_point)} zero points "
+                             f"for axis {self.axis}")
+        for s, z in zip(self.scale, self.zero_point):
+            if not (np.isfinite(s) and s > 0 and lo <= z <= hi):
+                raise ValueError(f"wire quantisation: scale {s}, zero point {z} invalid for {self.dtype}")
 
     @classmethod
-    def from_range(cls, lo: float, hi: float, source: str) -> WireQuant:
-        lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-        dtype = "uint8" if lo >= 0 else "int8"
+    def from_range(cls, lo: float | np.ndarray, hi: float | np.ndarray, source: str, axis: int | None = None
+                   ) -> WireQuant:
+        """The quantisation of values in [lo, hi] (widened to hold 0): per tensor, or with ``axis`` per
+        channel (``lo`` and ``hi`` one per channel, one dtype for all: uint8 when none goes below 0)."""
+        lo = np.minimum(np.atleast_1d(np.asarray(lo, np.float64)), 0.0)
+        hi = np.maximum(np.atleast_1d(np.asarray(hi, np.float64)), 0.0)
+        dtype = "uint8" if lo.min() >= 0 else "int8"
         qmin, qmax = (0, 255) if dtype == "uint8" else (-128, 127)
         scale = (hi - lo) / (qmax - qmin)
-        if not np.isfinite(scale) or scale <= 0:
-            scale = 1.0
-        zero = int(np.clip(np.round(qmin - lo / scale), qmin, qmax))
-        return cls(float(np.float32(scale)), zero, dtype, source)
+        scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0).astype(np.float32)
+        zero = np.clip(np.round(qmin - lo / scale), qmin, qmax).astype(int)
+        return cls(tuple(float(s) for s in scale), tuple(int(z) for z in zero), dtype, source,
+                   axis if len(scale) > 1 else None)
 
     def as_dict(self) -> dict:
-        return {"scheme": "affine", "scale": self.scale, "zero_point": self.zero_point, "dtype": self.dtype,
-                "range_from": self.source}
+        if self.axis is None:
+            return {"scheme": "affine", "scale": self.scale[0], "zero_point": self.zero_point[0], "dtype": self.dtype,
+                    "range_from": self.source}
+        return {"scheme": "affine", "scale": list(self.scale), "zero_point": list(self.zero_point), "axis": self.axis,
+                "dtype": self.dtype, "range_from": self.source}
+
+    def _along(self, values: tuple, rank: int) -> np.ndarray:
+        v = np.asarray(values)
+        if self.axis is None:
+            return v.reshape(())
+        shape = [1] * rank
+        shape[self.axis] = len(v)
+        return v.reshape(shape)
 
     def quantize(self, x: np.ndarray) -> np.ndarray:
         """What QuantizeLinear computes (round half to even, saturate)."""
         info = np.iinfo(self.dtype)
-        q = np.rint(x / np.float32(self.scale)) + self.zero_point
+        q = np.rint(x / self._along(self.scale, x.ndim).astype(np.float32)) + self._along(self.zero_point, x.ndim)
         return np.clip(q, info.min, info.max).astype(self.dtype)
 
 
@@ -121,8 +141,8 @@ def quantize(program: Program, params: dict[tuple[int, str], WireQuant]) -> Prog
                                  dst_name=dst, info=info, quant=q))
     for s in stages:
         s.graph.reindex()
-    return Program(sorted(stages, key=lambda s: (s.level, s.device)), transfers, dict(program.outputs),
-                   dict(program.inputs))
+    return replace(program, stages=sorted(stages, key=lambda s: (s.level, s.device)), transfers=transfers,
+                   outputs=dict(program.outputs), inputs=dict(program.inputs))
 
 
 def _fresh(g: Graph, base: str) -> str:
@@ -136,16 +156,23 @@ def _fresh(g: Graph, base: str) -> str:
 
 def _params(g: Graph, base: str, q: WireQuant) -> list[str]:
     scale, zero = _fresh(g, f"{base}.scale"), _fresh(g, f"{base}.zero_point")
-    g.constants[scale] = np.array(q.scale, np.float32)
-    g.constants[zero] = np.array(q.zero_point, q.dtype)
+    shape = () if q.axis is None else (len(q.scale),)
+    g.constants[scale] = np.array(q.scale, np.float32).reshape(shape)
+    g.constants[zero] = np.array(q.zero_point, q.dtype).reshape(shape)
     return [scale, zero]
 
 
+def _axis(q: WireQuant) -> dict:
+    return {} if q.axis is None else {"axis": q.axis}
+
+
 def _add_quantize(g: Graph, name: str, q: WireQuant) -> str:
-    if g.opset < 10:
-        raise LcpcError(f"--wire int8 needs opset 10 or newer (QuantizeLinear); the model has opset {g.opset}")
+    if g.opset < (10 if q.axis is None else 13):
+        raise LcpcError(f"--wire int8{'' if q.axis is None else '-channel'} needs opset "
+                        f"{10 if q.axis is None else 13} or newer (QuantizeLinear); the model has opset {g.opset}")
     out = _fresh(g, f"{name}:q")
-    g.nodes.append(Node(_fresh(g, f"QuantizeLinear:{out}"), "QuantizeLinear", [name] + _params(g, out, q), [out]))
+    g.nodes.append(Node(_fresh(g, f"QuantizeLinear:{out}"), "QuantizeLinear", [name] + _params(g, out, q), [out],
+                        _axis(q)))
     g.tensors[out] = TensorInfo(g.info(name).shape, np.dtype(q.dtype))
     g.outputs.append(out)
     return out
@@ -164,5 +191,5 @@ def _receive(stages: list[Stage], device: int, name: str, q: WireQuant, info: Te
         g.inputs[g.inputs.index(name)] = qname
         g.tensors[qname] = info
         g.nodes.insert(0, Node(_fresh(g, f"DequantizeLinear:{name}"), "DequantizeLinear",
-                               [qname] + _params(g, qname, q), [name]))
+                               [qname] + _params(g, qname, q), [name], _axis(q)))
     return qname

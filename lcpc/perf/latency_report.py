@@ -20,7 +20,7 @@ from typing import Any
 from lcpc.errors import LcpcError
 from lcpc.perf import measured as timing
 from lcpc.perf import network as model
-from lcpc.perf.network import BANDWIDTHS_MBIT, Network, Prediction, broadcast_note
+from lcpc.perf.network import BANDWIDTHS_MBIT, ImageCost, Network, Prediction, broadcast_note
 from lcpc.runtime import manifest as mf
 from lcpc.runtime.manifest import Manifest
 
@@ -35,9 +35,11 @@ class Measured:
     exact_times: dict[str, float]
     original_time: float
     network: Network
+    image: ImageCost | None = None   # an encoded input's real size and decode time (``--images``)
 
     def _args(self) -> tuple:
-        return self.plan, self.plan_times, self.exact, self.exact_times, self.original_time, self.network
+        return (self.plan, self.plan_times, self.exact, self.exact_times, self.original_time, self.network,
+                self.image)
 
     def compare(self) -> list[Prediction]:
         return model.compare(*self._args())
@@ -47,9 +49,11 @@ class Measured:
 
 
 def measure(folder: Path, manifest: Manifest, network: Network, original: Path | None,
-            convert: Callable[..., Any]) -> Measured:
+            convert: Callable[..., Any], images: Path | None = None) -> Measured:
     """Time the plan's stages, the original model and (via ``convert``: ``lcpc.pipeline.convert``) the
-    same model planned with ``--sync all``, all on this machine."""
+    same model planned with ``--sync all``, all on this machine; for a folder fed image files, the
+    files of ``images`` (their median size, and the median time to decode one here) or a generated
+    photo-like image (``measured.image_cost``)."""
     network.check_names(d.name for d in manifest.devices)
     source = Path(original or manifest.json["source"]["path"])
     if not source.is_file():
@@ -63,10 +67,11 @@ def measure(folder: Path, manifest: Manifest, network: Network, original: Path |
                     partition=manifest.json["sync"].get("partition") or "energy",
                     input_shapes={i.name: i.shape for i in manifest.inputs},
                     preprocessing=manifest.preprocessing,
-                    input_wire="uint8" if manifest.takes_raw_images else "float")
+                    input_wire=manifest.input_wire)
             exact = mf.read(Path(tmp) / "all")
             exact_times = timing.stage_times(Path(tmp) / "all", exact)
-    return Measured(manifest, times, exact, exact_times, timing.model_time(source), network)
+    image = timing.image_cost(manifest, images) if manifest.encoded else None
+    return Measured(manifest, times, exact, exact_times, timing.model_time(source), network, image)
 
 
 def rows(predictions: list[Prediction]) -> list[list[str]]:
@@ -78,9 +83,10 @@ def rows(predictions: list[Prediction]) -> list[list[str]]:
 HEADER = ["setup", "latency ms", "busiest compute ms", "network/wait ms", "bytes", "speed-up"]
 
 
-def render(predictions: list[Prediction], network: Network, manifest: Manifest, fmt: str = "text") -> str:
+def render(predictions: list[Prediction], network: Network, manifest: Manifest, fmt: str = "text",
+           image: ImageCost | None = None) -> str:
     plan = predictions[1]
-    note = broadcast_note(manifest)
+    note = broadcast_note(manifest, network, image)
     if fmt == "json":
         return json.dumps({"network": network.source, "broadcast": note,
                            "setups": [{"setup": p.setup, "latency_s": p.latency, "compute_s": p.compute,
@@ -102,8 +108,8 @@ def render(predictions: list[Prediction], network: Network, manifest: Manifest, 
     return "\n".join(out)
 
 
-def plot(curves: dict[str, list[float]], plan: Prediction, path: Path) -> None:
-    """Latency of every setup against bandwidth, and this plan's per-device time bars."""
+def pyplot() -> Any:
+    """matplotlib's pyplot on the non-interactive Agg backend (an optional dependency)."""
     try:
         import matplotlib
 
@@ -111,6 +117,26 @@ def plot(curves: dict[str, list[float]], plan: Prediction, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise LcpcError("--plot needs matplotlib: pip install 'lcpc[plot]'") from None
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Write ``fig`` to ``path`` as a PNG, through a temporary file renamed into place; close it."""
+    plt = pyplot()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+def plot(curves: dict[str, list[float]], plan: Prediction, path: Path) -> None:
+    """Latency of every setup against bandwidth, and this plan's per-device time bars."""
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
     for setup, latencies in curves.items():
         left.plot(BANDWIDTHS_MBIT, [1e3 * v for v in latencies], marker="o", label=setup)
@@ -128,12 +154,4 @@ def plot(curves: dict[str, list[float]], plan: Prediction, path: Path) -> None:
     right.set_xlabel("ms per inference (this plan)")
     right.invert_yaxis()
     right.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    save_figure(fig, path)

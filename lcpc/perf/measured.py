@@ -9,12 +9,15 @@ sessions are built from the checked bytes (``manifest.read_stage``,
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from lcpc.images import Preprocessing, decode, image_files, read_file
+from lcpc.perf.network import ImageCost
 from lcpc.runtime import manifest as mf
 from lcpc.runtime.feeds import random_feeds
 from lcpc.runtime.manifest import Manifest, Tensor
@@ -40,6 +43,42 @@ def stage_times(folder: str | Path, manifest: Manifest, repeat: int = 20) -> dic
         session = open_stage(mf.read_stage(folder, s), s, Path(folder) / s.file)
         out[s.id] = median_time(session, random_feeds(s.inputs, rng), repeat)
     return out
+
+
+def image_cost(manifest: Manifest, images: Path | None = None, runs: int = 5) -> ImageCost:
+    """An encoded image's cost for the network model: with ``images`` (a folder of the camera's JPEG/PNG
+    files), the median file size and the median time to decode one here; else the manifest's nominal
+    size and a generated photo-like JPEG of the input's size (noise over a gradient, quality 90)."""
+    prep = Preprocessing.from_dict(dict(manifest.preprocessing or {}))
+    if images is not None:
+        blobs = [read_file(Path(images), p) for p in image_files(images)]
+    else:
+        blobs = [synthetic_jpeg(prep)]
+    seconds = []
+    for blob in blobs:
+        decode(blob, prep)  # warm
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            decode(blob, prep)
+            times.append(time.perf_counter() - start)
+        seconds.append(float(np.median(times)))
+    size = int(np.median([len(b) for b in blobs])) if images is not None else \
+        int(manifest.json["source"]["encoded"]["nominal_bytes"])
+    return ImageCost(size, float(np.median(seconds)))
+
+
+def synthetic_jpeg(prep: Preprocessing) -> bytes:
+    """A photo-like JPEG a little larger than the input (so decoding resizes it), from a fixed seed."""
+    from PIL import Image
+
+    h, w = (int(s * 1.15) for s in prep.size)
+    rng = np.random.default_rng(0)
+    base = np.linspace(0, 255, h * w * 3).reshape(h, w, 3)
+    pixels = np.clip(base + rng.normal(0, 24, base.shape), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).convert("L" if prep.channels == "L" else "RGB").save(out, "JPEG", quality=90)
+    return out.getvalue()
 
 
 _TYPES = {"tensor(float)": "float32", "tensor(uint8)": "uint8", "tensor(double)": "float64"}

@@ -118,18 +118,18 @@ def time_interleaved(items: list[tuple[str, Callable, dict]], runs: int, warmup:
 
 def summarise(manifest: Manifest, stats: dict[str, dict[str, float]], setup: dict[str, Any]) -> dict[str, Any]:
     """Per-stage, per-device and whole-plan figures from the stage timings (``stats[stage id]``)."""
-    original = dict(stats["original"], flops=int(manifest.json["totals"]["original"]["flops"]))
-    stages = [dict(stats[s.id], id=s.id, device=s.device, level=s.level, flops=int(s.flops))
-              for s in manifest.stages]
-    devices = []
+    original: dict[str, Any] = dict(stats["original"], flops=int(manifest.json["totals"]["original"]["flops"]))
+    stages: list[dict[str, Any]] = [dict(stats[s.id], id=s.id, device=s.device, level=s.level, flops=int(s.flops))
+                                    for s in manifest.stages]
+    devices: list[dict[str, Any]] = []
     for d in manifest.devices:
         mine = [s for s in stages if s["device"] == d.id]
         ms, flops = sum(s["median_ms"] for s in mine), sum(s["flops"] for s in mine)
         devices.append({"device": d.id, "name": d.name, "role": d.role, "stages": [s["id"] for s in mine],
                         "ms": ms, "flops": flops, "speedup": original["median_ms"] / ms if ms else None,
                         "flop_ratio": original["flops"] / flops if flops else None})
-    for d in devices:
-        d["share"] = d["speedup"] / d["flop_ratio"] if d["speedup"] and d["flop_ratio"] else None
+    for row in devices:
+        row["share"] = row["speedup"] / row["flop_ratio"] if row["speedup"] and row["flop_ratio"] else None
     levels = sorted({s["level"] for s in stages})
     critical = sum(max(s["median_ms"] for s in stages if s["level"] == lv) for lv in levels)
     slowest = max(devices, key=lambda d: d["ms"])

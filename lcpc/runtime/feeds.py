@@ -31,6 +31,7 @@ class Stats:
 
     samples: int = 0
     bytes_by_transfer: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    degraded: dict[Any, tuple[str, ...]] = field(default_factory=dict)  # request -> devices it was answered without
 
     def total(self) -> int:
         return sum(self.bytes_by_transfer.values())
@@ -45,7 +46,8 @@ class Stats:
         rows = [{"id": t.id, "tensor": t.tensor, "kind": t.kind, "from": t.src, "to": t.dst,
                  "bytes": int(self.bytes_by_transfer.get(t.id, 0)), "manifest_bytes_per_inference": t.bytes}
                 for t in manifest.transfers]
-        return {"samples": self.samples, "runs": self.samples, "total_bytes": self.total(), "transfers": rows}
+        return {"samples": self.samples, "runs": self.samples, "total_bytes": self.total(), "transfers": rows,
+                "degraded": [{"request": r, "without": list(names)} for r, names in self.degraded.items()]}
 
 
 def check_feeds(inputs: Sequence[Tensor], feeds: dict[str, np.ndarray], files: dict[str, str] | None = None) -> int:
@@ -89,6 +91,34 @@ def check_feeds(inputs: Sequence[Tensor], feeds: dict[str, np.ndarray], files: d
             raise LcpcError(f"{label}: batch {x.shape[0]} disagrees with the other inputs' batch")
         batch = n
     return int(batch or 0)
+
+
+MAX_ENCODED_BYTES = 64 << 20  # one image file on the wire
+
+
+def check_encoded(inputs: Sequence[Tensor], feeds: dict[str, Any], files: dict[str, str] | None = None) -> int:
+    """Feeds of a folder fed image files: each input one file's bytes (``bytes`` or a 1-D uint8 array,
+    not empty, at most ``MAX_ENCODED_BYTES``); returns 1 (one image per inference)."""
+    names = [i.name for i in inputs]
+    if sorted(feeds) != sorted(names):
+        raise LcpcError(f"inputs {printable(sorted(feeds), 300)} given; this folder is fed the image file of "
+                        f"{printable(', '.join(names), 300)}")
+    for name in names:
+        x = feeds[name]
+        where = f"{printable((files or {}).get(name, ''), 300)}: " if files else ""
+        label = f"{where}input '{printable(name, 200)}'"
+        if not (isinstance(x, (bytes, bytearray)) or (isinstance(x, np.ndarray) and x.dtype == np.uint8
+                                                      and x.ndim == 1)):
+            raise LcpcError(f"{label}: this folder is fed the image file itself (JPEG or PNG bytes, as read from "
+                            f"disk), not a decoded array; pass the file")
+        if not 0 < len(x) <= MAX_ENCODED_BYTES:
+            raise LcpcError(f"{label}: {len(x)} bytes; an image file of 1 to {MAX_ENCODED_BYTES >> 20} MiB")
+    return 1
+
+
+def encoded(blob: Any) -> np.ndarray:
+    """An image file's bytes as the 1-D uint8 array engines move."""
+    return blob if isinstance(blob, np.ndarray) else np.frombuffer(bytes(blob), np.uint8)
 
 
 def planned_batches(inputs: Sequence[Tensor], feeds: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:

@@ -33,18 +33,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import jsonschema
 import numpy as np
 
 from lcpc.errors import LcpcError
-from lcpc.runtime.order import RunOrder
+from lcpc.runtime.degrade import Merge
+from lcpc.runtime.order import RunOrder, broadcast_tree
 from lcpc.safety import inside, printable
 
 MANIFEST = "manifest.json"
@@ -109,8 +110,10 @@ class Transfer:
     dst_name: str
     shape: tuple[int, ...]
     dtype: str
-    bytes: int
+    bytes: int         # per inference (an encoded image: nominal; engines count the real file's bytes)
     level: int         # sent after this level's stages (input transfers: before level 0)
+    encoded: bool = False   # the model input as the image file (JPEG/PNG bytes), decoded by the receiver
+    coding: str | None = None   # deflate: the int8 value entropy-coded (``runtime.coding``), bytes nominal
 
 
 @dataclass(frozen=True)
@@ -152,16 +155,44 @@ class Manifest:
                          for s in m["stages"]),
             transfers=tuple(Transfer(t["id"], t["tensor"], t["kind"], t["from"]["device"], t["from"]["name"],
                                      t["to"]["device"], t["to"]["name"], tuple(t["shape"]), t["dtype"], t["bytes"],
-                                     t["level"]) for t in m["transfers"]),
+                                     t["level"], t.get("encoded", False), t.get("coding"))
+                            for t in m["transfers"]),
             outputs=tuple(Output(o["name"], o["device"], o["local_name"]) for o in m["outputs"]),
             inputs=inputs,
             feeds=tuple(Tensor.parse(f) for f in source["feeds"]) if "feeds" in source else inputs,
             preprocessing=source["preprocessing"], sync_policy=m["sync"]["policy"])
 
+    @cached_property
+    def merge(self) -> tuple[Merge | None, str]:
+        """(the merge the head can answer from with devices missing, "") or (None, why it cannot)."""
+        return Merge.parse(self.json.get("degrade"), {s.id: s for s in self.stages})
+
     @property
     def takes_raw_images(self) -> bool:
-        """The folder is fed the uint8 image and applies the preprocessing itself."""
+        """The folder is fed the uint8 image (or its file: ``encoded``) and applies the preprocessing itself."""
         return "feeds" in self.json["source"]
+
+    @property
+    def encoded(self) -> bool:
+        """The folder is fed image files (JPEG/PNG bytes), which each device that reads the image decodes."""
+        return "encoded" in self.json["source"]
+
+    @property
+    def broadcast(self) -> str:
+        """How the model input reaches its receivers: ``p2p`` or ``tree`` (``order.broadcast_tree``)."""
+        return str(self.json.get("broadcast", "p2p"))
+
+    def broadcast_edges(self, skip: Collection[int] = ()) -> list[tuple[int, int]]:
+        """(sender, receiver) of the model input to every device that reads it (but ``skip``), in order."""
+        receivers = list(dict.fromkeys(t.dst for t in self.order.inputs if t.dst not in skip))
+        if self.broadcast == "tree":
+            return broadcast_tree(receivers)
+        return [(0, r) for r in receivers]
+
+    @property
+    def input_wire(self) -> str:
+        """How the model input travels: ``encoded``, ``uint8`` (the raw image) or ``float``."""
+        return "encoded" if self.encoded else "uint8" if self.takes_raw_images else "float"
 
     @cached_property
     def order(self) -> RunOrder[Stage, Transfer]:
@@ -201,7 +232,7 @@ def validate(document: Any, where: str = MANIFEST) -> Manifest:
         raise LcpcError(f"{where}: invalid manifest at {printable(path, 200)}: {printable(error.message, 200)}")
     m = Manifest.parse(document)
 
-    def fail(what: str) -> None:
+    def fail(what: str) -> NoReturn:
         raise LcpcError(f"{where}: invalid manifest: {what}")
 
     k = m.branches
@@ -224,13 +255,23 @@ def validate(document: Any, where: str = MANIFEST) -> Manifest:
     for t in m.transfers:
         if t.src >= k or t.dst >= k:
             fail(f"transfer {t.id} between unknown devices")
-        if t.bytes != math.prod(t.shape) * np.dtype(t.dtype).itemsize:
+        if t.encoded:
+            if not (m.encoded and t.kind == "input" and t.dtype == "uint8"):
+                fail(f"transfer {t.id} is marked encoded, but only the model input of a folder fed image files is")
+        elif t.coding is not None:
+            if t.dtype not in ("int8", "uint8"):
+                fail(f"transfer {t.id} is coded ({t.coding}) but carries {t.dtype}, not an int8 value")
+        elif t.bytes != math.prod(t.shape) * np.dtype(t.dtype).itemsize:
             fail(f"transfer {t.id} claims {t.bytes} bytes for shape {list(t.shape)} {t.dtype}")
+    if m.encoded and (not m.takes_raw_images or any(t.kind == "input" and not t.encoded for t in m.transfers)
+                      or any(f.shape[0] != 1 for f in m.feeds)):
+        fail("source.encoded needs source.feeds of one image, and every input transfer marked encoded")
     _check_dataflow(m, fail)
+    _check_degrade(m, fail)
     return m
 
 
-def _check_feeds(m: Manifest, fail) -> None:
+def _check_feeds(m: Manifest, fail: Callable[[str], NoReturn]) -> None:
     if not m.takes_raw_images:
         return
     if m.preprocessing is None:
@@ -244,7 +285,21 @@ def _check_feeds(m: Manifest, fail) -> None:
                  f"{list(inputs[f.name].shape)}")
 
 
-def _check_dataflow(m: Manifest, fail) -> None:
+def _check_degrade(m: Manifest, fail: Callable[[str], NoReturn]) -> None:
+    section = m.json.get("degrade")
+    if not section or section["stage"] is None:
+        return
+    stages = {s.id: s for s in m.stages}
+    if section["stage"] not in stages or stages[section["stage"]].device != 0 or "inputs" not in section:
+        fail("degrade.stage must be a stage of the head, with the contributions it merges")
+    names = {i.name for i in stages[section["stage"]].inputs}
+    for c in section["inputs"]:
+        if c["name"] not in names or c["device"] >= m.branches:
+            fail(f"degrade: contribution '{printable(c['name'], 200)}' of device {c['device']} is not an input "
+                 f"of stage {section['stage']}")
+
+
+def _check_dataflow(m: Manifest, fail: Callable[[str], NoReturn]) -> None:
     """Replay the run order, checking that every value is given once before it is needed."""
     values: dict[tuple[int, str], tuple] = {}
 

@@ -117,3 +117,26 @@ class RunOrder(Generic[S, T]):
     def last_level(self) -> dict[int, int]:
         """Per device, the last level at which it has a step."""
         return {st.device: st.level for level in self.steps() for st in level}
+
+
+BROADCASTS = ("p2p", "tree")
+
+
+def broadcast_tree(receivers: Iterable[int], source: int = 0) -> list[tuple[int, int]]:
+    """The model input's way from ``source`` to every receiver as (sender, receiver) pairs in the order
+    they are sent: a binomial tree. Each round, every device that holds the input sends it to the
+    next receiver in ``receivers``' order, so the source's uplink carries it about log2(n + 1) times
+    instead of n, and n receivers have it after ceil(log2(n + 1)) rounds."""
+    pending = list(receivers)
+    holders = [source]
+    edges: list[tuple[int, int]] = []
+    while pending:
+        new = []
+        for h in holders:
+            if not pending:
+                break
+            r = pending.pop(0)
+            edges.append((h, r))
+            new.append(r)
+        holders += new
+    return edges

@@ -19,9 +19,19 @@ Guarantees:
   in the object store instead costs each receiver an extra location lookup and pull, two
   more round trips over the network), else it is put in the object
   store once and every device that receives it pulls it from there (one point-to-point
-  copy per receiving device);
+  copy per receiving device). With ``broadcast: tree`` a receiver's ``forward`` call
+  re-issues the input as its own message, which the next receivers of the binomial tree
+  (``Manifest.broadcast_edges``) get: a large input lands in that node's object store and is
+  pulled from there, not from the head's; a small one still travels inline via the driver;
+- a folder fed image files sends the file's bytes; each device decodes them on receipt;
 - the receiving actor counts the bytes of every value it receives, by transfer id, so
   ``Stats`` equals the manifest transfer by transfer, exactly as with the local engine;
+- ``timeout`` is a number of seconds in (0, ``MAX_TIMEOUT``]; an ``address`` is checked before
+  Ray is asked to join it (Ray's own connect retries last minutes): it must read HOST:PORT,
+  ray://HOST:PORT, auto or local, and a HOST:PORT must accept a TCP connection and answer as a
+  Ray GCS (one ``GetClusterId`` call over gRPC) within ``REACH_SECONDS`` (``reach``), else one
+  ``LcpcError`` names the address and why; apart from this check (and ``lcpc probe``), lcpc opens
+  no socket;
 - every wait has a timeout: a request that does not finish within ``timeout`` seconds,
   or whose actor dies, ends in one ``LcpcError`` naming the request id and the device
   (dead, or not answering); ``rebuild`` replaces dead actors so later requests run;
@@ -42,18 +52,23 @@ for actor calls, which ``lcpc serve`` uses). benchmarks/ray_overhead.py measures
 from __future__ import annotations
 
 import itertools
+import math
 import os
+import socket
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lcpc.errors import LcpcError
+from lcpc.images import Preprocessing, decode
 from lcpc.perf import devices as dv
 from lcpc.runtime import manifest as mf
+from lcpc.runtime.coding import pack, unpack
+from lcpc.runtime.degrade import HEAD, Merge
 from lcpc.runtime.engine import Engine
 from lcpc.runtime.feeds import Stats
 from lcpc.runtime.manifest import Manifest, Stage, Transfer
@@ -62,14 +77,19 @@ from lcpc.safety import first_line
 
 INSTALL_HINT = "the ray engine needs Ray: pip install 'lcpc[ray]'"
 INLINE_BYTES = 100 * 1024  # Ray's max_direct_call_object_size default: smaller values travel inline
+MAX_TIMEOUT = 1e6          # seconds (11 days); Ray turns timeouts into int64 milliseconds
+REACH_SECONDS = 3.0        # how long an --address may take to answer before lcpc gives up on it
 
 try:
+    import grpc  # Ray's RPC library, a dependency of Ray
     import ray
+    from ray._private.services import canonicalize_bootstrap_address
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
     from ray.dag import InputNode, MultiOutputNode
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 except ImportError:  # optional extra
-    ray = None
+    ray = None  # type: ignore[assignment]
 
 
 def require_ray() -> None:
@@ -77,11 +97,72 @@ def require_ray() -> None:
         raise LcpcError(INSTALL_HINT)
 
 
+def check_timeout(timeout: Any) -> float:
+    """``timeout`` as seconds, or an ``LcpcError`` when it is not a number in (0, ``MAX_TIMEOUT``]."""
+    ok = isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and math.isfinite(timeout)
+    if not ok or not 0 < timeout <= MAX_TIMEOUT:
+        raise LcpcError(f"--timeout {timeout}: the seconds a request may take must be a number above 0 and at "
+                        f"most {MAX_TIMEOUT:g}")
+    return float(timeout)
+
+
+def reach(address: str, seconds: float = REACH_SECONDS) -> None:
+    """Refuse an ``address`` that is malformed, or where nothing speaking gRPC answers within
+    ``seconds`` (see the module docstring); ``auto`` and ``local`` are Ray's to resolve."""
+    if address in ("auto", "local"):
+        return
+    client = address.startswith("ray://")
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        raise LcpcError(f"--address {address}: expected HOST:PORT (the head node's GCS port, e.g. 10.0.0.5:6379), "
+                        f"ray://HOST:PORT, auto or local")
+    if not client:  # where Ray itself will connect (it maps localhost to this node's address)
+        try:
+            canonical = canonicalize_bootstrap_address(f"{host}:{port}") or ""
+        except Exception:  # Ray's own parser refused it: probe the address as given
+            canonical = ""
+        if canonical.rpartition(":")[0]:
+            host, _, port = canonical.rpartition(":")
+    host = host.strip("[]")
+    try:
+        socket.create_connection((host, int(port)), timeout=seconds).close()
+    except OSError as exc:
+        raise LcpcError(f"cannot reach Ray at {address}: {exc.strerror or 'no answer'} within {seconds:g} s "
+                        f"(is `ray start --head` running there, and is the port open?)") from None
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return  # a TLS cluster: the plain channel below could not tell
+    channel = grpc.insecure_channel(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    try:
+        if client:  # a Ray Client server: that it speaks gRPC is all one can ask without joining
+            grpc.channel_ready_future(channel).result(timeout=seconds)
+        else:  # a GCS answers GetClusterId (or asks for the token ray.init will send); others do not know it
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=seconds)  # type: ignore[attr-defined]
+    except grpc.FutureTimeoutError:
+        raise LcpcError(f"{address} accepts connections but does not answer as a Ray cluster within {seconds:g} s "
+                        f"(no gRPC); pass the address `ray status` prints on the head node") from None
+    except grpc.RpcError as exc:
+        if exc.code() not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            raise LcpcError(f"{address} accepts connections but does not answer as a Ray cluster's GCS "
+                            f"({exc.code().name.lower()}); pass the address `ray status` prints on the head "
+                            f"node") from None
+    finally:
+        channel.close()
+
+
 class DeviceWorker:
     """The per-device actor body: sessions for the device's stages, a value store per request."""
 
-    def __init__(self, device: int, stages: list[Stage], blobs: dict[str, bytes], folder: str) -> None:
+    def __init__(self, device: int, stages: list[Stage], blobs: dict[str, bytes], folder: str,
+                 merge: Merge | None = None, images: tuple[dict, set[str]] | None = None,
+                 coded: tuple[set[str], dict[str, tuple[tuple[int, ...], str]]] | None = None) -> None:
         self.device = device
+        self.merge = merge  # the head's: how to answer when contributions are missing
+        # a folder fed image files: the preprocessing and the names that arrive as files, decoded here
+        self.prep = Preprocessing.from_dict(images[0]) if images else None
+        self.files = images[1] if images else set()
+        # entropy-coded messages: the names this device sends coded, and those it receives coded (shape, dtype)
+        self.packs, self.unpacks = coded or (set(), {})
         self.stages = {s.id: s for s in stages}
         self.sessions = {s.id: open_stage(blobs[s.id], s, f"{folder}/{s.file}") for s in stages}
         self.folder = folder
@@ -96,16 +177,25 @@ class DeviceWorker:
         counts = self.counts.setdefault(rid, defaultdict(int))
         for mapping, message in zip(maps, refs):
             for src, dst, tid in mapping:
-                # a copy: a compiled-graph channel hands out views of its buffer, and holding one
-                # would keep the sender from writing the next request's value
-                values[dst] = np.array(message[src], copy=True)
+                if dst in self.files and self.prep is not None:  # an image file: decoded on this device
+                    values[dst] = decode(message[src].tobytes(), self.prep, f"{self.device}: the image")
+                elif dst in self.unpacks:
+                    values[dst] = unpack(message[src], *self.unpacks[dst], f"dev{self.device}: {dst}")
+                else:
+                    # a copy: a compiled-graph channel hands out views of its buffer, and holding one
+                    # would keep the sender from writing the next request's value
+                    values[dst] = np.array(message[src], copy=True)
                 if tid is not None:
                     counts[tid] += message[src].nbytes
         return values
 
-    def step(self, rid: Any, stage_ids: list[str], sends: list[list[str]], maps: list[list[tuple]], *refs):
-        """Store what arrived, run this level's stages, return one message per destination."""
+    def step(self, rid: Any, stage_ids: list[str], sends: list[list[str]], maps: list[list[tuple]], *refs,
+             missing: tuple[int, ...] = ()):
+        """Store what arrived, run this level's stages, return one message per destination. ``missing``
+        (the head's merge step): devices whose contributions did not come, filled in by ``merge``."""
         values = self._receive(rid, maps, refs)
+        if missing and self.merge is not None:
+            values.update(self.merge.fill(values, missing))
         for sid in stage_ids:
             stage = self.stages[sid]
             feeds = {i.name: values[i.name] for i in stage.inputs}
@@ -115,13 +205,14 @@ class DeviceWorker:
                 raise LcpcError(f"{self.folder}/{stage.file}: stage {sid} failed in onnxruntime: "
                                 f"{first_line(exc)}") from None
             values.update(zip((o.name for o in stage.outputs), outs))
-        messages = [{name: values[name] for name in names} for names in sends]
+        messages = [{name: pack(values[name]) if name in self.packs else values[name] for name in names}
+                    for names in sends]
         return messages[0] if len(messages) == 1 else tuple(messages) if messages else None
 
     def last_step(self, rid: Any, stage_ids: list[str], sends: list[list[str]], outputs: list[str],
-                  maps: list[list[tuple]], *refs):
+                  maps: list[list[tuple]], *refs, missing: tuple[int, ...] = ()):
         """``step``, then ``finish`` with nothing more to receive: the messages, then the result."""
-        messages = self.step(rid, stage_ids, sends, maps, *refs)
+        messages = self.step(rid, stage_ids, sends, maps, *refs, missing=missing)
         messages = [] if messages is None else [messages] if len(sends) == 1 else list(messages)
         result = self.finish(rid, outputs, [])
         return tuple(messages) + (result,) if messages else result
@@ -132,6 +223,11 @@ class DeviceWorker:
         result = {name: values[name] for name in outputs}
         self.store.pop(rid, None)
         return result, dict(self.counts.pop(rid, {}))
+
+    def forward(self, message: Any) -> Any:
+        """The model input this device received, as a new message of its own (a broadcast tree: a large
+        one lands in this node's object store, and the next receiver pulls it from here)."""
+        return message
 
     def drop(self, rid: Any) -> None:
         self.store.pop(rid, None)
@@ -151,15 +247,23 @@ class RayEngine(Engine):
         return f"ray ({self.mode}{why})"
 
     def __init__(self, folder: str | Path, address: str | None = None, devices: str | Path | None = None,
-                 timeout: float = 60.0, mode: str = "actor-calls") -> None:
+                 timeout: float = 60.0, mode: str = "actor-calls", deadline: float | None = None) -> None:
+        """``deadline`` (seconds, per request): answer from the branches that have answered by then
+        when a device is late or dead, for a plan that can (``runtime.degrade``), and rebuild a dead
+        device's actor in the background; without it a late or dead device fails the request."""
         if mode not in MODES:
             raise LcpcError(f"ray mode '{mode}': choose {', '.join(MODES)}")
+        if deadline is not None and mode != "actor-calls":
+            raise LcpcError("--deadline needs --ray-mode actor-calls: a compiled graph waits on every device")
+        timeout = check_timeout(timeout)
         require_ray()
         super().__init__(folder)
         self.network = dv.load(devices)
         self.network.check_names(d.name for d in self.manifest.devices)
         self.explicit_devices = devices is not None
         self.timeout = float(timeout)
+        self.deadline = deadline
+        self.pending: dict[int, Any] = {}   # device -> ping of the actor being rebuilt for it
         self.blobs = {s.id: mf.read_stage(self.folder, s) for s in self.manifest.stages}
         self.names = self.manifest.names
         self.owns_ray = False
@@ -167,7 +271,9 @@ class RayEngine(Engine):
         self._start_ray(address)
         self._worker_cls = ray.remote(num_cpus=0, max_restarts=0)(DeviceWorker)
         self.actors: dict[int, Any] = {}
-        self.mode, self.fallback, self.graph = "actor-calls", None, None
+        self.mode = "actor-calls"
+        self.fallback: str | None = None   # why the compiled graph is not used, when asked for
+        self.graph: Any = None             # the compiled graph, when used
         try:
             for d in self.names:
                 self.actors[d] = self._spawn(d)
@@ -188,6 +294,8 @@ class RayEngine(Engine):
                                       "configure_logging": False}
             if address is None:
                 kwargs["resources"] = {self._resource(d): float(len(self.names)) for d in self.names}
+            else:
+                reach(address, min(REACH_SECONDS, self.timeout))
             try:
                 ray.init(address=address, **kwargs)
             except Exception as exc:
@@ -204,30 +312,99 @@ class RayEngine(Engine):
 
     def _spawn(self, d: int):
         stages = list(self.manifest.stages_on(d))
+        options: dict[str, Any]
         if self.pin_local:
             options = {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
                                                                              soft=False)}
         else:
             options = {"resources": {self._resource(d): 0.001}}
+        images = None
+        if self.manifest.encoded:
+            files = {t.dst_name for t in self.manifest.transfers if t.encoded and t.dst == d}
+            images = (dict(self.manifest.preprocessing or {}),
+                      files | ({f.name for f in self.manifest.feeds} if d == HEAD else set()))
+        coded = ({t.src_name for t in self.manifest.transfers if t.coding and t.src == d},
+                 {t.dst_name: (t.shape, t.dtype) for t in self.manifest.transfers if t.coding and t.dst == d})
         return self._worker_cls.options(name=None, **options).remote(
-            d, stages, {s.id: self.blobs[s.id] for s in stages}, str(self.folder))
+            d, stages, {s.id: self.blobs[s.id] for s in stages}, str(self.folder),
+            self.manifest.merge[0] if d == HEAD else None, images, coded)
 
     # ------------------------------------------------------------------ running
     def run(self, feeds: dict[str, np.ndarray], stats: Stats | None = None, request: Any = None,
-            ) -> dict[str, np.ndarray]:
-        return super().run(feeds, stats, next(self._ids) if request is None else request)
+            without: Collection[str] = ()) -> dict[str, np.ndarray]:
+        return super().run(feeds, stats, next(self._ids) if request is None else request, without)
 
-    def _run_once(self, feeds: dict[str, np.ndarray], stats: Stats | None, rid: Any) -> dict[str, np.ndarray]:
+    def _run_once(self, feeds: dict[str, np.ndarray], stats: Stats | None, rid: Any,
+                  missing: frozenset[int]) -> tuple[dict[str, np.ndarray], frozenset[int]]:
         if self.graph is not None:
-            return self._run_compiled(feeds, stats, rid)
+            if missing:
+                raise LcpcError(f"request {rid}: a compiled graph runs every device; leave devices out with "
+                                f"--ray-mode actor-calls")
+            return self._run_compiled(feeds, stats, rid), missing
         if self.fallback == "it failed on a request":
             raise LcpcError(f"request {rid}: the compiled graph failed on an earlier request; start the engine "
                             f"again")
         # small: by value, inlined in each receiving device's call; large: one object put once, pulled by each
         message = feeds if sum(v.nbytes for v in feeds.values()) < INLINE_BYTES else ray.put(feeds)
-        results, leaves = issue(self.manifest, self.actors, rid, message, _remote)
-        done = self._wait(list(results.items()) + leaves, f"request {rid}", rid)[:len(results)]
-        return self._collect(dict(zip(results, done)), stats)
+        merge, _ = self.manifest.merge
+        degrading = merge is not None and (bool(missing) or self.deadline is not None)
+        lost = set(missing | self._rebuilding()) if degrading else set()
+        start = time.monotonic()
+
+        def merge_call(method, n: int, args: list, messages: list[tuple[Any, list, int | None]]) -> list:
+            """The head's merge step, called with the contributions that came in time (``deadline``)."""
+            waiting = [(src, ref) for ref, _, src in messages if src not in (None, HEAD)]
+            budget = self.timeout if self.deadline is None else self.deadline
+            ready, _ = ray.wait([r for _, r in waiting], num_returns=len(waiting),
+                                timeout=max(budget - (time.monotonic() - start), 0.0))
+            for src, ref in waiting:
+                if ref not in ready:
+                    lost.add(src)  # late
+                elif self._died(ref):
+                    lost.add(src)
+                    self._rebuild_later(src)
+            given = [(ref, mapping) for ref, mapping, src in messages if src not in lost]
+            return _remote(method, n, *args, [m for _, m in given], *[r for r, _ in given],
+                           missing=tuple(sorted(lost)))
+
+        results, leaves = issue(self.manifest, self.actors, rid, message, _remote, skip=frozenset(lost),
+                                merge_call=merge_call if degrading else None)
+        kept = [(d, ref) for d, ref in results.items() if d not in lost]
+        done = self._wait(kept + [(d, ref) for d, ref in leaves if d not in lost], f"request {rid}", rid)
+        return self._collect({d: r for (d, _), r in zip(kept, done)}, stats), frozenset(lost)
+
+    def _died(self, ref: Any) -> bool:
+        """Whether a finished call failed because its actor died (its process or node went away)."""
+        try:
+            ray.get(ref, timeout=0)
+        except RayActorError:
+            return True
+        except Exception:
+            return False
+        return False
+
+    def _rebuild_later(self, d: int) -> None:
+        """Start a new actor for dead device ``d``; requests leave ``d`` out until it answers a ping."""
+        if d in self.pending:
+            return
+        try:
+            ray.kill(self.actors[d], no_restart=True)
+        except Exception:
+            pass
+        self.actors[d] = self._spawn(d)
+        self.pending[d] = self.actors[d].ping.remote()
+
+    def _rebuilding(self) -> set[int]:
+        """The devices whose new actor has not answered yet (those that have are back in use)."""
+        for d, ping in list(self.pending.items()):
+            ready, _ = ray.wait([ping], timeout=0)
+            if ready and not self._died(ping):
+                del self.pending[d]
+                self.rebuilt.append(self.names[d])
+            elif ready:  # the new actor died too: try again
+                del self.pending[d]
+                self._rebuild_later(d)
+        return set(self.pending)
 
     def _collect(self, done: dict[int, tuple[dict, dict]], stats: Stats | None) -> dict[str, np.ndarray]:
         """The model outputs from each device's (outputs held there, bytes received by transfer id)."""
@@ -377,8 +554,8 @@ class RayEngine(Engine):
 Call = Callable[..., list]  # (actor method, number of returns, *args) -> one handle per return
 
 
-def _remote(method, n: int, *args) -> list:
-    out = method.options(num_returns=n).remote(*args) if n > 1 else method.remote(*args)
+def _remote(method, n: int, *args, **kwargs) -> list:
+    out = method.options(num_returns=n).remote(*args, **kwargs) if n > 1 else method.remote(*args, **kwargs)
     return list(out) if n > 1 else [out]
 
 
@@ -392,8 +569,14 @@ def _mapping(transfers) -> list[tuple[str, str, int | None]]:
     return [(t.src_name, t.dst_name, t.id) for t in transfers]
 
 
+# (the head's step method, number of returns, its arguments before the messages, the messages as
+# (handle, mapping, sending device or None for the model input)) -> one handle per return
+MergeCall = Callable[[Any, int, list, list[tuple[Any, list, int | None]]], list]
+
+
 def issue(manifest: Manifest, actors: dict[int, Any], rid: Any, first: Any, call: Call,
-          needs_message: bool = False) -> tuple[dict[int, Any], list[tuple[int, Any]]]:
+          needs_message: bool = False, skip: frozenset[int] = frozenset(),
+          merge_call: MergeCall | None = None) -> tuple[dict[int, Any], list[tuple[int, Any]]]:
     """Issue one request as one call per device per level, in the run order (``Manifest.order.steps``).
 
     ``first`` is the model input as a message (a value, an object ref, or a compiled graph's input
@@ -401,50 +584,69 @@ def issue(manifest: Manifest, actors: dict[int, Any], rid: Any, first: Any, call
     next call. A device's last call returns (model outputs held there, bytes received by transfer id):
     its last ``step`` as ``last_step`` when nothing reaches it afterwards, else a ``finish`` call.
     Returns those results by device, and (device, handle) of the steps that send nothing otherwise
-    (``needs_message``: a compiled graph, in which every call must wait on a message)."""
+    (``needs_message``: a compiled graph, in which every call must wait on a message).
+
+    Devices in ``skip`` get no call and no message. ``merge_call``, when given, makes the head's step
+    that runs the merge stage (``Manifest.merge``): it chooses which of the messages to pass."""
     order = manifest.order
+    merge, _ = manifest.merge
     outputs: dict[int, list[str]] = defaultdict(list)
     for o in manifest.outputs:
         outputs[o.device].append(o.local_name)
     last = order.last_level()
     late = {t.dst for t in manifest.transfers if t.kind != "input" and t.level >= last.get(t.dst, -1)}
-    pending: dict[int, list[tuple[Any, list]]] = defaultdict(list)
-    pending[0].append((first, [(f.name, f.name, None) for f in manifest.feeds]))
+    pending: dict[int, list[tuple[Any, list, int | None]]] = defaultdict(list)
+    pending[HEAD].append((first, [(f.name, f.name, None) for f in manifest.feeds], None))
     inputs: dict[int, list[Transfer]] = defaultdict(list)
     for t in order.inputs:
         inputs[t.dst].append(t)
-    for dst, ts in inputs.items():
-        pending[dst].append((first, _mapping(ts)))
+    given: dict[int, Any] = {HEAD: first}  # the message of the model input each device gets
+    copies: dict[int, Any] = {}            # a receiver's own copy of it, for the receivers it forwards to
+    for h, r in manifest.broadcast_edges(skip):
+        if h != HEAD and h not in copies:
+            copies[h] = call(actors[h].forward, 1, given[h])[0]
+        given[r] = first if h == HEAD else copies[h]
+        pending[r].append((given[r], _mapping(inputs[r]), None))
 
-    def given(d: int, what: str) -> tuple[list, list]:
+    def take(d: int, what: str) -> list[tuple[Any, list, int | None]]:
         messages = pending.pop(d, [])
         if needs_message and not messages:
             raise LcpcError(f"device {d}'s {what} waits on no message")
-        return [m for _, m in messages], [r for r, _ in messages]
+        return messages
+
+    def invoke(method, n: int, args: list, messages: list[tuple[Any, list, int | None]], merging: bool) -> list:
+        if merging and merge_call is not None:
+            return merge_call(method, n, args, messages)
+        return call(method, n, *args, [m for _, m, _ in messages], *[r for r, _, _ in messages])
 
     results, leaves = {}, []
     for level in order.steps():
         arrived: dict[int, list] = defaultdict(list)
         for step in level:
             d, dests = step.device, step.destinations
-            maps, refs = given(d, f"call at level {step.level}")
+            if d in skip:
+                continue
+            messages = take(d, f"call at level {step.level}")
             sends = [[t.src_name for t in step.sends[dst]] for dst in dests]
             stages = [s.id for s in step.stages]
+            merging = merge is not None and merge.stage in stages
             if last[d] == step.level and d not in late:
-                outs = call(actors[d].last_step, len(sends) + 1, rid, stages, sends, outputs[d], maps, *refs)
+                outs = invoke(actors[d].last_step, len(sends) + 1, [rid, stages, sends, outputs[d]], messages, merging)
                 results[d] = outs.pop()
             else:
-                outs = call(actors[d].step, max(len(sends), 1), rid, stages, sends, maps, *refs)
+                outs = invoke(actors[d].step, max(len(sends), 1), [rid, stages, sends], messages, merging)
                 if not dests:
                     leaves.append((d, outs[0]))
             for dst, out in zip(dests, outs):
-                arrived[dst].append((out, _mapping(step.sends[dst])))
+                arrived[dst].append((out, _mapping(step.sends[dst]), d))
         for d, items in arrived.items():
-            pending[d].extend(items)
+            if d not in skip:
+                pending[d].extend(items)
     for d in sorted(actors):
-        if d not in results:
-            maps, refs = given(d, "last call")
-            results[d] = call(actors[d].finish, 1, rid, outputs[d], maps, *refs)[0]
+        if d not in results and d not in skip:
+            messages = take(d, "last call")
+            results[d] = call(actors[d].finish, 1, rid, outputs[d], [m for _, m, _ in messages],
+                              *[r for r, _, _ in messages])[0]
     return results, leaves
 
 

@@ -1,7 +1,8 @@
 """What ``lcpc serve`` shows: a rich progress bar while requests stream, then a summary.
 
 Guarantees: the summary carries the same figures in every format (text, markdown,
-json: ``ServeReport.as_dict``); every failed request is listed by id with its one-line
+json: ``ServeReport.as_dict``), the degraded answers counted by the devices they were
+made without; every failed request is listed by id with its one-line
 reason; the progress bar writes to stderr only when it is a terminal.
 """
 
@@ -49,9 +50,17 @@ def render(report: ServeReport, engine: str, fmt: str = "text") -> str:
     data = {"engine": engine, **report.as_dict()}
     if fmt == "json":
         return json.dumps(data, indent=1)
-    rows = [("engine", engine), ("answered", str(report.answered)), ("failed", str(len(report.failures))),
+    without: dict[tuple[str, ...], int] = {}
+    for devices in report.degraded.values():
+        without[devices] = without.get(devices, 0) + 1
+    degraded = ", ".join(f"{n} without {'+'.join(d)}" for d, n in without.items())
+    rows = [("engine", engine), ("answered", str(report.answered)),
+            ("degraded", f"{len(report.degraded)}" + (f" ({degraded})" if degraded else "")),
+            ("failed", str(len(report.failures))),
             ("latency p50", f"{data['p50_ms']:.3f} ms"), ("latency p90", f"{data['p90_ms']:.3f} ms"),
             ("latency p99", f"{data['p99_ms']:.3f} ms"), ("throughput", f"{report.throughput:.1f} requests/s")]
+    if report.rebuilt:
+        rows.append(("rebuilt", ", ".join(report.rebuilt)))
     if report.interrupted:
         rows.append(("interrupted", "yes (Ctrl-C): Ray shut down"))
     failed = [f"request {printable(str(f.request), 100)}: {printable(f.message, 400)}"

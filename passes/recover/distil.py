@@ -85,6 +85,12 @@ from lcpc.weights import dense_nodes, weight_masks
 
 Progress = Callable[[int, int, int, float, float | None], None]
 DEVICES = ("auto", "cpu", "cuda")
+# the Recipe fields a user sets (CLI options of the same names), with the range each must lie in:
+# whole numbers from low to high, or reals above low up to high (a larger learning rate or temperature
+# only diverges: the loss carries T**2, and every weight becomes NaN)
+WHOLE_RANGES = {"epochs": (0, 10_000), "batch_size": (1, 65_536), "views": (1, 64)}
+REAL_RANGES = {"lr": (0.0, 1.0), "temperature": (0.0, 100.0)}
+OPTIONS = {"epochs", "views", "lr", "temperature", "batch_size"}  # set by `lcpc recover` options of the same name
 
 
 @dataclass(frozen=True)
@@ -107,10 +113,19 @@ class Recipe:
     precision: str = "auto"        # auto (bf16/fp16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16 | fp16
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.batch_size < 1 or self.views < 1 or self.lr <= 0 or self.temperature <= 0:
-            raise LcpcError(f"recovery: epochs must be >= 0, batch size and views >= 1, learning rate and "
-                            f"temperature > 0 (got {self.epochs}, {self.batch_size}, {self.views}, {self.lr}, "
-                            f"{self.temperature})")
+        """Every field a user sets in its range (``WHOLE_RANGES``, ``REAL_RANGES``); the error names
+        the field and the CLI option of the same name."""
+        for name, (low, high) in WHOLE_RANGES.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise LcpcError(f"recovery: {name} {value!r} must be a whole number from {low} to {high}"
+                                + (f" (--{name.replace('_', '-')})" if name in OPTIONS else ""))
+        for name, (above, most) in REAL_RANGES.items():
+            value = getattr(self, name)
+            real = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not real or not above < value <= most:  # NaN fails the comparison too
+                raise LcpcError(f"recovery: {name} {value!r} must be a number above {above:g} and at most {most:g}"
+                                + (f" (--{name.replace('_', '-')})" if name in OPTIONS else ""))
         if self.augment not in ("none", "shift", "flip", "shift+flip"):
             raise LcpcError(f"recovery: augment '{self.augment}': choose none, shift, flip or shift+flip")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):

@@ -61,7 +61,7 @@ class Judge:
         self.parts = {p: np.asarray(idx) for p, idx in (("train", train_eval), ("heldout", hold_idx)) if len(idx)}
         self.y = {p: (labels[idx] if labels is not None else None) for p, idx in self.parts.items()}
         self.t = {p: self.predict(teacher, p) for p in self.parts}
-        self.heldout_kl = None
+        self.heldout_kl: np.ndarray | None = None
 
     def predict(self, module, part: str) -> np.ndarray:
         """``module``'s logits on one part, float64."""

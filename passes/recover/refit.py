@@ -34,6 +34,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -188,6 +189,8 @@ def _blocks(plan: Plan, node, is_cut: bool, g: Graph) -> list[tuple[np.ndarray, 
 def _least_squares(plan: Plan, current: Graph, original: Graph, node, is_cut: bool, calib: np.ndarray,
                    ridge: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
     layer = _Linear.of(plan, node, current)
+    if layer is None:  # not a layer the refit can write (refit_layers leaves those out)
+        return {}
     blocks = _blocks(plan, node, is_cut, current)
     per_in = int(np.prod(layer.conv["kernel"])) if layer.conv else 1
     if max(len(ii) for ii, _ in blocks) * per_in + 1 > MAX_DIM:
@@ -213,18 +216,18 @@ def _least_squares(plan: Plan, current: Graph, original: Graph, node, is_cut: bo
             gram[b] += a.T @ a
             cross[b] += a.T @ targets[:, oo].astype(np.float64)
     w = current.constants[view.weight].astype(np.float64)
-    bias = current.constants[view.bias].astype(np.float64).reshape(-1) if has_bias else None
+    bias = current.constants[view.bias].astype(np.float64).reshape(-1) if view.bias is not None else None
     for (ii, oo), gm, cr in zip(blocks, gram, cross):
         prior = view.matrix(w, oo, ii)
-        if has_bias:
+        if bias is not None:
             prior = np.concatenate([prior, bias[oo][None]], axis=0)
         lam = ridge * max(float(np.mean(np.diag(gm))), 1e-12)
         sol = np.linalg.solve(gm + lam * np.eye(len(gm)), cr + lam * prior)
         view.put_matrix(w, oo, ii, sol[:len(sol) - int(has_bias)])
-        if has_bias:
+        if bias is not None:
             bias[oo] = sol[-1]
     out = {view.weight: w.astype(current.constants[view.weight].dtype)}
-    if has_bias:
+    if bias is not None and view.bias is not None:
         b0 = current.constants[view.bias]
         out[view.bias] = bias.reshape(b0.shape).astype(b0.dtype)
     return out
@@ -234,9 +237,11 @@ def _match_stats(plan: Plan, current: Graph, original: Graph, node, calib: np.nd
     view = of_plan(plan, node)
     if view.bias is None or view.bias not in current.constants:
         return {}
-    sums = {}
+    sums: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, g in (("cut", current), ("orig", original)):
-        s1 = s2 = n = 0
+        s1: Any = 0
+        s2: Any = 0
+        n = 0
         for (y,) in Runner(g, [node.outputs[0]]).batches(calib):
             v = np.moveaxis(y, 1, 0).reshape(y.shape[1], -1).astype(np.float64)
             s1, s2, n = s1 + v.sum(1), s2 + (v * v).sum(1), n + v.shape[1]

@@ -150,7 +150,7 @@ class ImageFolderSamples(Samples):
     def _take(self, idx: np.ndarray) -> np.ndarray:
         batch = np.empty((len(idx),) + self.sample_shape, dtype=np.float32)
         for row, i in enumerate(idx):
-            batch[row] = read_image(self.folder / self.files[int(i)], self.prep)
+            batch[row] = read_image(self.folder, self.files[int(i)], self.prep)
         return batch
 
     def where(self, index: int) -> str:

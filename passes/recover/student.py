@@ -80,12 +80,13 @@ def synced_batch_norm(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> t
     n = total[2 * c]
     mean = total[:c] / n
     var = (total[c:2 * c] / n - mean * mean).clamp_min(0)
-    if bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None:
+    tracked, running_mean, running_var = bn.num_batches_tracked, bn.running_mean, bn.running_var
+    if bn.track_running_stats and tracked is not None and running_mean is not None and running_var is not None:
         with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-            m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-            bn.running_mean.mul_(1 - m).add_(mean.detach() * m)
-            bn.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)).clamp_min(0) * m)
+            tracked.add_(1)
+            m = bn.momentum if bn.momentum is not None else 1.0 / float(tracked)
+            running_mean.mul_(1 - m).add_(mean.detach() * m)
+            running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)).clamp_min(0) * m)
     shape = [1, c] + [1] * (x.dim() - 2)
     y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + bn.eps)
     if bn.affine:
@@ -143,7 +144,7 @@ class Student(GraphModule):
 
     def after(self, node: Node, outs: list) -> list:
         if self.norms_enabled and node.name in self._norm_key:
-            bn = self.norms[self._norm_key[node.name]]
+            bn = self.norm(node.name)
             y = synced_batch_norm(outs[0], bn) if self.norms_synced and bn.training else bn(outs[0])
             return [y] + list(outs[1:])
         return outs
@@ -170,7 +171,16 @@ class Student(GraphModule):
         return self.out_axes.get(node_name, 0)
 
     def norm(self, node_name: str) -> nn.modules.batchnorm._BatchNorm:
-        return self.norms[self._norm_key[node_name]]
+        bn = self.norms[self._norm_key[node_name]]
+        assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
+        return bn
+
+    def norm_stats(self, node_name: str) -> tuple[nn.modules.batchnorm._BatchNorm, torch.Tensor, torch.Tensor]:
+        """The BatchNorm after ``node_name`` with its running mean and variance (always tracked here)."""
+        bn = self.norm(node_name)
+        mean, var = bn.running_mean, bn.running_var
+        assert mean is not None and var is not None
+        return bn, mean, var
 
     def normed(self) -> list[str]:
         return list(self._norm_key)
@@ -179,10 +189,10 @@ class Student(GraphModule):
     def init_norms_identity(self, stats: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Per normed node, ``stats[node] = (mean, var)`` of its output: identity in eval mode."""
         for node_name in self._norm_key:
-            bn = self.norm(node_name)
+            bn, running_mean, running_var = self.norm_stats(node_name)
             mean, var = stats[node_name]
-            bn.running_mean.copy_(mean)
-            bn.running_var.copy_(var)
+            running_mean.copy_(mean)
+            running_var.copy_(var)
             bn.weight.copy_(torch.sqrt(var + bn.eps))
             bn.bias.copy_(mean)
 
@@ -199,9 +209,9 @@ class Student(GraphModule):
             if node.name in self.masks:
                 out[node.inputs[1]] = out[node.inputs[1]] * self.masks[node.name]
             if node.name in self._norm_key:
-                bn = self.norm(node.name)
-                scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).double().cpu().numpy()
-                shift = bn.bias.double().cpu().numpy() - bn.running_mean.double().cpu().numpy() * scale
+                bn, running_mean, running_var = self.norm_stats(node.name)
+                scale = (bn.weight / torch.sqrt(running_var + bn.eps)).double().cpu().numpy()
+                shift = bn.bias.double().cpu().numpy() - running_mean.double().cpu().numpy() * scale
                 w = out[node.inputs[1]]
                 shape = [1] * w.ndim
                 shape[self.out_axis(node.name)] = -1

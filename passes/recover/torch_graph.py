@@ -240,11 +240,11 @@ def _pool(m: GraphModule, node: Node):
     if node.op == "MaxPool":
         fmt = torch.channels_last if n == 2 else torch.contiguous_format  # torch's NCHW CPU kernel is ~10x slower
 
-        def fn(node, a):
+        def max_pool(node, a):
             x = F.pad(a[0], _torch_pads(begin, ends), value=-math.inf) if any(begin + ends) else a[0]
             y = fn_pool[0](x.contiguous(memory_format=fmt), kernel, strides, 0, dilations)
             return [crop(y).contiguous()]
-        return fn
+        return max_pool
     if any(d != 1 for d in dilations):
         raise LcpcError(f"{node.describe()}: recovery does not support dilated AveragePool yet")
     include = bool(node.attr("count_include_pad", 0))

@@ -11,13 +11,26 @@ the words its error message must contain:
   with ``--branches 2``;
 - ``manifests``: edits applied to a fresh ``good.onnx`` output folder that ``lcpc
   run`` must refuse (JSON-pointer ``set``/``remove``/``add``, raw text, and file
-  actions on the stage files or the manifest).
+  actions on the stage files or the manifest);
+- ``devices``: ``devices.yaml`` files (``devices/``) that ``lcpc convert --devices``, ``lcpc run
+  --devices`` and ``lcpc serve --devices`` must refuse as themselves, or accept (``expect``
+  null): YAML alias bombs wherever the alias sits, self-reference, deep nesting, values out
+  of range or without a unit, unknown keys and devices, tags that would build objects;
+- ``preprocess``: ``--preprocess`` specs ``lcpc convert`` must refuse (or accept);
+- ``images``: image files (``images/``, written without Pillow so the bytes never change)
+  that an image folder may hold: ``lcpc verify --data FOLDER`` must refuse the bad ones by
+  name: truncated or corrupt JPEG and PNG, empty files, other formats, decompression-bomb
+  headers;
+- ``options``: command lines whose option values are out of range (recovery settings, labels
+  that do not fit, timeouts, addresses, repeats), with the arrays they read (``options/``).
 """
 
 from __future__ import annotations
 
 import json
 import pickle
+import struct
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -368,11 +381,246 @@ MANIFEST_CASES = [
 ]
 
 
+# ----------------------------------------------------------------------------- devices files
+def alias_bomb(indent: str, depth: int = 9) -> str:
+    """A YAML list whose nine-fold nested aliases expand to 9**depth strings (a few hundred bytes)."""
+    lines = [f"{indent}- &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"{indent}- &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, depth)]
+    return "\n".join(lines) + "\n"
+
+
+BOMB_EXPECT = ["YAML aliases", "expand to more than 10000 values"]
+
+
+def devices_files() -> list[tuple[str, bytes, list[str] | None]]:
+    """(file, bytes, expected message parts or None for "accepted")."""
+    cases = [
+        ("good.yaml", "devices:\n  dev0: {resource: board0, speed: 2}\nlinks:\n  default: {bandwidth: 100Mbit, "
+                      "latency: 1ms}\noverhead: 0.3ms\nroute: direct\n", None),
+        ("alias_ok.yaml", "devices:\n  dev0: &fast {speed: 2}\n  dev1: *fast\n", None),
+        ("speeds_at_the_limits.yaml", "devices:\n  dev0: {speed: 1e-6}\n  dev1: {speed: 1e6}\n", None),
+        ("empty.yaml", "", None),
+        ("bomb_route.yaml", "route:\n" + alias_bomb("  "), BOMB_EXPECT),
+        ("bomb_speed.yaml", "devices:\n  dev0:\n    speed:\n" + alias_bomb("      "), BOMB_EXPECT),
+        ("bomb_resource.yaml", "devices:\n  dev0:\n    resource:\n" + alias_bomb("      "), BOMB_EXPECT),
+        ("bomb_bandwidth.yaml", "links:\n  default:\n    bandwidth:\n" + alias_bomb("      "), BOMB_EXPECT),
+        ("bomb_unknown_key.yaml", "spare:\n" + alias_bomb("  "), BOMB_EXPECT),
+        ("bomb_merge_keys.yaml", "a0: &a0 {x0: 1, x1: 1, x2: 1, x3: 1, x4: 1, x5: 1, x6: 1, x7: 1}\n"
+         + "".join(f"a{i}: &a{i} {{{', '.join(f'k{j}: *a{i - 1}' for j in range(9))}}}\n" for i in range(1, 9)),
+         BOMB_EXPECT),
+        ("alias_cycle.yaml", "devices: &top\n  dev0: *top\n", ["refers to the value that contains it"]),
+        ("deep_nesting.yaml", "devices: " + "[" * 2000 + "\n", ["brackets nested more than 64 deep"]),
+        ("deep_block_nesting.yaml", "- " * 5000 + "x\n", ["nested too deeply"]),
+        ("malformed.yaml", "devices: [\n", ["not valid YAML"]),
+        ("two_documents.yaml", "route: direct\n---\nroute: ray\n", ["not valid YAML"]),
+        ("python_object.yaml", "!!python/object/apply:os.system ['echo pwned']\n", ["not valid YAML"]),
+        ("huge_integer.yaml", "devices:\n  dev0: {speed: " + "9" * 5000 + "}\n", ["not valid YAML"]),
+        ("not_a_mapping.yaml", "- dev0\n- dev1\n", ["expected a mapping, got list"]),
+        ("devices_a_list.yaml", "devices: [dev0, dev1]\n", ["devices: expected a mapping, got list"]),
+        ("unknown_key.yaml", "nodes: {}\n", ["unknown key(s) nodes"]),
+        ("unknown_device.yaml", "devices:\n  dev9: {speed: 2}\n", ["device 'dev9' is not in the plan"]),
+        ("speed_negative.yaml", "devices:\n  dev0: {speed: -1}\n", ["devices.dev0", "speed must be positive"]),
+        ("speed_zero.yaml", "devices:\n  dev1: {speed: 0}\n", ["devices.dev1", "speed must be positive"]),
+        ("speed_nan.yaml", "devices:\n  dev0: {speed: .nan}\n", ["speed must be positive, got nan"]),
+        ("speed_tiny.yaml", "devices:\n  dev0: {speed: 1e-300}\n",
+         ["speed 1e-300 is out of range", "1e-06..1e+06 (relative to a device of speed 1)"]),
+        ("speed_huge.yaml", "devices:\n  dev0: {speed: 1e308}\n", ["speed 1e308 is out of range"]),
+        ("speed_huge_unit.yaml", "devices:\n  dev1: {speed: 1.0e308x}\n", ["speed 1.0e308x is out of range"]),
+        ("speed_inf.yaml", "devices:\n  dev0: {speed: .inf}\n", ["speed inf is out of range"]),
+        ("speed_word.yaml", "devices:\n  dev0: {speed: fast}\n", ["speed fast is not a number with a unit (x)"]),
+        ("bandwidth_word.yaml", "links:\n  default: {bandwidth: abc}\n",
+         ["links.default", "bandwidth abc is not a number with a unit"]),
+        ("bandwidth_tiny.yaml", "links:\n  dev0: {bandwidth: 1bit}\n", ["bandwidth 1bit is out of range"]),
+        ("latency_zero.yaml", "links:\n  default: {latency: 0}\n", ["latency must be positive"]),
+        ("latency_huge.yaml", "links:\n  default: {latency: 1e9s}\n", ["latency 1e9s is out of range"]),
+        ("overhead_word.yaml", "overhead: soon\n", ["overhead soon is not a number with a unit"]),
+        ("resource_list.yaml", "devices:\n  dev0: {resource: [board0, board1]}\n", ["resource must be a name"]),
+        ("route_unknown.yaml", "route: carrier-pigeon\n", ["route carrier-pigeon: choose direct or ray"]),
+    ]
+    files = [(f, t.encode(), e) for f, t, e in cases]
+    files.append(("not_utf8.yaml", b"devices:\n  dev0: {resource: \xff\xfe}\n", ["not valid YAML"]))
+    return files
+
+
+# ----------------------------------------------------------------------------- preprocessing specs
+PREPROCESS_CASES = [  # (spec, expected message parts or None); the model takes x[N, 3, 8, 8]
+    ("size=8x8,mean=127,std=128", None),
+    ("size=8", None),
+    ("size=0x8", ["--preprocess: size=(0, 8)", "two positive integers"]),
+    ("size=-8", ["size=(-8, -8)"]),
+    ("size=abc", ["--preprocess: size=abc: expected HxW"]),
+    ("size=8x", ["size=8x: expected HxW"]),
+    ("size=8x8x3", ["size=(8, 8, 3)"]),
+    ("size=100000x100000", ["size=(100000, 100000)", "at most 16384 pixels"]),
+    ("size=" + "9" * 5000, ["expected HxW"]),
+    ("size=8x8,std=0", ["std=(0.0,)", "must not contain 0"]),
+    ("size=8x8,std=0/1/1", ["std=(0.0, 1.0, 1.0)", "must not contain 0"]),
+    ("size=8x8,std=1e-300", ["reaches 2.55e+302", "beyond float32's range"]),
+    ("size=8x8,scale=1e308", ["reaches inf", "beyond float32's range"]),
+    ("size=8x8,dtype=float16,std=0.001", ["beyond float16's range"]),
+    ("size=8x8,scale=-1", ["scale=-1.0", "must be positive"]),
+    ("size=8x8,scale=x", ["scale=x: expected a number"]),
+    ("size=8x8,mean=nan", ["mean=(nan,)", "finite"]),
+    ("size=8x8,mean=1/2", ["mean=(1.0, 2.0)", "1 or 3"]),
+    ("size=8x8,crop_fraction=0", ["crop_fraction=0.0", "(0, 1]"]),
+    ("size=8x8,layout=CHW", ["layout='CHW'", "NCHW, NHWC"]),
+    ("size=8x8,colour=RGB", ["unknown key(s) colour"]),
+    ("size=8x8,size=8x8", ["size is given twice"]),
+    ("size=8x8,,std=1", ["'' is not KEY=VALUE"]),
+    ("size", ["'size' is not KEY=VALUE"]),
+    ("mean=1", ["'size' (H, W) is required"]),
+]
+
+
+# ----------------------------------------------------------------------------- images
+def zlib_stored(data: bytes) -> bytes:
+    """``data`` as a zlib stream of stored (uncompressed) blocks: the same bytes from every zlib."""
+    blocks = [data[i:i + 65535] for i in range(0, len(data), 65535)] or [b""]
+    body = b"".join(struct.pack("<BHH", int(n == len(blocks) - 1), len(b), 0xFFFF ^ len(b)) + b
+                    for n, b in enumerate(blocks))
+    return b"\x78\x01" + body + struct.pack(">I", zlib.adler32(data))
+
+
+def png(width: int, height: int, rows: bytes | None = None, crc_ok: bool = True) -> bytes:
+    """An RGB PNG (8 bits) whose header claims ``width`` x ``height``; ``rows`` are the filtered
+    scanlines (default: a small gradient of the claimed size)."""
+    def chunk(kind: bytes, data: bytes, ok: bool = True) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) ^ (0 if ok else 1))
+    if rows is None:
+        rows = b"".join(b"\0" + bytes((10 * x + 20 * y) % 256 for x in range(width) for _ in range(3))
+                        for y in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0), crc_ok)
+            + chunk(b"IDAT", zlib_stored(rows)) + chunk(b"IEND", b""))
+
+
+# an 8x8 baseline JPEG (two colour halves), made once by Pillow (quality 75)
+JPEG = bytes.fromhex(
+    "ffd8ffe000104a46494600010100000100010000ffdb004300080606070605080707070909080a0c140d0c0b0b0c1912130f141d"
+    "1a1f1e1d1a1c1c20242e2720222c231c1c2837292c30313434341f27393d38323c2e333432ffdb0043010909090c0b0c180d0d18"
+    "32211c21323232323232323232323232323232323232323232323232323232323232323232323232323232323232323232323232"
+    "3232ffc00011080008000803012200021101031101ffc4001f000001050101010101010000000000000000010203040506070809"
+    "0a0bffc400b5100002010303020403050504040000017d01020300041105122131410613516107227114328191a1082342b1c115"
+    "52d1f02433627282090a161718191a25262728292a3435363738393a434445464748494a535455565758595a636465666768696a"
+    "737475767778797a838485868788898a92939495969798999aa2a3a4a5a6a7a8a9aab2b3b4b5b6b7b8b9bac2c3c4c5c6c7c8c9ca"
+    "d2d3d4d5d6d7d8d9dae1e2e3e4e5e6e7e8e9eaf1f2f3f4f5f6f7f8f9faffc4001f01000301010101010101010100000000000001"
+    "02030405060708090a0bffc400b51100020102040403040705040400010277000102031104052131061241510761711322328108"
+    "144291a1b1c109233352f0156272d10a162434e125f11718191a262728292a35363738393a434445464748494a53545556575859"
+    "5a636465666768696a737475767778797a82838485868788898a92939495969798999aa2a3a4a5a6a7a8a9aab2b3b4b5b6b7b8b9"
+    "bac2c3c4c5c6c7c8c9cad2d3d4d5d6d7d8d9dae2e3e4e5e6e7e8e9eaf2f3f4f5f6f7f8f9faffda000c03010002110311003f00c6"
+    "d23fe5b7fc07fad14515c0f73c1e2cff0091c56ffb77ff004989ffd9")
+GIF = bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b")
+BOMB_IMAGE = ["more pixels than lcpc decodes", "decompression bomb"]
+NOT_AN_IMAGE = ["cannot read it as an image"]
+
+
+def images() -> list[tuple[str, bytes, list[str] | None]]:
+    """(file, bytes, expected message parts or None for "read"); each goes in a folder beside good.png."""
+    good = png(8, 8)
+    return [
+        ("good.png", good, None),
+        ("good.jpg", JPEG, None),
+        ("jpeg_named.png", JPEG, None),  # read by its content, and it is a JPEG
+        ("larger.png", png(32, 24), None),
+        ("empty.png", b"", ["cannot read it as an image (the file is empty)"]),
+        ("empty.jpg", b"", ["the file is empty"]),
+        ("text.png", b"this is not an image\n", NOT_AN_IMAGE + ["not a JPEG or PNG"]),
+        ("gif.png", GIF, NOT_AN_IMAGE + ["not a JPEG or PNG"]),
+        ("truncated.jpg", JPEG[:len(JPEG) // 2], NOT_AN_IMAGE),
+        ("corrupt.jpg", JPEG[:600] + bytes(30) + JPEG[630:], NOT_AN_IMAGE),
+        ("no_scan.jpg", JPEG.replace(b"\xff\xda", b"\xff\xd9", 1), NOT_AN_IMAGE),
+        ("truncated.png", good[:len(good) // 2], NOT_AN_IMAGE),
+        ("bad_crc.png", png(8, 8, crc_ok=False), NOT_AN_IMAGE),
+        ("short_rows.png", png(8, 8, rows=b"\0" * 10), NOT_AN_IMAGE),
+        ("bomb.png", png(100_000, 100_000, rows=b"\0" * 16), BOMB_IMAGE),
+        ("bomb_just_over.png", png(10_000, 9_000, rows=b"\0" * 16), BOMB_IMAGE),
+        ("bomb_wide.png", png(2**31 - 1, 1, rows=b"\0" * 16), BOMB_IMAGE),
+    ]
+
+
+# ----------------------------------------------------------------------------- option values
+def option_files() -> dict[str, bytes]:
+    """Training inputs for the digits example (40 samples) and labels that do not fit them."""
+    x = np.random.default_rng(5).standard_normal((40, 1, 8, 8)).astype(np.float32)
+    return {"train.npy": npy(x), "labels_short.npy": npy(np.zeros(5, np.int64)),
+            "labels_out_of_range.npy": npy(np.full(40, 99, np.int64)),
+            "labels_negative.npy": npy(np.full(40, -1, np.int64)),
+            "labels_float.npy": npy(np.zeros(40, np.float64)),
+            "labels_2d.npy": npy(np.zeros((40, 3), np.int64))}
+
+
+# Placeholders: {cut} a digits folder with cut layers, {good} good.onnx converted at K=2, {model} the
+# digits model, {input} good.npy, {out} the output folder (must not appear), {options} this folder.
+OPTION_CASES = [
+    {"name": "recover_epochs_negative", "args": ["recover", "{cut}", "--data", "{options}/train.npy", "-o", "{out}",
+                                                 "--epochs", "-1"], "expect": ["epochs -1", "(--epochs)"]},
+    {"name": "recover_views_zero", "args": ["recover", "{cut}", "--data", "{options}/train.npy", "-o", "{out}",
+                                            "--epochs", "1", "--views", "0"], "expect": ["views 0", "(--views)"]},
+    {"name": "recover_views_huge", "args": ["recover", "{cut}", "--data", "{options}/train.npy", "-o", "{out}",
+                                            "--epochs", "1", "--views", "100000"], "expect": ["from 1 to 64"]},
+    {"name": "recover_lr_negative", "args": ["recover", "{cut}", "--data", "{options}/train.npy", "-o", "{out}",
+                                             "--epochs", "1", "--lr", "-1"], "expect": ["lr -1.0", "(--lr)"]},
+    {"name": "recover_lr_nan", "args": ["recover", "{cut}", "--data", "{options}/train.npy", "-o", "{out}",
+                                        "--epochs", "1", "--lr", "nan"], "expect": ["lr nan", "above 0"]},
+    {"name": "recover_temperature_zero", "args": ["recover", "{cut}", "--data", "{options}/train.npy", "-o", "{out}",
+                                                  "--epochs", "1", "--temperature", "0"],
+     "expect": ["temperature 0.0", "(--temperature)"]},
+    {"name": "recover_temperature_huge", "args": ["recover", "{cut}", "--data", "{options}/train.npy", "-o", "{out}",
+                                                  "--epochs", "1", "--temperature", "1e300"],
+     "expect": ["temperature 1e+300", "at most 100"]},
+    {"name": "recover_labels_short", "args": ["recover", "{cut}", "--data", "{options}/train.npy", "-o", "{out}",
+                                              "--epochs", "0", "--labels", "{options}/labels_short.npy"],
+     "expect": ["labels_short.npy: shape (5,); expected (40,)"]},
+    {"name": "recover_labels_out_of_range", "args": ["recover", "{cut}", "--data", "{options}/train.npy", "-o", "{out}",
+                                                     "--epochs", "0", "--labels", "{options}/labels_out_of_range.npy"],
+     "expect": ["labels_out_of_range.npy: values 99..99 outside the model's classes 0..9"]},
+    {"name": "recover_labels_negative", "args": ["recover", "{cut}", "--data", "{options}/train.npy", "-o", "{out}",
+                                                 "--epochs", "0", "--labels", "{options}/labels_negative.npy"],
+     "expect": ["labels_negative.npy: values -1..-1"]},
+    {"name": "recover_labels_float", "args": ["recover", "{cut}", "--data", "{options}/train.npy", "-o", "{out}",
+                                              "--epochs", "0", "--labels", "{options}/labels_float.npy"],
+     "expect": ["labels_float.npy: dtype float64"]},
+    {"name": "recover_labels_2d", "args": ["recover", "{cut}", "--data", "{options}/train.npy", "-o", "{out}",
+                                           "--epochs", "0", "--labels", "{options}/labels_2d.npy"],
+     "expect": ["labels_2d.npy: shape (40, 3)"]},
+    {"name": "convert_recover_epochs_negative", "args": ["convert", "{model}", "-o", "{out}", "--recover",
+                                                         "{options}/train.npy", "--epochs", "-1"],
+     "expect": ["epochs -1"]},
+    {"name": "convert_recover_labels_short", "args": ["convert", "{model}", "-o", "{out}", "--recover",
+                                                      "{options}/train.npy", "--epochs", "0", "--labels",
+                                                      "{options}/labels_short.npy"],
+     "expect": ["shape (5,); expected (40,)"]},
+    {"name": "run_timeout_local", "args": ["run", "{good}", "-i", "{input}", "--timeout", "5"],
+     "expect": ["--timeout does not apply to the local engine"]},
+    {"name": "run_timeout_zero", "args": ["run", "{good}", "-i", "{input}", "--engine", "ray", "--timeout", "0"],
+     "expect": ["--timeout 0.0", "above 0"], "needs": "ray"},
+    {"name": "run_timeout_negative", "args": ["run", "{good}", "-i", "{input}", "--engine", "ray", "--timeout", "-1"],
+     "expect": ["--timeout -1.0"], "needs": "ray"},
+    {"name": "run_timeout_nan", "args": ["run", "{good}", "-i", "{input}", "--engine", "ray", "--timeout", "nan"],
+     "expect": ["--timeout nan"], "needs": "ray"},
+    {"name": "serve_timeout_inf", "args": ["serve", "{good}", "-i", "{input}", "--engine", "ray", "--timeout", "inf"],
+     "expect": ["--timeout inf"], "needs": "ray"},
+    {"name": "run_address_closed_port", "args": ["run", "{good}", "-i", "{input}", "--engine", "ray", "--address",
+                                                 "127.0.0.1:1"],
+     "expect": ["cannot reach Ray at 127.0.0.1:1", "ray start --head"], "needs": "ray"},
+    {"name": "run_address_malformed", "args": ["run", "{good}", "-i", "{input}", "--engine", "ray", "--address",
+                                               "head-node"], "expect": ["--address head-node: expected HOST:PORT"],
+     "needs": "ray"},
+    {"name": "run_address_bad_port", "args": ["run", "{good}", "-i", "{input}", "--engine", "ray", "--address",
+                                              "head:99999"], "expect": ["--address head:99999"], "needs": "ray"},
+    {"name": "serve_repeat_zero", "args": ["serve", "{good}", "-i", "{input}", "--repeat", "0"],
+     "expect": ["--repeat 0"]},
+]
+
+
 def cases() -> dict:
     return {
         "models": [{"file": f, "expect": e, "args": a} for f, _, e, a in models()],
         "inputs": [{"file": f, "expect": e} for f, _, e in inputs()],
         "manifests": MANIFEST_CASES,
+        "devices": [{"file": f, "expect": e} for f, _, e in devices_files()],
+        "preprocess": [{"spec": spec, "expect": e} for spec, e in PREPROCESS_CASES],
+        "images": [{"file": f, "expect": e} for f, _, e in images()],
+        "options": OPTION_CASES,
     }
 
 
@@ -380,7 +628,10 @@ def build(root: Path = HERE) -> list[Path]:
     """Write the corpus under ``root``; returns the files written."""
     written = []
     for sub, files in (("models", [(f, b) for f, b, _, _ in models()] + list(data_files().items())),
-                       ("inputs", [(f, b) for f, b, _ in inputs()])):
+                       ("inputs", [(f, b) for f, b, _ in inputs()]),
+                       ("devices", [(f, b) for f, b, _ in devices_files()]),
+                       ("images", [(f, b) for f, b, _ in images()]),
+                       ("options", list(option_files().items()))):
         (root / sub).mkdir(parents=True, exist_ok=True)
         for name, data in files:
             (root / sub / name).write_bytes(data)

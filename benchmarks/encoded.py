@@ -1,0 +1,115 @@
+"""The network near its limit: a ResNet-50 at 224 (benchmarks/models.py, random weights) split 4
+and 8 ways over boards a tenth as fast as this machine's core, each on 100 Mbit/s with 1 ms
+latency, with the model input on the wire as the raw uint8 image (point to point from the head)
+against the camera's own JPEG (``--input-wire encoded``) sent the way the network model finds
+faster (``--broadcast auto``). ``lcpc report --network --images`` predicts each: stage times
+measured here, the JPEGs' median size and decode time measured on the photos
+(``../shared/photos``; without them, generated photo-like JPEGs of the same size).
+
+    python -m benchmarks.encoded [--photos DIR]
+
+Writes ``benchmarks/results/encoded.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from benchmarks import models
+from lcpc import pipeline
+from lcpc.perf import devices, latency_report
+from lcpc.runtime import manifest as mf
+from lcpc.runtime.bench import machine
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PHOTOS = ROOT.parent / "shared" / "photos"
+PREP = {"size": [224, 224], "mean": [127.0], "std": [128.0]}
+NETWORKS = {4: ROOT / "benchmarks" / "devices-boards-100mbit.yaml",
+            8: ROOT / "benchmarks" / "devices-boards8-100mbit.yaml"}
+
+
+def photos(folder: Path | None, tmp: Path) -> tuple[Path, str]:
+    """The photos to measure, and where they come from (generated ones when none are given)."""
+    if folder is not None and folder.is_dir():
+        return folder, f"{len(list(folder.glob('*.jpg')))} photos of {folder.name}/"
+    from PIL import Image
+
+    out = tmp / "photos"
+    out.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):  # smooth shapes and noise at 320x480, like a resized photo
+        yy, xx = np.mgrid[0:320, 0:480]
+        base = 127 + 60 * np.sin(xx / (20 + 5 * i)) [..., None] * np.cos(yy / (30 + 3 * i))[..., None]
+        pixels = np.clip(base + rng.normal(0, 12, (320, 480, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(out / f"{i:02d}.jpg", quality=90)
+    return out, "12 generated photo-like JPEGs (../shared/photos absent)"
+
+
+def run(photo_dir: Path | None) -> dict:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lcpc-encoded-") as tmp:
+        tmp = Path(tmp)
+        images, where = photos(photo_dir, tmp)
+        model = tmp / "resnet50.onnx"
+        onnx.save(models.build("resnet50"), model)
+        for k, network_file in NETWORKS.items():
+            net = devices.load(network_file)
+            for wire, broadcast in (("uint8", "p2p"), ("encoded", "auto")):
+                folder = tmp / f"k{k}-{wire}"
+                print(f"K={k} {wire} --broadcast {broadcast}: converting", flush=True)
+                pipeline.convert(model, folder, k, "none", preprocessing=PREP, input_wire=wire, broadcast=broadcast,
+                                 devices=net, partition="contiguous")
+                manifest = mf.read(folder)
+                measured = latency_report.measure(folder, manifest, net, model, pipeline.convert,
+                                                  images if wire == "encoded" else None)
+                single, plan = measured.compare()[:2]
+                rows.append({"k": k, "input_wire": wire, "broadcast": manifest.broadcast,
+                             "network": network_file.name, "latency_ms": 1e3 * plan.latency,
+                             "one_board_ms": 1e3 * single.latency, "speedup": single.latency / plan.latency,
+                             "busiest_compute_ms": 1e3 * plan.compute,
+                             "input_bytes": measured.image.bytes if measured.image else
+                             manifest.order.inputs[0].bytes,
+                             "decode_ms": 1e3 * measured.image.decode if measured.image else None,
+                             "note": latency_report.broadcast_note(manifest, net, measured.image)})
+                print(f"  x{rows[-1]['speedup']:.2f}", flush=True)
+    return {"rows": rows, "photos": where, "machine": machine(), "load": os.getloadavg()[0]}
+
+
+def markdown(result: dict) -> str:
+    head = ("| K | input on the wire | broadcast | bytes per receiver | decode on this machine | predicted latency "
+            "| original on one board | speed-up |\n|---|---|---|---|---|---|---|---|\n")
+    def decode(r: dict) -> str:
+        return "-" if r["decode_ms"] is None else f"{r['decode_ms']:.2f} ms"
+
+    body = "".join(f"| {r['k']} | {r['input_wire']} | {r['broadcast']} | {r['input_bytes']} | {decode(r)} | "
+                   f"{r['latency_ms']:.1f} ms | {r['one_board_ms']:.1f} ms | x{r['speedup']:.2f} |\n"
+                   for r in result["rows"])
+    m = result["machine"]
+    return (head + body + f"\nResNet-50 at 224 (random weights), pure LCP, boards of speed 0.1 on 100 Mbit/s and 1 ms "
+            f"links (benchmarks/devices-boards*-100mbit.yaml); encoded sizes and decode times from "
+            f"{result['photos']}; one board decodes the JPEG too. Stage times measured on this machine "
+            f"({m['cpu']}, {m['cores']} cores, one thread per stage; load average {result['load']:.1f} at the end); "
+            f"from one run of `python -m benchmarks.encoded`.\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--photos", type=Path, default=PHOTOS)
+    args = ap.parse_args()
+    result = run(args.photos)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "encoded.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / "encoded.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
