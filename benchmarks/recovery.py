@@ -21,9 +21,17 @@ seeds (held-out split, shuffling): the table gives the mean and the worst seed.
 ``--task shapes`` runs the harder stand-in task (``examples/shapes``: noisy 32x32
 shapes, a converged VGG with BatchNorm; 8000 unlabelled training images, 2000 test images).
 
+``--data synth:N`` recovers without any real image: per seed, N inputs synthesised from the
+original model's BatchNorm statistics (``lcpc recover --data synth:N``: ``pipeline.synthetic_samples``,
+once per seed and reused for every K, as ``--checkpoint`` keeps them), on the BatchNorm-kept
+export of the task's model (``*_bn.onnx``; ``--bn`` picks that file for real data too);
+``--compare-real`` adds, in the same run, the same rows recovered on the real training images.
+The test images are real either way.
+
     python -m benchmarks.recovery [--task digits|shapes] [--branches 2 4 8] [--epochs 2 6] [--seeds 3]
                                   [--threads 1] [--lr LR] [--augment MODE] [--views V] [--temperature T]
-                                  [--refit lsq|stats]
+                                  [--refit lsq|stats] [--data real|synth:N [--compare-real]
+                                  [--synth-iterations I]] [--bn]
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +60,8 @@ from lcpc import pipeline
 RESULTS = ROOT / "benchmarks" / "results"
 TASKS = {"digits": ROOT / "examples" / "digits" / "digits_cnn.onnx",
          "shapes": ROOT / "examples" / "shapes" / "shapes_vgg.onnx"}
+BN_TASKS = {"digits": ROOT / "examples" / "digits" / "digits_cnn_bn.onnx",
+            "shapes": ROOT / "examples" / "shapes" / "shapes_vgg_bn.onnx"}
 MODEL = TASKS["digits"]
 
 
@@ -78,13 +89,25 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=None, help="distillation temperature (default: the Recipe's)")
     ap.add_argument("--labels", action="store_true",
                     help="recover with the training labels as well (lcpc recover --labels; default: unlabelled)")
-    ap.add_argument("--name", default=None, help="results file stem (default: recovery[_TASK])")
+    ap.add_argument("--name", default=None, help="results file stem (default: recovery[_TASK], recovery_synth_TASK)")
+    ap.add_argument("--data", default="real", help="real (the training images) or synth:N (synthesised inputs)")
+    ap.add_argument("--compare-real", action="store_true", help="with --data synth: real-data rows too")
+    ap.add_argument("--synth-iterations", type=int, default=None,
+                    help="with --data synth: optimisation steps per batch (lcpc recover --synth-iterations)")
+    ap.add_argument("--bn", action="store_true", help="the BatchNorm-kept export of the model (implied by synth)")
     args = ap.parse_args()
     recipe = overrides(args)
     import torch
 
+    from lcpc.passes.recover.samples import Synthetic
+
     torch.set_num_threads(args.threads)
-    model = TASKS[args.task]
+    synthetic = Synthetic.parse(args.data) if args.data != "real" else None
+    if args.data != "real" and synthetic is None:
+        raise SystemExit(f"--data {args.data}: real or synth:N")
+    if synthetic is not None:  # no time bound here: the benchmark measures what the iterations give
+        synthetic = replace(synthetic, time_limit=1e9, iterations=args.synth_iterations or synthetic.iterations)
+    model = BN_TASKS[args.task] if synthetic or args.bn else TASKS[args.task]
     if args.task == "digits":
         x_train, y_train, x_test, y_test = load_shipped()
     else:
@@ -93,6 +116,20 @@ def main() -> None:
         x_train, y_train, x_test, y_test = load_shapes()
     labels = y_train if args.labels else None
     rows = []
+    kinds = (["synthetic", "real"] if args.compare_real else ["synthetic"]) if synthetic else ["real"]
+    made: dict[int, object] = {}  # seed -> its synthetic samples, made once, used for every K
+
+    def data_for(kind: str, seed: int):
+        if kind == "real":
+            return x_train
+        if seed not in made:
+            start = time.perf_counter()
+            made[seed] = pipeline.synthetic_samples(model, None, synthetic, seed=seed)
+            print(f"synthesised {synthetic.samples} inputs (seed {seed}) in {time.perf_counter() - start:.0f} s",
+                  flush=True)
+        return made[seed]
+
+    info = meta(args, model, x_train, y_test, torch)
     with tempfile.TemporaryDirectory() as tmp:
         for k in args.branches:
             cut_folder = Path(tmp) / f"k{k}_cut"
@@ -103,27 +140,30 @@ def main() -> None:
             rows.append({**base, "recovery": "cut", **test_figures(cut_folder, x_test, y_test), "seconds": 0.0,
                          "runs": []})
             show(rows[-1])
-            for label, epochs in [("refit", 0)] + [(f"distil {e}ep", e) for e in args.epochs]:
-                runs = []
-                for seed in range(args.seeds):
-                    out = Path(tmp) / f"k{k}_{label.replace(' ', '_')}_{seed}"
-                    start = time.perf_counter()
-                    m = pipeline.recover(cut_folder, x_train, out, labels=labels, epochs=epochs, seed=seed, **recipe)
-                    seconds = time.perf_counter() - start
-                    figures = m["fidelity"]["recovery"]
-                    last = figures.get("distillation", figures.get("refit"))
-                    start_agreement = (figures["refit"]["after"] if "refit" in figures
-                                       else figures["distillation"]["before"])["top1_agreement"]
-                    runs.append({**test_figures(out, x_test, y_test), "seconds": seconds, "seed": seed,
-                                 "heldout_agreement": last["after"]["top1_agreement"],
-                                 "curve": [{"epoch": 0, "heldout_agreement": start_agreement}]
-                                 + [{"epoch": h["epoch"], "heldout_agreement": h["heldout"]["top1_agreement"]}
-                                    for h in figures.get("distillation", {}).get("history", [])],
-                                 "warnings": last.get("warnings", [])})
-                rows.append({**base, "recovery": label, "runs": runs, **summary(runs)})
-                show(rows[-1])
-                write(rows, meta(args, model, x_train, y_test, torch), partial=True)
-    write(rows, meta(args, model, x_train, y_test, torch), partial=False)
+            for kind in kinds:
+                for label, epochs in [("refit", 0)] + [(f"distil {e}ep", e) for e in args.epochs]:
+                    runs = []
+                    for seed in range(args.seeds):
+                        data = data_for(kind, seed)
+                        out = Path(tmp) / f"k{k}_{kind}_{label.replace(' ', '_')}_{seed}"
+                        start = time.perf_counter()
+                        m = pipeline.recover(cut_folder, data, out, labels=labels if kind == "real" else None,
+                                             epochs=epochs, seed=seed, **recipe)
+                        seconds = time.perf_counter() - start
+                        figures = m["fidelity"]["recovery"]
+                        last = figures.get("distillation", figures.get("refit"))
+                        start_agreement = (figures["refit"]["after"] if "refit" in figures
+                                           else figures["distillation"]["before"])["top1_agreement"]
+                        runs.append({**test_figures(out, x_test, y_test), "seconds": seconds, "seed": seed,
+                                     "heldout_agreement": last["after"]["top1_agreement"],
+                                     "curve": [{"epoch": 0, "heldout_agreement": start_agreement}]
+                                     + [{"epoch": h["epoch"], "heldout_agreement": h["heldout"]["top1_agreement"]}
+                                        for h in figures.get("distillation", {}).get("history", [])],
+                                     "data": figures["data"], "warnings": last.get("warnings", [])})
+                    rows.append({**base, "recovery": label, "data": kind, "runs": runs, **summary(runs)})
+                    show(rows[-1])
+                    write(rows, info, partial=True)
+    write(rows, info, partial=False)
 
 
 def overrides(args) -> dict:
@@ -138,8 +178,9 @@ def meta(args, model: Path, x_train, y_test, torch) -> dict:
     return {"task": args.task, "model": str(model.relative_to(ROOT)), "test_images": int(len(y_test)),
             "train_images": int(len(x_train)), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "seeds": args.seeds,
-            "recipe": overrides(args), "labels": args.labels,
-            "stem": args.name or ("recovery" if args.task == "digits" else f"recovery_{args.task}")}
+            "recipe": overrides(args), "labels": args.labels, "data": args.data,
+            "stem": args.name or (f"recovery_synth_{args.task}" if args.data != "real" else
+                                  "recovery" if args.task == "digits" else f"recovery_{args.task}")}
 
 
 def write(rows: list[dict], info: dict, partial: bool) -> None:
@@ -165,22 +206,38 @@ def summary(runs: list[dict]) -> dict:
 
 def show(r: dict) -> None:
     worst = f" (worst {100 * r['worst_accuracy']:.2f}%)" if len(r["runs"]) > 1 else ""
-    print(f"K={r['K']} {r['recovery']:12s} accuracy {100 * r['accuracy']:6.2f}%{worst}  agreement "
+    print(f"K={r['K']} {r.get('data', ''):9s} {r['recovery']:12s} accuracy {100 * r['accuracy']:6.2f}%{worst}  "
+          f"agreement "
           f"{100 * r['agreement']:6.2f}%  bytes {r['bytes_per_inference']}  {r['seconds']:.1f} s", flush=True)
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = ["| K | recovery | test accuracy | worst seed | agreement | KL | bytes/inference (exact) | seconds |",
-             "|---|---|---|---|---|---|---|---|"]
+    synthetic = meta.get("data", "real") != "real"
+    lines = ["| K | " + ("data | " if synthetic else "") + "recovery | test accuracy | worst seed | agreement | KL | "
+             "bytes/inference (exact) | seconds |",
+             "|---|" + ("---|" if synthetic else "") + "---|---|---|---|---|---|---|"]
     for r in rows:
         worst = f"{100 * r['worst_accuracy']:.2f}%" if len(r["runs"]) > 1 else ""
-        lines.append(f"| {r['K']} | {r['recovery']} | {100 * r['accuracy']:.2f}% | {worst} | "
+        data = f"{r.get('data', '')} | " if synthetic else ""
+        lines.append(f"| {r['K']} | {data}{r['recovery']} | {100 * r['accuracy']:.2f}% | {worst} | "
                      f"{100 * r['agreement']:.2f}% | {r['kl']:.4f} | {r['bytes_per_inference']} "
                      f"({r['exact_bytes_per_inference']}) | {r['seconds']:.1f} |")
     task = "Digits example" if meta["task"] == "digits" else f"Task {meta['task']} ({meta['model']})"
+    if synthetic:
+        made = [r["data"]["synthesis"] for row in rows for r in row["runs"] if r.get("data", {}).get("kind")
+                == "synthetic"]
+        seconds = sorted({m["seed"]: m["seconds"] for m in made}.values())
+        source = (f"recovery on {meta['data']} (inputs synthesised from the model's BatchNorm statistics, "
+                  f"{made[0]['iterations']} iterations, {', '.join(f'{v:.0f}' for v in seconds)} s per seed, "
+                  f"once per seed for every K; no real image seen)"
+                  + (f" and, as `real`, on the {meta['train_images']} unlabelled training images" if any(
+                      r.get("data") == "real" for r in rows) else "")
+                  + " (10% held out)")
+    else:
+        source = (f"recovery on the {meta['train_images']} {'labelled' if meta.get('labels') else 'unlabelled'} "
+                  f"training images (10% held out)")
     note = (f"\n{task}, original test accuracy {100 * rows[0]['original_accuracy']:.2f}% on "
-            f"{meta['test_images']} test images; recovery on the {meta['train_images']} "
-            f"{'labelled' if meta.get('labels') else 'unlabelled'} training images (10% held out), --sync none; "
+            f"{meta['test_images']} test images; {source}, --sync none; "
             f"`distil Nep`: `lcpc recover --epochs N` (refit, then N epochs of distillation). "
             f"Recovery rows: mean over {meta['seeds']} seed(s). "
             + (f"Recipe overrides: {', '.join(f'{k} {v}' for k, v in meta['recipe'].items())}. " if meta.get("recipe")

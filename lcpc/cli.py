@@ -23,6 +23,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from lcpc import __version__, advise, fidelity, frontend, pipeline, report
 from lcpc.compress.wire import WIRE_FORMATS
-from lcpc.errors import LcpcError
+from lcpc.errors import Interrupted, LcpcError
 from lcpc.frontend import parse_input_shapes
 from lcpc.images import IMAGE_SUFFIXES, Preprocessing, image_files, read_file
 from lcpc.inspect import inspect_graph
 from lcpc.inspect import render as inspect_render
 from lcpc.lower import INPUT_WIRES
+from lcpc.passes.recover.distil import Execution
+from lcpc.passes.recover.samples import Synthetic
 from lcpc.perf import latency_report
 from lcpc.perf.devices import load as load_devices
 from lcpc.runtime import bench, serving
@@ -98,7 +101,7 @@ def handles_errors(fn: Callable) -> Callable:
             if debug:
                 raise
             if isinstance(exc, LcpcError):
-                _fail(str(exc), 1)
+                _fail(str(exc), 130 if isinstance(exc, Interrupted) else 1)
             if isinstance(exc, OSError) and exc.strerror:  # the disk or the file system said no
                 _fail(f"{exc.filename or ''}: {exc.strerror}" if exc.filename else exc.strerror, 1)
             if isinstance(exc, MemoryError):
@@ -114,17 +117,60 @@ def input_shape_option(fn: Callable) -> Callable:
                         help="Pin an input's dims, e.g. input:1x3x224x224 (repeatable).")(fn)
 
 
-def data_options(what: str) -> Callable:
-    """--data, --labels and --model, shared by verify and recover."""
+def data_options(what: str, recovery: bool = False) -> Callable:
+    """--data, --labels and --model, shared by verify and recover (``recovery``: --data also takes
+    synth[:N], and reads a .npy memory-mapped, a folder recursively)."""
+    data_help = (f"{what}: a .npy batch (memory-mapped), a folder of JPEG/PNG images (its subfolders too, read "
+                 f"as needed with the manifest's preprocessing), or synth[:N]: N inputs synthesised from the "
+                 f"original model's BatchNorm statistics (default 2048; no real image needed)." if recovery else
+                 f"{what}: a .npy batch, or a folder of JPEG/PNG images (read with the manifest's preprocessing).")
+
     def decorate(fn: Callable) -> Callable:
         fn = click.option("--model", "original", type=click.Path(dir_okay=False, path_type=Path), default=None,
                           help="The original ONNX model, when it is no longer at the manifest's source path.")(fn)
         fn = click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
                           help="Integer labels (.npy): accuracy figures (and cross-entropy in recovery).")(fn)
-        return click.option("--data", required=True, type=click.Path(path_type=Path),
-                            help=f"{what}: a .npy batch, or a folder of JPEG/PNG images (read with the "
-                                 f"manifest's preprocessing).")(fn)
+        return click.option("--data", required=True, type=click.Path(path_type=Path), help=data_help)(fn)
     return decorate
+
+
+def training_options(fn: Callable) -> Callable:
+    """Where and how recovery trains (``passes.recover.distil.Execution``) and the synthetic-data
+    time bound, shared by recover and convert --recover."""
+    fn = click.option("--synth-time", type=float, default=Synthetic.time_limit, show_default=True, metavar="SECONDS",
+                      help="Most seconds --data synth may spend synthesising inputs (fewer iterations if need be).")(fn)
+    fn = click.option("--synth-iterations", type=int, default=Synthetic.iterations, show_default=True,
+                      help="Optimisation steps per batch of synthesised inputs.")(fn)
+    fn = click.option("--resume", is_flag=True, help="Continue the recovery whose state --checkpoint holds.")(fn)
+    fn = click.option("--checkpoint", type=click.Path(file_okay=False, path_type=Path), default=None,
+                      help="Folder for the distillation's state after every epoch and on Ctrl-C (with --resume, "
+                           "continue from it).")(fn)
+    fn = click.option("--timeout", "train_timeout", type=float, default=600.0, show_default=True,
+                      metavar="SECONDS", help="Most seconds any wait between recovery processes (and for a data "
+                                              "loader's batch) may take.")(fn)
+    fn = click.option("--workers", type=int, default=None,
+                      help="Data-loader processes per training process [default: up to 4 for image folders, "
+                           "else 0].")(fn)
+    fn = click.option("--procs", type=int, default=1, show_default=True,
+                      help="Data-parallel training processes (DDP: gloo on the CPU, NCCL with one GPU each).")(fn)
+    return click.option("--train-device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                        show_default=True, help="Where recovery trains (auto: a CUDA GPU when PyTorch sees one; "
+                                                "mixed precision there).")(fn)
+
+
+def execution_of(train_device: str, procs: int, workers: int | None, train_timeout: float, checkpoint: Path | None,
+                 resume: bool) -> Execution:
+    return Execution(device=train_device, procs=procs, workers=workers, timeout=train_timeout,
+                     checkpoint=str(checkpoint) if checkpoint is not None else None, resume=resume)
+
+
+def with_synth_options(data: Any, synth_time: float, synth_iterations: int) -> Any:
+    """``--synth-time`` and ``--synth-iterations`` applied to ``--data synth[:N]`` (other data pass through)."""
+    if not isinstance(data, Synthetic):
+        return data
+    if synth_iterations < 1 or not synth_time > 0:
+        raise LcpcError(f"--synth-iterations {synth_iterations}, --synth-time {synth_time}: both must be positive")
+    return replace(data, time_limit=synth_time, iterations=synth_iterations)
 
 
 def format_option(fn: Callable) -> Callable:
@@ -210,8 +256,8 @@ def parse_preprocessing(spec: str | None) -> dict | None:
               help="How the model input reaches the devices: p2p (the head sends it to each), tree (receivers "
                    "forward it, a binomial tree), auto (the faster on --devices' network, by the network model).")
 @click.option("--recover", "recover_data", type=click.Path(path_type=Path), default=None, metavar="TRAIN",
-              help="Recover accuracy right away from these training inputs (.npy or image folder), "
-                   "as `lcpc recover` does.")
+              help="Recover accuracy right away from these training inputs (.npy, image folder, or synth[:N] "
+                   "for synthesised inputs), as `lcpc recover` does.")
 @click.option("--labels", "recover_labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Integer labels of the --recover inputs (.npy): accuracy figures before and after.")
 @click.option("--epochs", type=int, default=2, show_default=True,
@@ -222,12 +268,15 @@ def parse_preprocessing(spec: str | None) -> dict | None:
 @click.option("--devices", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="devices.yaml: size each branch's share of channels by the devices' relative speeds.")
 @input_shape_option
+@training_options
 @handles_errors
 def convert(model: Path, branches: int, sync: str, partition: str, calib: Path | None, comm_budget: int | None,
             prune: float | None, quantize: str | None, wire: str, wire_code: str, preprocess: str | None,
             input_wire: str, broadcast: str,
             recover_data: Path | None, recover_labels: Path | None, epochs: int, out: Path | None, force: bool,
-            devices: Path | None, input_shapes) -> None:
+            devices: Path | None, input_shapes, train_device: str, procs: int, workers: int | None,
+            train_timeout: float, checkpoint: Path | None, resume: bool, synth_time: float,
+            synth_iterations: int) -> None:
     """Partition MODEL into K branches; write per-device ONNX files and manifest.json."""
     out = out or model.with_suffix(".lcp")
     if recover_data is not None:
@@ -240,13 +289,23 @@ def convert(model: Path, branches: int, sync: str, partition: str, calib: Path |
     if recover_data is None:
         if recover_labels is not None:
             raise LcpcError("--labels labels the --recover inputs; pass --recover TRAIN.npy too")
+        if procs != 1 or checkpoint is not None or resume or workers is not None or train_device != "auto":
+            raise LcpcError("--train-device, --procs, --workers, --checkpoint and --resume set how --recover trains; "
+                            "pass --recover TRAIN too, or drop them")
         with _progress_bar() as progress:
             manifest = pipeline.convert(model, out, branches, force=force, progress=progress.sync, **options)
     else:
         labels = read_labels(recover_labels)
+        data = with_synth_options(pipeline.recovery_data(recover_data, options["preprocessing"]), synth_time,
+                                  synth_iterations)
+        _check_labels(data, labels)
+        execution = execution_of(train_device, procs, workers, train_timeout, checkpoint, resume)
         with _progress_bar() as progress:
-            manifest = pipeline.convert_and_recover(model, out, recover_data, labels=labels, epochs=epochs,
-                                                    force=force, progress=progress, branches=branches, **options)
+            manifest = pipeline.convert_and_recover(model, out, data, labels=labels, epochs=epochs,
+                                                    force=force, progress=progress, branches=branches,
+                                                    execution=execution, **options)
+        if manifest is None:  # torchrun: process 0 reports
+            return
     click.echo(report.render(manifest, "text"))  # with --recover, it shows the recovery figures too
     click.echo(f"wrote {len(manifest['stages'])} stage files and manifest.json to {out}")
     if recover_data is None and manifest["sync"]["cuts"]:
@@ -632,7 +691,7 @@ def render_hls_check(result: dict, fmt: str) -> str:
 # ----------------------------------------------------------------------------- recover
 @main.command()
 @click.argument("folder", type=click.Path(path_type=Path))
-@data_options("Training inputs (unlabelled is fine)")
+@data_options("Training inputs (unlabelled is fine)", recovery=True)
 @click.option("--epochs", type=int, default=2, show_default=True,
               help="Distillation epochs (0: cheap refit only, no PyTorch needed).")
 @click.option("--refit", type=click.Choice(["lsq", "stats", "none"]), default="lsq", show_default=True,
@@ -645,27 +704,47 @@ def render_hls_check(result: dict, fmt: str) -> str:
               help="Augmented copies of each image per step [default: 1]: more samples seen from few data, "
                    "at that many times the compute.")
 @click.option("--temperature", type=float, default=None, help="Distillation temperature [default: 4].")
+@click.option("--batch-size", type=int, default=None,
+              help="Images per distillation step, over all processes [default: 8; on GPUs use hundreds].")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None,
+              help="Distillation arithmetic [default: auto: bf16 (or fp16) autocast on CUDA, fp32 on the CPU].")
+@training_options
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @handles_errors
 def recover(folder: Path, data: Path, labels: Path | None, original: Path | None, epochs: int, refit: str,
-            lr: float | None, augment: str | None, views: int | None, temperature: float | None, out: Path,
-            force: bool) -> None:
+            lr: float | None, augment: str | None, views: int | None, temperature: float | None,
+            batch_size: int | None, precision: str | None, train_device: str, procs: int, workers: int | None,
+            train_timeout: float, checkpoint: Path | None, resume: bool, synth_time: float, synth_iterations: int,
+            out: Path, force: bool) -> None:
     """Recover the accuracy of a converted FOLDER by refit and distillation; write OUT."""
     recipe: dict[str, Any] = {k: v for k, v in (("lr", lr), ("augment", augment), ("views", views),
-                                                 ("temperature", temperature)) if v is not None}
+                                                ("temperature", temperature), ("batch_size", batch_size),
+                                                ("precision", precision)) if v is not None}
     pipeline.check_recipe(epochs, **recipe)  # every value in range, before anything is read
     if recipe and epochs < 1:
-        raise LcpcError(f"--{' and --'.join(recipe)} set(s) the distillation, which --epochs {epochs} does not run; "
-                        f"pass --epochs 1 or more, or drop --{' and --'.join(recipe)}")
+        flags = " and --".join(k.replace("_", "-") for k in recipe)
+        raise LcpcError(f"--{flags} set(s) the distillation, which --epochs {epochs} does not run; "
+                        f"pass --epochs 1 or more, or drop --{flags}")
+    execution = execution_of(train_device, procs, workers, train_timeout, checkpoint, resume)
     source = mf.read(folder)
-    x = pipeline.read_data(data, source.preprocessing)
-    y = read_labels(labels, len(x), fidelity.classes_of(source.json["source"]["outputs"][0]["shape"]))
+    x = with_synth_options(pipeline.recovery_data(data, source.preprocessing, takes_raw=source.takes_raw_images),
+                           synth_time, synth_iterations)
+    _check_labels(x, labels)
+    y = read_labels(labels, len(x) if not isinstance(x, Synthetic) else None,
+                    fidelity.classes_of(source.json["source"]["outputs"][0]["shape"]))
     with _progress_bar() as progress:
         manifest = pipeline.recover(folder, x, out, labels=y, epochs=epochs, refit=refit, model=original,
-                                    force=force, progress=progress, **recipe)
+                                    force=force, progress=progress, execution=execution, **recipe)
+    if manifest is None:  # torchrun: process 0 reports
+        return
     click.echo(report.render_recovery(manifest["fidelity"]["recovery"]))
     click.echo(f"wrote the recovered plan to {out}")
+
+
+def _check_labels(data: Any, labels: Any) -> None:
+    if labels is not None and isinstance(data, Synthetic):
+        raise LcpcError(pipeline.SYNTHETIC_LABELS)
 
 
 def read_labels(path: Path | None, samples: int | None = None, classes: int | None = None) -> np.ndarray | None:
@@ -678,9 +757,9 @@ def read_labels(path: Path | None, samples: int | None = None, classes: int | No
 
 
 class _progress_bar:
-    """Rich progress bars fed by the passes' progress callbacks: the refit (layers), each
-    distillation epoch (steps) and auto sync placement (plans measured), each showing the
-    latest agreement it measured."""
+    """Rich progress bars fed by the passes' progress callbacks: the synthesis of inputs
+    (iterations), the refit (layers), each distillation epoch (steps) and auto sync placement
+    (plans measured), each showing the latest loss or agreement it measured."""
 
     def __enter__(self):
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -702,6 +781,10 @@ class _progress_bar:
     def distil(self, epoch: int, step: int, steps: int, loss: float, agreement: float | None) -> None:
         info = f"loss {loss:.4f}" + ("" if agreement is None else f"  held-out agreement {100 * agreement:.1f}%")
         self._show(f"epoch {epoch}", f"distil epoch {epoch}", step, steps, info)
+
+    def synth(self, done: int, total: int, loss: float | None) -> None:
+        info = "" if loss is None else f"loss {loss:.4g}"
+        self._show("synth", "synthesise inputs", done, total, info)
 
     def sync(self, done: int, total: int, agreement: float | None) -> None:
         info = "" if agreement is None else f"calibration agreement {100 * agreement:.1f}%"

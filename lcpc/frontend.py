@@ -15,7 +15,10 @@ Guarantees:
    Range, Expand, Tile or Reshape) is refused;
 3. constants are folded (weights held in Constant nodes become weights), Identity and
    inference-time Dropout disappear, and BatchNormalization following a Conv is folded
-   into the Conv: W' = W * g / sqrt(v + eps), b' = (b - m) * g / sqrt(v + eps) + beta;
+   into the Conv: W' = W * g / sqrt(v + eps), b' = (b - m) * g / sqrt(v + eps) + beta
+   (``load(..., norms=[])`` appends a ``FoldedNorm`` per BatchNormalization folded: its running
+   statistics and the tensor, now the Conv's output, that it produced, for whatever needs the
+   statistics the folded graph no longer holds, such as synthetic recovery data);
    nodes with a body (Loop, Scan) are never folded, and they do not stop the rest of the
    graph from being folded;
 4. every node reads only its own inputs: a value a Loop body reads from an enclosing graph
@@ -36,6 +39,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -78,9 +82,25 @@ def parse_input_shapes(specs: tuple[str, ...] | list[str]) -> dict[str, tuple[in
     return shapes
 
 
-def load(source: str | os.PathLike | bytes, input_shapes: dict[str, tuple[int, ...]] | None = None
-         ) -> tuple[Graph, Source]:
-    """Read, normalise and shape a model; see the module docstring for what that means."""
+@dataclass(frozen=True)
+class FoldedNorm:
+    """A BatchNormalization folded into the Conv ``conv``: ``tensor`` (the Conv's output in the
+    folded graph) is ``scale * (x - mean) / sqrt(var + epsilon) + bias`` of the original Conv's
+    output ``x``; the arrays are float64, one value per channel."""
+
+    conv: str
+    tensor: str
+    scale: np.ndarray
+    bias: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
+    epsilon: float
+
+
+def load(source: str | os.PathLike | bytes, input_shapes: dict[str, tuple[int, ...]] | None = None,
+         norms: list[FoldedNorm] | None = None) -> tuple[Graph, Source]:
+    """Read, normalise and shape a model; see the module docstring for what that means.
+    ``norms``: a list that gets a ``FoldedNorm`` per BatchNormalization folded into a Conv."""
     model, weights, src = read_model_and_weights(source)
     where = src.path
     if weights and src.opset < TARGET_OPSET:  # the version converter sees whole tensors
@@ -88,7 +108,7 @@ def load(source: str | os.PathLike | bytes, input_shapes: dict[str, tuple[int, .
     model = _upgrade(model, src, where)
     model = _pin_inputs(model, input_shapes or {}, where)
     model, weights = _take_weights(model, weights)  # the parsed protobuf is freed here
-    model, weights, order = _simplify(model, weights, where)
+    model, weights, order = _simplify(model, weights, where, norms)
     infos = _infer_shapes(model, weights, where)
     graph = from_onnx(model, infos, weights)
     graph.constants = {name: graph.constants[name] for name in order}
@@ -214,8 +234,8 @@ def _dynamic_name(dim: onnx.TensorShapeProto.Dimension) -> str:
     return dim.dim_param or "?"
 
 
-def _simplify(model: onnx.ModelProto, weights: dict[str, np.ndarray], where: str
-              ) -> tuple[onnx.ModelProto, dict[str, np.ndarray], list[str]]:
+def _simplify(model: onnx.ModelProto, weights: dict[str, np.ndarray], where: str,
+              norms: list[FoldedNorm] | None = None) -> tuple[onnx.ModelProto, dict[str, np.ndarray], list[str]]:
     """Fold constants, drop Identity/Dropout, fold BatchNormalization into Conv (graphsurgeon).
 
     ``model`` declares ``weights`` as typed graph inputs (``_take_weights``); graphsurgeon gets
@@ -240,7 +260,7 @@ def _simplify(model: onnx.ModelProto, weights: dict[str, np.ndarray], where: str
     except Exception as exc:  # folding is an optimisation; a failure must not lose the model
         raise LcpcError(f"{where}: constant folding failed: {first_line(exc)}") from None
     gc.collect()  # folding evaluated copies of the graph that share the weights' arrays: free them now
-    _fold_batchnorm(graph)
+    _fold_batchnorm(graph, norms)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     _explicit_loop_inputs(graph, where)
     for node in graph.nodes:
@@ -360,7 +380,7 @@ def _drop_passthrough(graph) -> None:
         node.outputs.clear()
 
 
-def _fold_batchnorm(graph) -> None:
+def _fold_batchnorm(graph, norms: list[FoldedNorm] | None = None) -> None:
     outputs = {t.name for t in graph.outputs}
     for bn in list(graph.nodes):
         if bn.op != "BatchNormalization" or len(bn.outputs) != 1 or not bn.inputs[0].inputs:
@@ -375,7 +395,10 @@ def _fold_batchnorm(graph) -> None:
         if w.ndim < 3 or b.shape != w.shape[:1] or any(p.values.shape != w.shape[:1] for p in params):
             continue  # malformed parameters: left for the checks downstream to report
         scale, beta, mean, var = (p.values.astype(np.float64) for p in params)
-        k = scale / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
+        eps = float(bn.attrs.get("epsilon", 1e-5))
+        k = scale / np.sqrt(var + eps)
+        if norms is not None:
+            norms.append(FoldedNorm(conv.name, bn.outputs[0].name, scale, beta, mean, var, eps))
         dtype = conv.inputs[1].values.dtype
         new_w = (w * k.reshape(-1, *[1] * (w.ndim - 1))).astype(dtype)
         del w  # one layer's float64 buffers at a time

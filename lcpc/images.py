@@ -28,7 +28,10 @@ Guarantees:
   before decoding) or would be resized past that (an extreme aspect ratio or
   ``crop_fraction``). No Pillow warning reaches the user: a decompression-bomb warning is
   that error, notices about images Pillow still decodes (palette transparency, odd EXIF)
-  are dropped.
+  are dropped. ``image_files(folder, recursive=True)`` lists the images of its subfolders too
+  (sorted by path relative to the folder, links to folders not followed), and ``read_image``
+  reads one of them as ``load_folder`` reads each, with the same refusals (for readers that
+  stream, ``passes.recover.samples``).
 - Pillow is an optional extra (``pip install 'lcpc[images]'``); without it, reading
   images ends in an ``LcpcError`` that says so.
 """
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -215,16 +219,30 @@ def _is_real(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def image_files(folder: str | Path) -> list[Path]:
-    """The image files directly in ``folder``, sorted by name."""
+def image_files(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """The image files directly in ``folder`` sorted by name, or (``recursive``) in it and its
+    subfolders, sorted by path relative to ``folder``."""
     folder = Path(folder)
     if not folder.is_dir():
         raise LcpcError(f"{folder}: no such folder")
-    files = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
-                   key=lambda p: p.name)
+    if recursive:
+        found = [Path(root) / name for root, _, names in os.walk(folder) for name in names]
+        files = sorted((p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+                       key=lambda p: p.relative_to(folder).as_posix())
+    else:
+        files = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+                       key=lambda p: p.name)
     if not files:
-        raise LcpcError(f"{folder}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} files)")
+        where = " or its subfolders" if recursive else ""
+        raise LcpcError(f"{folder}: no images found{where} (looked for {', '.join(IMAGE_SUFFIXES)} files)")
     return files
+
+
+def read_image(folder: str | Path, relative: str, prep: Preprocessing, raw: bool = False) -> np.ndarray:
+    """The image file at ``relative`` (a path inside ``folder``, as ``image_files`` lists it,
+    relative to the folder) as ``load_folder`` reads each: ``prep.raw`` (``raw``) or ``prep.apply``."""
+    Image, _ = _pil()
+    return _read(Path(folder), Path(folder) / relative, prep, raw, Image, relative)
 
 
 def load_folder(folder: str | Path, prep: Preprocessing, raw: bool = False) -> tuple[np.ndarray, list[str]]:
@@ -243,10 +261,11 @@ def load_folder(folder: str | Path, prep: Preprocessing, raw: bool = False) -> t
     return batch, [p.name for p in files]
 
 
-def _read(folder: Path, path: Path, prep: Preprocessing, raw: bool, Image) -> np.ndarray:
-    """One image file as one sample (see the module docstring for what is refused)."""
+def _read(folder: Path, path: Path, prep: Preprocessing, raw: bool, Image, name: str | None = None) -> np.ndarray:
+    """One image file (``name``: its path inside ``folder``, default its file name) as one sample
+    (see the module docstring for what is refused)."""
     where = printable(path)
-    if safety.inside(folder, path.name) is None:
+    if safety.inside(folder, name or path.name) is None:
         raise LcpcError(f"{where}: a link that leads outside {printable(folder)}; images are read from the folder "
                         f"itself")
     if path.stat().st_size == 0:

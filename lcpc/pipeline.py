@@ -1,7 +1,8 @@
 """The library API behind the command line: convert, recover, verify, open an engine.
 
     convert: frontend.load -> planner.plan [-> passes.prune] -> lower [-> compress] -> targets.onnx.write
-    recover: stored_plan.load -> passes.recover.refit -> passes.recover.distil -> lower [-> compress] -> write
+    recover: stored_plan.load [-> passes.recover.synth] -> passes.recover.refit -> passes.recover.distil
+             -> lower [-> compress] -> write
     verify:  the original model (onnxruntime) and the folder (runtime.local) on the same inputs
     convert_and_recover: convert, then recover; with ``--sync auto`` the cut pass's candidate
              plans are each recovered first (``RecoveredScores``) and the chosen one's recovery is kept
@@ -15,13 +16,20 @@ Guarantees:
   the folder it started from;
 - ``recover`` never plans again: the plan comes from the folder (``stored_plan``);
 - an output folder appears whole or not at all (``targets.onnx.write``); ``convert``
-  with recovery stages the cut model in a temporary sibling folder it always removes.
+  with recovery stages the cut model in a temporary sibling folder it always removes;
+- recovery data are ``passes.recover.samples.Samples`` (``recovery_data``: a memory-mapped
+  ``.npy``, an image folder read as it is used, or ``synth[:N]``: inputs synthesised from the
+  original model), and the manifest's ``fidelity.recovery.data`` says which (real or
+  synthetic, how many, from where);
+- with ``Execution(procs > 1)`` only process 0 of a torchrun launch writes the folder.
 
 With ``lcpc.cli``, this is the only module that imports targets.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import tempfile
 from collections import defaultdict
@@ -41,6 +49,9 @@ from lcpc.lower import Program, lower, raw_input
 from lcpc.passes import prune as prune_pass
 from lcpc.passes.recover import distil as distil_pass
 from lcpc.passes.recover import refit as refit_pass
+from lcpc.passes.recover.checkpoint import SYNTHETIC, check_fresh
+from lcpc.passes.recover.distil import Execution
+from lcpc.passes.recover.samples import ArraySamples, Samples, Synthetic, as_samples, open_data
 from lcpc.perf.devices import load as load_devices
 from lcpc.perf.network import Network, choose_broadcast
 from lcpc.plan import Action
@@ -131,38 +142,49 @@ def _broadcast(program: Program, policy: str, network: Network) -> str:
     return choose_broadcast(dict(sizes), network) if sizes else "p2p"
 
 
-def convert_and_recover(model: str | Path | bytes, out: str | Path, data: Path | np.ndarray, *,
+def convert_and_recover(model: str | Path | bytes, out: str | Path, data: Path | np.ndarray | Samples | Synthetic, *,
                         labels: np.ndarray | None = None, epochs: int = 2, force: bool = False,
                         progress: Any = None, scores: RecoveredScores | None = None,
-                        **convert_options) -> dict[str, Any]:
-    """``convert`` then ``recover`` on ``data`` (an array, or a path ``read_data`` reads with the
-    preprocessing asked for); only the recovered folder is left at ``out``. With ``--sync auto``
-    the sync points are chosen after recovery: ``scores`` (default: a new ``RecoveredScores``
-    on ``data``; pass one to share its memo over several budgets) recovers the candidate plans
-    and the manifest's ``fidelity.sync_auto`` records what each scored."""
+                        execution: Execution | None = None, **convert_options) -> dict[str, Any]:
+    """``convert`` then ``recover`` on ``data`` (an array, ``Samples``, ``Synthetic`` or a path
+    ``recovery_data`` opens with the preprocessing asked for); only the recovered folder is left
+    at ``out``. With ``--sync auto`` the sync points are chosen after recovery: ``scores``
+    (default: a new ``RecoveredScores`` on ``data``; pass one to share its memo over several
+    budgets) recovers the candidate plans and the manifest's ``fidelity.sync_auto`` records what
+    each scored."""
     out = Path(out)
     onnx_target.check_out(out, force)
     check_recipe(epochs)
-    x = data if isinstance(data, np.ndarray) else read_data(Path(data), convert_options.get("preprocessing"))
+    x = data if isinstance(data, (np.ndarray, Samples, Synthetic)) else \
+        recovery_data(Path(data), convert_options.get("preprocessing"))
     if labels is not None:  # the classes are known once converted; the rest now
+        if isinstance(x, Synthetic):
+            raise LcpcError(SYNTHETIC_LABELS)
         labels = fidelity.check_labels(labels, len(x), None)
     auto = convert_options.get("sync") == "auto"
     if auto:
-        scores = convert_options["select"] = scores or RecoveredScores(x, labels, epochs=epochs, progress=progress)
+        if isinstance(x, Synthetic):  # the candidates are scored on the data: synthesise them first
+            if isinstance(model, (bytes, bytearray)):
+                raise LcpcError("--data synth with --sync auto needs the model as a file")
+            x = synthetic_samples(Path(model), convert_options.get("input_shapes"), x, progress=progress,
+                                  preprocessing=convert_options.get("preprocessing"))
+        scores = convert_options["select"] = scores or RecoveredScores(x, labels, epochs=epochs, progress=progress,
+                                                                       execution=execution)
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".lcpc-convert-", dir=out.resolve().parent))
     try:  # the staging folder goes whatever happens, a signal included
         manifest = convert(model, staging / "cut", force=False, progress=getattr(progress, "sync", None),
                            **convert_options)
         if not auto:
-            return recover(staging / "cut", x, out, labels=labels, epochs=epochs, force=force, progress=progress)
+            return recover(staging / "cut", x, out, labels=labels, epochs=epochs, force=force, progress=progress,
+                           execution=execution)
         if not manifest["sync"]["cuts"]:  # auto chose the exact plan: written as it is
             return onnx_target.move(staging / "cut", out, force=force)
         assert scores is not None  # set above for --sync auto
         return recover(staging / "cut", x, out, labels=labels, epochs=epochs, force=force, progress=progress,
                        sync_auto=scores.record(manifest, convert_options.get("comm_budget"),
                                                pruned=bool(convert_options.get("prune"))),
-                       recovered=scores.recovered(manifest))
+                       recovered=scores.recovered(manifest), execution=execution)
     finally:
         with safety.signals_deferred():
             shutil.rmtree(staging, ignore_errors=True)
@@ -174,15 +196,19 @@ class RecoveredScores:
     its held-out agreement and KL with the original; an exact plan (no cut) scores 100% / 0.
     Memoised by the plan's exchanges, so a sweep of budgets recovers each candidate once."""
 
-    def __init__(self, data: np.ndarray, labels: np.ndarray | None = None, *, epochs: int = 2, seed: int = 0,
-                 holdout: float = 0.1, progress: Any = None) -> None:
-        if isinstance(data, np.ndarray) and data.dtype == np.uint8:
+    def __init__(self, data: np.ndarray | Samples, labels: np.ndarray | None = None, *, epochs: int = 2,
+                 seed: int = 0, holdout: float = 0.1, progress: Any = None,
+                 execution: Execution | None = None) -> None:
+        if (isinstance(data, np.ndarray) and data.dtype == np.uint8) or \
+                (isinstance(data, ArraySamples) and data.array.dtype == np.uint8 and data.normalise is None):
             raise LcpcError("--sync auto with --recover needs float model inputs (.npy of the preprocessed "
                             "batch, or an image folder with --preprocess), not raw uint8 images")
+        data = as_samples(data)
         self.data, self.labels, self.epochs, self.seed, self.holdout = data, labels, epochs, seed, holdout
-        self.progress = progress
+        self.progress, self.execution = progress, execution
         hold = fidelity.holdout_split(len(data), holdout, seed)[1]
-        self.x_hold = data[hold] if len(hold) else data   # recover_plan's held-out split (all when none)
+        # recover_plan's held-out split (all when none: at most fidelity.MAX_HELDOUT samples either way)
+        self.x_hold = data.take(hold if len(hold) else np.arange(min(len(data), fidelity.MAX_HELDOUT)))
         self.reference: np.ndarray | None = None          # the original's logits on it, once
         self.scored: dict[frozenset, dict] = {}
         self.plans: dict[frozenset, tuple] = {}   # the recovered (plan, figures) of each scored candidate
@@ -204,7 +230,8 @@ class RecoveredScores:
         if self.reference is None:  # every candidate is a plan of the same original graph
             self.reference = run_graph(plan.graph, self.x_hold)
         self.plans[key] = recover_plan(plan, self.data, self.labels, epochs=self.epochs, seed=self.seed,
-                                       holdout=self.holdout, progress=self.progress)
+                                       holdout=self.holdout, progress=self.progress,
+                                       execution=_no_checkpoint(self.execution))
         recovered = self.plans[key][0]
         candidate = run_graph(masked_graph(recovered, set(recovered.cut_nodes())), self.x_hold)
         kl = fidelity.kl_per_sample(self.reference, candidate)
@@ -227,45 +254,142 @@ class RecoveredScores:
                 "budget": budget, **({"scored_before_pruning": True} if pruned else {})}
 
 
-def recover(folder: str | Path, data: np.ndarray, out: str | Path, *, labels: np.ndarray | None = None,
-            epochs: int = 2, refit: str = "lsq", model: str | Path | None = None, force: bool = False,
-            progress: Any = None, seed: int = 0, holdout: float = 0.1, sync_auto: dict | None = None,
-            recovered: tuple | None = None, **recipe: Any) -> dict[str, Any]:
+def recover(folder: str | Path, data: np.ndarray | Samples | Synthetic, out: str | Path, *,
+            labels: np.ndarray | None = None, epochs: int = 2, refit: str = "lsq", model: str | Path | None = None,
+            force: bool = False, progress: Any = None, seed: int = 0, holdout: float = 0.1,
+            sync_auto: dict | None = None, recovered: tuple | None = None, execution: Execution | None = None,
+            **recipe: Any) -> dict[str, Any]:
     """Read FOLDER's plan, recover it on ``data`` (``recover_plan``; ``recipe``: distillation
-    settings), write OUT. ``sync_auto``: how ``--sync auto`` chose the plan, for the manifest;
-    ``recovered``: (plan, figures) of that plan already recovered on ``data`` (then reused)."""
+    settings; ``execution``: device, processes, checkpoint), write OUT. ``data``: an array,
+    ``Samples`` (``recovery_data``) or ``Synthetic`` (inputs synthesised from the original model).
+    ``sync_auto``: how ``--sync auto`` chose the plan, for the manifest; ``recovered``: (plan,
+    figures) of that plan already recovered on ``data`` (then reused). Under torchrun, only
+    process 0 writes OUT (the others return None)."""
     onnx_target.check_out(Path(out), force)
     check_recipe(epochs, **recipe)
     plan, manifest = stored_plan.load(folder, model)
+    spec = dict(manifest.preprocessing) if manifest.preprocessing is not None else None
+    prep = Preprocessing.from_dict(spec) if spec is not None else None
     if labels is not None:  # before any work: labels that do not fit the model's classes
+        if isinstance(data, Synthetic):
+            raise LcpcError(SYNTHETIC_LABELS)
         classes = fidelity.classes_of(manifest.json["source"]["outputs"][0]["shape"])
         labels = fidelity.check_labels(labels, len(data), classes)
+    if isinstance(data, Synthetic):
+        samples = synthetic_samples(Path(plan.source.path), {i.name: i.shape for i in manifest.inputs}, data,
+                                    seed=seed, progress=progress, preprocessing=spec, execution=execution)
+    elif isinstance(data, np.ndarray):  # raw images of a folder that takes them: train on their normalisation
+        pixels = prep is not None and manifest.takes_raw_images and data.dtype == np.uint8
+        samples = ArraySamples(data, normalise=prep if pixels else None)
+    else:
+        samples = data
     pruning = (manifest.json.get("compression") or {}).get("prune")
     if pruning and pruning.get("reconstructed"):  # the pruned layers were refit at conversion: again, on data
         original, _ = frontend.load(plan.source.path, {i.name: i.shape for i in manifest.inputs})
-        plan = prune_pass.reconstructed(original, plan, prune_pass.Pruning.from_dict(pruning), data)
+        plan = prune_pass.reconstructed(original, plan, prune_pass.Pruning.from_dict(pruning),
+                                        _first(samples, MAX_CALIBRATION))
     if not plan.cut_nodes():
         raise LcpcError(f"{folder}: the plan cuts no layer (--sync all?): it is already exact, nothing to recover")
-    prep = Preprocessing.from_dict(dict(manifest.preprocessing)) if manifest.preprocessing is not None else None
-    if prep is not None and manifest.takes_raw_images and np.asarray(data).dtype == np.uint8:
-        data = prep.normalize(data, manifest.inputs[0].dtype)  # raw images: train on their normalisation
     if recovered is not None and not pruning and stored_plan.same_plan(recovered[0], plan):
         plan, figures = recovered
     else:
-        plan, figures = recover_plan(plan, data, labels, epochs=epochs, refit=refit, progress=progress, seed=seed,
-                                     holdout=holdout, **recipe)
+        plan, figures = recover_plan(plan, samples, labels, epochs=epochs, refit=refit, progress=progress, seed=seed,
+                                     holdout=holdout, execution=execution, **recipe)
+    if _rank() != 0:
+        return None  # type: ignore[return-value]  # torchrun: process 0 writes the folder
+    figures = {"data": samples.describe(), **figures}
     exact = manifest.json["totals"]["comparison"]["model_parallel"]["bytes_per_inference"]
     kept = _kept_compression(manifest.json)
     raw = raw_input(plan.graph, prep, "encoded" if manifest.encoded else "uint8") if manifest.takes_raw_images \
         else None
     program = lower(plan, raw)
     if kept:  # the folder's int8 stages and wire again, calibrated on the recovery data
-        program = compress.apply(program, kept.get("quantize"), kept.get("wire", "fp32"), data,
-                                 kept.get("wire_code", "none"))
+        program = compress.apply(program, kept.get("quantize"), kept.get("wire", "fp32"),
+                                 _first(samples, MAX_CALIBRATION), kept.get("wire_code", "none"))
     return onnx_target.write(plan, program, out, force=force, exact_bytes=exact,
                              preprocessing=manifest.json["source"].get("preprocessing"),
                              fidelity={"recovery": figures, **({"sync_auto": sync_auto} if sync_auto else {})},
                              speeds=_speeds(manifest), compression=kept, broadcast=manifest.broadcast)
+
+
+SYNTHETIC_LABELS = ("--labels labels real training inputs; synthetic inputs (--data synth) have none: drop "
+                    "--labels, and measure accuracy with lcpc verify on real test data")
+MAX_CALIBRATION = 4096  # recovery samples a pruning reconstruction or int8 calibration reads (the first ones)
+
+
+def _first(samples: Samples, n: int) -> np.ndarray:
+    return samples.take(np.arange(min(len(samples), n)))
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise)."""
+    return int(os.environ.get("RANK", "0")) if "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ else 0
+
+
+def _no_checkpoint(execution: Execution | None) -> Execution | None:
+    """``execution`` for the candidate plans ``--sync auto`` recovers: their checkpoints would clash."""
+    if execution is None or not execution.checkpoint:
+        return execution
+    return replace(execution, checkpoint=None, resume=False)
+
+
+def synthetic_samples(model: Path, input_shapes: Mapping[str, Any] | None, spec: Synthetic, *, seed: int = 0,
+                      progress: Any = None, preprocessing: Mapping[str, Any] | None = None,
+                      execution: Execution | None = None) -> ArraySamples:
+    """``spec.samples`` inputs synthesised from ``model``'s BatchNorm statistics (``passes.recover.synth``),
+    within the range ``preprocessing`` can produce. With a checkpoint folder they are kept there
+    (``synthetic.npy``, written whole or not at all) and read back on ``--resume``."""
+    keep = Path(execution.checkpoint) / SYNTHETIC if execution is not None and execution.checkpoint else None
+    if keep is not None and execution is not None and not execution.resume:
+        check_fresh(keep.parent)  # never replace the inputs an earlier run's checkpoint was trained on
+    if keep is not None and execution is not None and execution.resume and keep.is_file():
+        info = json.loads(keep.with_suffix(".json").read_text())
+        if info.get("samples") != spec.samples or info.get("seed") != seed:
+            raise LcpcError(f"--resume: {keep} holds {info.get('samples')} synthetic samples of seed "
+                            f"{info.get('seed')}; this run asks for {spec.samples} of seed {seed}")
+        array = safety.load_array(keep, mmap=True)
+        assert isinstance(array, np.ndarray)
+        return ArraySamples(array, path=keep, kind="synthetic", origin=info)
+    try:
+        from lcpc.passes.recover import synth
+    except ImportError:
+        raise LcpcError("--data synth needs PyTorch: pip install 'lcpc[train]'") from None
+    norms: list[frontend.FoldedNorm] = []
+    graph, source = frontend.load(model, dict(input_shapes or {}), norms=norms)
+    stats = synth.locate(graph, norms, source.path)
+    bounds = None
+    if preprocessing is not None:
+        prep = Preprocessing.from_dict(dict(preprocessing))
+        scale, mean, std = prep.constants()
+        ends = np.stack([(0 * scale - mean) / std, (255 * scale - mean) / std])
+        bounds = (float(ends.min()), float(ends.max()))
+    device = None
+    if execution is not None and execution.device != "auto":
+        device = execution.device
+    x, report = synth.synthesise(graph, stats, spec.samples, seed=seed, iterations=spec.iterations,
+                                 time_limit=spec.time_limit, bounds=bounds, device=device,
+                                 progress=getattr(progress, "synth", None))
+    if keep is not None:
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        _save_npy(keep, x)
+        _save_text(keep.with_suffix(".json"), json.dumps(report, indent=1))
+        array = safety.load_array(keep, mmap=True)
+        assert isinstance(array, np.ndarray)
+        return ArraySamples(array, path=keep, kind="synthetic", origin=report)
+    return ArraySamples(x, kind="synthetic", origin=report)
+
+
+def _save_npy(path: Path, x: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, x)
+    os.replace(tmp, path)
+
+
+def _save_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _speeds(manifest: Manifest) -> list[float] | None:
@@ -290,17 +414,19 @@ def check_recipe(epochs: int, **recipe: Any) -> None:
         raise LcpcError(f"recovery: {exc}") from None
 
 
-def recover_plan(plan, data: np.ndarray, labels: np.ndarray | None = None, *, epochs: int = 2, refit: str = "lsq",
-                 progress: Any = None, seed: int = 0, holdout: float = 0.1,
-                 **recipe: Any) -> tuple[Any, dict[str, Any]]:
+def recover_plan(plan, data: np.ndarray | Samples, labels: np.ndarray | None = None, *, epochs: int = 2,
+                 refit: str = "lsq", progress: Any = None, seed: int = 0, holdout: float = 0.1,
+                 execution: Execution | None = None, **recipe: Any) -> tuple[Any, dict[str, Any]]:
     """The one recovery pipeline: the least-squares refit (``passes.recover.refit``, numpy), then
     ``epochs`` of distillation from the original (``passes.recover.distil``, PyTorch), which starts
     from the refit weights; both split ``data`` with the same seed, so neither trains on
     the held-out samples; ``recipe`` sets other distillation settings
-    (``passes.recover.distil.Recipe``). ``progress`` has ``refit(done, total, agreement)`` and
-    ``distil(epoch, step, steps, loss, agreement)`` (either may be None)."""
+    (``passes.recover.distil.Recipe``), ``execution`` where it runs (``Execution``). ``progress``
+    has ``refit(done, total, agreement)`` and ``distil(epoch, step, steps, loss, agreement)``
+    (either may be None)."""
     check_recipe(epochs, **recipe)
     figures: dict[str, Any] = {}
+    data = as_samples(data)
     original = plan.graph  # the teacher: the original weights, before any refit
     if refit != "none":
         plan, figures["refit"] = refit_pass.run(plan, data, refit, labels, seed=seed, holdout=holdout,
@@ -308,7 +434,8 @@ def recover_plan(plan, data: np.ndarray, labels: np.ndarray | None = None, *, ep
     if epochs > 0:
         plan, figures["distillation"] = distil_pass.run(plan, data, labels, epochs=epochs, seed=seed,
                                                          holdout=holdout, original=original,
-                                                         progress=getattr(progress, "distil", None), **recipe)
+                                                         progress=getattr(progress, "distil", None),
+                                                         execution=execution, **recipe)
     return plan, figures
 
 
@@ -373,6 +500,18 @@ def read_array(path: Path, what: str) -> np.ndarray:
     if not isinstance(data, np.ndarray):
         raise LcpcError(f"{path}: expected one array in a .npy file for {what}")
     return data
+
+
+def recovery_data(data: Path | str, spec: Mapping[str, Any] | None, *, takes_raw: bool = False
+                  ) -> Samples | Synthetic:
+    """Recovery data as given on the command line: ``synth[:N]`` (``Synthetic``), a ``.npy``
+    (memory-mapped) or a folder of images, its subfolders included (read with the preprocessing
+    ``spec`` as training needs them); ``takes_raw``: uint8 arrays are the raw images of a folder
+    that takes them, normalised with ``spec``."""
+    synthetic = Synthetic.parse(str(data))
+    if synthetic is not None:
+        return synthetic
+    return open_data(Path(data), dict(spec) if spec is not None else None, for_raw_folder=takes_raw)
 
 
 def read_data(data: Path, spec: Mapping[str, Any] | None, raw: bool = False) -> np.ndarray:

@@ -215,10 +215,17 @@ def render_sync_choice(choice: dict) -> str:
 
 
 def render_recovery(figures: dict) -> str:
-    """One line per recovery stage: held-out figures before -> after."""
+    """The data recovery used, then one line per recovery stage: held-out figures before -> after."""
     names = {"top1_agreement": "agreement", "candidate_accuracy": "accuracy", "kl_divergence": "KL"}
     lines = []
+    data = figures.get("data")
+    if data:
+        lines.append("data: " + render_data(data))
+        for warning in (data.get("synthesis") or {}).get("warnings", []):
+            lines.append(f"warning: {warning}")
     for stage, rep in figures.items():
+        if stage == "data":
+            continue
         before, after = rep.get("before", {}), rep.get("after", {})
         parts = []
         for key, label in names.items():
@@ -232,3 +239,15 @@ def render_recovery(figures: dict) -> str:
         for warning in rep.get("warnings", []):
             lines.append(f"warning: {warning}")
     return "\n".join(lines)
+
+
+def render_data(data: dict) -> str:
+    """What ``fidelity.recovery.data`` says, in a line: real or synthetic, how many, from where."""
+    if data.get("kind") == "synthetic":
+        syn = data.get("synthesis") or {}
+        how = (f" (synthesised from the model's {syn['batchnorm_layers']} BatchNorm layers in {syn['seconds']:.0f} s; "
+               f"no real image seen)" if "batchnorm_layers" in syn else "")
+        return f"synthetic, {data['samples']} samples{how}; measure accuracy with lcpc verify on real test data"
+    path = printable(data.get("path", ""), 200)
+    where = {"npy": f" from {path}", "images": f" (images in {path})"}.get(data.get("source", ""), "")
+    return f"real, {data['samples']} samples{where}"

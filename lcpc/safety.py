@@ -13,7 +13,8 @@ Guarantees:
   ``check_loops`` refuses Loops without a small constant trip count, which folding or
   shape probing would otherwise run for as long as the model says;
 - ``load_array`` reads ``.npy``/``.npz`` headers before any data: object arrays,
-  pickles and arrays over ``MAX_TENSOR_BYTES`` are refused without being loaded;
+  pickles and arrays over ``MAX_TENSOR_BYTES`` are refused without being loaded (a
+  memory-mapped ``.npy``, which is never loaded whole, only by its header);
   ``save_arrays`` writes an ``.npz`` under any names, never pickling;
 - ``printable`` escapes control characters, so names inside a hostile file cannot
   drive the terminal when an error message is printed; it looks at no more of the text
@@ -196,9 +197,17 @@ def _constant_tensors(graph: onnx.GraphProto):
                 yield a.t
 
 
-def load_array(path: Path) -> dict[str, np.ndarray] | np.ndarray:
-    """An ``.npy`` array or an ``.npz``'s arrays by name; headers are checked before data is read."""
+def load_array(path: Path, mmap: bool = False) -> dict[str, np.ndarray] | np.ndarray:
+    """An ``.npy`` array or an ``.npz``'s arrays by name; headers are checked before data is read.
+    ``mmap``: an ``.npy`` is memory-mapped read-only instead of read (``np.memmap``), and may then
+    exceed ``MAX_TENSOR_BYTES``, which bounds memory, not files; an ``.npz`` is refused."""
     try:
+        if mmap:
+            if zipfile.is_zipfile(path):
+                raise LcpcError(f"{path}: an .npz cannot be memory-mapped; save the array as one .npy")
+            with open(path, "rb") as f:
+                _check_header(f, str(path), limit=None)
+            return np.load(path, mmap_mode="r", allow_pickle=False)
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as zf:
                 members = [m for m in zf.namelist() if m.endswith(".npy")]
@@ -227,7 +236,7 @@ def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
                 np.lib.format.write_array(f, np.asarray(value), allow_pickle=False)
 
 
-def _check_header(f, where: str) -> None:
+def _check_header(f, where: str, limit: int | None = MAX_TENSOR_BYTES) -> None:
     try:
         version = np.lib.format.read_magic(f)
     except ValueError:
@@ -237,7 +246,7 @@ def _check_header(f, where: str) -> None:
     if dtype.hasobject:
         raise LcpcError(f"{where}: holds Python objects (dtype {dtype}); lcpc loads numeric arrays only "
                         f"and never unpickles")
-    if nbytes(shape, dtype.itemsize) > MAX_TENSOR_BYTES:
+    if limit is not None and nbytes(shape, dtype.itemsize) > limit:
         raise LcpcError(f"{where}: array of shape {tuple(shape)} is larger than lcpc's limit of "
                         f"{MAX_TENSOR_BYTES >> 30} GiB")
 

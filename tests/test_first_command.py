@@ -42,7 +42,9 @@ def test_readme_first_command_recovers_without_torch(tmp_path):
     assert accuracy >= 97.0
     manifest = json.loads((tmp_path / "digits" / "manifest.json").read_text())
     assert manifest["branches"] == 4 and manifest["sync"]["cuts"]
-    assert set(manifest["fidelity"]["recovery"]) == {"refit"}
+    assert set(manifest["fidelity"]["recovery"]) == {"data", "refit"}
+    assert manifest["fidelity"]["recovery"]["data"]["kind"] == "real"
+    assert manifest["fidelity"]["recovery"]["data"]["samples"] == 1347
 
 
 def test_shipped_split_matches_the_data_module():

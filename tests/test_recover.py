@@ -344,7 +344,10 @@ def test_recover_cli_end_to_end(split, tmp_path):
     assert "refit (held-out" in result.output and "distillation (held-out" in result.output
     manifest = json.loads((tmp_path / "rec" / "manifest.json").read_text())
     figures = manifest["fidelity"]["recovery"]
-    assert set(figures) == {"refit", "distillation"}
+    assert set(figures) == {"data", "refit", "distillation"}
+    assert figures["data"] == {"kind": "real", "samples": 600, "source": "npy",
+                               "path": str((tmp_path / "train.npy").resolve())}
+    assert "data: real, 600 samples from" in result.output
     refit, distil = figures["refit"], figures["distillation"]
     assert refit["before"]["top1_agreement"] < 0.3 < 0.9 < refit["after"]["top1_agreement"]
     start = distil["stages"]["start"]["heldout"]  # distillation starts where the refit ended

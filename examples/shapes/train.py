@@ -2,6 +2,10 @@
 
     python -m examples.shapes.train   # writes examples/shapes/shapes_vgg.onnx and metrics.json (needs torch)
 
+It also writes ``shapes_vgg_bn.onnx``: the same trained model exported with its BatchNorm layers
+kept (no constant folding), whose running statistics ``lcpc recover --data synth`` synthesises
+inputs from; the recorded shapes results use ``shapes_vgg.onnx``.
+
 The teacher is over-parameterised for the task (32-64-64-128-128-128 channels) and
 trained until its training loss stops falling (one-cycle schedule, ``EPOCHS`` epochs
 on the 8000 training images), as the pretrained models users cut are; the noise keeps
@@ -61,9 +65,10 @@ def main(epochs: int = EPOCHS, batch: int = 64) -> None:
             acc = float((model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
         print(f"epoch {epoch + 1}: training loss {total / (len(xt) // batch):.3f} test accuracy {100 * acc:.2f}%",
               flush=True)
-    torch.onnx.export(model, torch.zeros(1, 1, 32, 32), HERE / "shapes_vgg.onnx", input_names=["input"],
-                      output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
-                      opset_version=17, dynamo=False)
+    for name, keep_batchnorm in (("shapes_vgg.onnx", False), ("shapes_vgg_bn.onnx", True)):
+        torch.onnx.export(model, torch.zeros(1, 1, 32, 32), HERE / name, input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+                          opset_version=17, dynamo=False, do_constant_folding=not keep_batchnorm)
     (HERE / "metrics.json").write_text(json.dumps({"test_accuracy": acc, "epochs": epochs, "widths": WIDTHS,
                                                    "train_images": len(xt)}, indent=1))
 

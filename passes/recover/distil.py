@@ -44,41 +44,53 @@ Recipe (``benchmarks/recovery.py`` measures it on the digits and shapes examples
    with the best epoch's; the latest epoch is kept unless it is worse by more than
    two standard errors (then the best is restored); two such epochs in a row stop
    training early.
+
+At scale (``Execution``): the data are ``samples.Samples`` read a batch at a time (a memory-mapped
+``.npy``, an image folder through data-loader workers), so memory does not grow with their
+number; the epochs (``epochs.Trainer``) run in this process, in ``procs`` data-parallel processes
+lcpc starts (``launch.spawn``: gloo on the CPU, NCCL with one GPU each) or in those torchrun
+started, with mixed precision on GPUs; a checkpoint folder keeps the trainer's whole state after
+every epoch and on Ctrl-C, and ``resume`` continues from it exactly. The set-up (BatchNorm
+re-insertion, the start figures) and the final figures and export run in this process; a worker
+process rebuilds the teacher and the student from the plan and the set-up's weights.
 """
 
 from __future__ import annotations
 
-import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import numpy as np
 
 from lcpc.errors import LcpcError
-from lcpc.fidelity import holdout_split, lower_by_two_se
+from lcpc.fidelity import holdout_split
 from lcpc.ir import Graph
+from lcpc.passes.recover.checkpoint import Checkpoint, fingerprint
 from lcpc.passes.recover.judge import (
+    MAX_TRAIN_EVAL,
     Judge,
     already_cut,
-    check_data,
     data_warnings,
     headline,
     logits_tensor,
     result_warnings,
     same_structure,
 )
+from lcpc.passes.recover.samples import Samples, as_samples, check
 from lcpc.plan import Plan
 from lcpc.weights import dense_nodes, weight_masks
 
 Progress = Callable[[int, int, int, float, float | None], None]
-MAX_TRAIN_EVAL = 2048
+DEVICES = ("auto", "cpu", "cuda")
 # the Recipe fields a user sets (CLI options of the same names), with the range each must lie in:
 # whole numbers from low to high, or reals above low up to high (a larger learning rate or temperature
 # only diverges: the loss carries T**2, and every weight becomes NaN)
 WHOLE_RANGES = {"epochs": (0, 10_000), "batch_size": (1, 65_536), "views": (1, 64)}
 REAL_RANGES = {"lr": (0.0, 1.0), "temperature": (0.0, 100.0)}
-OPTIONS = {"epochs", "views", "lr", "temperature"}  # fields `lcpc recover` sets by an option of the same name
+OPTIONS = {"epochs", "views", "lr", "temperature", "batch_size"}  # set by `lcpc recover` options of the same name
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,7 @@ class Recipe:
     calib_samples: int = 1024
     bn_momentum: float = 0.1
     views: int = 1                 # augmented copies of every image in a step (batch augmentation)
+    precision: str = "auto"        # auto (bf16/fp16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16 | fp16
 
     def __post_init__(self) -> None:
         """Every field a user sets in its range (``WHOLE_RANGES``, ``REAL_RANGES``); the error names
@@ -106,15 +119,61 @@ class Recipe:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 raise LcpcError(f"recovery: {name} {value!r} must be a whole number from {low} to {high}"
-                                + (f" (--{name})" if name in OPTIONS else ""))
+                                + (f" (--{name.replace('_', '-')})" if name in OPTIONS else ""))
         for name, (above, most) in REAL_RANGES.items():
             value = getattr(self, name)
             real = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not real or not above < value <= most:  # NaN fails the comparison too
                 raise LcpcError(f"recovery: {name} {value!r} must be a number above {above:g} and at most {most:g}"
-                                + (f" (--{name})" if name in OPTIONS else ""))
+                                + (f" (--{name.replace('_', '-')})" if name in OPTIONS else ""))
         if self.augment not in ("none", "shift", "flip", "shift+flip"):
             raise LcpcError(f"recovery: augment '{self.augment}': choose none, shift, flip or shift+flip")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise LcpcError(f"recovery: precision '{self.precision}': choose auto, fp32, bf16 or fp16")
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Where and how the distillation runs (not what it computes: that is the ``Recipe``).
+
+    ``device``: auto (CUDA when PyTorch sees a GPU), cpu or cuda; ``procs``: data-parallel
+    processes (one GPU each on CUDA); ``workers``: data-loader processes per training process
+    (None: up to 4 for image folders, which are decoded; 0 for arrays and memory-mapped files);
+    ``timeout``: seconds any wait between processes may take; ``checkpoint``: a folder for the
+    trainer's state after every epoch and on Ctrl-C; ``resume``: continue from it."""
+
+    device: str = "auto"
+    procs: int = 1
+    workers: int | None = None
+    timeout: float = 600.0
+    checkpoint: str | None = None
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise LcpcError(f"--train-device {self.device}: choose one of {', '.join(DEVICES)}")
+        if self.procs < 1:
+            raise LcpcError(f"--procs {self.procs}: must be at least 1")
+        if self.workers is not None and self.workers < 0:
+            raise LcpcError(f"--workers {self.workers}: must be 0 or more")
+        if not self.timeout > 0:
+            raise LcpcError(f"--timeout {self.timeout}: must be a positive number of seconds")
+        if self.resume and not self.checkpoint:
+            raise LcpcError("--resume continues from a --checkpoint folder; pass --checkpoint DIR too")
+
+    def device_kind(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def workers_for(self, samples: Samples) -> int:
+        if self.workers is not None:
+            return self.workers
+        from lcpc.passes.recover.samples import ImageFolderSamples
+        if not isinstance(samples, ImageFolderSamples):
+            return 0
+        return min(4, max(1, (os.cpu_count() or 1) // self.procs - 1))
 
 
 def _torch():
@@ -126,14 +185,16 @@ def _torch():
     return torch
 
 
-def run(plan: Plan, data: np.ndarray, labels: np.ndarray | None = None, *, epochs: int = 2,
+def run(plan: Plan, data: Samples | np.ndarray, labels: np.ndarray | None = None, *, epochs: int = 2,
         batch_size: int = 8, lr: float = 2e-3, holdout: float = 0.1, seed: int = 0,
         progress: Progress | None = None, device: str | None = None, augment: str = "shift",
-        original: Graph | None = None, **recipe_overrides) -> tuple[Plan, dict]:
+        original: Graph | None = None, execution: Execution | None = None,
+        **recipe_overrides) -> tuple[Plan, dict]:
     """Distil the original model into the cut plan on ``data``; see the module docstring.
 
     ``recipe_overrides`` sets any other :class:`Recipe` field (``temperature``,
-    ``max_shift``, ...). ``progress(epoch, step, steps, loss, heldout_agreement)`` is
+    ``max_shift``, ...); ``execution`` says where it runs (``device``, a torch device name, overrides
+    its device). ``progress(epoch, step, steps, loss, heldout_agreement)`` is
     called after every step (1-based epoch and step, agreement None) and once more at
     the end of each epoch (step == steps, agreement measured). Returns the new plan and
     a report.
@@ -142,23 +203,36 @@ def run(plan: Plan, data: np.ndarray, labels: np.ndarray | None = None, *, epoch
         recipe = Recipe(epochs=epochs, batch_size=batch_size, lr=lr, augment=augment, **recipe_overrides)
     except TypeError as exc:
         raise LcpcError(f"recovery: {exc} (settings: {', '.join(Recipe.__dataclass_fields__)})") from None
+    execution = execution or Execution()
     torch = _torch()
+    from lcpc.passes.recover import launch
+    from lcpc.passes.recover.loader import Batches
     from lcpc.passes.recover.norms import initialise
     from lcpc.passes.recover.student import Student, normable
     from lcpc.passes.recover.torch_graph import GraphModule
 
     start = time.perf_counter()
     g = plan.graph
-    x_all, y_all = check_data(g, data, labels)
-    train_idx, hold_idx = holdout_split(len(x_all), holdout, seed)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    gen = torch.Generator().manual_seed(seed)
+    if len(g.inputs) != 1:
+        raise LcpcError(f"recovery handles single-input models; this one has inputs {', '.join(g.inputs)}")
+    samples = as_samples(data)
+    y_all = check(samples, g.inputs[0], g.info(g.inputs[0]).shape, labels)
+    train_idx, hold_idx = holdout_split(len(samples), holdout, seed)
+    torchrun = launch.torchrun_rank()
+    if torchrun is not None and execution.procs not in (1, torchrun[1]):
+        raise LcpcError(f"--procs {execution.procs}: torchrun started {torchrun[1]} processes; drop --procs or "
+                        f"pass --procs {torchrun[1]}")
+    kind = device.split(":")[0] if device else execution.device_kind()
+    world = torchrun[1] if torchrun else execution.procs
+    dev = torch.device(device) if device else launch.device_of(kind, torchrun[2] if torchrun else 0,
+                                                               1 if torchrun else world)
+    workers = execution.workers_for(samples)
     rng = np.random.default_rng(seed + 1)
     train_eval = np.sort(rng.permutation(train_idx)[:MAX_TRAIN_EVAL])
-    calib = torch.from_numpy(x_all[rng.permutation(train_idx)[:recipe.calib_samples]])
+    calib = Batches(samples, rng.permutation(train_idx)[:recipe.calib_samples], 256, workers, execution.timeout)
     name = logits_tensor(g)
     masks = weight_masks(plan)
-    warnings = data_warnings(len(x_all), len(hold_idx), masks)
+    warnings = data_warnings(len(samples), len(hold_idx), masks)
 
     if original is None and masks and already_cut(g, masks):
         raise LcpcError("recovery: the plan's weights are already cut (an earlier pass zeroed the cross-branch "
@@ -168,20 +242,36 @@ def run(plan: Plan, data: np.ndarray, labels: np.ndarray | None = None, *, epoch
     teacher.requires_grad_(False)
     norms = [n for n in normable(g) if n not in plan.analysis.terminal]
     views = {n.name: v.out_axis for n, v in dense_nodes(g, plan.analysis.behaviours)}
-    student = Student(g, masks, norms, {n: views.get(n, 0) for n in norms}).to(dev)
-    judge = Judge(teacher, name, x_all, y_all, train_eval, hold_idx, dev)
+    out_axes = {n: views.get(n, 0) for n in norms}
+    student = Student(g, masks, norms, out_axes).to(dev)
+    judge = Judge(teacher, name, samples, y_all, train_eval, hold_idx, dev, workers, execution.timeout)
     stages: dict[str, dict] = {}
 
     with student.norms_off():
         stages["start"] = judge.figures(student)
-    history, steps_run, best_epoch, stopped = [], 0, 0, False
+    outcome: dict[str, Any] = {"history": [], "steps": 0, "best_epoch": 0, "stopped": False, "throughput": None}
+    resumed = None
     if masks:
         initialise(student, teacher, original, calib, dev)
         if norms:
             stages["bn_reestimated"] = judge.figures(student)
         if recipe.epochs:
-            history, steps_run, best_epoch, stopped = _distil(student, teacher, judge, recipe, x_all, y_all,
-                                                              train_idx, calib, name, dev, gen, progress)
+            ckpt, state = None, None
+            if execution.checkpoint:
+                ckpt = Checkpoint(execution.checkpoint, fingerprint(plan, samples.describe(), y_all is not None,
+                                                                     asdict(recipe), seed, holdout))
+                state = ckpt.open(execution.resume)
+            job = _Job(g, masks, norms, out_axes, original, name, recipe, samples, y_all, train_idx,
+                       calib.indices, judge, seed, workers, execution.timeout, kind, ckpt, state)
+            if world == 1 or torchrun is not None:
+                outcome, resumed = _train_here(job, student, teacher, torchrun, dev, progress)
+            else:
+                threads = max(1, torch.get_num_threads() // world)
+                job = replace(job, student_state={k: v.cpu() for k, v in student.state_dict().items()})
+                result = launch.spawn(_worker, job, world, kind, timeout=execution.timeout, threads=threads,
+                                      on_message=_relay(progress))
+                student.load_state_dict(result["student"])
+                outcome, resumed = result["outcome"], result["resumed"]
         student.eval()
         stages["recovered"] = judge.figures(student)
         g = g.copy(constants=student.export_constants())
@@ -191,112 +281,112 @@ def run(plan: Plan, data: np.ndarray, labels: np.ndarray | None = None, *, epoch
     report = {
         "before": headline(stages["start"]), "after": headline(stages["recovered"]),
         "recipe": asdict(recipe), "holdout": holdout, "seed": seed, "device": str(dev),
+        "precision": _precision_name(recipe.precision, dev), "processes": world, "workers": workers,
         "samples": {"train": len(train_idx), "heldout": len(hold_idx)},
         "teacher": judge.teacher_figures(),
-        "stages": stages, "history": history,
-        "epochs_run": len(history), "steps": steps_run, "best_epoch": best_epoch, "stopped_early": stopped,
+        "stages": stages, "history": outcome["history"],
+        "epochs_run": len(outcome["history"]), "steps": outcome["steps"], "best_epoch": outcome["best_epoch"],
+        "stopped_early": outcome["stopped"], "throughput": outcome["throughput"],
         "seconds": round(time.perf_counter() - start, 2), "warnings": warnings,
     }
+    if execution.checkpoint and recipe.epochs and masks:
+        report["checkpoint"] = {"folder": str(execution.checkpoint), "resumed_from": resumed}
     return replace(plan, graph=g), report
 
 
-# --------------------------------------------------------------------------- distillation
-def _distil(student, teacher, judge, recipe: Recipe, x_all, y_all, train_idx, calib, name, dev,
-            gen, progress):
+# --------------------------------------------------------------------------- the epochs
+@dataclass(frozen=True)
+class _Job:
+    """What a training process needs to rebuild the teacher, the student and the judge."""
+
+    graph: Graph
+    masks: dict
+    norms: list
+    out_axes: dict
+    original: Graph
+    name: str
+    recipe: Recipe
+    samples: Samples
+    labels: np.ndarray | None
+    train_idx: np.ndarray
+    calib_idx: np.ndarray
+    judge: Judge
+    seed: int
+    workers: int
+    timeout: float
+    kind: str
+    checkpoint: Checkpoint | None
+    resume_state: dict | None
+    student_state: dict | None = None
+
+
+def _trainer(job: _Job, student, teacher, dev, rank: int, world: int, progress):
+    from lcpc.passes.recover.epochs import Trainer
+    from lcpc.passes.recover.loader import Batches
+
+    calib = Batches(job.samples, job.calib_idx, 256, job.workers, job.timeout)
+    trainer = Trainer(student, teacher, job.judge, job.recipe, job.samples, job.labels, job.train_idx, calib,
+                      job.name, dev, seed=job.seed, rank=rank, world=world, workers=job.workers,
+                      timeout=job.timeout, progress=progress if rank == 0 else None, checkpoint=job.checkpoint)
+    if job.resume_state is not None:
+        trainer.load_state_dict(job.resume_state)
+    return trainer
+
+
+def _train_here(job: _Job, student, teacher, torchrun, dev, progress) -> tuple[dict, dict | None]:
+    """The epochs in this process (alone, or as one of torchrun's processes)."""
+    from lcpc.passes.recover import launch
+    from lcpc.passes.recover.epochs import stop_on_signals
+
+    rank, world = (torchrun[0], torchrun[1]) if torchrun else (0, 1)
+    joined = False
+    if world > 1:
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            launch.join_group(job.kind, rank, world, job.timeout)
+            joined = True
+    try:
+        trainer = _trainer(job, student, teacher, dev, rank, world, progress)
+        with stop_on_signals() as stop:
+            trainer.run(stop)
+        return trainer.finish(), trainer.resumed
+    finally:
+        if joined:
+            launch.leave_group()
+
+
+def _worker(rank: int, world: int, job: _Job, channel) -> dict:
+    """One of the processes ``launch.spawn`` started: rebuild, train, and (process 0) return the weights."""
+    from lcpc.passes.recover import launch
+    from lcpc.passes.recover.epochs import stop_on_signals
+    from lcpc.passes.recover.student import Student
+    from lcpc.passes.recover.torch_graph import GraphModule
+
+    dev = launch.device_of(job.kind, rank)
+    teacher = GraphModule(job.original).to(dev).eval()
+    teacher.requires_grad_(False)
+    student = Student(job.graph, job.masks, job.norms, job.out_axes).to(dev)
+    assert job.student_state is not None
+    student.load_state_dict(job.student_state)
+    job.judge.dev = dev
+    trainer = _trainer(job, student, teacher, dev, rank, world, lambda *a: channel.send("distil", *a))
+    with stop_on_signals(second_forces=False) as stop:
+        trainer.run(stop)
+    outcome = trainer.finish()
+    return {"student": {k: v.cpu() for k, v in student.state_dict().items()}, "outcome": outcome,
+            "resumed": trainer.resumed} if rank == 0 else {}
+
+
+def _precision_name(precision: str, dev) -> str:
+    """What ``precision`` means on ``dev``: fp32, bf16 or fp16 (the autocast dtype)."""
     import torch
-    import torch.nn.functional as F
 
-    from lcpc.passes.recover.norms import recalibrate
-
-    for node in student.normed():
-        student.norm(node).momentum = recipe.bn_momentum
-    x_train = torch.from_numpy(x_all[train_idx])
-    y_train = torch.from_numpy(y_all[train_idx]) if y_all is not None else None
-    batch = min(recipe.batch_size, len(x_train))
-    steps = len(x_train) // batch                       # the last partial batch is dropped
-    total = steps * recipe.epochs
-    opt = torch.optim.AdamW(student.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    warm = max(1, int(recipe.warmup * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
-                                              0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
-    shift = recipe.max_shift if recipe.max_shift is not None else x_all.shape[-1] // 16
-    temp, inp = recipe.temperature, student.graph.inputs[0]
-    best = _Snapshot(student, judge.heldout_kl, 0)
-    history, worse_in_a_row, stopped = [], 0, False
-    for epoch in range(1, recipe.epochs + 1):
-        student.train()
-        order = torch.randperm(len(x_train), generator=gen)
-        losses = []
-        for step in range(1, steps + 1):
-            idx = order[(step - 1) * batch:step * batch]
-            xb = torch.cat([_augment(x_train[idx], recipe.augment, shift, gen) for _ in range(recipe.views)]).to(dev)
-            with torch.no_grad():
-                t = teacher.run({inp: xb}, [name])[name].flatten(1)
-            s = student.run({inp: xb}, [name])[name].flatten(1)
-            loss = F.kl_div(F.log_softmax(s / temp, 1), F.log_softmax(t / temp, 1), reduction="batchmean",
-                            log_target=True) * temp * temp
-            if y_train is not None and recipe.label_weight:
-                loss = loss + recipe.label_weight * F.cross_entropy(s, y_train[idx].repeat(recipe.views).to(dev))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            if progress is not None:
-                progress(epoch, step, steps, losses[-1], None)
-        recalibrate(student, calib, dev)
-        fig = judge.figures(student)
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), **fig})
-        if progress is not None:
-            progress(epoch, steps, steps, history[-1]["loss"], headline(fig).get("top1_agreement"))
-        worse = best.significantly_better_than(judge.heldout_kl)
-        if not worse and best.mean_kl() >= _mean(judge.heldout_kl):
-            best = _Snapshot(student, judge.heldout_kl, epoch)
-        worse_in_a_row = worse_in_a_row + 1 if worse else 0
-        if worse_in_a_row >= recipe.patience:
-            stopped = True
-            break
-    chosen = epoch if not worse_in_a_row else best.epoch
-    if worse_in_a_row:
-        best.restore(student)
-    return history, steps * len(history), chosen, stopped
+    from lcpc.passes.recover.epochs import autocast_dtype
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype(precision, dev)]
 
 
-def _mean(kl) -> float:
-    return float(kl.mean()) if kl is not None and len(kl) else 0.0
-
-
-class _Snapshot:
-    """A copy of the student's state with its per-sample held-out KL."""
-
-    def __init__(self, student, kl, epoch: int) -> None:
-        self.state = {k: v.detach().clone() for k, v in student.state_dict().items()}
-        self.kl, self.epoch = (None if kl is None else kl.copy()), epoch
-
-    def mean_kl(self) -> float:
-        return _mean(self.kl)
-
-    def significantly_better_than(self, kl) -> bool:
-        """Paired test: is ``kl`` worse than this snapshot's by more than two standard errors?"""
-        if self.kl is None or kl is None or len(kl) < 2:
-            return False
-        return lower_by_two_se(self.kl, kl)
-
-    def restore(self, student) -> None:
-        student.load_state_dict(self.state)
-
-
-def _augment(x, mode: str, shift: int, gen):
-    """Shift each image by up to ``shift`` pixels per axis (zero fill) and/or mirror it."""
-    import torch
-    if mode == "none" or x.dim() != 4:
-        return x
-    n, _, h, w = x.shape
-    if "shift" in mode and shift > 0:
-        padded = torch.nn.functional.pad(x, (shift,) * 4)
-        offsets = torch.randint(0, 2 * shift + 1, (n, 2), generator=gen).tolist()
-        x = torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
-    if "flip" in mode:
-        flip = torch.rand(n, generator=gen) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    return x
+def _relay(progress: Progress | None) -> Callable[[str, tuple], None]:
+    def on_message(kind: str, payload: tuple) -> None:
+        if kind == "distil" and progress is not None:
+            progress(*payload)
+    return on_message

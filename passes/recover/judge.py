@@ -1,12 +1,15 @@
-"""What recovery is judged on: the checked data, its seeded split, and fidelity figures
-of a student against the teacher on fixed training and held-out samples.
+"""What recovery is judged on: a seeded split of the data, and fidelity figures of a student
+against the teacher on fixed training and held-out samples, read a batch at a time.
 
-Guarantees: data are checked once (single input of the model's shape, finite, labels
-one integer per sample); the split is ``lcpc.fidelity.holdout_split`` (the refit uses
-the same one, so with the same seed no recovery stage ever trains on the held-out
-samples); figures are ``lcpc.fidelity.compare`` of the student's logits against the
-teacher's, with the per-sample held-out KL kept for model selection; warnings name
-too little data, overfitting (training agreement far above held-out) and low agreement.
+Guarantees: the split is ``lcpc.fidelity.holdout_split`` (the refit uses the same one, so
+with the same seed no recovery stage ever trains on the held-out samples); the teacher's
+logits on the judged samples (at most ``MAX_TRAIN_EVAL`` training samples and the held-out
+ones) are computed once and kept, the inputs are read again from the ``Samples`` for each
+evaluation (``loader.Batches``), so memory holds logits, not images; figures are
+``lcpc.fidelity.compare`` of the student's logits against the teacher's, with the per-sample
+held-out KL kept for model selection; warnings name too little data, overfitting (training
+agreement far above held-out) and low agreement. A ``Judge`` pickles without its teacher, so
+a worker process can judge with it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from lcpc.ir import Graph
 SMALL_DATA = 500          # fewer samples than this earns a warning
 OVERFIT_GAP = 0.10        # train minus held-out agreement that earns a warning
 LOW_AGREEMENT = 0.9       # held-out agreement below this earns a warning
+MAX_TRAIN_EVAL = 2048     # training samples the figures are measured on (a seeded subset)
 FIGURES = ("samples", "top1_agreement", "top5_overlap", "kl_divergence", "max_rel_logit_error",
            "reference_accuracy", "candidate_accuracy")
 
@@ -39,27 +43,6 @@ def same_structure(original: Graph, g: Graph) -> Graph:
     return original
 
 
-def check_data(g: Graph, data, labels) -> tuple[np.ndarray, np.ndarray | None]:
-    if len(g.inputs) != 1:
-        raise LcpcError(f"recovery handles single-input models; this one has inputs {', '.join(g.inputs)}")
-    data = np.asarray(data)
-    want = g.info(g.inputs[0]).shape
-    if data.ndim != len(want) or tuple(data.shape[1:]) != tuple(want[1:]):
-        raise LcpcError(f"recovery data has shape {list(data.shape)}; the model's input '{g.inputs[0]}' "
-                        f"needs [N, {', '.join(map(str, want[1:]))}]")
-    if len(data) < 4:
-        raise LcpcError(f"recovery data holds {len(data)} samples; it needs training images (hundreds or more)")
-    if not np.issubdtype(data.dtype, np.number) or not np.isfinite(data).all():
-        raise LcpcError("recovery data must be finite numbers (found NaN, Inf or a non-numeric dtype)")
-    y = None
-    if labels is not None:
-        y = np.asarray(labels).reshape(-1)
-        if len(y) != len(data) or not np.issubdtype(y.dtype, np.integer):
-            raise LcpcError(f"labels must be {len(data)} integers, one per sample (got {len(y)} of {y.dtype})")
-        y = y.astype(np.int64)
-    return np.ascontiguousarray(data, dtype=np.float32), y
-
-
 def logits_tensor(g: Graph) -> str:
     """The first output, or the input of the Softmax that produces it."""
     producer = g.producer(g.outputs[0])
@@ -72,19 +55,24 @@ class Judge:
     """Fidelity (``lcpc.fidelity.compare``) of a student against the teacher on fixed
     training and held-out samples; keeps the last per-sample held-out KL for selection."""
 
-    def __init__(self, teacher, name, x_all, y_all, train_eval, hold_idx, dev) -> None:
-        import torch
-        self.name, self.dev = name, dev
-        self.parts = {p: idx for p, idx in (("train", train_eval), ("heldout", hold_idx)) if len(idx)}
-        self.x = {p: torch.from_numpy(x_all[idx]) for p, idx in self.parts.items()}
-        self.y = {p: (y_all[idx] if y_all is not None else None) for p, idx in self.parts.items()}
-        self.t = {p: predict(teacher, x, name, dev).double().numpy() for p, x in self.x.items()}
+    def __init__(self, teacher, name: str, samples, labels, train_eval, hold_idx, dev, workers: int = 0,
+                 timeout: float = 600.0) -> None:
+        self.name, self.dev, self.samples, self.workers, self.timeout = name, dev, samples, workers, timeout
+        self.parts = {p: np.asarray(idx) for p, idx in (("train", train_eval), ("heldout", hold_idx)) if len(idx)}
+        self.y = {p: (labels[idx] if labels is not None else None) for p, idx in self.parts.items()}
+        self.t = {p: self.predict(teacher, p) for p in self.parts}
         self.heldout_kl: np.ndarray | None = None
+
+    def predict(self, module, part: str) -> np.ndarray:
+        """``module``'s logits on one part, float64."""
+        from lcpc.passes.recover.loader import Batches
+        return predict(module, Batches(self.samples, self.parts[part], 256, self.workers, self.timeout),
+                       self.name, self.dev).double().numpy()
 
     def figures(self, student) -> dict:
         out = {}
-        for part, x in self.x.items():
-            s = predict(student, x, self.name, self.dev).double().numpy()
+        for part in self.parts:
+            s = self.predict(student, part)
             fig = compare(self.t[part], s, self.y[part])
             out[part] = {k: fig[k] for k in FIGURES if fig.get(k) is not None}
             if part == "heldout":
@@ -126,13 +114,14 @@ def result_warnings(fig: dict) -> list[str]:
     return []
 
 
-def predict(module, x, name: str, dev, batch: int = 256):
+def predict(module, batches, name: str, dev):
+    """``module``'s logits (flattened, on the CPU) over an iterable of input batches, in eval mode."""
     import torch
     was = module.training
     module.eval()
     outs = []
     with torch.no_grad():
-        for i in range(0, len(x), batch):
-            outs.append(module.run({module.graph.inputs[0]: x[i:i + batch].to(dev)}, [name])[name].flatten(1).cpu())
+        for xb in batches:
+            outs.append(module.run({module.graph.inputs[0]: xb.to(dev)}, [name])[name].flatten(1).float().cpu())
     module.train(was)
     return torch.cat(outs) if outs else torch.zeros(0)

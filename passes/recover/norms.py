@@ -7,7 +7,9 @@ re-estimation step, which sets each inserted BatchNorm's output mean/std to the
 original's and re-measures its running statistics (train mode, no gradient). Each
 normed layer's weight rows are rescaled to the norms of the original's kept rows
 (BatchNorm absorbs the scale, so the function does not change), which keeps Adam's
-relative step size sane after a refit changed the weights' scale.
+relative step size sane after a refit changed the weights' scale. Calibration data come as
+a tensor or as any re-iterable of input batches (``loader.Batches``), so they need not fit in
+memory.
 """
 
 from __future__ import annotations
@@ -40,6 +42,13 @@ def _original_row_norms(original: Graph, student, node_name: str):
     return torch.from_numpy(np.linalg.norm(w, axis=1)).float()
 
 
+def batched(x, batch: int = 256):
+    """``x`` as an iterable of input batches: a tensor cut into ``batch`` rows, else ``x`` itself."""
+    if isinstance(x, torch.Tensor):
+        return [x[i:i + batch] for i in range(0, len(x), batch)]
+    return x
+
+
 def channel_stats(module, x, nodes: list[str], dev, batch: int = 256) -> dict:
     """Per-channel mean and variance of each node's output over ``x`` (eval mode)."""
     g = module.graph
@@ -47,8 +56,8 @@ def channel_stats(module, x, nodes: list[str], dev, batch: int = 256) -> dict:
     acc: dict[str, list] = {}
     module.eval()
     with torch.no_grad():
-        for i in range(0, len(x), batch):
-            values = module.run({g.inputs[0]: x[i:i + batch].to(dev)}, list(outs.values()))
+        for xb in batched(x, batch):
+            values = module.run({g.inputs[0]: xb.to(dev)}, list(outs.values()))
             for node, t in outs.items():
                 v = values[t].double().transpose(0, 1).flatten(1)
                 s = acc.setdefault(node, [0, 0, 0])
@@ -83,8 +92,9 @@ def recalibrate(module, x, dev, batch: int = 256) -> None:
         bn.momentum = None
     module.train()
     with torch.no_grad():
-        for i in range(0, len(x) - 1, batch):   # train-mode BatchNorm needs 2+ samples
-            module.run({module.graph.inputs[0]: x[i:i + batch].to(dev)}, [])
+        for xb in batched(x, batch):
+            if len(xb) > 1:   # train-mode BatchNorm needs 2+ samples
+                module.run({module.graph.inputs[0]: xb.to(dev)}, [])
     for bn, m in zip(bns, momenta):
         bn.momentum = m
     module.eval()

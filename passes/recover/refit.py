@@ -20,8 +20,10 @@ re-estimation): W'[o] = W[o] s_orig / s_cut, b'[o] = (b[o] - m_cut) s_orig / s_c
 Guarantees: only constants change (weights outside the kept blocks stay as they
 were, so lowering still drops them; nodes, tensors, partition and decisions are
 untouched, so the lowered plan has the same stages and bytes); the data are split
-(``fidelity.holdout_split``, seeded) and the refit sees only the training part; the
-report gives fidelity before and after on both parts (accuracy too with labels).
+(``fidelity.holdout_split``, seeded) and the refit sees only the training part (at most
+``max_samples`` of it, held in memory; the held-out part is read ``READ`` samples at a
+time, so memory does not grow with the data); the report gives fidelity before and after
+on both parts (accuracy too with labels).
 A layer the refit cannot linearise (ConvTranspose, grouped or auto-padded Conv,
 a Gemm with alpha/beta != 1, inputs of rank != 2 for Gemm/MatMul) or too wide
 (more than ``MAX_DIM`` unknowns per output) keeps its weights.
@@ -41,18 +43,20 @@ from lcpc.calibrate import Runner
 from lcpc.errors import LcpcError
 from lcpc.fidelity import compare, holdout_split
 from lcpc.ir import Graph
+from lcpc.passes.recover.samples import Samples, as_samples
 from lcpc.plan import Plan
 from lcpc.weights import DenseWeight, im2col, masked_graph, of_plan
 
 LEVELS = ("lsq", "stats")
 MAX_DIM = 4096            # most unknowns per output channel (normal-equation size)
 MAX_ROWS = 16384          # im2col rows per layer the Gram matrices see (a random subset beyond)
+READ = 256                # held-out samples read at a time
 FIGURES = ("samples", "top1_agreement", "top5_overlap", "kl_divergence", "reference_accuracy",
            "candidate_accuracy")
 Progress = Callable[[int, int, float | None], None]
 
 
-def run(plan: Plan, data: np.ndarray, level: str = "lsq", labels: np.ndarray | None = None, *,
+def run(plan: Plan, data: Samples | np.ndarray, level: str = "lsq", labels: np.ndarray | None = None, *,
         holdout: float = 0.1, seed: int = 0, max_samples: int = 1024, ridge: float = 1e-3,
         progress: Progress | None = None) -> tuple[Plan, dict]:
     """Refit ``plan``'s cut layers on ``data``; see the module docstring.
@@ -65,23 +69,29 @@ def run(plan: Plan, data: np.ndarray, level: str = "lsq", labels: np.ndarray | N
     start = time.perf_counter()
     cut = set(plan.cut_nodes())
     original = plan.graph
-    x = np.ascontiguousarray(data, dtype=np.float32)
-    train_idx, hold_idx = holdout_split(len(x), holdout, seed)
+    samples = as_samples(data)
+    train_idx, hold_idx = holdout_split(len(samples), holdout, seed)
     rng = np.random.default_rng(seed)
     calib_idx = np.sort(rng.permutation(train_idx)[:max_samples])
-    calib = x[calib_idx]
-    parts = {"train": calib, "heldout": x[hold_idx]}
+    calib = samples.take(calib_idx)
+    parts = {p: v for p, v in (("train", calib_idx), ("heldout", hold_idx)) if len(v)}
     ys: dict = {"train": None, "heldout": None}
     if labels is not None:
         labels = np.asarray(labels).reshape(-1)
         ys = {"train": labels[calib_idx], "heldout": labels[hold_idx]}
-    parts = {p: v for p, v in parts.items() if len(v)}
-    reference = {p: _logits(original, v) for p, v in parts.items()}
+
+    def logits(g: Graph, part: str) -> np.ndarray:  # the training part is in memory; the held-out one is read
+        if part == "train":
+            return _logits(g, calib)
+        idx = parts[part]
+        return np.concatenate([_logits(g, samples.take(idx[i:i + READ])) for i in range(0, len(idx), READ)])
+
+    reference = {p: logits(original, p) for p in parts}
 
     def figures(g: Graph) -> dict:
         out = {}
-        for p, v in parts.items():
-            fig = compare(reference[p], _logits(g, v), ys[p])
+        for p in parts:
+            fig = compare(reference[p], logits(g, p), ys[p])
             out[p] = {k: fig[k] for k in FIGURES if fig.get(k) is not None}
         return out
 

@@ -9,6 +9,11 @@ Guarantees:
   them. ``init_norms_identity`` makes each one the identity in eval mode (running
   stats = the measured mean m and variance v, gamma = sqrt(v + eps), beta = m);
   ``norms_off()`` runs as if none had been inserted;
+- ``synced_norms()``: while it holds, the BatchNorms in training mode normalise with the
+  statistics of the batch of every process of the ``torch.distributed`` group (sums
+  all-reduced, differentiably, as ``nn.SyncBatchNorm`` does, but on any backend, gloo
+  included), and update their running statistics with them, so N data-parallel processes
+  train as one process on their whole batch would;
 - ``export_constants`` folds everything back into the graph's own constants:
   ``W' = (W * mask) * s``, ``b' = (b - running_mean) * s + beta`` with
   ``s = gamma / sqrt(running_var + eps)`` per output channel, so the exported graph
@@ -46,6 +51,49 @@ def normable(graph: Graph) -> list[str]:
     return names
 
 
+class _SumOverProcesses(torch.autograd.Function):
+    """The sum of a tensor over the processes of the group; its gradient is the sum of theirs."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor) -> torch.Tensor:
+        total = local.clone()
+        torch.distributed.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone()
+        torch.distributed.all_reduce(total)
+        return total
+
+
+def synced_batch_norm(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """``bn`` in training mode on ``x``, with the batch statistics of every process's ``x``: the
+    per-channel count, sum and sum of squares are all-reduced (autograd carries the gradient
+    back through the reduction to every process), and the running statistics are updated as
+    ``bn`` would on the whole batch (momentum, unbiased variance)."""
+    dims = [d for d in range(x.dim()) if d != 1]
+    count = torch.full((1,), x.numel() / x.shape[1], dtype=torch.float32, device=x.device)
+    local = torch.cat([x.float().sum(dims), (x.float() * x.float()).sum(dims), count])
+    total = _SumOverProcesses.apply(local)
+    c = x.shape[1]
+    n = total[2 * c]
+    mean = total[:c] / n
+    var = (total[c:2 * c] / n - mean * mean).clamp_min(0)
+    tracked, running_mean, running_var = bn.num_batches_tracked, bn.running_mean, bn.running_var
+    if bn.track_running_stats and tracked is not None and running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            tracked.add_(1)
+            m = bn.momentum if bn.momentum is not None else 1.0 / float(tracked)
+            running_mean.mul_(1 - m).add_(mean.detach() * m)
+            running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)).clamp_min(0) * m)
+    shape = [1, c] + [1] * (x.dim() - 2)
+    y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + bn.eps)
+    if bn.affine:
+        y = y * bn.weight.reshape(shape) + bn.bias.reshape(shape)
+    return y.to(x.dtype)
+
+
 class Student(GraphModule):
     """See the module docstring."""
 
@@ -59,6 +107,7 @@ class Student(GraphModule):
         self.norms = nn.ModuleDict()
         self._norm_key: dict[str, str] = {}     # node name -> key in self.norms
         self.norms_enabled = True
+        self.norms_synced = False
         for i, (node_name, mask) in enumerate(self.masks.items()):
             self.register_buffer(f"mask{i}", torch.from_numpy(np.asarray(mask, np.float32)))
             self._key["mask:" + node_name] = f"mask{i}"
@@ -95,8 +144,19 @@ class Student(GraphModule):
 
     def after(self, node: Node, outs: list) -> list:
         if self.norms_enabled and node.name in self._norm_key:
-            return [self.norms[self._norm_key[node.name]](outs[0])] + list(outs[1:])
+            bn = self.norm(node.name)
+            y = synced_batch_norm(outs[0], bn) if self.norms_synced and bn.training else bn(outs[0])
+            return [y] + list(outs[1:])
         return outs
+
+    @contextmanager
+    def synced_norms(self) -> Iterator[None]:
+        """BatchNorm statistics over the batches of all processes of the group (module docstring)."""
+        self.norms_synced = True
+        try:
+            yield
+        finally:
+            self.norms_synced = False
 
     @contextmanager
     def norms_off(self) -> Iterator[None]:
