@@ -60,6 +60,8 @@ TABLES: dict[str, tuple[str, int]] = {
     "netns-latency-table": ("netns_latency.md", 0),
     "netns-latency-compiled-table": ("netns_latency_compiled-graph.md", 0),
     "netns-degrade-table": ("netns_degrade.md", 0),
+    "branch-dropout-table": ("branch_dropout.md", 0),
+    "branch-dropout-shapes-table": ("branch_dropout_shapes.md", 0),
     "plan-table": ("plan.md", 0),
     "wire-coding-table": ("wire_coding.md", 0),
     "encoded-table": ("encoded.md", 0),

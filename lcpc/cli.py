@@ -708,19 +708,24 @@ def render_hls_check(result: dict, fmt: str) -> str:
               help="Images per distillation step, over all processes [default: 8; on GPUs use hundreds].")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None,
               help="Distillation arithmetic [default: auto: bf16 (or fp16) autocast on CUDA, fp32 on the CPU].")
+@click.option("--branch-dropout", type=float, default=None,
+              help="Train for answers with a device missing: drop each non-head branch at the classifier "
+                   "merge with this probability per image, rescaled as `run --without` does [default: 0].")
 @training_options
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @handles_errors
 def recover(folder: Path, data: Path, labels: Path | None, original: Path | None, epochs: int, refit: str,
             lr: float | None, augment: str | None, views: int | None, temperature: float | None,
-            batch_size: int | None, precision: str | None, train_device: str, procs: int, workers: int | None,
-            train_timeout: float, checkpoint: Path | None, resume: bool, synth_time: float, synth_iterations: int,
+            batch_size: int | None, precision: str | None, branch_dropout: float | None, train_device: str,
+            procs: int, workers: int | None, train_timeout: float, checkpoint: Path | None, resume: bool,
+            synth_time: float, synth_iterations: int,
             out: Path, force: bool) -> None:
     """Recover the accuracy of a converted FOLDER by refit and distillation; write OUT."""
     recipe: dict[str, Any] = {k: v for k, v in (("lr", lr), ("augment", augment), ("views", views),
                                                 ("temperature", temperature), ("batch_size", batch_size),
-                                                ("precision", precision)) if v is not None}
+                                                ("precision", precision), ("branch_dropout", branch_dropout))
+                                  if v is not None}
     pipeline.check_recipe(epochs, **recipe)  # every value in range, before anything is read
     if recipe and epochs < 1:
         flags = " and --".join(k.replace("_", "-") for k in recipe)

@@ -119,6 +119,7 @@ class Trainer:
             raise LcpcError(f"--batch-size {self.batch} does not split evenly over {world} processes; pass a "
                             f"multiple of {world}")
         self.local = self.batch // world
+        self.branches = student.branch_count()
         self.steps = len(self.train_idx) // self.batch      # the last partial batch is dropped
         total = self.steps * recipe.epochs
         self.opt = torch.optim.AdamW(student.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -187,10 +188,12 @@ class Trainer:
                  for _ in range(recipe.views)]
         x = torch.cat(views).to(self.dev, non_blocking=True)
         inp, temp = self.student.graph.inputs[0], recipe.temperature
+        keep = self._kept_branches(mine)
         with torch.autocast(self.dev.type, dtype=self.amp) if self.amp is not None else nullcontext():
             with torch.no_grad():
                 t = self.teacher.run({inp: x}, [self.name])[self.name].flatten(1).float()
-            with self.student.synced_norms() if self.world > 1 else nullcontext():
+            with self.student.synced_norms() if self.world > 1 else nullcontext(), \
+                    self.student.dropping(keep) if keep is not None else nullcontext():
                 s = self.model(x).float()
             loss = F.kl_div(F.log_softmax(s / temp, 1), F.log_softmax(t / temp, 1), reduction="batchmean",
                             log_target=True) * temp * temp
@@ -208,6 +211,20 @@ class Trainer:
             self.opt.step()
         self.sched.step()
         return float(loss.detach())
+
+    def _kept_branches(self, mine: slice) -> torch.Tensor | None:
+        """Branch dropout: per sample of every view, which branches the merge keeps (the head always;
+        each other branch with probability 1 - p), drawn for the global batch from the generator;
+        None without dropout (the generator then draws nothing)."""
+        p, k = self.recipe.branch_dropout, self.branches
+        if not p or k < 2:
+            return None
+        keeps = []
+        for _ in range(self.recipe.views):
+            keep = torch.rand(self.batch, k, generator=self.gen) >= p
+            keep[:, 0] = True
+            keeps.append(keep[mine])
+        return torch.cat(keeps).to(self.dev)
 
     def _agree(self, stop: bool) -> bool:
         """Whether any process was asked to stop (an all-reduce, so all stop at the same step)."""

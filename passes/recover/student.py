@@ -14,6 +14,13 @@ Guarantees:
   all-reduced, differentiably, as ``nn.SyncBatchNorm`` does, but on any backend, gloo
   included), and update their running statistics with them, so N data-parallel processes
   train as one process on their whole batch would;
+- ``merged[node] = (branch_of_channel, axis)`` names the layers merged at the head (the
+  classifier) with the branch of each channel of their input; inside ``dropping(keep)``
+  (``keep``: [batch, K] booleans, the head's column true) each sample's input to those
+  layers has the channels of the branches it does not keep zeroed and the rest scaled by
+  ``1 / s``, ``s`` the kept branches' share of the channels: what
+  ``lcpc.runtime.degrade`` feeds the merge when those devices are missing. Outside it
+  (evaluation, export) the layers see their input as it is;
 - ``export_constants`` folds everything back into the graph's own constants:
   ``W' = (W * mask) * s``, ``b' = (b - running_mean) * s + beta`` with
   ``s = gamma / sqrt(running_var + eps)`` per output channel, so the exported graph
@@ -98,10 +105,17 @@ class Student(GraphModule):
     """See the module docstring."""
 
     def __init__(self, graph: Graph, masks: dict[str, np.ndarray] | None = None, norms: Iterable[str] = (),
-                 out_axes: Mapping[str, int] | None = None) -> None:
+                 out_axes: Mapping[str, int] | None = None,
+                 merged: Mapping[str, tuple[np.ndarray, int]] | None = None) -> None:
         """``out_axes[node]``: the output-channel axis of each normed node's weight
-        (``weights.DenseWeight.out_axis``; 0 for a grouped Conv, and the default)."""
+        (``weights.DenseWeight.out_axis``; 0 for a grouped Conv, and the default); ``merged``:
+        see the module docstring."""
         super().__init__(graph)
+        self.merged = {name: int(axis) for name, (_, axis) in (merged or {}).items()}
+        self._keep: torch.Tensor | None = None
+        for i, (node_name, (branch, _)) in enumerate((merged or {}).items()):
+            self.register_buffer(f"branch{i}", torch.from_numpy(np.asarray(branch, np.int64)), persistent=False)
+            self._key["branch:" + node_name] = f"branch{i}"
         self.masks = dict(masks or {})
         self.out_axes = dict(out_axes or {})
         self.norms = nn.ModuleDict()
@@ -141,6 +155,31 @@ class Student(GraphModule):
             mask = getattr(self, self._key["mask:" + node.name])
             w = w * mask
         return w
+
+    def before(self, node: Node, args: list) -> list:
+        if self._keep is None or node.name not in self.merged:
+            return args
+        x, axis = args[0], self.merged[node.name]
+        branch = getattr(self, self._key["branch:" + node.name])
+        counts = torch.bincount(branch, minlength=self._keep.shape[1]).to(x.dtype)
+        keep = self._keep.to(x.dtype)
+        scale = (keep[:, branch] / (keep @ counts / branch.numel())[:, None]).to(x.dtype)  # [batch, C]
+        shape = [1] * x.dim()
+        shape[0], shape[axis] = x.shape[0], x.shape[axis]
+        return [x * scale.reshape(shape)] + list(args[1:])
+
+    def branch_count(self) -> int:
+        """The branches the merged layers' inputs come from (0 when no layer is merged: no dropout)."""
+        return max((int(getattr(self, self._key["branch:" + n]).max()) + 1 for n in self.merged), default=0)
+
+    @contextmanager
+    def dropping(self, keep: torch.Tensor) -> Iterator[None]:
+        """Forward passes with, per sample, only the branches ``keep`` marks (module docstring)."""
+        self._keep = keep
+        try:
+            yield
+        finally:
+            self._keep = None
 
     def after(self, node: Node, outs: list) -> list:
         if self.norms_enabled and node.name in self._norm_key:

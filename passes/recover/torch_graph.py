@@ -7,10 +7,11 @@ Guarantees:
   shapes are re-batched);
 - the weights and biases of Conv, ConvTranspose, Gemm and MatMul are
   ``nn.Parameter``s; every other constant is a buffer;
-- a subclass changes what a layer computes through two hooks only: ``weight(node)``
-  (the weight a dense layer uses) and ``after(node, outputs)`` (applied to a node's
-  outputs), which is how the recovery student (``passes/recover/student.py``) masks
-  cut weights and inserts BatchNorms;
+- a subclass changes what a layer computes through three hooks only: ``weight(node)``
+  (the weight a dense layer uses), ``before(node, arguments)`` (applied to a node's
+  inputs) and ``after(node, outputs)`` (applied to a node's outputs), which is how the
+  recovery student (``passes/recover/student.py``) masks cut weights, drops branches
+  at the merge and inserts BatchNorms;
 - an op it does not implement raises ``LcpcError`` at construction, naming the node.
 """
 
@@ -70,6 +71,10 @@ class GraphModule(nn.Module):
         """The weight a dense node computes with (hook: the student masks it)."""
         return self.const(node.inputs[1])
 
+    def before(self, node: Node, args: list) -> list:
+        """A node's inputs as it sees them (hook: the student's branch dropout)."""
+        return args
+
     def after(self, node: Node, outs: list) -> list:
         """A node's outputs as the rest of the graph sees them (hook: the student's BatchNorms)."""
         return outs
@@ -91,7 +96,7 @@ class GraphModule(nn.Module):
         last = max((self._index[w] for w in want if w in self._index), default=len(self._plans) - 1)
         for node, fn in self._plans[:last + 1]:
             args = [None if not i else env[i] if i in env else self.const(i) for i in node.inputs]
-            outs = self.after(node, fn(node, args))
+            outs = self.after(node, fn(node, self.before(node, args)))
             for name, value in zip(node.outputs, outs):
                 if name:
                     env[name] = value
