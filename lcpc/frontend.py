@@ -65,6 +65,7 @@ from lcpc.safety import (
 
 TARGET_OPSET = 17
 MAX_DIM = 1 << 24
+COLLECT_BYTES = 4 << 20   # weights from which the front end frees folding's copies at once (gc.collect)
 
 
 def parse_input_shapes(specs: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...]]:
@@ -244,6 +245,7 @@ def _simplify(model: onnx.ModelProto, weights: dict[str, np.ndarray], where: str
     exported protobuf holds no copy of them), and the names of all its constants in the order
     an export with initializers would list them."""
     ort.set_default_logger_severity(3)  # folding runs ORT; its optimizer warnings are noise here
+    large = sum(a.nbytes for a in weights.values()) >= COLLECT_BYTES
     try:  # shapes let graphsurgeon fold Shape -> Gather -> Reshape chains of a pinned batch
         model = infer_shapes(model)  # lcpc.safety: no data propagation of long vectors
     except Exception:
@@ -259,7 +261,8 @@ def _simplify(model: onnx.ModelProto, weights: dict[str, np.ndarray], where: str
             remove_unused_graph_inputs=False).toposort()
     except Exception as exc:  # folding is an optimisation; a failure must not lose the model
         raise LcpcError(f"{where}: constant folding failed: {first_line(exc)}") from None
-    gc.collect()  # folding evaluated copies of the graph that share the weights' arrays: free them now
+    if large:  # folding evaluated copies of the graph that share the weights' arrays: free them now
+        gc.collect()  # (a full collection costs 0.1 s in a large process: only where the memory matters)
     _fold_batchnorm(graph, norms)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     _explicit_loop_inputs(graph, where)

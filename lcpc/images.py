@@ -62,6 +62,7 @@ MAX_SIDE = 16384                 # pixels per side of a model input
 MAX_IMAGE_PIXELS = 89_478_485    # Pillow's default bomb limit: a quarter GiB of RGB, decoded or resized
 FORMATS = ("JPEG", "PNG")        # the only decoders Pillow may use
 MAX_FILE_BYTES = 64 << 20        # an image file sent as it is
+ORIENTATION = 0x0112             # the EXIF Orientation tag: 1 upright, 2-8 a flip or turn to undo
 
 
 def _pil():
@@ -166,7 +167,11 @@ class Preprocessing:
         ``channels`` order, laid out as ``layout`` (no batch axis). What travels on the wire
         when a folder takes raw images."""
         Image, ImageOps = _pil()
-        image = ImageOps.exif_transpose(image).convert("L" if self.channels == "L" else "RGB")
+        if image.getexif().get(ORIENTATION, 1) != 1:  # only then a transposed copy (each copy costs a board ms)
+            image = ImageOps.exif_transpose(image)
+        mode = "L" if self.channels == "L" else "RGB"
+        if image.mode != mode:
+            image = image.convert(mode)
         image = self._resize(image, Image)
         x = np.asarray(image, dtype=np.uint8)
         if x.ndim == 2:

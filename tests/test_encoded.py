@@ -59,6 +59,21 @@ def _files(folder):
     return sorted(p for p in folder.iterdir() if p.suffix in (".png", ".jpg"))
 
 
+@pytest.mark.parametrize("orientation, undo", [(1, None), (3, "ROTATE_180"), (6, "ROTATE_270"), (8, "ROTATE_90")])
+def test_exif_orientation_is_undone_before_resizing(orientation, undo):
+    """A camera's JPEG stored sideways with an EXIF Orientation tag decodes upright: the same pixels
+    as the upright image, and a copy is made only when the tag asks for a turn."""
+    rng = np.random.default_rng(orientation)
+    stored = PIL.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8))
+    exif = PIL.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    stored.save(buf, format="PNG", exif=exif)  # lossless: the pixels compare exactly
+    upright = stored.transpose(getattr(PIL.Transpose, undo)) if undo else stored
+    prep = Preprocessing.from_dict(RGB)
+    assert np.array_equal(decode(buf.getvalue(), prep)[0], prep.raw(upright))
+
+
 def test_digits_from_png_files_equal_the_original_and_count_the_files(tmp_path, digit_pngs):
     folder, x = digit_pngs
     m = convert(EXAMPLE, tmp_path / "enc", 4, "all", preprocessing=DIGITS, input_wire="encoded")

@@ -91,8 +91,13 @@ def test_ray_raw_uint8_input_equals_local(local_ray, tmp_path):  # noqa: F811
 
 
 @pytest.mark.parametrize("key", [("digits", "none"), ("digits", "all")])
-def test_compiled_graph_equals_local(local_ray, folders, key):  # noqa: F811
+def test_compiled_graph_equals_local_and_a_dead_actor_is_one_clear_error(local_ray, folders, key):  # noqa: F811
+    """The compiled graph's answers equal the local engine's, bytes transfer by transfer; then a killed
+    actor ends the next request in one error naming it, and every later one says to start again."""
+    from lcpc.errors import LcpcError
+
     folder = folders[key]
+    # the first request sets the graph's channels up (seconds on a busy machine); a dead actor is told at once
     engine = RayEngine(folder, timeout=60, mode="auto")
     try:
         spec = engine.inputs[0]
@@ -101,6 +106,11 @@ def test_compiled_graph_equals_local(local_ray, folders, key):  # noqa: F811
         got = engine.run({spec.name: x}, stats)
         again = engine.run({spec.name: x[:1]})
         mode = engine.describe
+        local_ray.kill(engine.actors[2], no_restart=True)
+        with pytest.raises(LcpcError, match=r"request \d+: .*(died|closed)"):  # as it reads the input, or after
+            engine.run({spec.name: x[:1]})
+        with pytest.raises(LcpcError, match="start the engine again"):
+            engine.run({spec.name: x[:1]})
     finally:
         engine.close()
     assert mode == "ray (compiled-graph)", mode
@@ -111,22 +121,6 @@ def test_compiled_graph_equals_local(local_ray, folders, key):  # noqa: F811
     assert dict(stats.bytes_by_transfer) == dict(local_stats.bytes_by_transfer)
     for t in manifest["transfers"]:
         assert stats.bytes_by_transfer[t["id"]] == 3 * t["bytes"], t
-
-
-def test_compiled_graph_dead_actor_is_one_clear_error(local_ray, folders):  # noqa: F811
-    from lcpc.errors import LcpcError
-
-    engine = RayEngine(folders[("digits", "none")], timeout=10, mode="compiled-graph")
-    try:
-        x = np.zeros([1, 1, 8, 8], np.float32)
-        engine.run({"input": x})
-        local_ray.kill(engine.actors[2], no_restart=True)
-        with pytest.raises(LcpcError, match=r"request \d+: "):
-            engine.run({"input": x})
-        with pytest.raises(LcpcError, match="start the engine again"):
-            engine.run({"input": x})
-    finally:
-        engine.close()
 
 
 def test_deadline_answers_without_a_dead_actor_and_rebuilds_it(local_ray, folders):  # noqa: F811

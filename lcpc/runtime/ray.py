@@ -447,9 +447,10 @@ class RayEngine(Engine):
                 cause = getattr(exc, "cause", None)
                 if isinstance(cause, LcpcError):
                     raise LcpcError(f"request {rid}: {cause}") from None
-                raise LcpcError(f"request {rid}: no answer from {self.names[d]} within {self.timeout:g} s in the "
-                                f"compiled graph ({type(exc).__name__}: {first_line(exc)}); its actor died or is "
-                                f"stuck: start the engine again, or use --ray-mode actor-calls") from None
+                what = (f"no answer from {self.names[d]} within {self.timeout:g} s" if "Timeout" in type(exc).__name__
+                        else f"waiting for {self.names[d]}, an actor of the graph died")
+                raise LcpcError(f"request {rid}: {what} in the compiled graph ({type(exc).__name__}: "
+                                f"{first_line(exc)}); start the engine again, or use --ray-mode actor-calls") from None
         try:
             for ref in refs[len(devices):]:  # the steps that send nothing: read so the next request can run
                 ray.get(ref, timeout=max(deadline - time.monotonic(), 0.001))
