@@ -2,9 +2,11 @@
 and 8 ways over boards a tenth as fast as this machine's core, each on 100 Mbit/s with 1 ms
 latency, with the model input on the wire as the raw uint8 image (point to point from the head)
 against the camera's own JPEG (``--input-wire encoded``) sent the way the network model finds
-faster (``--broadcast auto``). ``lcpc report --network --images`` predicts each: stage times
-measured here, the JPEGs' median size and decode time measured on the photos
-(``../shared/photos``; without them, generated photo-like JPEGs of the same size).
+faster (``--broadcast auto``). Each is predicted by the network model ``lcpc report --network
+--images`` uses: stage times measured here, the JPEGs' median size and decode time measured on
+the photos (``../shared/photos``; without them, generated photo-like JPEGs of the same size).
+The original, the stages and the decoding are timed in interleaved rounds and each keeps its
+fastest round, so one noisy stretch of a shared machine does not decide a row.
 
     python -m benchmarks.encoded [--photos DIR]
 
@@ -17,7 +19,6 @@ import argparse
 import json
 import os
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,9 @@ import onnx
 
 from benchmarks import models
 from lcpc import pipeline
-from lcpc.perf import devices, latency_report
+from lcpc.perf import devices, latency_report, network
 from lcpc.perf import measured as timing
+from lcpc.perf.network import ImageCost
 from lcpc.runtime import manifest as mf
 from lcpc.runtime.bench import machine
 
@@ -34,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PHOTOS = ROOT.parent / "shared" / "photos"
 PREP = {"size": [224, 224], "mean": [127.0], "std": [128.0]}
+ROUNDS = 5
 NETWORKS = {4: ROOT / "benchmarks" / "devices-boards-100mbit.yaml",
             8: ROOT / "benchmarks" / "devices-boards8-100mbit.yaml"}
 
@@ -55,14 +58,17 @@ def photos(folder: Path | None, tmp: Path) -> tuple[Path, str]:
     return out, "12 generated photo-like JPEGs (../shared/photos absent)"
 
 
-def run(photo_dir: Path | None) -> dict:
+def run(photo_dir: Path | None, rounds: int = ROUNDS) -> dict:
+    """Convert the four plans, then time every plan's stages, the original and the decoding in
+    ``rounds`` interleaved rounds and keep each figure's fastest round (a busy or stolen CPU only
+    ever slows a round down; interleaving keeps drift from favouring one row)."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="lcpc-encoded-") as tmp:
         tmp = Path(tmp)
         images, where = photos(photo_dir, tmp)
         model = tmp / "resnet50.onnx"
         onnx.save(models.build("resnet50"), model)
-        original = timing.model_time(model, repeat=40)  # one baseline for every row (timing noise aside)
+        setups = []
         for k, network_file in NETWORKS.items():
             net = devices.load(network_file)
             for wire, broadcast in (("uint8", "p2p"), ("encoded", "auto")):
@@ -70,21 +76,29 @@ def run(photo_dir: Path | None) -> dict:
                 print(f"K={k} {wire} --broadcast {broadcast}: converting", flush=True)
                 pipeline.convert(model, folder, k, "none", preprocessing=PREP, input_wire=wire, broadcast=broadcast,
                                  devices=net, partition="contiguous")
-                manifest = mf.read(folder)
-                measured = replace(latency_report.measure(folder, manifest, net, model, pipeline.convert,
-                                                          images if wire == "encoded" else None),
-                                   original_time=original)
-                single, plan = measured.compare()[:2]
-                rows.append({"k": k, "input_wire": wire, "broadcast": manifest.broadcast,
-                             "network": network_file.name, "latency_ms": 1e3 * plan.latency,
-                             "one_board_ms": 1e3 * single.latency, "speedup": single.latency / plan.latency,
-                             "busiest_compute_ms": 1e3 * plan.compute,
-                             "input_bytes": measured.image.bytes if measured.image else
-                             manifest.order.inputs[0].bytes,
-                             "decode_ms": 1e3 * measured.image.decode if measured.image else None,
-                             "note": latency_report.broadcast_note(manifest, net, measured.image)})
-                print(f"  x{rows[-1]['speedup']:.2f}", flush=True)
-    return {"rows": rows, "photos": where, "machine": machine(), "load": os.getloadavg()[0]}
+                setups.append((k, network_file, net, wire, folder, mf.read(folder)))
+        original, times, decode = float("inf"), [None] * len(setups), [float("inf")] * len(setups)
+        for r in range(rounds):
+            print(f"timing, round {r + 1} of {rounds}", flush=True)
+            original = min(original, timing.model_time(model, repeat=20))
+            for i, (_, _, _, wire, folder, manifest) in enumerate(setups):
+                got = timing.stage_times(folder, manifest)
+                times[i] = got if times[i] is None else {s: min(t, times[i][s]) for s, t in got.items()}
+                if wire == "encoded":
+                    decode[i] = min(decode[i], timing.image_cost(manifest, images).decode)
+        size = timing.image_cost(setups[-1][5], images).bytes
+        for i, (k, network_file, net, wire, _, manifest) in enumerate(setups):
+            image = ImageCost(size, decode[i]) if wire == "encoded" else None
+            single, plan = network.compare(manifest, times[i], None, None, original, net, image)[:2]
+            rows.append({"k": k, "input_wire": wire, "broadcast": manifest.broadcast,
+                         "network": network_file.name, "latency_ms": 1e3 * plan.latency,
+                         "one_board_ms": 1e3 * single.latency, "speedup": single.latency / plan.latency,
+                         "busiest_compute_ms": 1e3 * plan.compute,
+                         "input_bytes": size if image else manifest.order.inputs[0].bytes,
+                         "decode_ms": 1e3 * image.decode if image else None,
+                         "note": latency_report.broadcast_note(manifest, net, image)})
+            print(f"K={k} {wire}: x{rows[-1]['speedup']:.2f}", flush=True)
+    return {"rows": rows, "photos": where, "rounds": rounds, "machine": machine(), "load": os.getloadavg()[0]}
 
 
 def markdown(result: dict) -> str:
@@ -98,8 +112,9 @@ def markdown(result: dict) -> str:
                    for r in result["rows"])
     m = result["machine"]
     return (head + body + f"\nResNet-50 at 224 (random weights), pure LCP, boards of speed 0.1 on 100 Mbit/s and 1 ms "
-            f"links (benchmarks/devices-boards*-100mbit.yaml); the original timed once for all rows; encoded sizes "
-            f"and decode times from {result['photos']}; one board decodes the JPEG too. Stage times measured on "
+            f"links (benchmarks/devices-boards*-100mbit.yaml); encoded sizes and decode times from "
+            f"{result['photos']}; one board decodes the JPEG too. The original, every stage and the decoding "
+            f"timed in {result['rounds']} interleaved rounds (median of 20 runs each), the fastest round kept, on "
             f"this machine ({m['cpu']}, {m['cores']} cores, one thread per stage; load average "
             f"{result['load']:.1f} at the end); from one run of `python -m benchmarks.encoded`.\n")
 

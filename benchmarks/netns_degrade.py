@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import select
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.netns_latency import json_line
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -52,20 +53,6 @@ def driver(folder: str, address: str, requests: int, deadline_ms: float) -> None
         print(json.dumps({"report": json.loads(render(report, dep.describe, "json"))}), flush=True)
 
 
-def _line(proc: subprocess.Popen, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], max(deadline - time.monotonic(), 0.01))
-        if not ready:
-            break
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the driver ended: {proc.stderr.read()[-1500:]}")
-        if line.startswith("{"):
-            return json.loads(line)
-    raise RuntimeError(f"the driver did not answer within {timeout:g} s")
-
-
 def stream(cluster, folder: Path, requests: int, kill_after: int, deadline_ms: float,
            timeout: float = 120) -> dict:
     """Serve from node 0 and kill the last node's processes after ``kill_after`` answers."""
@@ -76,9 +63,9 @@ def stream(cluster, folder: Path, requests: int, kill_after: int, deadline_ms: f
     lines = []
     killed = None
     try:
-        _line(proc, timeout)  # ready
+        json_line(proc, timeout)  # ready
         while True:
-            got = _line(proc, timeout)
+            got = json_line(proc, timeout)
             if "report" in got:
                 report = got["report"]
                 break

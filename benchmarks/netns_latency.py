@@ -95,7 +95,7 @@ def driver(folder: str, block: int, warmup: int, engine_name: str = "ray", optio
         engine.close()
 
 
-def _line(proc: subprocess.Popen, timeout: float) -> dict:
+def json_line(proc: subprocess.Popen, timeout: float) -> dict:
     """The next JSON line of the driver, within ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -128,7 +128,7 @@ def measure(cluster, folder: Path, blocks: int, block: int, warmup: int = 5, tim
                             env=cluster.env)
     out = {"shaped": [], "unshaped": [], "bytes_match_manifest": True}
     try:
-        ready = _line(proc, timeout)
+        ready = json_line(proc, timeout)
         out["mode"], out["max_abs_error_vs_local"] = ready["mode"], ready["max_abs_error_vs_local"]
         out["rank_nodes"] = [cluster.node_of(pid) for pid in ready["pids"]]  # MPI: device d's rank, node d
         sent = cluster.sent_bytes()
@@ -137,7 +137,7 @@ def measure(cluster, folder: Path, blocks: int, block: int, warmup: int = 5, tim
             cluster.shape(phase == "shaped")
             proc.stdin.write(phase + "\n")
             proc.stdin.flush()
-            got = _line(proc, timeout)
+            got = json_line(proc, timeout)
             out[phase] += got["times"]
             out["bytes_match_manifest"] &= got["bytes_match_manifest"]
         out["link_bytes"] = cluster.sent_bytes() - sent  # the requests' (and whatever else crossed meanwhile)

@@ -75,3 +75,22 @@ def resnet18_half(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("resnet18_half") / "resnet18.onnx"
     onnx.save(models.build("resnet18", width=0.5), path)
     return path
+
+
+def one_line_error(result, *needles: str, code: int = 1) -> str:
+    """A CLI result that failed as lcpc promises: exit ``code``, no traceback, one line ``error: ...``
+    holding every needle; returns the line."""
+    assert result.exit_code == code, (result.exit_code, result.output, result.stderr)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output + result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def nothing_left(parent: Path, out: Path) -> None:
+    """No output folder ``out`` and no temporary sibling of it (or of lcpc's) left in ``parent``."""
+    assert not out.exists()
+    assert not [p.name for p in parent.iterdir() if p.name.startswith((f".{out.name}.", ".lcpc-"))]

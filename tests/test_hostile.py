@@ -21,7 +21,7 @@ import onnxruntime as ort
 import pytest
 from audit import audited, opened, unpickled
 from click.testing import CliRunner
-from conftest import reference, rel_err
+from conftest import nothing_left, one_line_error, reference, rel_err
 from corpus import build
 
 from lcpc import frontend
@@ -40,22 +40,6 @@ SECRET = "../outside/secret.bin"
 # ----------------------------------------------------------------------------- helpers
 def invoke(*args) -> object:
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *needles: str, code: int = 1) -> str:
-    assert result.exit_code == code, (result.exit_code, result.output, result.stderr)
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    assert "Traceback" not in result.output + result.stderr
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
-def no_leftovers(parent: Path, out: Path) -> None:
-    assert not out.exists()
-    assert not [p.name for p in parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
 
 def place_model(tmp_path: Path, name: str) -> Path:
@@ -95,8 +79,8 @@ def test_model_case_cli(tmp_path, case):
         assert result.exit_code == 0, result.stderr
         assert (out / "manifest.json").is_file()
         return
-    assert_one_line_error(result, case["file"], *case["expect"])
-    no_leftovers(tmp_path, out)
+    one_line_error(result, case["file"], *case["expect"])
+    nothing_left(tmp_path, out)
 
 
 @pytest.mark.parametrize("case", MODEL_CASES, ids=[c["file"] for c in MODEL_CASES])
@@ -171,7 +155,7 @@ def test_control_characters_in_names_are_escaped(tmp_path):
     model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "\x1b[2J\x1b[31mH"
     path = tmp_path / "ansi.onnx"
     path.write_bytes(model.SerializeToString())
-    line = assert_one_line_error(invoke("convert", path, "-o", tmp_path / "out"), "ansi.onnx", "\\x1b[2J")
+    line = one_line_error(invoke("convert", path, "-o", tmp_path / "out"), "ansi.onnx", "\\x1b[2J")
     assert "\x1b" not in line
 
 
@@ -203,16 +187,16 @@ INPUT_CASES = [c for c in CASES["inputs"] if c["expect"]]
 def test_input_case_cli(good_folder, case):
     with audited() as events:
         result = invoke("run", good_folder, "--input", CORPUS / "inputs" / case["file"])
-    assert_one_line_error(result, case["file"], *case["expect"])
+    one_line_error(result, case["file"], *case["expect"])
     assert not unpickled(events)
 
 
 def test_input_named_and_twice(good_folder):
     good = CORPUS / "inputs" / "good.npy"
     assert invoke("run", good_folder, "--input", f"x={good}").exit_code == 0
-    assert_one_line_error(invoke("run", good_folder, "--input", f"x={good}", "--input", f"x={good}"),
+    one_line_error(invoke("run", good_folder, "--input", f"x={good}", "--input", f"x={good}"),
                           "good.npy", "input 'x' is also given")
-    assert_one_line_error(invoke("run", good_folder, "--input", f"image={good}"), "['image'] unknown")
+    one_line_error(invoke("run", good_folder, "--input", f"image={good}"), "['image'] unknown")
 
 
 @pytest.mark.parametrize("feeds, message", [
@@ -235,7 +219,7 @@ def test_engine_checks_inputs(good_folder, feeds, message):
 def test_output_file_that_cannot_be_written(good_folder, tmp_path):
     result = invoke("run", good_folder, "--input", CORPUS / "inputs" / "good.npy",
                     "--output", tmp_path / "no" / "such" / "y.npz")
-    assert_one_line_error(result, "y.npz", "No such file or directory")
+    one_line_error(result, "y.npz", "No such file or directory")
 
 
 # ----------------------------------------------------------------------------- manifests
@@ -301,7 +285,7 @@ def test_manifest_case(good_folder, tmp_path, case):
     apply_edit(folder, case["edit"], tmp_path / "outside")
     with audited() as events:
         result = invoke("run", folder, "--input", CORPUS / "inputs" / "good.npy")
-    line = assert_one_line_error(result, *case["expect"])
+    line = one_line_error(result, *case["expect"])
     assert str(folder / "manifest.json") in line or str(folder / "d0_l0.onnx") in line  # names the file
     assert not unpickled(events)
     assert not any(opened(events, p) for p in (tmp_path / "outside").iterdir())
@@ -314,9 +298,9 @@ def test_manifest_read_is_the_one_gate(good_folder, tmp_path, monkeypatch):
     folder = tmp_path / "out"
     shutil.copytree(good_folder, folder)
     apply_edit(folder, {"stage": "append"}, tmp_path)
-    assert_one_line_error(invoke("report", folder), "sha256 differs")
+    one_line_error(invoke("report", folder), "sha256 differs")
     monkeypatch.setattr(mf, "MAX_MANIFEST_BYTES", 10)
-    assert_one_line_error(invoke("report", good_folder), "manifest larger than")
+    one_line_error(invoke("report", good_folder), "manifest larger than")
 
 
 def test_stage_file_is_loaded_from_the_checked_bytes(good_folder, tmp_path, monkeypatch):
@@ -403,7 +387,7 @@ def test_bad_model_with_force_keeps_the_existing_folder(tmp_path, good_folder):
     out = tmp_path / "out"
     shutil.copytree(good_folder, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert_one_line_error(invoke("convert", CORPUS / "models" / "truncated.onnx", "-o", out, "--force"))
+    one_line_error(invoke("convert", CORPUS / "models" / "truncated.onnx", "-o", out, "--force"))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
@@ -411,7 +395,7 @@ def test_non_empty_out_needs_force_and_a_file_is_never_replaced(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
-    assert_one_line_error(invoke("convert", CORPUS / "models" / "good.onnx", "-o", out, "-k", 2), "--force")
+    one_line_error(invoke("convert", CORPUS / "models" / "good.onnx", "-o", out, "-k", 2), "--force")
     assert (out / "mine.txt").read_text() == "keep"
     plan_file = tmp_path / "plan"
     plan_file.write_text("keep")
@@ -426,7 +410,7 @@ def test_unexpected_exception_is_one_line_exit_2(tmp_path, monkeypatch):
 
     monkeypatch.setattr(frontend, "load", bug)
     result = invoke("convert", CORPUS / "models" / "good.onnx", "-o", tmp_path / "out")
-    assert_one_line_error(result, "internal error: ZeroDivisionError: division by zero", "--debug", code=2)
+    one_line_error(result, "internal error: ZeroDivisionError: division by zero", "--debug", code=2)
     assert isinstance(invoke("convert", CORPUS / "models" / "good.onnx", "-o", tmp_path / "out",
                              "--debug").exception, ZeroDivisionError)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import EXAMPLE
+from conftest import EXAMPLE, nothing_left, one_line_error
 from corpus import build
 
 from lcpc import pipeline
@@ -55,22 +55,6 @@ def invoke(*args) -> object:
         faulthandler.cancel_dump_traceback_later()
     assert not caught, [f"{w.category.__name__}: {w.message}" for w in caught]
     return result
-
-
-def one_line_error(result, *needles: str, code: int = 1) -> str:
-    assert result.exit_code == code, (result.exit_code, result.output, result.stderr)
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output + result.stderr
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
-def nothing_left(parent: Path, out: Path) -> None:
-    assert not out.exists()
-    assert not [p.name for p in parent.iterdir() if p.name.startswith((f".{out.name}.", ".lcpc-"))]
 
 
 @pytest.fixture(scope="module")

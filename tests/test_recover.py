@@ -21,24 +21,11 @@ from lcpc.targets import onnx as onnx_target
 
 torch = pytest.importorskip("torch")
 digits = pytest.importorskip("examples.digits.data")
+from torch_fixtures import one_thread, split  # noqa: E402, F401 - module fixtures
 from lcpc.pipeline import recover_plan  # noqa: E402
 from lcpc.passes.recover.norms import channel_stats  # noqa: E402
 from lcpc.passes.recover.student import Student, normable  # noqa: E402
 from lcpc.passes.recover.torch_graph import GraphModule  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster and makes the runs bit-reproducible."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def split():
-    return digits.load_split()
 
 
 def _eval(module, x: np.ndarray) -> np.ndarray:

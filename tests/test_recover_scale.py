@@ -25,22 +25,10 @@ from lcpc.passes.recover.distil import Execution
 torch = pytest.importorskip("torch")
 digits = pytest.importorskip("examples.digits.data")
 from lcpc.passes.recover import distil, synth  # noqa: E402
+from torch_fixtures import one_thread, split  # noqa: E402, F401 - module fixtures
 
 EXAMPLE_BN = ROOT / "examples" / "digits" / "digits_cnn_bn.onnx"
 PROBE = Path(__file__).with_name("memory_probe.py")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def split():
-    return digits.load_split()
 
 
 @pytest.fixture(scope="module")
