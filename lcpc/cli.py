@@ -251,7 +251,7 @@ def parse_preprocessing(spec: str | None) -> dict | None:
 @click.option("--input-wire", type=click.Choice(list(INPUT_WIRES)), default="auto", show_default=True,
               help="How the model input travels: uint8 sends the raw image and applies --preprocess in the "
                    "stages (4x fewer bytes than float32); encoded sends the image file itself (JPEG/PNG), which "
-                   "each device decodes; auto sends uint8 whenever --preprocess allows it.")
+                   "each device decodes; auto sends uint8 whenever there is a --preprocess.")
 @click.option("--broadcast", type=click.Choice(["auto", *BROADCASTS]), default="auto", show_default=True,
               help="How the model input reaches the devices: p2p (the head sends it to each), tree (receivers "
                    "forward it, a binomial tree), auto (the faster on --devices' network, by the network model).")

@@ -131,16 +131,17 @@ def raw_input(graph: Graph, prep: Preprocessing | None, wire: str = "auto") -> R
     """How the model input travels: ``wire`` ``float`` (as the model takes it), ``uint8`` (the raw
     image; needs ``prep`` to be exactly elementwise on the input), ``encoded`` (the image file,
     decoded to that uint8 image on each device; one image per inference) or ``auto`` (uint8 when
-    it can)."""
+    there is a preprocessing). A preprocessing that cannot give the model's one float input (its
+    shape, channels, layout) is refused whatever the wire."""
     if wire not in INPUT_WIRES:
         raise LcpcError(f"input wire '{wire}': choose {', '.join(INPUT_WIRES)}")
-    if wire == "float" or (prep is None and wire == "auto"):
-        return None
     if prep is None:
+        if wire in ("float", "auto"):
+            return None
         raise LcpcError(f"--input-wire {wire} needs the preprocessing: add --preprocess size=...,mean=...,std=...")
     why = None
     if len(graph.inputs) != 1:
-        why = f"the model has {len(graph.inputs)} inputs (raw images need exactly one)"
+        why = f"the model has {len(graph.inputs)} inputs (an image feeds exactly one)"
     else:
         info = graph.info(graph.inputs[0])
         want = prep.input_shape(info.shape[0] if info.shape else 1)
@@ -149,13 +150,12 @@ def raw_input(graph: Graph, prep: Preprocessing | None, wire: str = "auto") -> R
         elif tuple(info.shape) != want:
             why = (f"the model input '{graph.inputs[0]}' has shape {list(info.shape)}, the preprocessing "
                    f"(size {prep.size[0]}x{prep.size[1]}, {prep.channels}, {prep.layout}) gives {list(want)}")
-        elif wire == "encoded" and info.shape[0] != 1:
-            why = f"the model input '{graph.inputs[0]}' takes a batch of {info.shape[0]}; an encoded image is one"
-    if why is None:
-        return RawInput(graph.inputs[0], prep, encoded=wire == "encoded")
-    if wire != "auto":
-        raise LcpcError(f"--input-wire {wire}: {why}; fix --preprocess or use --input-wire float")
-    return None
+    if why is not None:  # the preprocessing could never feed this model, whatever travels on the wire
+        raise LcpcError(f"--preprocess: {why}; fix its size, channels or layout to give the model's input")
+    if wire == "encoded" and info.shape[0] != 1:
+        raise LcpcError(f"--input-wire encoded: the model input '{graph.inputs[0]}' takes a batch of "
+                        f"{info.shape[0]}; an encoded image is one: use --input-wire uint8 or float")
+    return None if wire == "float" else RawInput(graph.inputs[0], prep, encoded=wire == "encoded")
 
 
 def lower(plan: Plan, raw: RawInput | None = None) -> Program:

@@ -106,7 +106,7 @@ def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str
         raise LcpcError(f"--input-wire {input_wire} does not combine with --prune, --quantize or --wire int8 yet "
                         f"(they calibrate on float inputs); use --input-wire float")
     prep = None if preprocessing is None else Preprocessing.from_dict(preprocessing)
-    raw = None if compressing else raw_input(graph, prep, input_wire)
+    raw = raw_input(graph, prep, "float" if compressing else input_wire)  # a preprocessing is checked either way
     # the exact plan's traffic, for the comparison; its program is dropped before the real one is lowered
     exact_bytes = lower(planner.with_sync(plan, "all"), raw).bytes_per_inference() if sync != "all" else None
     program = lower(plan, raw)

@@ -85,11 +85,11 @@ def test_zoo_rgb_raw_input_equals_the_original(tmp_path, zoo_bytes):
 
 def test_input_wire_choice(tmp_path):
     wrong = Preprocessing(size=(16, 16), channels="L")
-    m = pipeline.convert(EXAMPLE, tmp_path / "auto", 2, "none", preprocessing=wrong.to_dict())
-    assert "feeds" not in m["source"] and m["source"]["preprocessing"]["size"] == [16, 16]
-    with pytest.raises(LcpcError, match=r"--input-wire uint8: the model input 'input' has shape \[1, 1, 8, 8\]"):
-        pipeline.convert(EXAMPLE, tmp_path / "u8", 2, "none", preprocessing=wrong.to_dict(), input_wire="uint8")
-    assert not (tmp_path / "u8").exists()
+    for wire in ("auto", "float", "uint8", "encoded"):  # images that cannot feed the model: refused whatever the wire
+        with pytest.raises(LcpcError, match=r"--preprocess: the model input 'input' has shape \[1, 1, 8, 8\], "
+                                            r"the preprocessing .* gives \[1, 1, 16, 16\]"):
+            pipeline.convert(EXAMPLE, tmp_path / wire, 2, "none", preprocessing=wrong.to_dict(), input_wire=wire)
+        assert not (tmp_path / wire).exists()
     with pytest.raises(LcpcError, match="needs the preprocessing"):
         pipeline.convert(EXAMPLE, tmp_path / "u8", 2, "none", input_wire="uint8")
     m = pipeline.convert(EXAMPLE, tmp_path / "float", 2, "none", preprocessing=DIGITS.to_dict(), input_wire="float")

@@ -469,6 +469,10 @@ PREPROCESS_CASES = [  # (spec, expected message parts or None); the model takes 
     ("size=8x8,,std=1", ["'' is not KEY=VALUE"]),
     ("size", ["'size' is not KEY=VALUE"]),
     ("mean=1", ["'size' (H, W) is required"]),
+    # well-formed, but the images it makes cannot feed x[N, 3, 8, 8]: refused at convert, not at run time
+    ("size=9x8", ["the model input 'x' has shape [1, 3, 8, 8]", "gives [1, 3, 9, 8]"]),
+    ("size=8x8,channels=L", ["gives [1, 1, 8, 8]"]),
+    ("size=8x8,layout=NHWC", ["gives [1, 8, 8, 3]"]),
 ]
 
 
