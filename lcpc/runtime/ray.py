@@ -447,7 +447,7 @@ class RayEngine(Engine):
                 cause = getattr(exc, "cause", None)
                 if isinstance(cause, LcpcError):
                     raise LcpcError(f"request {rid}: {cause}") from None
-                what = (f"no answer from {self.names[d]} within {self.timeout:g} s" if "Timeout" in type(exc).__name__
+                what = (f"no answer from {self.names[d]} within {self.timeout:g} s" if isinstance(exc, TimeoutError)
                         else f"waiting for {self.names[d]}, an actor of the graph died")
                 raise LcpcError(f"request {rid}: {what} in the compiled graph ({type(exc).__name__}: "
                                 f"{first_line(exc)}); start the engine again, or use --ray-mode actor-calls") from None
