@@ -9,7 +9,12 @@ Guarantees:
   ``source.preprocessing``), and ``from_dict`` refuses unknown or missing keys.
 - Per image, in this order: open with Pillow, apply the EXIF orientation, convert to
   RGB (or grayscale ``L``); resize (``shorter_side``: keep the aspect ratio, scale so
-  the image just covers ``size / crop_fraction``, then crop the centre ``size``;
+  the image just covers ``size / crop_fraction``, then crop the centre ``size``; bilinear and
+  bicubic resample only the kept pixels (Pillow's ``box``: the source region the crop comes
+  from, with the whole-image filter taps), about a third less time on a 512x320 photo, and
+  Pillow's rounding between its two passes then differs from resizing the whole image and
+  cropping by up to 2 levels on at most 0.3% of values (measured on photos); nearest
+  resizes the whole image and crops, exactly;
   ``stretch``: resize straight to ``size``); reorder channels (``BGR``); then, in
   float64, ``x[c] = (pixel[c] * scale - mean[c]) / std[c]`` on the 0-255 pixel values
   (mean and std in the output's channel order); lay out (``NCHW`` or ``NHWC``) and
@@ -214,10 +219,15 @@ class Preprocessing:
             raise LcpcError(f"a {iw}x{ih} image would be resized to {iw * s:.3g}x{ih * s:.3g} pixels to cover "
                             f"{w}x{h} at crop_fraction {self.crop_fraction:g}, more than {MAX_IMAGE_PIXELS}")
         nw, nh = max(w, round(iw * s)), max(h, round(ih * s))
-        if (nw, nh) != (iw, ih):
-            image = image.resize((nw, nh), resample)
         left, top = (nw - w) // 2, (nh - h) // 2
-        return image.crop((left, top, left + w, top + h))
+        crop = (left, top, left + w, top + h)
+        if (nw, nh) == (iw, ih):
+            return image.crop(crop)
+        if self.interpolation == "nearest":  # no filter to save, and whole-image pixel indices stay exact
+            return image.resize((nw, nh), resample).crop(crop)
+        # only the crop's pixels, from the source box they come from (the filter reaches outside it)
+        sx, sy = iw / nw, ih / nh
+        return image.resize((w, h), resample, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
 
 
 def _is_real(v: Any) -> bool:

@@ -239,6 +239,34 @@ def test_load_folder_bgr_nhwc_gray_and_crop_fraction(tmp_path):
     np.testing.assert_array_equal(stretch[0, 0], [[0, 10, 20, 30], [100, 110, 120, 130]])
 
 
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear", "bicubic"])
+@pytest.mark.parametrize("source, size, crop_fraction", [
+    ((512, 320), (224, 224), 1.0), ((426, 320), (224, 224), 0.875), ((97, 61), (40, 30), 0.5), ((30, 40), (50, 60), 1.0),
+])
+def test_resizing_the_crop_equals_resizing_the_image_then_cropping(interpolation, source, size, crop_fraction):
+    """The shorter-side resize resamples only the kept pixels: within Pillow's two-pass rounding
+    of resizing the whole image and cropping (2 levels on a few values), exactly for nearest."""
+    from PIL import Image
+
+    iw, ih = source
+    yy, xx = np.mgrid[0:ih, 0:iw]
+    smooth = 127 + 90 * np.sin(xx / 9.0)[..., None] * np.cos(yy / 7.0)[..., None] * np.array([1.0, 0.6, -0.8])
+    noise = np.random.default_rng(iw).normal(0, 6, (ih, iw, 3))
+    image = Image.fromarray(np.clip(smooth + noise, 0, 255).astype(np.uint8))
+    prep = Preprocessing(size=size, crop_fraction=crop_fraction, interpolation=interpolation)
+    h, w = size
+    s = max(h / ih, w / iw) / crop_fraction
+    nw, nh = max(w, round(iw * s)), max(h, round(ih * s))
+    left, top = (nw - w) // 2, (nh - h) // 2
+    resample = {"nearest": 0, "bilinear": 2, "bicubic": 3}[interpolation]
+    whole = np.asarray(image.resize((nw, nh), resample).crop((left, top, left + w, top + h))).transpose(2, 0, 1)
+    diff = np.abs(prep.raw(image).astype(int) - whole)
+    if interpolation == "nearest":
+        assert diff.max() == 0
+    else:
+        assert diff.max() <= 2 and (diff > 0).mean() < 0.01
+
+
 def test_load_folder_errors(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("x")
