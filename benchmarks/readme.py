@@ -67,6 +67,7 @@ TABLES: dict[str, tuple[str, int]] = {
     "encoded-table": ("encoded.md", 0),
     "netns-encoded-table": ("netns_encoded.md", 0),
     "hls-table": ("hls.md", 0),
+    "hls-from-int8-table": ("hls_from_int8.md", 0),
 }
 
 # the files with markers, and the markers each must hold

@@ -19,8 +19,12 @@ Guarantees:
   saturated: ``fixed<W,I,RND,SAT>``, unless the modes are given), and for each layer's
   weights and biases ``W`` bits with the integer bits their largest magnitude needs;
   ``from-int8`` (a folder converted with ``--quantize int8 --calib``): the int8 weights'
-  8 bits, and for each activation the fixed-point type that covers its int8 grid
-  (``FixedType.covering``), ``fixed<16,6>`` where the plan holds no int8 scale;
+  8 bits, for each activation the fixed-point type that covers its int8 grid
+  (``FixedType.covering``), ``fixed<16,6>`` where the plan holds no int8 scale, and for a
+  conv, dense or average-pooling layer an accumulator that keeps every product exact and no
+  partial sum overflowing (``Mapping.accum_type``); a QuantizeLinear -> DequantizeLinear pair whose grid
+  starts at 0 clips negatives as onnxruntime does (a ReLU layer: the quantizer folds ReLUs
+  into such grids), any other pair is no layer;
 - ``hls.json`` records per project its layers (op, hls4ml layer, output shape, MACs, weight
   count and bits, reuse factor, precision) and totals with a DSP/BRAM estimate at the reuse
   factor (``estimate``), against the board's capacity when ``--board`` names one.
@@ -163,6 +167,7 @@ class Layer:
     weight_type: FixedType | None = None
     bias_type: FixedType | None = None
     result_type: FixedType | None = None
+    accum_type: FixedType | None = None   # default: the result type
     reuse: int = 1
 
     def record(self) -> dict[str, Any]:
@@ -172,7 +177,8 @@ class Layer:
                 "weight_bits": self.weights * (self.weight_type.width if self.weight_type else 0),
                 "reuse": self.reuse, "dsp": dsp, "bram18": bram,
                 "precision": {k: str(v) for k, v in (("weight", self.weight_type), ("bias", self.bias_type),
-                                                      ("result", self.result_type)) if v is not None}}
+                                                      ("result", self.result_type), ("accum", self.accum_type))
+                              if v is not None}}
 
 
 def estimate(layer: Layer) -> tuple[int, int]:
@@ -243,6 +249,19 @@ class Mapping:
             base = base.__class__(8, 1, base.quantization, base.overflow)
         return base.fitting(weights), self.options.default_type.fitting(bias)
 
+    def accum_type(self, node: Node, gain: float, fraction: int = 0,
+                   bias: np.ndarray | None = None) -> FixedType | None:
+        """``from-int8``: the accumulator of a layer whose every output sums input values times weights of
+        total magnitude at most ``gain`` (a conv's or dense's largest row of weight magnitudes, a pool's
+        window), plus ``bias``: every product exact (the input's fraction bits and ``fraction``, the
+        weights') and no partial sum overflowing; None (the result type) for ``fixed<W,I>``."""
+        if not self.options.from_int8:
+            return None
+        x = self.result_type(node.inputs[0])
+        largest = gain * 2.0 ** (x.integer - 1) + (float(np.abs(bias).max(initial=0.0)) if bias is not None else 0.0)
+        integer = FixedType.integer_bits(largest)
+        return FixedType(min(integer + x.width - x.integer + fraction, 64), integer, x.quantization, x.overflow)
+
     def add(self, node: Node, spec: dict[str, Any], *, inputs: list[str] | None = None, var: str | None = None,
             **info: Any) -> None:
         """A layer computing the node's output (or ``var``, a step inside the node, of the output's shape)."""
@@ -293,7 +312,8 @@ def _conv(m: Mapping, node: Node) -> None:
         raise m.refuse(node, f"grouped convolution (group {group} of {c_in} channels): hls4ml maps group 1 and "
                              f"depthwise only")
     m.add(node, spec, macs=mults * y[2] * y[3], weights=int(w.size), multipliers_r1=mults, weight_type=wt,
-          bias_type=bt)
+          bias_type=bt, accum_type=m.accum_type(node, float(np.abs(w).reshape(w.shape[0], -1).sum(axis=1).max()),
+                                                wt.width - wt.integer, b))
 
 
 def _dense(m: Mapping, node: Node) -> None:
@@ -317,7 +337,8 @@ def _dense(m: Mapping, node: Node) -> None:
     wt, bt = m.weight_types(w, b)
     m.add(node, dict(class_name="Dense", weight_data=np.ascontiguousarray(w), bias_data=b, n_in=w.shape[0],
                      n_out=w.shape[1]), macs=int(w.size), weights=int(w.size), multipliers_r1=int(w.size),
-          weight_type=wt, bias_type=bt)
+          weight_type=wt, bias_type=bt, accum_type=m.accum_type(node, float(np.abs(w).sum(axis=0).max()),
+                                                                wt.width - wt.integer, b))
 
 
 def _activation(kind: str) -> Callable[[Mapping, Node], None]:
@@ -371,7 +392,8 @@ def _pool(kind: str) -> Callable[[Mapping, Node], None]:
         m.add(node, dict(class_name=f"{kind}Pooling2D", data_format="channels_last", in_height=x[2], in_width=x[3],
                          n_filt=x[1], out_height=y[2], out_width=y[3], pool_height=kh, pool_width=kw,
                          stride_height=strides[0], stride_width=strides[1], pad_top=pads[0], pad_left=pads[1],
-                         pad_bottom=pads[2], pad_right=pads[3], count_pad=bool(any(pads))))
+                         pad_bottom=pads[2], pad_right=pads[3], count_pad=bool(any(pads))),
+              accum_type=m.accum_type(node, kh * kw) if kind == "Average" else None)
     return build
 
 
@@ -381,7 +403,8 @@ def _global_pool(kind: str) -> Callable[[Mapping, Node], None]:
         if len(x) != 4:
             raise m.refuse(node, "only 2-D global pooling maps")
         m.add(node, dict(class_name=f"Global{kind}Pooling2D", data_format="channels_last", in_height=x[2],
-                         in_width=x[3], n_filt=x[1], keepdims=False))
+                         in_width=x[3], n_filt=x[1], keepdims=False),
+              accum_type=m.accum_type(node, x[2] * x[3]) if kind == "Average" else None)
         m.layers[-1].shape = (x[1],)
     return build
 
@@ -412,9 +435,8 @@ def _identity(m: Mapping, node: Node) -> None:
     m.alias(node, node.inputs[0])
 
 
-def _quantize(m: Mapping, node: Node) -> None:
-    """QuantizeLinear of an activation, followed by DequantizeLinear: no layer; the grid (scale, zero point)
-    sets the type of the activation it rounds (``from-int8``)."""
+def _grid(m: Mapping, node: Node) -> tuple[float, int, str]:
+    """A QuantizeLinear's int8 grid ``(scale, zero point, dtype)``; refuses the forms that do not map."""
     scale, zp = m.constant(node, 1), m.constant(node, 2)
     consumers = m.graph.consumers(node.outputs[0])
     if scale is None or scale.size != 1 or not consumers or any(c.op != "DequantizeLinear" for c in consumers):
@@ -422,13 +444,36 @@ def _quantize(m: Mapping, node: Node) -> None:
     if node.outputs[0] in m.graph.outputs:
         raise m.refuse(node, "int8 on the wire (--wire int8): export a folder converted with --wire fp32")
     dtype = str(zp.dtype) if zp is not None else "uint8"
-    grid = (float(scale.reshape(-1)[0]), int(zp.reshape(-1)[0]) if zp is not None else 0, dtype)
-    m.grids[node.inputs[0]] = grid
+    return float(scale.reshape(-1)[0]), int(zp.reshape(-1)[0]) if zp is not None else 0, dtype
+
+
+def _grids(m: Mapping) -> None:
+    """Every activation's int8 grid, before any layer is built: a layer's result type is the grid of the
+    tensor it computes (``from-int8``), and the QuantizeLinear comes after that layer."""
+    for node in m.graph.nodes:
+        if node.op == "QuantizeLinear":
+            grid = _grid(m, node)
+            rounded = [c.outputs[0] for c in m.graph.consumers(node.outputs[0])]
+            for tensor in [node.inputs[0], node.outputs[0], *rounded]:
+                m.grids[tensor] = grid
+
+
+def _quantize(m: Mapping, node: Node) -> None:
+    """QuantizeLinear of an activation, followed by DequantizeLinear: the pair clips to its grid. A grid that
+    starts at 0 (zero point at the type's lowest value; where onnxruntime's quantizer folds a ReLU) clips
+    negatives, so the pair becomes a ReLU layer; any other pair is no layer (its clipping is at calibrated
+    bounds). Its grid sets the types of the activations it rounds (``from-int8``)."""
+    _, zp, dtype = _grid(m, node)
     if node.inputs[0] in m.constants:
         return
-    m.alias(node, node.inputs[0])
-    for c in consumers:
-        m.grids[c.outputs[0]] = grid
+    if zp == (0 if dtype == "uint8" else -128):
+        held = next((layer.shape for layer in reversed(m.layers)
+                     if layer.spec["outputs"] == [m.var[node.inputs[0]]]), None)
+        m.add(node, dict(class_name="Activation", activation="relu"))
+        if held is not None:  # as the layer it clips holds it (a global pool's (C,))
+            m.layers[-1].shape = held
+    else:
+        m.alias(node, node.inputs[0])
 
 
 def _dequantize(m: Mapping, node: Node) -> None:
@@ -470,6 +515,7 @@ def map_stage(graph: Graph, where: str, options: Options) -> Mapping:
     if options.from_int8 and not any(n.op == "QuantizeLinear" for n in graph.nodes):
         raise LcpcError(f"{where}: --precision from-int8 needs int8 stages with fixed ranges: convert with "
                         f"--quantize int8 --calib X.npy, or give --precision fixed<W,I>")
+    _grids(m)
     for name in graph.inputs:
         m.var[name] = _var(name)
     for node in graph.nodes:
@@ -559,7 +605,7 @@ def export(folder: str | Path, out: str | Path, options: Options, force: bool = 
 
 
 def _layer_config(layer: Layer) -> dict[str, Any]:
-    precision = {"result": str(layer.result_type), "accum": str(layer.result_type)}
+    precision = {"result": str(layer.result_type), "accum": str(layer.accum_type or layer.result_type)}
     if layer.weight_type is not None:
         precision.update(weight=str(layer.weight_type), bias=str(layer.bias_type))
     return {"Precision": precision}

@@ -1,5 +1,6 @@
-"""``lcpc export-hls`` / the C++ emulation: one branch compiled and checked against onnxruntime, the per-branch
-table against counts taken from the stage files themselves, and an op hls4ml lacks refused by node and op.
+"""``lcpc export-hls`` / the C++ emulation: one branch compiled and checked against onnxruntime (float at
+fixed<16,6>, and int8 at ``--precision from-int8``), the per-branch table against counts taken from the stage
+files themselves, and an op hls4ml lacks refused by node and op.
 
 Compiling one hls4ml project's emulation takes about 15-25 s on the 2-core CI machine, so only one branch is
 compiled here; ``benchmarks/hls.py`` exports and checks every branch of the recovered digits plan.
@@ -76,6 +77,35 @@ def test_export_table_and_one_branch_emulated(digits, tmp_path):
         assert got.shape == want.shape
         # fixed<16,6>, rounded: 10 fraction bits through ten layers
         np.testing.assert_allclose(got, want, atol=0.08 * max(1.0, float(np.abs(want).max())))
+
+
+def test_from_int8_takes_the_int8_grids_and_one_branch_matches_its_int8_stage(tmp_path):
+    """``--precision from-int8`` end to end: every stage of a ``--quantize int8-all --calib`` plan is
+    int8 (unmeasured, so no timing decides it), its weights become 8-bit fixed types, and the
+    compiled branch agrees with onnxruntime running the same int8 stage."""
+    pytest.importorskip("hls4ml", reason="hls4ml is not installed (pip install 'lcpc[hls]')")
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed")
+    x = np.load(EXAMPLE.parent / "test.npy")
+    folder = tmp_path / "int8"
+    convert_model(EXAMPLE, folder, 4, "none", calib=x[:64], quantize="int8-all")
+    out = tmp_path / "hls"
+    record = hls.export(folder, out, hls.Options(precision="from-int8", reuse=4, board="pynq-z2"))
+    assert record["precision"] == "from-int8"
+    stage = next(s for s in record["stages"] if s["id"] == "d1_l0")
+    weighted = [layer for layer in stage["layers"] if "weight" in layer["precision"]]
+    assert weighted and all(layer["precision"]["weight"].startswith("fixed<8,") for layer in weighted)
+    assert all(row["weight_bits"] == 8 * row["weights"] for row in hls.table(record))
+
+    emulation = hls_verify.compile_project(out, stage, timeout=600)
+    manifest = mf.read(folder)
+    spec = next(s for s in manifest.stages if s.id == "d1_l0")
+    session = open_stage(mf.read_stage(folder, spec), spec, "d1_l0")
+    for i in range(40):
+        want = session.run(None, {"input": x[i:i + 1]})[0]
+        got = emulation({"input": x[i:i + 1]})[0]
+        # 8-bit weights in one fixed type per layer (the int8 scales are per channel): 1.7% at worst on 200 images
+        np.testing.assert_allclose(got, want, atol=0.04 * max(1.0, float(np.abs(want).max())))
 
 
 def test_an_op_hls4ml_lacks_is_refused_by_name(tmp_path, zoo_bytes):
