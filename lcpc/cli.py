@@ -622,7 +622,7 @@ def mpi_worker(args: tuple[str, ...]) -> None:
               help="Folder of the hls4ml projects (one per branch stage) and hls.json.")
 @click.option("--precision", default=hls_target.DEFAULT_PRECISION, show_default=True,
               help="fixed<W,I>: every activation (rounded, saturated; give the modes to change them), weights at W "
-                   "bits fitted per layer; from-int8: the widths of a --quantize int8 --calib plan.")
+                   "bits fitted per layer; from-int8: the widths of a --quantize int8-all --calib plan.")
 @click.option("--reuse", type=int, default=1, show_default=True,
               help="hls4ml reuse factor: multiplications per multiplier (1: fully parallel; more: fewer DSPs).")
 @click.option("--board", type=click.Choice(list(hls_target.BOARDS)), default=None,

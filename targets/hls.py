@@ -18,13 +18,13 @@ Guarantees:
 - precision: ``fixed<W,I>`` for every activation and accumulator (rounded to nearest and
   saturated: ``fixed<W,I,RND,SAT>``, unless the modes are given), and for each layer's
   weights and biases ``W`` bits with the integer bits their largest magnitude needs;
-  ``from-int8`` (a folder converted with ``--quantize int8 --calib``): the int8 weights'
+  ``from-int8`` (a folder converted with ``--quantize int8-all --calib``): the int8 weights'
   8 bits, for each activation the fixed-point type that covers its int8 grid
   (``FixedType.covering``), ``fixed<16,6>`` where the plan holds no int8 scale, and for a
   conv, dense or average-pooling layer an accumulator that keeps every product exact and no
-  partial sum overflowing (``Mapping.accum_type``); a QuantizeLinear -> DequantizeLinear pair whose grid
-  starts at 0 clips negatives as onnxruntime does (a ReLU layer: the quantizer folds ReLUs
-  into such grids), any other pair is no layer;
+  partial sum overflowing (``Mapping.accum_type``); a QuantizeLinear -> DequantizeLinear
+  pair whose grid starts at 0 clips negatives as onnxruntime does (a ReLU layer: the
+  quantizer folds ReLUs into such grids), any other pair is no layer;
 - ``hls.json`` records per project its layers (op, hls4ml layer, output shape, MACs, weight
   count and bits, reuse factor, precision) and totals with a DSP/BRAM estimate at the reuse
   factor (``estimate``), against the board's capacity when ``--board`` names one.
@@ -514,7 +514,7 @@ def map_stage(graph: Graph, where: str, options: Options) -> Mapping:
     m = Mapping(graph, where, options, constants=dict(graph.constants))
     if options.from_int8 and not any(n.op == "QuantizeLinear" for n in graph.nodes):
         raise LcpcError(f"{where}: --precision from-int8 needs int8 stages with fixed ranges: convert with "
-                        f"--quantize int8 --calib X.npy, or give --precision fixed<W,I>")
+                        f"--quantize int8-all --calib X.npy, or give --precision fixed<W,I>")
     _grids(m)
     for name in graph.inputs:
         m.var[name] = _var(name)
