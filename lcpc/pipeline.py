@@ -70,7 +70,8 @@ def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str
             quantize: str | None = None, wire: str = "fp32", input_wire: str = "auto", broadcast: str = "auto",
             wire_code: str = "none", progress: Any = None, select: Any = None) -> dict[str, Any]:
     """Plan ``model`` for ``branches`` devices and write the folder ``out``; returns its manifest.
-    ``devices``: a devices.yaml whose relative speeds size each branch's share of channels;
+    ``devices``: a devices.yaml whose relative speeds size each branch's share of channels, and
+    whose speeds and head link choose how the classifier merges (``passes.merge``);
     ``progress(done, total, agreement)`` follows ``--sync auto``'s measurements; ``select``
     (``passes.cut.Select``, e.g. ``RecoveredScores``) makes it choose among plans scored after recovery.
 
@@ -94,10 +95,10 @@ def convert(model: str | Path | bytes, out: str | Path, branches: int, sync: str
     if not isinstance(model, (bytes, bytearray)):
         source = replace(source, path=str(Path(model).resolve()))
     network = devices if isinstance(devices, Network) else load_devices(devices)
-    speeds = network.distinct_speeds(branches)
+    speeds = network.distinct_speeds(branches)  # recorded in the manifest only where they differ
     plan = planner.plan(graph, source, branches, sync, partition, calib=calib, comm_budget=comm_budget,
-                        speeds=speeds, head_bandwidth=network.link("dev0").bandwidth, progress=progress,
-                        select=select)
+                        speeds=tuple(network.speeds(branches)), head_bandwidth=network.link("dev0").bandwidth,
+                        progress=progress, select=select)
     lcp, record = plan, None
     if prune:
         plan, record = prune_pass.run(plan, prune, calib)

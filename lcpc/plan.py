@@ -78,7 +78,7 @@ class PlanOptions:
     partition: str = "energy"
     calib: np.ndarray | None = field(default=None, compare=False, repr=False)
     comm_budget: int | None = None
-    speeds: tuple[float, ...] | None = None   # each device's relative compute speed (devices.yaml)
+    speeds: tuple[float, ...] | None = None   # each device's speed against the reference core (devices.yaml)
     head_bandwidth: float | None = None       # bytes/s of the head's link (devices.yaml; None: the default)
     progress: Callable | None = field(default=None, compare=False, repr=False)  # (done, total, agreement)
     select: Callable | None = field(default=None, compare=False, repr=False)    # --sync auto: passes.cut.Select

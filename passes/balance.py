@@ -43,7 +43,7 @@ import numpy as np
 
 from lcpc.passes import merge
 from lcpc.passes.cut import policy_exchanges
-from lcpc.perf.modelled import NODE_OVERHEAD, node_seconds, speeds_of, sum_seconds
+from lcpc.perf.modelled import NODE_OVERHEAD, absolute_speeds, node_seconds, speeds_of, sum_seconds
 from lcpc.plan import HEAD, PassResult, Plan, PlanOptions
 
 MIN_SHARE = 0.5  # no share below this fraction of 1/K
@@ -77,7 +77,7 @@ def work(plan: Plan, options: PlanOptions) -> Work:
     g, a, lay = plan.graph, plan.analysis, plan.layouts
     cuttable = set(plan.cuttable())
     exchanged = policy_exchanges(plan, options.sync) or {}
-    speeds = speeds_of(plan.k, options.speeds)
+    speeds = absolute_speeds(plan.k, options.speeds)  # the merge weighs compute against its link
     gathers = {n.name for n in merge.merged_layers(plan)
                if merge.choose(plan, n, merge.equal_channels(plan, n), speeds, options.head_bandwidth)[0] == "features"}
     quadratic = linear = everywhere = head = 0.0

@@ -13,8 +13,9 @@ whole weight matrix after everything else: on a ResNet-50, 8 MB and about 0.7 ms
 inference on one core, half a branch's compute at K = 16 (``benchmarks/results/narrow.md``,
 "head merge ms"). ``partial`` trades those
 seconds for (K-1) x |output| bytes. The pass picks the way with the earlier predicted
-finish on the head: the merge's compute (``lcpc.perf.modelled``'s model, scaled by the
-devices' speeds) plus the bytes the head receives over its link
+finish on the head: the merge's compute (``lcpc.perf.modelled``'s model, divided by the
+devices' speeds as devices.yaml gives them, so boards a tenth as fast as the reference core
+take ten times as long beside the same link) plus the bytes the head receives over its link
 (``PlanOptions.head_bandwidth``, from ``devices.yaml``; default ``lcpc.perf.network``'
 100 Mbit/s). Both ways send one message per branch, so per-message latency cancels.
 So the choice depends on K and the link: ``benchmarks/results/narrow.md`` lists it per
@@ -30,13 +31,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from lcpc.perf.modelled import node_seconds, speeds_of, sum_seconds
+from lcpc.perf.modelled import absolute_speeds, node_seconds, sum_seconds
 from lcpc.perf.network import DEFAULT_BANDWIDTH
 from lcpc.plan import HEAD, Action, PassResult, Plan, PlanOptions
 
 
 def run(plan: Plan, options: PlanOptions) -> PassResult:
-    speeds = speeds_of(plan.k, options.speeds)
+    speeds = absolute_speeds(plan.k, options.speeds)
     merges, decisions = {}, dict(plan.decisions)
     for node in merged_layers(plan):
         channels = [len(plan.own(node.inputs[0], d)) for d in range(plan.k)]

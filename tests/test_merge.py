@@ -56,6 +56,18 @@ def test_merge_follows_the_link(resnet, sync):
         assert rel_err(outputs[1], reference(model, {"input": x})[0]) < 1e-4
 
 
+def test_slow_boards_sum_partial_outputs_on_the_same_link(resnet, tmp_path):
+    """Boards a hundredth as fast as the reference core, all equal, on the default 100 Mbit/s link:
+    the whole classifier on the head would take longer than the partial outputs take on the wire,
+    so the head sums them, although equal speeds leave the channel shares equal."""
+    tmp, _ = resnet
+    boards = tmp_path / "boards.yaml"
+    boards.write_text("devices:\n" + "".join(f"  dev{d}: {{speed: 0.01}}\n" for d in range(K)))
+    slow = convert(tmp / "resnet18.onnx", tmp_path / "boards", K, "none", devices=boards)
+    assert list(slow["plan"]["merges"].values()) == ["partial"]
+    assert slow["plan"].get("shares") is None and all(d.get("speed") is None for d in slow["devices"])
+
+
 def test_stored_plan_keeps_its_merges(resnet):
     from lcpc.stored_plan import load
 

@@ -10,7 +10,10 @@ core of the development machine, read off ``benchmarks/narrow.py``; the passes c
 times, so what matters is their ratios.
 
 Guarantees: ``speeds_of`` returns K positive speeds scaled so the fastest is 1 (all 1 when
-none are given), or raises an ``LcpcError`` naming what is wrong.
+none are given), for comparing devices' work with each other; ``absolute_speeds`` returns them
+as given (each relative to the reference core), for comparing work with time on a link (a
+board a tenth as fast takes ten times as long beside the same message); both raise an
+``LcpcError`` naming what is wrong.
 """
 
 from __future__ import annotations
@@ -26,12 +29,17 @@ NODE_OVERHEAD = 5e-6       # seconds per node run
 
 
 def speeds_of(k: int, speeds: tuple[float, ...] | None) -> np.ndarray:
+    v = absolute_speeds(k, speeds)
+    return v / v.max()
+
+
+def absolute_speeds(k: int, speeds: tuple[float, ...] | None) -> np.ndarray:
     if speeds is None:
         return np.ones(k)
     v = np.asarray(speeds, dtype=np.float64)
     if len(v) != k or not np.all(v > 0):
         raise LcpcError(f"device speeds {list(speeds)}: need {k} positive numbers, one per device")
-    return v / v.max()
+    return v
 
 
 def node_seconds(plan, node) -> float:
