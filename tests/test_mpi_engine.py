@@ -8,6 +8,7 @@ onnxruntime), so the cases share jobs: about 40 s on the 2-core CI machine.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -66,6 +67,40 @@ def test_mpi_equals_local_and_a_dead_rank_is_named(folders):
         engine.close()
     assert engine.proc is None and engine.pipes is None  # the job and its pipes are gone
     assert session is None or session_members(session) == []
+
+
+def test_image_files_decode_on_each_rank_and_count_their_real_size(tmp_path):
+    """``--input-wire encoded`` with the tree: each rank decodes the file it gets; outputs equal the local
+    engine's, every input transfer counts the file's real size, and a file that does not decode ends the
+    request in one line naming the device."""
+    from PIL import Image
+
+    x = np.load(EXAMPLE.parent / "test.npy")[:3]
+    files = []
+    for img in x:
+        buf = io.BytesIO()
+        Image.fromarray(np.rint(img[0] * 16).astype(np.uint8), mode="L").save(buf, format="PNG")
+        files.append(buf.getvalue())
+    folder = tmp_path / "enc"
+    m = convert_model(EXAMPLE, folder, 4, "none", preprocessing={"size": [8, 8], "channels": "L", "scale": 0.0625},
+                      input_wire="encoded", broadcast="tree")
+    inputs = [t for t in m["transfers"] if t["kind"] == "input"]
+    assert len(inputs) == 3 and all(t["encoded"] for t in inputs)
+    engine = MpiEngine(folder, timeout=60)
+    try:
+        for blob in files:
+            stats = Stats()
+            got = engine.run({"input": np.frombuffer(blob, np.uint8)}, stats)
+            want, local_stats, _ = run_folder(folder, {"input": np.frombuffer(blob, np.uint8)})
+            np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-5, atol=1e-5)
+            assert dict(stats.bytes_by_transfer) == dict(local_stats.bytes_by_transfer)
+            assert all(stats.bytes_by_transfer[t["id"]] == len(blob) for t in inputs)
+        with pytest.raises(LcpcError, match=r"^request \d+: device dev\d: the image of the request "
+                                            r"\(9 bytes\): cannot read it as an image") as err:
+            engine.run({"input": np.frombuffer(b"not a png", np.uint8)})
+        assert "\n" not in str(err.value)
+    finally:
+        engine.close()
 
 
 def test_close_after_mpiexec_was_killed_leaves_no_rank(folders):

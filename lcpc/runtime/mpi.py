@@ -15,10 +15,12 @@ Guarantees:
   runs its stages, then sends each value it owes another device as one point-to-point MPI
   message (tag: the transfer), received into a buffer of the manifest's shape and dtype;
   the model input goes out as one MPI broadcast from the relay to the devices that take
-  it; the outputs come back to the relay;
+  it (an image file, ``--input-wire encoded``: its length, then its bytes, and each device
+  decodes its own copy with the folder's preprocessing, ``images.decode``, as the other
+  engines do); the outputs come back to the relay;
 - each device counts the bytes of every value it receives, by transfer id (the input's by
-  its input transfers), so ``Stats`` equals the manifest transfer by transfer, as with the
-  other engines;
+  its input transfers; an image file's real size), so ``Stats`` equals the manifest transfer
+  by transfer, as with the other engines;
 - every wait is bounded by ``timeout``: the engine's (start-up, each request), the relay's
   (each device's answer) and each device's (each transfer it waits on); a request that does
   not finish, or whose rank dies, ends in one ``LcpcError`` naming the request and the
@@ -51,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from lcpc.errors import LcpcError
+from lcpc.images import Preprocessing, decode
 from lcpc.runtime import manifest as mf
 from lcpc.runtime.engine import Engine
 from lcpc.runtime.feeds import Stats
@@ -184,9 +187,6 @@ class MpiEngine(Engine):
         if any(t.coding for t in self.manifest.transfers):
             raise LcpcError(f"{printable(folder)}: the MPI engine moves no coded messages yet; run it with --engine "
                             f"local or ray, or convert without --wire-code")
-        if self.manifest.encoded:
-            raise LcpcError(f"{printable(folder)}: the MPI engine takes no image files yet; run it with --engine local "
-                            f"or ray, or convert with --input-wire uint8")
         if hostfile is not None and not Path(hostfile).is_file():
             raise LcpcError(f"{printable(hostfile)}: no such host file (--hostfile)")
         self.timeout = float(timeout)
@@ -428,6 +428,8 @@ def relay(comm: Any, folder: Path, requests: Path, replies: Path, timeout: float
         control[:] = (RUN, seq)
         comm.Bcast(control, root=0)
         for a in arrays:
+            if manifest.encoded:  # an image file: its length first, so each device can take its bytes
+                inputs.Bcast(np.array([a.size], np.int64), root=0)
             inputs.Bcast(np.ascontiguousarray(a), root=0)
         outputs = [np.empty(_local_shape(manifest, o.device, o.local_name)[0],
                             _local_shape(manifest, o.device, o.local_name)[1]) for o in manifest.outputs]
@@ -502,6 +504,7 @@ class DeviceRank:
         self.steps = [(lv.level, next((s for s in step if s.device == self.me), None))
                       for lv, step in zip(m.order.levels, m.order.steps())]
         self.outputs = [(i, o) for i, o in enumerate(m.outputs) if o.device == self.me]
+        self.prep: Preprocessing | None = None  # an image file's decoding, read from the manifest once
 
     def serve(self) -> None:
         control = np.zeros(2, np.int64)
@@ -519,13 +522,12 @@ class DeviceRank:
         self.counts = np.zeros(len(m.transfers), np.int64)
         if self.me in self.members:
             for f in m.feeds:
-                buf = np.empty(f.shape, f.dtype)
-                self.inputs.Bcast(buf, root=0)
+                buf, value = self.feed(f)
                 if self.me == 0:
-                    self.values[f.name] = buf
+                    self.values[f.name] = value
                 for t in self.my_inputs:
                     if t.src_name == f.name:
-                        self.values[t.dst_name] = buf
+                        self.values[t.dst_name] = value
                         self.counts[self.tags[t.id]] += buf.nbytes
         self.buffers = {t.id: np.empty(t.shape, t.dtype) for t in self.receives}
         self.posted = {t.id: comm.Irecv(self.buffers[t.id], source=t.src + 1, tag=self.tags[t.id])
@@ -555,6 +557,25 @@ class DeviceRank:
             self.deadline.wait(sends, lambda pending: f"{self.label} could not deliver its messages")
         except TimeoutError as exc:
             _fail(comm, str(exc))
+
+    def feed(self, f: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The model input ``f`` from the relay's broadcast: (what came over the wire, the value the stages
+        take); an image file is decoded here, and one that does not decode ends the request in one line."""
+        if not self.manifest.encoded:
+            buf = np.empty(f.shape, f.dtype)
+            self.inputs.Bcast(buf, root=0)
+            return buf, buf
+        size = np.zeros(1, np.int64)
+        self.inputs.Bcast(size, root=0)
+        buf = np.empty(int(size[0]), np.uint8)
+        self.inputs.Bcast(buf, root=0)
+        try:
+            if self.prep is None:
+                self.prep = Preprocessing.from_dict(dict(self.manifest.preprocessing or {}))
+            return buf, decode(buf.tobytes(), self.prep, f"the image of the request ({buf.nbytes} bytes)")
+        except LcpcError as exc:
+            _fail(self.comm, f"device {self.name}: {exc}")  # the engine names the request
+            raise
 
     def arrive(self, before: int | None) -> None:
         """Wait for the transfers sent at levels before ``before`` (None: all that are left)."""
