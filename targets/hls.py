@@ -274,6 +274,11 @@ class Mapping:
                 **spec}
         self.layers.append(Layer(name, node.op, node.name, spec, shape, result_type=self.result_type(out), **info))
 
+    def producer(self, tensor: str) -> Layer | None:
+        """The last layer that writes ``tensor``'s HLS variable (None: none does, e.g. a stage input)."""
+        var = self.var[tensor]
+        return next((layer for layer in reversed(self.layers) if layer.spec["outputs"] == [var]), None)
+
     def alias(self, node: Node, source: str) -> None:
         """The node's output is the same HLS variable as ``source`` (no layer)."""
         self.var[node.outputs[0]] = self.var[source]
@@ -463,15 +468,14 @@ def _quantize(m: Mapping, node: Node) -> None:
     starts at 0 (zero point at the type's lowest value; where onnxruntime's quantizer folds a ReLU) clips
     negatives, so the pair becomes a ReLU layer; any other pair is no layer (its clipping is at calibrated
     bounds). Its grid sets the types of the activations it rounds (``from-int8``)."""
-    _, zp, dtype = _grid(m, node)
+    _, zp, dtype = m.grids[node.outputs[0]]  # read and checked by _grids
     if node.inputs[0] in m.constants:
         return
     if zp == (0 if dtype == "uint8" else -128):
-        held = next((layer.shape for layer in reversed(m.layers)
-                     if layer.spec["outputs"] == [m.var[node.inputs[0]]]), None)
+        clipped = m.producer(node.inputs[0])
         m.add(node, dict(class_name="Activation", activation="relu"))
-        if held is not None:  # as the layer it clips holds it (a global pool's (C,))
-            m.layers[-1].shape = held
+        if clipped is not None:  # shaped as the layer it clips holds it (a global pool's (C,))
+            m.layers[-1].shape = clipped.shape
     else:
         m.alias(node, node.inputs[0])
 
@@ -526,7 +530,7 @@ def map_stage(graph: Graph, where: str, options: Options) -> Mapping:
             raise m.refuse(node, "no input or output")
         build(m, node)
     for out in graph.outputs:
-        if out in graph.inputs or out not in m.var:
+        if out in graph.inputs or out not in m.var or m.producer(out) is None:
             raise LcpcError(f"{where}: stage output '{printable(out, 80)}' is not computed on the FPGA")
     return m
 
@@ -582,7 +586,7 @@ def export(folder: str | Path, out: str | Path, options: Options, force: bool = 
                                    "LayerName": {layer.name: _layer_config(layer) for layer in m.layers}}
             specs = [{"name": m.var[i], "class_name": "InputLayer", "input_shape": list(nhwc(m.shape(i)))}
                      for i in m.graph.inputs]
-            outputs = [_producer_layer(m, o) for o in m.graph.outputs]
+            outputs = [layer.name for o in m.graph.outputs if (layer := m.producer(o)) is not None]  # map_stage: all
             try:
                 with contextlib.redirect_stdout(io.StringIO()):
                     model = ModelGraph.from_layer_list(config, specs + [layer.spec for layer in m.layers],
@@ -609,11 +613,6 @@ def _layer_config(layer: Layer) -> dict[str, Any]:
     if layer.weight_type is not None:
         precision.update(weight=str(layer.weight_type), bias=str(layer.bias_type))
     return {"Precision": precision}
-
-
-def _producer_layer(m: Mapping, output: str) -> str:
-    var = m.var[output]
-    return next(layer.name for layer in reversed(m.layers) if layer.spec["outputs"] == [var])
 
 
 def _software(stage: Stage) -> dict[str, Any]:
