@@ -45,6 +45,11 @@ ENGINES = {"local": ("lcpc.runtime.local", "LocalEngine"), "ray": ("lcpc.runtime
            "mpi": ("lcpc.runtime.mpi", "MpiEngine")}
 
 
+def image_preprocessing(manifest: mf.Manifest) -> Preprocessing:
+    """How a folder fed image files turns each file into its input (``source.preprocessing``)."""
+    return Preprocessing.from_dict(dict(manifest.preprocessing or {}))
+
+
 class Engine(abc.ABC):
     """Runs one written folder; reuse one engine for many requests (see the module docstring)."""
 
@@ -73,7 +78,7 @@ class Engine(abc.ABC):
     def decode(self, blob: np.ndarray) -> np.ndarray:
         """An image file's bytes -> the uint8 image this folder's stages take (``images.decode``)."""
         if self.prep is None:
-            self.prep = Preprocessing.from_dict(dict(self.manifest.preprocessing or {}))
+            self.prep = image_preprocessing(self.manifest)
         return decode(blob.tobytes(), self.prep, f"the image of request input ({blob.nbytes} bytes)")
 
     def run(self, feeds: dict[str, np.ndarray], stats: Stats | None = None, request: Any = None,

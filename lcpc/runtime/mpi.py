@@ -53,9 +53,9 @@ from typing import Any
 import numpy as np
 
 from lcpc.errors import LcpcError
-from lcpc.images import Preprocessing, decode
+from lcpc.images import decode
 from lcpc.runtime import manifest as mf
-from lcpc.runtime.engine import Engine
+from lcpc.runtime.engine import Engine, image_preprocessing
 from lcpc.runtime.feeds import Stats
 from lcpc.runtime.manifest import Manifest
 from lcpc.runtime.session import open_stage
@@ -504,7 +504,7 @@ class DeviceRank:
         self.steps = [(lv.level, next((s for s in step if s.device == self.me), None))
                       for lv, step in zip(m.order.levels, m.order.steps())]
         self.outputs = [(i, o) for i, o in enumerate(m.outputs) if o.device == self.me]
-        self.prep: Preprocessing | None = None  # an image file's decoding, read from the manifest once
+        self.prep = image_preprocessing(m) if m.encoded else None  # how an image file becomes the input
 
     def serve(self) -> None:
         control = np.zeros(2, np.int64)
@@ -561,7 +561,7 @@ class DeviceRank:
     def feed(self, f: Any) -> tuple[np.ndarray, np.ndarray]:
         """The model input ``f`` from the relay's broadcast: (what came over the wire, the value the stages
         take); an image file is decoded here, and one that does not decode ends the request in one line."""
-        if not self.manifest.encoded:
+        if self.prep is None:  # not fed image files: the input as the stages take it
             buf = np.empty(f.shape, f.dtype)
             self.inputs.Bcast(buf, root=0)
             return buf, buf
@@ -570,8 +570,6 @@ class DeviceRank:
         buf = np.empty(int(size[0]), np.uint8)
         self.inputs.Bcast(buf, root=0)
         try:
-            if self.prep is None:
-                self.prep = Preprocessing.from_dict(dict(self.manifest.preprocessing or {}))
             return buf, decode(buf.tobytes(), self.prep, f"the image of the request ({buf.nbytes} bytes)")
         except LcpcError as exc:
             _fail(self.comm, f"device {self.name}: {exc}")  # the engine names the request
